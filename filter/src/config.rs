@@ -1,0 +1,507 @@
+//! Plugin configuration: parsed once in `on_configure`, validated, shared read-only.
+//!
+//! Names follow the seed's Go `idempotency.Config` in snake_case (`service_name`, `require_key`,
+//! `only_mutating`, `max_key_length`, `lock_timeout`, `retention_period`, `max_response_size`),
+//! plus what a proxy needs (`failure_mode`, the store cluster and its timeout). Unknown fields are
+//! refused, so a typo never silently falls back to a default.
+
+use std::collections::BTreeSet;
+use std::time::Duration;
+
+use serde::Deserialize;
+use thiserror::Error;
+
+/// What the filter does for a request on a route.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Mode {
+    /// The filter does nothing.
+    Off,
+    /// Track and count what would happen, never change a response or block.
+    Shadow,
+    /// Enforce idempotency for requests that carry a key; pass others through.
+    Optional,
+    /// Enforce idempotency and refuse mutating requests without a key (400).
+    Required,
+}
+
+/// What happens when the store cannot be reached or answers nonsense.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FailureMode {
+    /// Refuse with 503 `IDEMPOTENCY_STORAGE_UNAVAILABLE` (never risk a duplicate).
+    Closed,
+    /// Forward untracked (counted and logged): availability over exactly-once.
+    Open,
+}
+
+/// Which upstream statuses release the lock instead of being stored.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StatusMatcher {
+    /// One exact status, e.g. `429`.
+    Exact(u16),
+    /// A class, e.g. `5xx` (stored as the leading digit).
+    Class(u16),
+}
+
+impl StatusMatcher {
+    fn matches(&self, status: u16) -> bool {
+        match self {
+            StatusMatcher::Exact(code) => *code == status,
+            StatusMatcher::Class(class) => status / 100 == *class,
+        }
+    }
+}
+
+/// Validated configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Logical service name; part of every record's identity.
+    pub service_name: String,
+    /// Default mode for this plugin.
+    pub mode: Mode,
+    /// Only act on `mutating_methods` (the seed's `OnlyMutating`).
+    pub only_mutating: bool,
+    /// Methods considered mutating (upper case).
+    pub mutating_methods: BTreeSet<String>,
+    /// Longest accepted key, after unquoting.
+    pub max_key_length: usize,
+    /// How long a lock is held before another attempt may take it over.
+    pub lock_timeout: Duration,
+    /// How long records are kept.
+    pub retention_period: Duration,
+    /// Largest response body stored; larger ones are recorded without body.
+    pub max_response_size: usize,
+    /// Largest request body fingerprinted; larger requests get 413.
+    pub max_request_body: usize,
+    /// Store outage behaviour.
+    pub failure_mode: FailureMode,
+    /// Envoy cluster of the store service.
+    pub store_cluster: String,
+    /// `:authority` sent to the store.
+    pub store_authority: String,
+    /// Bearer token for the store API, if the store requires one.
+    pub store_token: Option<String>,
+    /// Timeout of each store callout.
+    pub store_timeout: Duration,
+    /// Request headers (lower case, sorted) included in the fingerprint.
+    pub fingerprint_headers: Vec<String>,
+    /// Statuses that release the lock instead of being stored.
+    pub release_statuses: Vec<StatusMatcher>,
+    /// Response headers (lower case) never stored or replayed, besides hop-by-hop ones.
+    pub replay_header_denylist: BTreeSet<String>,
+}
+
+impl Config {
+    /// True when a response with this status is stored (otherwise the lock is released).
+    pub fn stores_status(&self, status: u16) -> bool {
+        !self.release_statuses.iter().any(|m| m.matches(status))
+    }
+
+    /// True when the filter acts on this method.
+    pub fn acts_on_method(&self, method: &str) -> bool {
+        !self.only_mutating || self.mutating_methods.contains(method)
+    }
+}
+
+/// Why a configuration was refused. Every message names the offending field.
+#[derive(Debug, Error, PartialEq, Eq)]
+pub enum ConfigError {
+    /// The configuration is not valid JSON or has a wrongly typed or unknown field.
+    #[error("invalid idempotency filter configuration: {0}")]
+    Syntax(String),
+    /// A field has a value outside what the filter accepts.
+    #[error("invalid idempotency filter configuration: field `{field}`: {reason}")]
+    Field {
+        /// The field's name.
+        field: &'static str,
+        /// What is wrong with it.
+        reason: String,
+    },
+}
+
+fn field_error(field: &'static str, reason: impl Into<String>) -> ConfigError {
+    ConfigError::Field {
+        field,
+        reason: reason.into(),
+    }
+}
+
+/// The configuration exactly as written by the operator.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    service_name: Option<String>,
+    mode: Option<Mode>,
+    require_key: Option<bool>,
+    #[serde(default = "default_true")]
+    only_mutating: bool,
+    mutating_methods: Option<Vec<String>>,
+    #[serde(default = "default_max_key_length")]
+    max_key_length: usize,
+    lock_timeout: Option<String>,
+    retention_period: Option<String>,
+    #[serde(default = "default_body_limit")]
+    max_response_size: usize,
+    #[serde(default = "default_body_limit")]
+    max_request_body: usize,
+    #[serde(default = "default_failure_mode")]
+    failure_mode: FailureMode,
+    store_cluster: Option<String>,
+    store_authority: Option<String>,
+    store_token: Option<String>,
+    store_timeout: Option<String>,
+    #[serde(default)]
+    fingerprint_headers: Vec<String>,
+    release_statuses: Option<Vec<String>>,
+    replay_header_denylist: Option<Vec<String>>,
+}
+
+fn default_true() -> bool {
+    true
+}
+fn default_max_key_length() -> usize {
+    255
+}
+fn default_body_limit() -> usize {
+    1024 * 1024
+}
+fn default_failure_mode() -> FailureMode {
+    FailureMode::Closed
+}
+
+/// Response headers not replayed by default: they describe one delivery, not the result.
+pub const DEFAULT_REPLAY_DENYLIST: [&str; 12] = [
+    "date",
+    "set-cookie",
+    "server",
+    "x-request-id",
+    "traceparent",
+    "tracestate",
+    "x-b3-traceid",
+    "x-b3-spanid",
+    "x-b3-parentspanid",
+    "x-b3-sampled",
+    "x-cloud-trace-context",
+    "x-envoy-upstream-service-time",
+];
+
+/// Methods acted on by default (the seed's `OnlyMutating`).
+pub const DEFAULT_MUTATING_METHODS: [&str; 4] = ["POST", "PUT", "PATCH", "DELETE"];
+
+/// Longest key the filter will ever accept, whatever `max_key_length` says.
+pub const MAX_KEY_LENGTH_CEILING: usize = 1024;
+
+fn parse_duration(
+    field: &'static str,
+    value: Option<String>,
+    default: Duration,
+) -> Result<Duration, ConfigError> {
+    let Some(text) = value else { return Ok(default) };
+    let duration = humantime::parse_duration(text.trim()).map_err(|e| {
+        field_error(
+            field,
+            format!("expected a duration like \"500ms\", \"30s\" or \"5m\", got {text:?} ({e})"),
+        )
+    })?;
+    if duration.is_zero() {
+        return Err(field_error(field, "must be greater than zero"));
+    }
+    Ok(duration)
+}
+
+fn parse_status_matcher(text: &str) -> Result<StatusMatcher, ConfigError> {
+    let lower = text.trim().to_ascii_lowercase();
+    let reason = || format!("expected a status like \"429\" or a class like \"5xx\", got {text:?}");
+    if let Some(class) = lower.strip_suffix("xx") {
+        return match class.parse::<u16>() {
+            Ok(digit @ 1..=5) if class.len() == 1 => Ok(StatusMatcher::Class(digit)),
+            _ => Err(field_error("release_statuses", reason())),
+        };
+    }
+    match lower.parse::<u16>() {
+        Ok(code @ 100..=599) => Ok(StatusMatcher::Exact(code)),
+        _ => Err(field_error("release_statuses", reason())),
+    }
+}
+
+fn is_token_char(c: char) -> bool {
+    c.is_ascii_alphanumeric() || "!#$%&'*+-.^_`|~".contains(c)
+}
+
+fn header_names(field: &'static str, names: Vec<String>) -> Result<Vec<String>, ConfigError> {
+    names
+        .into_iter()
+        .map(|name| {
+            let lower = name.trim().to_ascii_lowercase();
+            if lower.is_empty() || !lower.chars().all(is_token_char) {
+                Err(field_error(field, format!("{name:?} is not a valid header name")))
+            } else {
+                Ok(lower)
+            }
+        })
+        .collect()
+}
+
+impl Config {
+    /// Parse and validate the plugin configuration (JSON).
+    pub fn parse(bytes: &[u8]) -> Result<Config, ConfigError> {
+        let raw: RawConfig = serde_json::from_slice(bytes).map_err(|e| ConfigError::Syntax(e.to_string()))?;
+
+        let service_name = raw
+            .service_name
+            .map(|s| s.trim().to_owned())
+            .filter(|s| !s.is_empty())
+            .ok_or_else(|| field_error("service_name", "is required and must not be empty"))?;
+
+        let mode = match (raw.mode, raw.require_key) {
+            (Some(mode), None) => mode,
+            (None, Some(true)) => Mode::Required,
+            (None, Some(false)) | (None, None) => Mode::Optional,
+            (Some(Mode::Required), Some(true)) => Mode::Required,
+            (Some(mode), Some(true)) => {
+                return Err(field_error(
+                    "require_key",
+                    format!("is true but `mode` is {mode:?}; set only one of them"),
+                ))
+            }
+            (Some(Mode::Required), Some(false)) => {
+                return Err(field_error(
+                    "require_key",
+                    "is false but `mode` is Required; set only one of them",
+                ))
+            }
+            (Some(mode), Some(false)) => mode,
+        };
+
+        let mutating_methods: BTreeSet<String> = match raw.mutating_methods {
+            None => DEFAULT_MUTATING_METHODS.iter().map(|m| (*m).to_owned()).collect(),
+            Some(methods) => {
+                let mut set = BTreeSet::new();
+                for method in methods {
+                    let upper = method.trim().to_ascii_uppercase();
+                    if upper.is_empty() || !upper.chars().all(|c| c.is_ascii_uppercase()) {
+                        return Err(field_error(
+                            "mutating_methods",
+                            format!("{method:?} is not an HTTP method"),
+                        ));
+                    }
+                    set.insert(upper);
+                }
+                if set.is_empty() {
+                    return Err(field_error("mutating_methods", "must list at least one method"));
+                }
+                set
+            }
+        };
+
+        if raw.max_key_length == 0 || raw.max_key_length > MAX_KEY_LENGTH_CEILING {
+            return Err(field_error(
+                "max_key_length",
+                format!(
+                    "must be between 1 and {MAX_KEY_LENGTH_CEILING}, got {}",
+                    raw.max_key_length
+                ),
+            ));
+        }
+        let lock_timeout = parse_duration("lock_timeout", raw.lock_timeout, Duration::from_secs(300))?;
+        let retention_period = parse_duration(
+            "retention_period",
+            raw.retention_period,
+            Duration::from_secs(24 * 3600),
+        )?;
+        if retention_period < lock_timeout {
+            return Err(field_error(
+                "retention_period",
+                "must be at least `lock_timeout`, or a record could vanish while its request runs",
+            ));
+        }
+        let store_timeout = parse_duration("store_timeout", raw.store_timeout, Duration::from_millis(1000))?;
+        if store_timeout > Duration::from_secs(60) {
+            return Err(field_error("store_timeout", "must be at most 60s"));
+        }
+        const MAX_BODY: usize = 64 * 1024 * 1024;
+        if raw.max_response_size > MAX_BODY {
+            return Err(field_error(
+                "max_response_size",
+                format!("must be at most {MAX_BODY} bytes"),
+            ));
+        }
+        if raw.max_request_body == 0 || raw.max_request_body > MAX_BODY {
+            return Err(field_error(
+                "max_request_body",
+                format!("must be between 1 and {MAX_BODY} bytes"),
+            ));
+        }
+
+        let store_cluster = raw
+            .store_cluster
+            .unwrap_or_else(|| "idempotency_store".to_owned());
+        if store_cluster.trim().is_empty() {
+            return Err(field_error("store_cluster", "must not be empty"));
+        }
+        let store_authority = raw
+            .store_authority
+            .unwrap_or_else(|| "idempotency-store".to_owned());
+        if store_authority.trim().is_empty() {
+            return Err(field_error("store_authority", "must not be empty"));
+        }
+        let store_token = match raw.store_token {
+            Some(token) if token.is_empty() => {
+                return Err(field_error("store_token", "must not be empty when set"))
+            }
+            Some(token) if token.chars().any(|c| c.is_control() || c == ' ') => {
+                return Err(field_error(
+                    "store_token",
+                    "must not contain spaces or control characters",
+                ))
+            }
+            other => other,
+        };
+
+        let mut fingerprint_headers = header_names("fingerprint_headers", raw.fingerprint_headers)?;
+        fingerprint_headers.sort();
+        fingerprint_headers.dedup();
+
+        let release_statuses = match raw.release_statuses {
+            None => vec![
+                StatusMatcher::Class(5),
+                StatusMatcher::Exact(408),
+                StatusMatcher::Exact(429),
+            ],
+            Some(list) => list
+                .iter()
+                .map(|s| parse_status_matcher(s))
+                .collect::<Result<_, _>>()?,
+        };
+        let replay_header_denylist = match raw.replay_header_denylist {
+            None => DEFAULT_REPLAY_DENYLIST.iter().map(|h| (*h).to_owned()).collect(),
+            Some(list) => header_names("replay_header_denylist", list)?
+                .into_iter()
+                .collect(),
+        };
+
+        Ok(Config {
+            service_name,
+            mode,
+            only_mutating: raw.only_mutating,
+            mutating_methods,
+            max_key_length: raw.max_key_length,
+            lock_timeout,
+            retention_period,
+            max_response_size: raw.max_response_size,
+            max_request_body: raw.max_request_body,
+            failure_mode: raw.failure_mode,
+            store_cluster,
+            store_authority,
+            store_token,
+            store_timeout,
+            fingerprint_headers,
+            release_statuses,
+            replay_header_denylist,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(json: &str) -> Result<Config, ConfigError> {
+        Config::parse(json.as_bytes())
+    }
+
+    #[test]
+    fn minimal_config_takes_the_seed_defaults() {
+        let config = parse(r#"{"service_name":"orders"}"#).unwrap();
+        assert_eq!(config.mode, Mode::Optional);
+        assert!(config.only_mutating);
+        assert_eq!(config.max_key_length, 255);
+        assert_eq!(config.lock_timeout, Duration::from_secs(300));
+        assert_eq!(config.retention_period, Duration::from_secs(86_400));
+        assert_eq!(config.max_response_size, 1_048_576);
+        assert_eq!(config.failure_mode, FailureMode::Closed);
+        assert!(config.acts_on_method("POST") && !config.acts_on_method("GET"));
+        assert!(!config.stores_status(503) && !config.stores_status(429) && !config.stores_status(408));
+        assert!(config.stores_status(201) && config.stores_status(404));
+    }
+
+    #[test]
+    fn require_key_true_means_required_mode() {
+        assert_eq!(
+            parse(r#"{"service_name":"o","require_key":true}"#).unwrap().mode,
+            Mode::Required
+        );
+    }
+
+    #[test]
+    fn conflicting_mode_and_require_key_names_the_field() {
+        let err = parse(r#"{"service_name":"o","require_key":true,"mode":"shadow"}"#).unwrap_err();
+        assert!(err.to_string().contains("`require_key`"), "{err}");
+    }
+
+    #[test]
+    fn unknown_field_is_refused_by_name() {
+        let err = parse(r#"{"service_name":"o","requir_key":true}"#).unwrap_err();
+        assert!(err.to_string().contains("requir_key"), "{err}");
+    }
+
+    #[test]
+    fn missing_service_name_is_refused_by_name() {
+        let err = parse(r#"{}"#).unwrap_err();
+        assert!(err.to_string().contains("`service_name`"), "{err}");
+    }
+
+    #[test]
+    fn bad_duration_names_the_field() {
+        let err = parse(r#"{"service_name":"o","lock_timeout":"five minutes"}"#).unwrap_err();
+        assert!(err.to_string().contains("`lock_timeout`"), "{err}");
+        let err = parse(r#"{"service_name":"o","lock_timeout":"0s"}"#).unwrap_err();
+        assert!(err.to_string().contains("`lock_timeout`"), "{err}");
+    }
+
+    #[test]
+    fn wrong_type_is_refused_with_the_field_name() {
+        let err = parse(r#"{"service_name":"o","max_key_length":"long"}"#).unwrap_err();
+        assert!(
+            err.to_string().contains("max_key_length") || err.to_string().contains("invalid type"),
+            "{err}"
+        );
+        let err = parse(r#"{"service_name":"o","failure_mode":"sideways"}"#).unwrap_err();
+        assert!(err.to_string().contains("sideways"), "{err}");
+    }
+
+    #[test]
+    fn out_of_range_values_name_the_field() {
+        for (json, field) in [
+            (r#"{"service_name":"o","max_key_length":0}"#, "max_key_length"),
+            (
+                r#"{"service_name":"o","release_statuses":["6xx"]}"#,
+                "release_statuses",
+            ),
+            (
+                r#"{"service_name":"o","fingerprint_headers":["bad header"]}"#,
+                "fingerprint_headers",
+            ),
+            (
+                r#"{"service_name":"o","lock_timeout":"2h","retention_period":"1h"}"#,
+                "retention_period",
+            ),
+            (
+                r#"{"service_name":"o","mutating_methods":[]}"#,
+                "mutating_methods",
+            ),
+            (r#"{"service_name":"o","store_token":""}"#, "store_token"),
+        ] {
+            let err = parse(json).unwrap_err();
+            assert!(err.to_string().contains(&format!("`{field}`")), "{json}: {err}");
+        }
+    }
+
+    #[test]
+    fn release_statuses_accept_codes_and_classes() {
+        let config = parse(r#"{"service_name":"o","release_statuses":["503","4xx"]}"#).unwrap();
+        assert!(!config.stores_status(503) && !config.stores_status(404));
+        assert!(config.stores_status(500) && config.stores_status(201));
+    }
+}

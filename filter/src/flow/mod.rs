@@ -1,0 +1,626 @@
+//! Per-request state machine: decide, fingerprint, acquire, forward or answer, record.
+//!
+//! Host callbacks call into [`RequestFlow`]; it returns a [`Verdict`] for the callback and never
+//! touches proxy-wasm directly. Callout replies resume or answer the paused stream themselves.
+
+use std::rc::Rc;
+use std::time::Duration;
+
+use idempotency_wire::{
+    headers, paths, AcquireRequest, AcquireResponse, CompleteRequest, Lock, RecordId, ReleaseRequest,
+    StoredResponse,
+};
+
+use crate::config::{Config, FailureMode, Mode};
+use crate::fingerprint::fingerprint;
+use crate::host::{Callout, CalloutReply, Host, Level};
+use crate::key::{parse_key, KeyError};
+use crate::metrics::Counter;
+use crate::problem::{ErrorCode, Problem};
+use crate::replay::{replay_headers, storable_headers};
+
+/// `Retry-After` for 409: most requests finish well within this, whatever the lock timeout.
+pub const CONFLICT_RETRY_AFTER_SECS: u64 = 2;
+/// `Retry-After` for 503, as in the seed's client examples.
+pub const UNAVAILABLE_RETRY_AFTER_SECS: u64 = 5;
+
+/// What a host callback should do with the stream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verdict {
+    /// Let the stream continue.
+    Continue,
+    /// Hold the stream (and buffer its body) until the flow resumes or answers it.
+    Pause,
+}
+
+/// A request waiting for its body or its acquire.
+#[derive(Debug, Clone)]
+struct Pending {
+    id: RecordId,
+    method: String,
+    path: String,
+    fingerprint_headers: Vec<(String, String)>,
+}
+
+/// A request that holds the lock.
+#[derive(Debug, Clone)]
+struct Held {
+    id: RecordId,
+    lock: Lock,
+}
+
+#[derive(Debug)]
+enum State {
+    /// Not ours (off, not mutating, no key on an optional route, fail-open, or finished).
+    PassThrough,
+    /// Keyed request; collecting the body to fingerprint it.
+    AwaitingRequestBody(Pending),
+    /// `acquire` in flight.
+    Acquiring {
+        token: u32,
+        started: Duration,
+        pending: Pending,
+    },
+    /// Forwarded upstream while holding the lock.
+    Executing(Held),
+    /// Upstream answered with a status to store; collecting its body.
+    AwaitingResponseBody {
+        held: Held,
+        status: u16,
+        headers: Vec<(String, String)>,
+    },
+    /// `complete` or `release` in flight; the response is held until it is acknowledged.
+    Recording { token: u32, operation: &'static str },
+    /// We answered the client ourselves, or everything is done.
+    Finished,
+}
+
+/// The idempotency logic of one HTTP stream.
+#[derive(Debug)]
+pub struct RequestFlow {
+    config: Rc<Config>,
+    state: State,
+}
+
+impl RequestFlow {
+    /// A flow for a new stream.
+    pub fn new(config: Rc<Config>) -> RequestFlow {
+        RequestFlow {
+            config,
+            state: State::PassThrough,
+        }
+    }
+
+    /// Request headers arrived.
+    pub fn on_request_headers(&mut self, host: &dyn Host, end_of_stream: bool) -> Verdict {
+        let mode = self.config.mode;
+        if mode == Mode::Off {
+            return Verdict::Continue;
+        }
+        let request_headers = match host.request_headers() {
+            Ok(h) => h,
+            Err(e) => return self.storage_failure(host, &e.to_string()),
+        };
+        // Internal headers come only from us: drop whatever the client sent, on every request.
+        for (name, _) in &request_headers {
+            if name.starts_with(headers::INTERNAL_PREFIX) {
+                if let Err(e) = host.set_request_header(name, None) {
+                    return self.storage_failure(host, &e.to_string());
+                }
+            }
+        }
+
+        let header = |wanted: &str| {
+            request_headers
+                .iter()
+                .find(|(n, _)| n == wanted)
+                .map(|(_, v)| v.as_str())
+        };
+        let method = header(":method").unwrap_or_default().to_owned();
+        if !self.config.acts_on_method(&method) {
+            return Verdict::Continue;
+        }
+        let path = header(":path").unwrap_or_default().to_owned();
+
+        let mut keys = request_headers
+            .iter()
+            .filter(|(n, _)| n == "idempotency-key")
+            .map(|(_, v)| v);
+        let raw_key = match (keys.next(), keys.next()) {
+            (None, _) => {
+                host.count(Counter::KeyMissing);
+                if mode == Mode::Required {
+                    host.log(
+                        Level::Debug,
+                        &format!("idempotency: {method} {path}: key required but missing"),
+                    );
+                    return self.answer(
+                        host,
+                        &Problem::new(
+                            ErrorCode::KeyRequired,
+                            format!("{method} requests to this endpoint require an Idempotency-Key header"),
+                        )
+                        .detail("header", "Idempotency-Key"),
+                    );
+                }
+                return Verdict::Continue;
+            }
+            (Some(_), Some(_)) => Err(KeyError::Repeated),
+            (Some(raw), None) => parse_key(raw, self.config.max_key_length).map(str::to_owned),
+        };
+        let key = match raw_key {
+            Ok(key) => key,
+            Err(error) => {
+                host.count(Counter::KeyInvalid);
+                if mode == Mode::Shadow {
+                    return Verdict::Continue;
+                }
+                return self.answer(
+                    host,
+                    &Problem::new(ErrorCode::KeyInvalid, error.to_string())
+                        .detail("reason", error.reason())
+                        .detail("maxLength", self.config.max_key_length),
+                );
+            }
+        };
+        if mode == Mode::Shadow {
+            // Shadow: validated and counted above; never blocks or changes the response.
+            return Verdict::Continue;
+        }
+
+        if let Some(length) = header("content-length").and_then(|v| v.trim().parse::<usize>().ok()) {
+            if length > self.config.max_request_body {
+                return self.too_large(host);
+            }
+        }
+
+        let fingerprint_headers = self
+            .config
+            .fingerprint_headers
+            .iter()
+            .filter_map(|name| header(name).map(|v| (name.clone(), v.to_owned())))
+            .collect();
+        let pending = Pending {
+            id: RecordId {
+                service: self.config.service_name.clone(),
+                scope: String::new(),
+                key,
+            },
+            method,
+            path,
+            fingerprint_headers,
+        };
+        if end_of_stream {
+            return self.acquire(host, pending, &[]);
+        }
+        self.state = State::AwaitingRequestBody(pending);
+        Verdict::Pause
+    }
+
+    /// Request body data arrived (`body_size` is everything buffered so far).
+    pub fn on_request_body(&mut self, host: &dyn Host, body_size: usize, end_of_stream: bool) -> Verdict {
+        let State::AwaitingRequestBody(pending) = &self.state else {
+            return Verdict::Continue;
+        };
+        if body_size > self.config.max_request_body {
+            return self.too_large(host);
+        }
+        if !end_of_stream {
+            return Verdict::Pause;
+        }
+        let pending = pending.clone();
+        match host.request_body(body_size) {
+            Ok(body) => self.acquire(host, pending, &body),
+            Err(e) => self.storage_failure(host, &e.to_string()),
+        }
+    }
+
+    /// Response headers arrived from upstream (or from Envoy on upstream failure).
+    pub fn on_response_headers(&mut self, host: &dyn Host, end_of_stream: bool) -> Verdict {
+        let State::Executing(held) = &self.state else {
+            return Verdict::Continue;
+        };
+        let held = held.clone();
+        let response_headers = match host.response_headers() {
+            Ok(h) => h,
+            Err(e) => {
+                host.log(
+                    Level::Warn,
+                    &format!("idempotency: cannot read response headers: {e}"),
+                );
+                return self.release(host, &held);
+            }
+        };
+        let status = response_headers
+            .iter()
+            .find(|(n, _)| n == ":status")
+            .and_then(|(_, v)| v.parse::<u16>().ok());
+        let Some(status) = status.filter(|s| self.config.stores_status(*s)) else {
+            return self.release(host, &held);
+        };
+        let stored_headers = storable_headers(response_headers, &self.config.replay_header_denylist);
+        if end_of_stream {
+            return self.complete(host, &held, status, stored_headers, Vec::new(), false);
+        }
+        self.state = State::AwaitingResponseBody {
+            held,
+            status,
+            headers: stored_headers,
+        };
+        Verdict::Pause
+    }
+
+    /// Response body data arrived (`body_size` is everything buffered so far).
+    pub fn on_response_body(&mut self, host: &dyn Host, body_size: usize, end_of_stream: bool) -> Verdict {
+        match &self.state {
+            State::AwaitingResponseBody {
+                held,
+                status,
+                headers,
+            } => {
+                let (held, status, headers) = (held.clone(), *status, headers.clone());
+                if body_size > self.config.max_response_size {
+                    host.log(
+                        Level::Warn,
+                        &format!(
+                            "idempotency: response of {} over max_response_size ({} bytes); recording it without body",
+                            key_hash(&held.id.key),
+                            self.config.max_response_size
+                        ),
+                    );
+                    return self.complete(host, &held, status, headers, Vec::new(), true);
+                }
+                if !end_of_stream {
+                    return Verdict::Pause;
+                }
+                match host.response_body(body_size) {
+                    Ok(body) => self.complete(host, &held, status, headers, body, false),
+                    Err(e) => {
+                        host.log(
+                            Level::Warn,
+                            &format!("idempotency: cannot read response body: {e}"),
+                        );
+                        self.release(host, &held)
+                    }
+                }
+            }
+            // Keep holding everything until the store acknowledged the record.
+            State::Recording { .. } => Verdict::Pause,
+            _ => Verdict::Continue,
+        }
+    }
+
+    /// A store callout answered (or failed: Envoy reports timeouts and refusals as 5xx replies).
+    pub fn on_callout_reply(&mut self, host: &dyn Host, token: u32, reply: CalloutReply) {
+        match std::mem::replace(&mut self.state, State::Finished) {
+            State::Acquiring {
+                token: expected,
+                started,
+                pending,
+            } if expected == token => {
+                host.record_acquire_duration(host.now().saturating_sub(started));
+                self.on_acquire_reply(host, pending, reply);
+            }
+            State::Recording {
+                token: expected,
+                operation,
+            } if expected == token => {
+                if reply.status != Some(200) {
+                    host.count(Counter::StorageError);
+                    host.log(
+                        Level::Warn,
+                        &format!(
+                            "idempotency: store {operation} failed (status {:?}: {}); delivering the upstream response anyway",
+                            reply.status,
+                            String::from_utf8_lossy(reply.body.get(..200).unwrap_or(&reply.body))
+                        ),
+                    );
+                }
+                self.state = State::Finished;
+                if let Err(e) = host.resume_response() {
+                    host.log(Level::Warn, &format!("idempotency: cannot resume response: {e}"));
+                }
+            }
+            other => {
+                // A reply for a call we no longer wait for (e.g. a release sent at stream end).
+                self.state = other;
+            }
+        }
+    }
+
+    /// The stream is ending. If we still hold a lock, the upstream never completed: release it.
+    pub fn on_stream_done(&mut self, host: &dyn Host) {
+        let held = match std::mem::replace(&mut self.state, State::Finished) {
+            State::Executing(held) | State::AwaitingResponseBody { held, .. } => held,
+            _ => return,
+        };
+        host.count(Counter::LockReleased);
+        let request = ReleaseRequest {
+            id: held.id,
+            fencing_token: held.lock.fencing_token,
+        };
+        if let Ok(body) = serde_json::to_vec(&request) {
+            if let Err(e) = host.dispatch(&Callout {
+                path: paths::RELEASE,
+                body: &body,
+            }) {
+                host.log(
+                    Level::Warn,
+                    &format!("idempotency: cannot release lock at stream end: {e}"),
+                );
+            }
+        }
+    }
+
+    fn on_acquire_reply(&mut self, host: &dyn Host, pending: Pending, reply: CalloutReply) {
+        let parsed = match reply.status {
+            Some(200) => serde_json::from_slice::<AcquireResponse>(&reply.body).map_err(|e| e.to_string()),
+            other => Err(format!(
+                "status {other:?}: {}",
+                String::from_utf8_lossy(reply.body.get(..200).unwrap_or(&reply.body))
+            )),
+        };
+        let verdict = match parsed {
+            Err(reason) => self.storage_failure(host, &format!("acquire failed: {reason}")),
+            Ok(AcquireResponse::Acquired(lock)) => {
+                host.count(Counter::Miss);
+                let held = Held { id: pending.id, lock };
+                if let Err(e) = set_internal_headers(host, &held) {
+                    // We hold the lock but cannot tell the upstream: give it back and fail.
+                    self.release_detached(host, &held);
+                    let verdict = self.storage_failure(host, &e.to_string());
+                    if verdict == Verdict::Continue {
+                        if let Err(e) = host.resume_request() {
+                            host.log(Level::Warn, &format!("idempotency: cannot resume request: {e}"));
+                        }
+                    }
+                    return;
+                }
+                host.log(
+                    Level::Debug,
+                    &format!(
+                        "idempotency: key {} acquired (token {}, resumed {})",
+                        key_hash(&held.id.key),
+                        held.lock.fencing_token,
+                        held.lock.resumed
+                    ),
+                );
+                self.state = State::Executing(held);
+                Verdict::Continue
+            }
+            Ok(AcquireResponse::Completed { response }) => {
+                host.count(Counter::Hit);
+                let headers = replay_headers(&response, &self.config.replay_header_denylist);
+                if let Err(e) = host.send_response(response.status, &headers, &response.body) {
+                    host.log(Level::Warn, &format!("idempotency: cannot send replay: {e}"));
+                }
+                self.state = State::Finished;
+                Verdict::Pause
+            }
+            Ok(AcquireResponse::InProgress { lock_remaining_ms }) => {
+                host.count(Counter::ConcurrentCollision);
+                let retry_after = CONFLICT_RETRY_AFTER_SECS.min(lock_remaining_ms.div_ceil(1000));
+                self.answer(
+                    host,
+                    &Problem::new(
+                        ErrorCode::ConcurrentRequest,
+                        "A request with this Idempotency-Key is being processed; retry with the same key later",
+                    )
+                    .retry_after(retry_after),
+                )
+            }
+            Ok(AcquireResponse::Mismatch) => {
+                host.count(Counter::ParameterMismatch);
+                self.answer(
+                    host,
+                    &Problem::new(
+                        ErrorCode::ParameterMismatch,
+                        "This Idempotency-Key was used with different request parameters; use a new key for a different request",
+                    ),
+                )
+            }
+        };
+        if verdict == Verdict::Continue {
+            if let Err(e) = host.resume_request() {
+                host.log(Level::Warn, &format!("idempotency: cannot resume request: {e}"));
+            }
+        }
+    }
+
+    /// Answer the client with an error; the upstream is never called.
+    fn answer(&mut self, host: &dyn Host, problem: &Problem) -> Verdict {
+        self.state = State::Finished;
+        if let Err(e) = host.send_response(problem.status(), &problem.headers(), &problem.body()) {
+            host.log(
+                Level::Warn,
+                &format!("idempotency: cannot send {}: {e}", problem.code.code()),
+            );
+        }
+        Verdict::Pause
+    }
+
+    fn too_large(&mut self, host: &dyn Host) -> Verdict {
+        host.count(Counter::RequestTooLarge);
+        let limit = self.config.max_request_body;
+        self.answer(
+            host,
+            &Problem::new(
+                ErrorCode::RequestTooLarge,
+                format!("The request body is larger than {limit} bytes, the most this endpoint fingerprints"),
+            )
+            .detail("maxBytes", limit),
+        )
+    }
+
+    /// The store (or the host) failed before we held a lock: refuse (closed) or forward
+    /// untracked (open). Never forwards while pretending to be tracked.
+    fn storage_failure(&mut self, host: &dyn Host, reason: &str) -> Verdict {
+        host.count(Counter::StorageError);
+        match self.config.failure_mode {
+            FailureMode::Closed => {
+                host.log(
+                    Level::Warn,
+                    &format!("idempotency: store unavailable, refusing with 503: {reason}"),
+                );
+                self.answer(
+                    host,
+                    &Problem::new(
+                        ErrorCode::StorageUnavailable,
+                        "Idempotency storage is unavailable; retry with the same key later",
+                    )
+                    .retry_after(UNAVAILABLE_RETRY_AFTER_SECS),
+                )
+            }
+            FailureMode::Open => {
+                host.count(Counter::FailOpen);
+                host.log(
+                    Level::Warn,
+                    &format!("idempotency: store unavailable, forwarding untracked: {reason}"),
+                );
+                self.state = State::PassThrough;
+                Verdict::Continue
+            }
+        }
+    }
+
+    fn acquire(&mut self, host: &dyn Host, pending: Pending, body: &[u8]) -> Verdict {
+        let request = AcquireRequest {
+            id: pending.id.clone(),
+            fingerprint: fingerprint(&pending.method, &pending.path, &pending.fingerprint_headers, body),
+            method: pending.method.clone(),
+            path: pending.path.clone(),
+            lock_timeout_ms: millis(self.config.lock_timeout),
+            retention_ms: millis(self.config.retention_period),
+        };
+        let payload = match serde_json::to_vec(&request) {
+            Ok(p) => p,
+            Err(e) => return self.storage_failure(host, &format!("cannot encode acquire: {e}")),
+        };
+        match host.dispatch(&Callout {
+            path: paths::ACQUIRE,
+            body: &payload,
+        }) {
+            Ok(token) => {
+                self.state = State::Acquiring {
+                    token,
+                    started: host.now(),
+                    pending,
+                };
+                Verdict::Pause
+            }
+            Err(e) => self.storage_failure(host, &e.to_string()),
+        }
+    }
+
+    /// Store the response, holding it until the store acknowledged (write-ahead).
+    fn complete(
+        &mut self,
+        host: &dyn Host,
+        held: &Held,
+        status: u16,
+        headers: Vec<(String, String)>,
+        body: Vec<u8>,
+        body_omitted: bool,
+    ) -> Verdict {
+        host.count(Counter::ResponseRecorded);
+        let request = CompleteRequest {
+            id: held.id.clone(),
+            fencing_token: held.lock.fencing_token,
+            response: StoredResponse {
+                status,
+                headers,
+                body,
+                body_omitted,
+            },
+            retention_ms: millis(self.config.retention_period),
+        };
+        self.record(host, paths::COMPLETE, "complete", serde_json::to_vec(&request))
+    }
+
+    /// Give the lock back (retryable status or upstream failure), holding the response until done.
+    fn release(&mut self, host: &dyn Host, held: &Held) -> Verdict {
+        host.count(Counter::LockReleased);
+        let request = ReleaseRequest {
+            id: held.id.clone(),
+            fencing_token: held.lock.fencing_token,
+        };
+        self.record(host, paths::RELEASE, "release", serde_json::to_vec(&request))
+    }
+
+    /// Release without waiting for the answer (nothing is held for it).
+    fn release_detached(&self, host: &dyn Host, held: &Held) {
+        host.count(Counter::LockReleased);
+        let request = ReleaseRequest {
+            id: held.id.clone(),
+            fencing_token: held.lock.fencing_token,
+        };
+        if let Ok(body) = serde_json::to_vec(&request) {
+            if let Err(e) = host.dispatch(&Callout {
+                path: paths::RELEASE,
+                body: &body,
+            }) {
+                host.log(Level::Warn, &format!("idempotency: cannot release lock: {e}"));
+            }
+        }
+    }
+
+    /// Send `complete`/`release`; on failure deliver the upstream response anyway.
+    ///
+    /// Deliberate: the upstream effect has happened. Replacing its answer with a 503 would invite
+    /// the client to retry, and once the lock expires that retry would execute a second time.
+    /// Delivering it (and counting the storage error) is never worse for exactly-once.
+    fn record(
+        &mut self,
+        host: &dyn Host,
+        path: &str,
+        operation: &'static str,
+        payload: Result<Vec<u8>, serde_json::Error>,
+    ) -> Verdict {
+        let dispatched = payload.map_err(|e| e.to_string()).and_then(|body| {
+            host.dispatch(&Callout { path, body: &body })
+                .map_err(|e| e.to_string())
+        });
+        match dispatched {
+            Ok(token) => {
+                self.state = State::Recording { token, operation };
+                Verdict::Pause
+            }
+            Err(e) => {
+                host.count(Counter::StorageError);
+                host.log(
+                    Level::Warn,
+                    &format!("idempotency: cannot {operation} record: {e}"),
+                );
+                self.state = State::Finished;
+                Verdict::Continue
+            }
+        }
+    }
+}
+
+/// Tell the upstream which record it runs under (and where to resume).
+fn set_internal_headers(host: &dyn Host, held: &Held) -> Result<(), crate::host::HostError> {
+    host.set_request_header(headers::RECORD_ID, Some(&held.lock.record_id))?;
+    host.set_request_header(headers::FENCING_TOKEN, Some(&held.lock.fencing_token.to_string()))?;
+    host.set_request_header(headers::SERVICE, Some(&held.id.service))?;
+    host.set_request_header(headers::SCOPE, Some(&held.id.scope))?;
+    host.set_request_header(headers::KEY, Some(&held.id.key))?;
+    if let Some(point) = &held.lock.recovery_point {
+        host.set_request_header(headers::RECOVERY_POINT, Some(point))?;
+    }
+    Ok(())
+}
+
+fn millis(duration: Duration) -> u64 {
+    u64::try_from(duration.as_millis()).unwrap_or(u64::MAX)
+}
+
+/// Short, stable, non-reversible name for a key in logs (never log the raw key).
+pub fn key_hash(key: &str) -> String {
+    use sha2::{Digest, Sha256};
+    let digest = Sha256::digest(key.as_bytes());
+    hex::encode(digest.get(..6).unwrap_or_default())
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,374 @@
+//! Unit tests of the per-request state machine against the mock host.
+
+use std::rc::Rc;
+
+use idempotency_wire::{AcquireResponse, Lock, StoredResponse};
+use serde_json::Value;
+
+use super::{RequestFlow, Verdict};
+use crate::config::Config;
+use crate::host::CalloutReply;
+use crate::metrics::Counter;
+use crate::mock::{Call, MockHost};
+
+fn flow(extra: &str) -> RequestFlow {
+    let json = format!(r#"{{"service_name":"orders"{extra}}}"#);
+    RequestFlow::new(Rc::new(Config::parse(json.as_bytes()).unwrap()))
+}
+
+fn reply(status: u16, body: &AcquireResponse) -> CalloutReply {
+    CalloutReply {
+        status: Some(status),
+        body: serde_json::to_vec(body).unwrap(),
+    }
+}
+
+fn acquired(token: u64, recovery_point: Option<&str>) -> AcquireResponse {
+    AcquireResponse::Acquired(Lock {
+        record_id: "rec-1".into(),
+        fencing_token: token,
+        resumed: recovery_point.is_some(),
+        recovery_point: recovery_point.map(str::to_owned),
+    })
+}
+
+fn body_json(host: &MockHost) -> Value {
+    let (_, _, body) = host.sent_response().expect("a response was sent");
+    serde_json::from_str(&body).unwrap()
+}
+
+/// Drive a keyed POST with a body up to the acquire callout.
+fn start_keyed_post(flow: &mut RequestFlow, host: &MockHost) -> u32 {
+    assert_eq!(flow.on_request_headers(host, false), Verdict::Pause);
+    assert_eq!(flow.on_request_body(host, 10, false), Verdict::Pause);
+    let size = host.request_body.borrow().len();
+    assert_eq!(flow.on_request_body(host, size, true), Verdict::Pause);
+    host.last_token()
+}
+
+fn post(key: &str, body: &[u8]) -> MockHost {
+    MockHost::with_request("POST", "/api/v1/orders", &[("idempotency-key", key)], body)
+}
+
+#[test]
+fn get_requests_pass_untouched_without_store_calls() {
+    let mut flow = flow("");
+    let host = MockHost::with_request("GET", "/api/v1/orders", &[("idempotency-key", "k1")], b"");
+    assert_eq!(flow.on_request_headers(&host, true), Verdict::Continue);
+    assert!(host.dispatches().is_empty());
+}
+
+#[test]
+fn acquired_request_is_forwarded_with_internal_headers() {
+    let mut flow = flow("");
+    let host = post("k1", br#"{"sku":"A"}"#);
+    let token = start_keyed_post(&mut flow, &host);
+    let (path, acquire, _) = host.dispatches().remove(0);
+    assert_eq!(path, "/v1/acquire");
+    assert_eq!(acquire["key"], "k1");
+    assert_eq!(acquire["service"], "orders");
+    assert_eq!(acquire["fingerprint"].as_str().unwrap().len(), 64);
+    assert_eq!(acquire["lock_timeout_ms"], 300_000);
+
+    flow.on_callout_reply(&host, token, reply(200, &acquired(7, Some("inventory_reserved"))));
+    let calls = host.calls();
+    assert!(calls.contains(&Call::SetRequestHeader(
+        "x-idempotency-fencing-token".into(),
+        Some("7".into())
+    )));
+    assert!(calls.contains(&Call::SetRequestHeader(
+        "x-idempotency-recovery-point".into(),
+        Some("inventory_reserved".into())
+    )));
+    assert_eq!(calls.last(), Some(&Call::ResumeRequest));
+    assert_eq!(host.counted(Counter::Miss), 1);
+}
+
+#[test]
+fn response_is_recorded_before_it_is_released() {
+    let mut flow = flow("");
+    let host = post("k1", b"{}");
+    let token = start_keyed_post(&mut flow, &host);
+    flow.on_callout_reply(&host, token, reply(200, &acquired(3, None)));
+
+    host.set_response(
+        201,
+        &[("content-type", "application/json"), ("date", "x")],
+        br#"{"orderId":"1"}"#,
+    );
+    assert_eq!(flow.on_response_headers(&host, false), Verdict::Pause);
+    assert_eq!(flow.on_response_body(&host, 15, true), Verdict::Pause);
+    let (path, complete, token) = host.dispatches().pop().unwrap();
+    assert_eq!(path, "/v1/complete");
+    assert_eq!(complete["fencing_token"], 3);
+    assert_eq!(complete["response"]["status"], 201);
+    assert_eq!(
+        complete["response"]["headers"],
+        serde_json::json!([["content-type", "application/json"]])
+    );
+    assert!(
+        !host.calls().contains(&Call::ResumeResponse),
+        "held until the store acknowledges"
+    );
+
+    flow.on_callout_reply(
+        &host,
+        token,
+        CalloutReply {
+            status: Some(200),
+            body: b"{}".to_vec(),
+        },
+    );
+    assert_eq!(host.calls().last(), Some(&Call::ResumeResponse));
+}
+
+#[test]
+fn server_errors_release_the_lock_instead_of_storing() {
+    let mut flow = flow("");
+    let host = post("k1", b"{}");
+    let token = start_keyed_post(&mut flow, &host);
+    flow.on_callout_reply(&host, token, reply(200, &acquired(3, None)));
+    host.set_response(503, &[], b"down");
+    assert_eq!(flow.on_response_headers(&host, false), Verdict::Pause);
+    let (path, release, _) = host.dispatches().pop().unwrap();
+    assert_eq!(path, "/v1/release");
+    assert_eq!(release["fencing_token"], 3);
+}
+
+#[test]
+fn oversize_response_is_recorded_without_body() {
+    let mut flow = flow(r#","max_response_size":4"#);
+    let host = post("k1", b"{}");
+    let token = start_keyed_post(&mut flow, &host);
+    flow.on_callout_reply(&host, token, reply(200, &acquired(1, None)));
+    host.set_response(200, &[], b"0123456789");
+    assert_eq!(flow.on_response_headers(&host, false), Verdict::Pause);
+    assert_eq!(flow.on_response_body(&host, 10, false), Verdict::Pause);
+    let (path, complete, _) = host.dispatches().pop().unwrap();
+    assert_eq!(path, "/v1/complete");
+    assert_eq!(complete["response"]["body_omitted"], true);
+    assert_eq!(complete["response"]["body"], "");
+}
+
+#[test]
+fn completed_record_is_replayed_with_marker_and_no_upstream() {
+    let mut flow = flow("");
+    let host = post("k1", b"{}");
+    let token = start_keyed_post(&mut flow, &host);
+    let stored = AcquireResponse::Completed {
+        response: StoredResponse {
+            status: 201,
+            headers: vec![("content-type".into(), "application/json".into())],
+            body: br#"{"orderId":"1"}"#.to_vec(),
+            body_omitted: false,
+        },
+    };
+    flow.on_callout_reply(&host, token, reply(200, &stored));
+    let (status, headers, body) = host.sent_response().unwrap();
+    assert_eq!(status, 201);
+    assert_eq!(body, r#"{"orderId":"1"}"#);
+    assert!(headers.contains(&("idempotent-replayed".into(), "true".into())));
+    assert!(!host.calls().contains(&Call::ResumeRequest));
+    assert_eq!(host.counted(Counter::Hit), 1);
+}
+
+#[test]
+fn in_progress_gives_409_with_retry_after() {
+    let mut flow = flow("");
+    let host = post("k1", b"{}");
+    let token = start_keyed_post(&mut flow, &host);
+    flow.on_callout_reply(
+        &host,
+        token,
+        reply(
+            200,
+            &AcquireResponse::InProgress {
+                lock_remaining_ms: 299_000,
+            },
+        ),
+    );
+    let (status, headers, _) = host.sent_response().unwrap();
+    assert_eq!(status, 409);
+    assert!(headers.contains(&("retry-after".into(), "2".into())));
+    assert_eq!(body_json(&host)["details"]["retryAfter"], 2);
+    assert_eq!(body_json(&host)["code"], "IDEMPOTENCY_CONCURRENT_REQUEST");
+}
+
+#[test]
+fn mismatch_gives_422() {
+    let mut flow = flow("");
+    let host = post("k1", b"{}");
+    let token = start_keyed_post(&mut flow, &host);
+    flow.on_callout_reply(&host, token, reply(200, &AcquireResponse::Mismatch));
+    assert_eq!(host.sent_response().unwrap().0, 422);
+    assert_eq!(body_json(&host)["code"], "IDEMPOTENCY_PARAMETER_MISMATCH");
+}
+
+#[test]
+fn malformed_or_failed_store_replies_fail_closed_with_503() {
+    for bad in [
+        CalloutReply {
+            status: Some(200),
+            body: b"{\"outcome\":\"maybe\"}".to_vec(),
+        },
+        CalloutReply {
+            status: Some(200),
+            body: b"not json".to_vec(),
+        },
+        CalloutReply {
+            status: Some(504),
+            body: b"upstream request timeout".to_vec(),
+        },
+        CalloutReply {
+            status: None,
+            body: Vec::new(),
+        },
+    ] {
+        let mut flow = flow("");
+        let host = post("k1", b"{}");
+        let token = start_keyed_post(&mut flow, &host);
+        flow.on_callout_reply(&host, token, bad);
+        let (status, headers, _) = host.sent_response().unwrap();
+        assert_eq!(status, 503);
+        assert!(headers.contains(&("retry-after".into(), "5".into())));
+        assert!(
+            !host.calls().contains(&Call::ResumeRequest),
+            "never forwarded unlocked"
+        );
+        assert_eq!(host.counted(Counter::StorageError), 1);
+    }
+}
+
+#[test]
+fn store_failure_passes_through_untracked_when_failure_mode_is_open() {
+    let mut flow = flow(r#","failure_mode":"open""#);
+    let host = post("k1", b"{}");
+    let token = start_keyed_post(&mut flow, &host);
+    flow.on_callout_reply(
+        &host,
+        token,
+        CalloutReply {
+            status: Some(503),
+            body: Vec::new(),
+        },
+    );
+    assert_eq!(host.calls().last(), Some(&Call::ResumeRequest));
+    assert!(host.sent_response().is_none());
+    assert_eq!(host.counted(Counter::FailOpen), 1);
+    // Untracked: the response is not recorded.
+    host.set_response(201, &[], b"{}");
+    assert_eq!(flow.on_response_headers(&host, true), Verdict::Continue);
+}
+
+#[test]
+fn dispatch_failure_fails_closed() {
+    let mut flow = flow("");
+    let host = post("k1", b"{}");
+    *host.fail_dispatch.borrow_mut() = true;
+    assert_eq!(flow.on_request_headers(&host, true), Verdict::Pause);
+    assert_eq!(host.sent_response().unwrap().0, 503);
+}
+
+#[test]
+fn missing_key_is_400_only_when_required() {
+    let mut optional = flow("");
+    let host = MockHost::with_request("POST", "/api/v1/orders", &[], b"");
+    assert_eq!(optional.on_request_headers(&host, true), Verdict::Continue);
+
+    let mut required = flow(r#","require_key":true"#);
+    let host = MockHost::with_request("POST", "/api/v1/orders", &[], b"");
+    assert_eq!(required.on_request_headers(&host, true), Verdict::Pause);
+    assert_eq!(host.sent_response().unwrap().0, 400);
+    assert_eq!(body_json(&host)["code"], "IDEMPOTENCY_KEY_REQUIRED");
+}
+
+#[test]
+fn invalid_key_is_400_with_the_reason() {
+    let mut flow = flow("");
+    let host = post("bad key!", b"");
+    assert_eq!(flow.on_request_headers(&host, true), Verdict::Pause);
+    let body = body_json(&host);
+    assert_eq!(body["code"], "IDEMPOTENCY_KEY_INVALID");
+    assert_eq!(body["details"]["reason"], "invalid_character");
+    assert!(body["message"].as_str().unwrap().contains("position 4"));
+}
+
+#[test]
+fn repeated_key_header_is_invalid() {
+    let mut flow = flow("");
+    let host = MockHost::with_request(
+        "POST",
+        "/x",
+        &[("idempotency-key", "a"), ("idempotency-key", "b")],
+        b"",
+    );
+    flow.on_request_headers(&host, true);
+    assert_eq!(body_json(&host)["details"]["reason"], "repeated_header");
+}
+
+#[test]
+fn forged_internal_headers_are_stripped_on_every_request() {
+    let mut flow = flow("");
+    let host = MockHost::with_request("GET", "/x", &[("x-idempotency-fencing-token", "999")], b"");
+    flow.on_request_headers(&host, true);
+    assert!(host.calls().contains(&Call::SetRequestHeader(
+        "x-idempotency-fencing-token".into(),
+        None
+    )));
+}
+
+#[test]
+fn body_over_the_limit_is_413_before_any_store_call() {
+    let mut flow = flow(r#","max_request_body":8"#);
+    let host = post("k1", b"0123456789");
+    assert_eq!(flow.on_request_headers(&host, false), Verdict::Pause);
+    assert_eq!(flow.on_request_body(&host, 10, false), Verdict::Pause);
+    assert_eq!(host.sent_response().unwrap().0, 413);
+    assert!(host.dispatches().is_empty());
+
+    let mut flow2 = super::RequestFlow::new(Rc::new(
+        Config::parse(br#"{"service_name":"o","max_request_body":8}"#).unwrap(),
+    ));
+    let host = MockHost::with_request(
+        "POST",
+        "/x",
+        &[("idempotency-key", "k"), ("content-length", "100")],
+        b"",
+    );
+    assert_eq!(flow2.on_request_headers(&host, false), Verdict::Pause);
+    assert_eq!(host.sent_response().unwrap().0, 413);
+}
+
+#[test]
+fn stream_ending_while_holding_the_lock_releases_it() {
+    let mut flow = flow("");
+    let host = post("k1", b"{}");
+    let token = start_keyed_post(&mut flow, &host);
+    flow.on_callout_reply(&host, token, reply(200, &acquired(5, None)));
+    flow.on_stream_done(&host);
+    let (path, release, _) = host.dispatches().pop().unwrap();
+    assert_eq!(path, "/v1/release");
+    assert_eq!(release["fencing_token"], 5);
+}
+
+#[test]
+fn replies_to_unknown_tokens_are_ignored() {
+    let mut flow = flow("");
+    let host = post("k1", b"{}");
+    let token = start_keyed_post(&mut flow, &host);
+    flow.on_callout_reply(&host, token + 100, reply(200, &acquired(5, None)));
+    assert!(host.sent_response().is_none());
+    assert!(!host.calls().contains(&Call::ResumeRequest));
+    // The real reply still works afterwards.
+    flow.on_callout_reply(&host, token, reply(200, &acquired(5, None)));
+    assert_eq!(host.calls().last(), Some(&Call::ResumeRequest));
+}
+
+#[test]
+fn shadow_mode_never_blocks() {
+    let mut flow = flow(r#","mode":"shadow""#);
+    let host = post("not valid!", b"{}");
+    assert_eq!(flow.on_request_headers(&host, false), Verdict::Continue);
+    assert!(host.sent_response().is_none());
+    assert_eq!(host.counted(Counter::KeyInvalid), 1);
+}

@@ -1,0 +1,79 @@
+//! The small host interface the idempotency logic needs; proxy-wasm is behind it (`wasm.rs`),
+//! and unit tests put a mock behind it (`mock.rs`).
+
+use std::time::Duration;
+
+use thiserror::Error;
+
+use crate::metrics::Counter;
+
+/// A host call failed. The logic treats it like a store failure: fail closed or open.
+#[derive(Debug, Error, Clone, PartialEq, Eq)]
+#[error("host call `{call}` failed: {status}")]
+pub struct HostError {
+    /// Which host call.
+    pub call: &'static str,
+    /// The host's status, as text.
+    pub status: String,
+}
+
+/// Log severity.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Level {
+    /// One line per decision.
+    Debug,
+    /// Something worth an operator's attention.
+    Warn,
+    /// Configuration refused and other hard failures.
+    Error,
+}
+
+/// One HTTP call to the store service.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Callout<'a> {
+    /// Path on the store, e.g. `/v1/acquire`.
+    pub path: &'a str,
+    /// JSON body.
+    pub body: &'a [u8],
+}
+
+/// What the store answered to a callout.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct CalloutReply {
+    /// `:status` of the reply; `None` when the host gave none.
+    pub status: Option<u16>,
+    /// Reply body.
+    pub body: Vec<u8>,
+}
+
+/// Everything the per-request logic asks of the proxy.
+pub trait Host {
+    /// All request headers, pseudo-headers included, names lower case.
+    fn request_headers(&self) -> Result<Vec<(String, String)>, HostError>;
+    /// Set (`Some`) or remove (`None`) a request header.
+    fn set_request_header(&self, name: &str, value: Option<&str>) -> Result<(), HostError>;
+    /// The buffered request body.
+    fn request_body(&self, size: usize) -> Result<Vec<u8>, HostError>;
+    /// All response headers, `:status` included.
+    fn response_headers(&self) -> Result<Vec<(String, String)>, HostError>;
+    /// The buffered response body.
+    fn response_body(&self, size: usize) -> Result<Vec<u8>, HostError>;
+    /// Start a call to the store; the reply arrives later under the returned token.
+    fn dispatch(&self, callout: &Callout<'_>) -> Result<u32, HostError>;
+    /// Read the reply of the callout being delivered.
+    fn callout_reply(&self, body_size: usize) -> CalloutReply;
+    /// Answer the client directly; the upstream is not called.
+    fn send_response(&self, status: u16, headers: &[(String, String)], body: &[u8]) -> Result<(), HostError>;
+    /// Continue a paused request.
+    fn resume_request(&self) -> Result<(), HostError>;
+    /// Continue a paused response.
+    fn resume_response(&self) -> Result<(), HostError>;
+    /// Time since the Unix epoch.
+    fn now(&self) -> Duration;
+    /// Write a log line.
+    fn log(&self, level: Level, message: &str);
+    /// Add one to a counter.
+    fn count(&self, counter: Counter);
+    /// Record how long an acquire took.
+    fn record_acquire_duration(&self, duration: Duration);
+}

@@ -1,0 +1,33 @@
+//! Proxy-wasm HTTP filter that makes mutating requests safe to retry: validates the
+//! `Idempotency-Key`, fingerprints the request, takes a lock in the store service, then replays,
+//! refuses or forwards, and records the upstream's response before releasing it to the client.
+//!
+//! Layout: [`config`] (plugin configuration), [`key`], [`fingerprint`], [`problem`] (error
+//! bodies), [`replay`] (stored headers), [`flow`] (the per-request state machine, plain Rust
+//! behind [`host::Host`]), and `wasm` (the only module that talks to proxy-wasm).
+
+pub mod config;
+pub mod fingerprint;
+pub mod flow;
+pub mod host;
+pub mod key;
+pub mod metrics;
+pub mod problem;
+pub mod replay;
+
+#[cfg(test)]
+mod mock;
+
+#[cfg(target_arch = "wasm32")]
+mod wasm;
+
+#[cfg(target_arch = "wasm32")]
+#[allow(unsafe_code)] // the SDK's entry-point macro exports `_initialize` with #[no_mangle]
+mod entry {
+    proxy_wasm::main! {{
+        proxy_wasm::set_log_level(proxy_wasm::types::LogLevel::Debug);
+        proxy_wasm::set_root_context(|_| -> Box<dyn proxy_wasm::traits::RootContext> {
+            Box::new(crate::wasm::Root::default())
+        });
+    }}
+}

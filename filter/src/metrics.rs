@@ -1,0 +1,67 @@
+//! Metric names: the seed's series plus the filter's own, as Envoy stats.
+//!
+//! Proxy-wasm metrics appear on Envoy's `/stats/prometheus` under exactly these names.
+
+/// Counters the filter increments.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Counter {
+    /// A completed record was replayed.
+    Hit,
+    /// A lock was acquired and the request executed.
+    Miss,
+    /// The key was reused with other parameters (422).
+    ParameterMismatch,
+    /// Another attempt held the lock (409).
+    ConcurrentCollision,
+    /// The store failed, timed out or answered nonsense.
+    StorageError,
+    /// A mutating request came without a key.
+    KeyMissing,
+    /// A key was malformed (400).
+    KeyInvalid,
+    /// A request was forwarded untracked because the store failed and `failure_mode` is `open`.
+    FailOpen,
+    /// A request body was over `max_request_body` (413).
+    RequestTooLarge,
+    /// A response was recorded as completed.
+    ResponseRecorded,
+    /// A lock was released (retryable status, upstream failure or client gone).
+    LockReleased,
+}
+
+impl Counter {
+    /// Every counter, for defining them at start-up.
+    pub const ALL: [Counter; 11] = [
+        Counter::Hit,
+        Counter::Miss,
+        Counter::ParameterMismatch,
+        Counter::ConcurrentCollision,
+        Counter::StorageError,
+        Counter::KeyMissing,
+        Counter::KeyInvalid,
+        Counter::FailOpen,
+        Counter::RequestTooLarge,
+        Counter::ResponseRecorded,
+        Counter::LockReleased,
+    ];
+
+    /// The stat name.
+    pub fn name(self) -> &'static str {
+        match self {
+            Counter::Hit => "idempotency_hits_total",
+            Counter::Miss => "idempotency_misses_total",
+            Counter::ParameterMismatch => "idempotency_parameter_mismatches_total",
+            Counter::ConcurrentCollision => "idempotency_concurrent_collisions_total",
+            Counter::StorageError => "idempotency_storage_errors_total",
+            Counter::KeyMissing => "idempotency_key_missing_total",
+            Counter::KeyInvalid => "idempotency_key_invalid_total",
+            Counter::FailOpen => "idempotency_fail_open_total",
+            Counter::RequestTooLarge => "idempotency_request_too_large_total",
+            Counter::ResponseRecorded => "idempotency_responses_recorded_total",
+            Counter::LockReleased => "idempotency_locks_released_total",
+        }
+    }
+}
+
+/// Histogram of acquire round trips, in milliseconds (Envoy histograms take integers).
+pub const ACQUIRE_DURATION_HISTOGRAM: &str = "idempotency_lock_acquisition_duration_milliseconds";

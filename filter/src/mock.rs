@@ -1,0 +1,183 @@
+//! Mock host for unit tests: scripted headers and bodies, recorded calls.
+
+use std::cell::RefCell;
+use std::time::Duration;
+
+use crate::host::{Callout, CalloutReply, Host, HostError, Level};
+use crate::metrics::Counter;
+
+/// What the flow did to the host, in order.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Call {
+    SetRequestHeader(String, Option<String>),
+    Dispatch {
+        path: String,
+        body: String,
+        token: u32,
+    },
+    SendResponse {
+        status: u16,
+        headers: Vec<(String, String)>,
+        body: String,
+    },
+    ResumeRequest,
+    ResumeResponse,
+}
+
+#[derive(Debug, Default)]
+pub struct MockHost {
+    pub request_headers: RefCell<Vec<(String, String)>>,
+    pub request_body: RefCell<Vec<u8>>,
+    pub response_headers: RefCell<Vec<(String, String)>>,
+    pub response_body: RefCell<Vec<u8>>,
+    pub calls: RefCell<Vec<Call>>,
+    pub counters: RefCell<Vec<Counter>>,
+    pub logs: RefCell<Vec<(Level, String)>>,
+    pub fail_dispatch: RefCell<bool>,
+    next_token: RefCell<u32>,
+}
+
+impl MockHost {
+    pub fn with_request(method: &str, path: &str, headers: &[(&str, &str)], body: &[u8]) -> MockHost {
+        let host = MockHost::default();
+        let mut all = vec![
+            (":method".to_owned(), method.to_owned()),
+            (":path".to_owned(), path.to_owned()),
+        ];
+        all.extend(headers.iter().map(|(n, v)| ((*n).to_owned(), (*v).to_owned())));
+        *host.request_headers.borrow_mut() = all;
+        *host.request_body.borrow_mut() = body.to_vec();
+        host
+    }
+
+    pub fn set_response(&self, status: u16, headers: &[(&str, &str)], body: &[u8]) {
+        let mut all = vec![(":status".to_owned(), status.to_string())];
+        all.extend(headers.iter().map(|(n, v)| ((*n).to_owned(), (*v).to_owned())));
+        *self.response_headers.borrow_mut() = all;
+        *self.response_body.borrow_mut() = body.to_vec();
+    }
+
+    pub fn calls(&self) -> Vec<Call> {
+        self.calls.borrow().clone()
+    }
+
+    pub fn dispatches(&self) -> Vec<(String, serde_json::Value, u32)> {
+        self.calls()
+            .into_iter()
+            .filter_map(|c| match c {
+                Call::Dispatch { path, body, token } => Some((
+                    path,
+                    serde_json::from_str(&body).unwrap_or(serde_json::Value::Null),
+                    token,
+                )),
+                _ => None,
+            })
+            .collect()
+    }
+
+    pub fn last_token(&self) -> u32 {
+        *self.next_token.borrow()
+    }
+
+    pub fn sent_response(&self) -> Option<(u16, Vec<(String, String)>, String)> {
+        self.calls().into_iter().find_map(|c| match c {
+            Call::SendResponse {
+                status,
+                headers,
+                body,
+            } => Some((status, headers, body)),
+            _ => None,
+        })
+    }
+
+    pub fn counted(&self, counter: Counter) -> usize {
+        self.counters.borrow().iter().filter(|c| **c == counter).count()
+    }
+}
+
+impl Host for MockHost {
+    fn request_headers(&self) -> Result<Vec<(String, String)>, HostError> {
+        Ok(self.request_headers.borrow().clone())
+    }
+
+    fn set_request_header(&self, name: &str, value: Option<&str>) -> Result<(), HostError> {
+        self.calls
+            .borrow_mut()
+            .push(Call::SetRequestHeader(name.to_owned(), value.map(str::to_owned)));
+        let mut headers = self.request_headers.borrow_mut();
+        headers.retain(|(n, _)| n != name);
+        if let Some(v) = value {
+            headers.push((name.to_owned(), v.to_owned()));
+        }
+        Ok(())
+    }
+
+    fn request_body(&self, size: usize) -> Result<Vec<u8>, HostError> {
+        Ok(self.request_body.borrow().iter().take(size).copied().collect())
+    }
+
+    fn response_headers(&self) -> Result<Vec<(String, String)>, HostError> {
+        Ok(self.response_headers.borrow().clone())
+    }
+
+    fn response_body(&self, size: usize) -> Result<Vec<u8>, HostError> {
+        Ok(self.response_body.borrow().iter().take(size).copied().collect())
+    }
+
+    fn dispatch(&self, callout: &Callout<'_>) -> Result<u32, HostError> {
+        if *self.fail_dispatch.borrow() {
+            return Err(HostError {
+                call: "dispatch_http_call",
+                status: "BadArgument".to_owned(),
+            });
+        }
+        let token = {
+            let mut next = self.next_token.borrow_mut();
+            *next += 1;
+            *next
+        };
+        self.calls.borrow_mut().push(Call::Dispatch {
+            path: callout.path.to_owned(),
+            body: String::from_utf8_lossy(callout.body).into_owned(),
+            token,
+        });
+        Ok(token)
+    }
+
+    fn callout_reply(&self, _body_size: usize) -> CalloutReply {
+        CalloutReply::default()
+    }
+
+    fn send_response(&self, status: u16, headers: &[(String, String)], body: &[u8]) -> Result<(), HostError> {
+        self.calls.borrow_mut().push(Call::SendResponse {
+            status,
+            headers: headers.to_vec(),
+            body: String::from_utf8_lossy(body).into_owned(),
+        });
+        Ok(())
+    }
+
+    fn resume_request(&self) -> Result<(), HostError> {
+        self.calls.borrow_mut().push(Call::ResumeRequest);
+        Ok(())
+    }
+
+    fn resume_response(&self) -> Result<(), HostError> {
+        self.calls.borrow_mut().push(Call::ResumeResponse);
+        Ok(())
+    }
+
+    fn now(&self) -> Duration {
+        Duration::from_secs(1_700_000_000)
+    }
+
+    fn log(&self, level: Level, message: &str) {
+        self.logs.borrow_mut().push((level, message.to_owned()));
+    }
+
+    fn count(&self, counter: Counter) {
+        self.counters.borrow_mut().push(counter);
+    }
+
+    fn record_acquire_duration(&self, _duration: Duration) {}
+}

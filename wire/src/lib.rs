@@ -1,0 +1,219 @@
+//! Wire types of the store API (`/v1/...`), shared by the filter and the store service.
+//!
+//! Every request names a record by its identity ([`RecordId`]: service, scope, key). Every write
+//! after `acquire` carries the fencing token the acquire returned; the store refuses a stale one,
+//! so a holder that lost its lock can never overwrite the new holder's result.
+//!
+//! Bodies are base64 inside JSON: compact enough for the 1 MiB default limit and safe for
+//! arbitrary bytes.
+
+use serde::{Deserialize, Serialize};
+
+/// Paths of the store API, relative to the store's base URL.
+pub mod paths {
+    /// Take the lock for a record, or learn that it is completed, in progress or mismatched.
+    pub const ACQUIRE: &str = "/v1/acquire";
+    /// Store the response of a holder and mark the record completed.
+    pub const COMPLETE: &str = "/v1/complete";
+    /// Give up the lock without a stored response; a retry may run again.
+    pub const RELEASE: &str = "/v1/release";
+    /// Record that a phase of a multi-phase operation is done.
+    pub const CHECKPOINT: &str = "/v1/checkpoint";
+    /// Admin: read or purge one record (`/v1/records/{service}/{scope}/{key}`).
+    pub const RECORDS: &str = "/v1/records";
+}
+
+/// Internal headers the filter sets on a request it forwards upstream.
+///
+/// Client-sent copies of any header starting with [`headers::INTERNAL_PREFIX`] are removed first.
+pub mod headers {
+    /// Every internal header starts with this prefix; the filter strips client-sent ones.
+    pub const INTERNAL_PREFIX: &str = "x-idempotency-";
+    /// Opaque id of the record that holds this request's lock.
+    pub const RECORD_ID: &str = "x-idempotency-record-id";
+    /// Fencing token to present with checkpoints.
+    pub const FENCING_TOKEN: &str = "x-idempotency-fencing-token";
+    /// Last completed phase when this request resumes an earlier attempt.
+    pub const RECOVERY_POINT: &str = "x-idempotency-recovery-point";
+    /// The record identity, so services can checkpoint without re-deriving it.
+    pub const SERVICE: &str = "x-idempotency-service";
+    /// Scope of the record (caller isolation).
+    pub const SCOPE: &str = "x-idempotency-scope";
+    /// The validated, unquoted idempotency key.
+    pub const KEY: &str = "x-idempotency-key";
+    /// Every internal header the filter sets.
+    pub const ALL: [&str; 6] = [RECORD_ID, FENCING_TOKEN, RECOVERY_POINT, SERVICE, SCOPE, KEY];
+}
+
+/// Identity of an idempotency record: which service, which caller scope, which key.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct RecordId {
+    /// Logical service name from the filter configuration.
+    pub service: String,
+    /// Caller scope (tenant, principal, or a hash of credentials); empty when unscoped.
+    #[serde(default)]
+    pub scope: String,
+    /// The client's idempotency key.
+    pub key: String,
+}
+
+/// `POST /v1/acquire`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AcquireRequest {
+    /// Which record.
+    #[serde(flatten)]
+    pub id: RecordId,
+    /// Hex SHA-256 of the request's parameters; a different one for the same key is a mismatch.
+    pub fingerprint: String,
+    /// Request method, kept for operators reading records.
+    pub method: String,
+    /// Request path with query, kept for operators reading records.
+    pub path: String,
+    /// How long the lock is held before another attempt may take it over.
+    pub lock_timeout_ms: u64,
+    /// How long the record is kept.
+    pub retention_ms: u64,
+}
+
+/// Answer to `acquire`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "outcome", rename_all = "snake_case")]
+pub enum AcquireResponse {
+    /// The caller holds the lock and must execute the request.
+    Acquired(Lock),
+    /// The request already completed; replay this response.
+    Completed {
+        /// The stored response.
+        response: StoredResponse,
+    },
+    /// Another attempt holds the lock right now.
+    InProgress {
+        /// Milliseconds until that lock expires.
+        lock_remaining_ms: u64,
+    },
+    /// The key was used before with different parameters.
+    Mismatch,
+}
+
+/// A held lock.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Lock {
+    /// Opaque record id (stable across takeovers).
+    pub record_id: String,
+    /// Increases on every acquire or takeover; later writes must present it.
+    pub fencing_token: u64,
+    /// True when this attempt takes over an earlier one (expired or released lock).
+    #[serde(default)]
+    pub resumed: bool,
+    /// Last checkpointed phase of an earlier attempt, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub recovery_point: Option<String>,
+}
+
+/// A response as stored and replayed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StoredResponse {
+    /// HTTP status.
+    pub status: u16,
+    /// Headers to replay, already filtered of hop-by-hop and denied names.
+    #[serde(default)]
+    pub headers: Vec<(String, String)>,
+    /// Body bytes (base64 on the wire).
+    #[serde(default, with = "base64_bytes")]
+    pub body: Vec<u8>,
+    /// True when the body was larger than `max_response_size` and was not stored.
+    #[serde(default)]
+    pub body_omitted: bool,
+}
+
+/// `POST /v1/complete`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CompleteRequest {
+    /// Which record.
+    #[serde(flatten)]
+    pub id: RecordId,
+    /// Token from `acquire`.
+    pub fencing_token: u64,
+    /// The response to store.
+    pub response: StoredResponse,
+    /// How long the completed record is kept (from now).
+    pub retention_ms: u64,
+}
+
+/// `POST /v1/release`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReleaseRequest {
+    /// Which record.
+    #[serde(flatten)]
+    pub id: RecordId,
+    /// Token from `acquire`.
+    pub fencing_token: u64,
+}
+
+/// `POST /v1/checkpoint`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CheckpointRequest {
+    /// Which record.
+    #[serde(flatten)]
+    pub id: RecordId,
+    /// Token from `acquire` (the `x-idempotency-fencing-token` header).
+    pub fencing_token: u64,
+    /// Name of the phase just completed.
+    pub phase: String,
+}
+
+/// Error body of every non-2xx store answer.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StoreError {
+    /// Machine-readable code, e.g. `stale_fencing_token`.
+    pub error: String,
+    /// Human-readable explanation.
+    pub message: String,
+}
+
+/// Serde helper: `Vec<u8>` as a standard base64 string.
+pub mod base64_bytes {
+    use base64::engine::general_purpose::STANDARD;
+    use base64::Engine as _;
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    /// Serialize bytes as base64.
+    pub fn serialize<S: Serializer>(bytes: &[u8], serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_str(&STANDARD.encode(bytes))
+    }
+
+    /// Deserialize base64 into bytes.
+    pub fn deserialize<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Vec<u8>, D::Error> {
+        let text = <std::borrow::Cow<'de, str>>::deserialize(deserializer)?;
+        STANDARD.decode(text.as_bytes()).map_err(serde::de::Error::custom)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn acquire_outcomes_round_trip_with_an_outcome_tag() {
+        let completed = AcquireResponse::Completed {
+            response: StoredResponse {
+                status: 201,
+                headers: vec![("content-type".into(), "application/json".into())],
+                body: b"{\"orderId\":\"1\"}".to_vec(),
+                body_omitted: false,
+            },
+        };
+        let text = serde_json::to_string(&completed).unwrap();
+        assert!(text.contains("\"outcome\":\"completed\""), "{text}");
+        assert_eq!(serde_json::from_str::<AcquireResponse>(&text).unwrap(), completed);
+
+        let mismatch: AcquireResponse = serde_json::from_str(r#"{"outcome":"mismatch"}"#).unwrap();
+        assert_eq!(mismatch, AcquireResponse::Mismatch);
+    }
+
+    #[test]
+    fn invalid_base64_body_is_an_error_not_garbage() {
+        let text = r#"{"outcome":"completed","response":{"status":200,"body":"!!"}}"#;
+        assert!(serde_json::from_str::<AcquireResponse>(text).is_err());
+    }
+}
