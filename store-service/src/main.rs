@@ -1,2 +1,87 @@
-//! placeholder
-fn main() {}
+//! Entry point: parse configuration, open storage, serve until SIGTERM/Ctrl-C.
+
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use clap::Parser;
+use idempotency_store::api::{app, AppState};
+use idempotency_store::config::{Backend, LogFormat, StoreConfig};
+use idempotency_store::metrics::Metrics;
+use idempotency_store::shutdown::shutdown_signal;
+use idempotency_store::storage::embedded::EmbeddedStorage;
+use idempotency_store::storage::Storage;
+use idempotency_store::sweep_loop;
+use tracing_subscriber::EnvFilter;
+
+fn init_logging(format: LogFormat) {
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Json => builder.json().flatten_event(true).init(),
+        LogFormat::Text => builder.init(),
+    }
+}
+
+async fn open_storage(config: &StoreConfig) -> Result<Arc<dyn Storage>, String> {
+    match config.storage {
+        Backend::Embedded => EmbeddedStorage::open(&config.data_path)
+            .map(|s| Arc::new(s) as Arc<dyn Storage>)
+            .map_err(|e| format!("embedded storage at {}: {e}", config.data_path.display())),
+        Backend::Mongodb => Err("the mongodb backend is not built yet".into()),
+    }
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let config = StoreConfig::parse();
+    init_logging(config.log_format);
+    if let Err(message) = config.validate() {
+        tracing::error!("invalid configuration: {message}");
+        return ExitCode::from(2);
+    }
+    let storage = match open_storage(&config).await {
+        Ok(s) => s,
+        Err(message) => {
+            tracing::error!("cannot start: {message}");
+            return ExitCode::from(1);
+        }
+    };
+    let metrics = match Metrics::new() {
+        Ok(m) => m,
+        Err(e) => {
+            tracing::error!("cannot register metrics: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    if config.token.is_none() {
+        tracing::warn!("serving /v1 WITHOUT authentication (--allow-unauthenticated)");
+    }
+    let sweeper = tokio::spawn(sweep_loop(
+        storage.clone(),
+        metrics.clone(),
+        config.sweep_interval,
+    ));
+    let state = AppState {
+        storage: storage.clone(),
+        metrics,
+        token: config.token.as_deref().map(Arc::from),
+    };
+    let listener = match tokio::net::TcpListener::bind(config.listen).await {
+        Ok(l) => l,
+        Err(e) => {
+            tracing::error!("cannot listen on {}: {e}", config.listen);
+            return ExitCode::from(1);
+        }
+    };
+    tracing::info!(listen = %config.listen, backend = storage.name(), "idempotency store ready");
+    let server = axum::serve(listener, app(state)).with_graceful_shutdown(shutdown_signal());
+    if let Err(e) = server.await {
+        tracing::error!("server failed: {e}");
+        return ExitCode::from(1);
+    }
+    sweeper.abort();
+    tracing::info!("stopped");
+    ExitCode::SUCCESS
+}

@@ -1,0 +1,252 @@
+//! HTTP API: `/v1/*` operations (bearer token), `/healthz`, `/readyz`, `/metrics`.
+
+use std::sync::Arc;
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+use axum::extract::{DefaultBodyLimit, Query, Request, State};
+use axum::http::{header, StatusCode};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use idempotency_wire::{
+    paths, AcquireRequest, AcquireResponse, CheckpointRequest, CompleteRequest, RecordId, ReleaseRequest,
+};
+use serde_json::json;
+use subtle::ConstantTimeEq;
+
+use crate::error::ApiError;
+use crate::metrics::Metrics;
+use crate::record::Record;
+use crate::storage::{Storage, StorageError};
+
+/// Largest request body accepted (a 1 MiB response is ~1.4 MiB as base64 JSON).
+pub const MAX_BODY_BYTES: usize = 16 * 1024 * 1024;
+/// Longest key, scope or service name accepted.
+pub const MAX_IDENTITY_PART: usize = 1024;
+
+/// Shared state of every handler.
+#[derive(Clone)]
+pub struct AppState {
+    /// The storage backend.
+    pub storage: Arc<dyn Storage>,
+    /// Metrics registry.
+    pub metrics: Metrics,
+    /// Bearer token required on `/v1`, if any.
+    pub token: Option<Arc<str>>,
+}
+
+/// Milliseconds since the Unix epoch.
+pub fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+        .unwrap_or(0)
+}
+
+/// The router with all routes; tests drive it with `oneshot`.
+pub fn app(state: AppState) -> Router {
+    let v1 = Router::new()
+        .route(paths::ACQUIRE, post(acquire))
+        .route(paths::COMPLETE, post(complete))
+        .route(paths::RELEASE, post(release))
+        .route(paths::CHECKPOINT, post(checkpoint))
+        .route(paths::RECORDS, get(get_record).delete(purge_record))
+        .route_layer(middleware::from_fn_with_state(state.clone(), require_token));
+    Router::new()
+        .merge(v1)
+        .route("/healthz", get(|| async { "ok" }))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
+        .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
+        .with_state(state)
+}
+
+async fn require_token(State(state): State<AppState>, request: Request, next: Next) -> Response {
+    if let Some(expected) = &state.token {
+        let presented = request
+            .headers()
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .unwrap_or("");
+        if !bool::from(presented.as_bytes().ct_eq(expected.as_bytes())) {
+            state
+                .metrics
+                .requests
+                .with_label_values(&["auth", "unauthorized"])
+                .inc();
+            return ApiError::Unauthorized.into_response();
+        }
+    }
+    next.run(request).await
+}
+
+fn check_identity(id: &RecordId) -> Result<(), ApiError> {
+    if id.service.is_empty() || id.key.is_empty() {
+        return Err(ApiError::BadRequest("service and key must not be empty".into()));
+    }
+    if [&id.service, &id.scope, &id.key]
+        .iter()
+        .any(|p| p.len() > MAX_IDENTITY_PART)
+    {
+        return Err(ApiError::BadRequest(format!(
+            "service, scope and key must be at most {MAX_IDENTITY_PART} bytes"
+        )));
+    }
+    Ok(())
+}
+
+/// Count the outcome of one operation and time it.
+fn observe<T>(
+    state: &AppState,
+    operation: &str,
+    service: &str,
+    started: Instant,
+    result: &Result<T, StorageError>,
+) {
+    let outcome = match result {
+        Ok(_) => "ok",
+        Err(StorageError::NotFound(_)) => "not_found",
+        Err(StorageError::StaleToken { .. }) => "stale_token",
+        Err(StorageError::Unavailable(_)) | Err(StorageError::Corrupt(_)) => "error",
+    };
+    let m = &state.metrics;
+    m.requests.with_label_values(&[operation, outcome]).inc();
+    m.operation_seconds
+        .with_label_values(&[operation, state.storage.name()])
+        .observe(started.elapsed().as_secs_f64());
+    match result {
+        Err(StorageError::Unavailable(e)) | Err(StorageError::Corrupt(e)) => {
+            m.storage_errors.with_label_values(&[service, operation]).inc();
+            tracing::warn!(operation, service, error = %e, "storage operation failed");
+        }
+        Err(StorageError::StaleToken { presented, current }) => {
+            m.stale_tokens.with_label_values(&[operation]).inc();
+            tracing::info!(
+                operation,
+                service,
+                presented,
+                current,
+                "refused write with stale fencing token"
+            );
+        }
+        _ => {}
+    }
+}
+
+async fn acquire(
+    State(state): State<AppState>,
+    Json(request): Json<AcquireRequest>,
+) -> Result<Json<AcquireResponse>, ApiError> {
+    check_identity(&request.id)?;
+    if request.lock_timeout_ms == 0 || request.fingerprint.is_empty() {
+        return Err(ApiError::BadRequest(
+            "lock_timeout_ms must be positive and fingerprint non-empty".into(),
+        ));
+    }
+    let started = Instant::now();
+    let result = state.storage.acquire(&request, now_ms()).await;
+    observe(&state, "acquire", &request.id.service, started, &result);
+    let service = request.id.service.as_str();
+    let m = &state.metrics;
+    m.lock_acquisition_seconds
+        .with_label_values(&[service])
+        .observe(started.elapsed().as_secs_f64());
+    let response = result?;
+    match &response {
+        AcquireResponse::Acquired(_) => m.misses.with_label_values(&[service]).inc(),
+        AcquireResponse::Completed { .. } => m.hits.with_label_values(&[service]).inc(),
+        AcquireResponse::InProgress { .. } => m.collisions.with_label_values(&[service]).inc(),
+        AcquireResponse::Mismatch => m.mismatches.with_label_values(&[service]).inc(),
+    }
+    Ok(Json(response))
+}
+
+async fn complete(
+    State(state): State<AppState>,
+    Json(request): Json<CompleteRequest>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    check_identity(&request.id)?;
+    let started = Instant::now();
+    let result = state.storage.complete(&request, now_ms()).await;
+    observe(&state, "complete", &request.id.service, started, &result);
+    result?;
+    Ok(Json(json!({"ok": true})))
+}
+
+async fn release(
+    State(state): State<AppState>,
+    Json(request): Json<ReleaseRequest>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    check_identity(&request.id)?;
+    let started = Instant::now();
+    let result = state.storage.release(&request, now_ms()).await;
+    observe(&state, "release", &request.id.service, started, &result);
+    result?;
+    Ok(Json(json!({"ok": true})))
+}
+
+async fn checkpoint(
+    State(state): State<AppState>,
+    Json(request): Json<CheckpointRequest>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    check_identity(&request.id)?;
+    if request.phase.is_empty() || request.phase.len() > 256 {
+        return Err(ApiError::BadRequest("phase must be 1 to 256 bytes".into()));
+    }
+    let started = Instant::now();
+    let result = state.storage.checkpoint(&request, now_ms()).await;
+    observe(&state, "checkpoint", &request.id.service, started, &result);
+    result?;
+    Ok(Json(json!({"ok": true})))
+}
+
+async fn get_record(
+    State(state): State<AppState>,
+    Query(id): Query<RecordId>,
+) -> Result<Json<Record>, ApiError> {
+    check_identity(&id)?;
+    let started = Instant::now();
+    let result = state.storage.get(&id, now_ms()).await;
+    observe(&state, "get", &id.service, started, &result);
+    result?
+        .map(Json)
+        .ok_or(ApiError::Storage(StorageError::NotFound(id)))
+}
+
+async fn purge_record(
+    State(state): State<AppState>,
+    Query(id): Query<RecordId>,
+) -> Result<StatusCode, ApiError> {
+    check_identity(&id)?;
+    let started = Instant::now();
+    let result = state.storage.purge(&id).await;
+    observe(&state, "purge", &id.service, started, &result);
+    if result? {
+        Ok(StatusCode::NO_CONTENT)
+    } else {
+        Err(ApiError::Storage(StorageError::NotFound(id)))
+    }
+}
+
+async fn readyz(State(state): State<AppState>) -> Response {
+    match state.storage.ready().await {
+        Ok(()) => (StatusCode::OK, "ready").into_response(),
+        Err(e) => (StatusCode::SERVICE_UNAVAILABLE, format!("not ready: {e}")).into_response(),
+    }
+}
+
+async fn metrics(State(state): State<AppState>) -> Response {
+    if let Ok(count) = state.storage.record_count().await {
+        state
+            .metrics
+            .live_records
+            .set(i64::try_from(count).unwrap_or(i64::MAX));
+    }
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        state.metrics.render(),
+    )
+        .into_response()
+}

@@ -1,0 +1,91 @@
+//! Command-line and environment configuration of the store service.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Parser, ValueEnum};
+
+/// Which storage backend to use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Backend {
+    /// redb file on local disk; no server needed (default).
+    Embedded,
+    /// MongoDB replica set, shared by many store replicas (production).
+    Mongodb,
+}
+
+/// Log output format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    /// One JSON object per line (default; for log pipelines).
+    Json,
+    /// Human-readable lines.
+    Text,
+}
+
+/// Idempotency store service.
+#[derive(Debug, Clone, Parser)]
+#[command(name = "idempotency-store", version, about)]
+pub struct StoreConfig {
+    /// Address to listen on.
+    #[arg(long, env = "STORE_LISTEN", default_value = "127.0.0.1:8081")]
+    pub listen: SocketAddr,
+
+    /// Storage backend.
+    #[arg(long, env = "STORE_BACKEND", value_enum, default_value_t = Backend::Embedded)]
+    pub storage: Backend,
+
+    /// Database file of the embedded backend.
+    #[arg(long, env = "STORE_DATA_PATH", default_value = "data/idempotency.redb")]
+    pub data_path: PathBuf,
+
+    /// MongoDB connection string (mongodb backend).
+    #[arg(long, env = "MONGODB_URI")]
+    pub mongodb_uri: Option<String>,
+
+    /// MongoDB database name (mongodb backend).
+    #[arg(long, env = "MONGODB_DATABASE", default_value = "idempotency")]
+    pub mongodb_database: String,
+
+    /// Bearer token every `/v1` call must present. Required unless --allow-unauthenticated.
+    #[arg(long, env = "STORE_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
+
+    /// Serve `/v1` without a token (only behind mesh mTLS with an authorization policy).
+    #[arg(long, env = "STORE_ALLOW_UNAUTHENTICATED", default_value_t = false)]
+    pub allow_unauthenticated: bool,
+
+    /// How often expired records are deleted.
+    #[arg(long, env = "STORE_SWEEP_INTERVAL", value_parser = humantime::parse_duration, default_value = "30s")]
+    pub sweep_interval: Duration,
+
+    /// Log format.
+    #[arg(long, env = "STORE_LOG_FORMAT", value_enum, default_value_t = LogFormat::Json)]
+    pub log_format: LogFormat,
+}
+
+impl StoreConfig {
+    /// Cross-field checks clap cannot express; the message names the flag.
+    pub fn validate(&self) -> Result<(), String> {
+        match (&self.token, self.allow_unauthenticated) {
+            (None, false) => {
+                return Err(
+                    "--token (STORE_TOKEN) is required; pass --allow-unauthenticated to run without one"
+                        .into(),
+                )
+            }
+            (Some(t), _) if t.trim().is_empty() => {
+                return Err("--token (STORE_TOKEN) must not be empty".into())
+            }
+            _ => {}
+        }
+        if self.storage == Backend::Mongodb && self.mongodb_uri.is_none() {
+            return Err("--mongodb-uri (MONGODB_URI) is required with --storage mongodb".into());
+        }
+        if self.sweep_interval.is_zero() {
+            return Err("--sweep-interval must be greater than zero".into());
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,64 @@
+//! The API's error type: every failure a handler can return, mapped to a status and a JSON body.
+
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use idempotency_wire::StoreError;
+use thiserror::Error;
+
+use crate::storage::StorageError;
+
+/// Errors returned by the store API.
+#[derive(Debug, Error)]
+pub enum ApiError {
+    /// Missing or wrong bearer token (401).
+    #[error("missing or invalid bearer token")]
+    Unauthorized,
+    /// The request is well-formed JSON but not acceptable (400).
+    #[error("{0}")]
+    BadRequest(String),
+    /// A storage failure (404, 409, 503 or 500 by kind).
+    #[error(transparent)]
+    Storage(#[from] StorageError),
+}
+
+impl ApiError {
+    fn status_and_code(&self) -> (StatusCode, &'static str) {
+        match self {
+            ApiError::Unauthorized => (StatusCode::UNAUTHORIZED, "unauthorized"),
+            ApiError::BadRequest(_) => (StatusCode::BAD_REQUEST, "bad_request"),
+            ApiError::Storage(StorageError::NotFound(_)) => (StatusCode::NOT_FOUND, "not_found"),
+            ApiError::Storage(StorageError::StaleToken { .. }) => {
+                (StatusCode::CONFLICT, "stale_fencing_token")
+            }
+            ApiError::Storage(StorageError::Unavailable(_)) => {
+                (StatusCode::SERVICE_UNAVAILABLE, "storage_unavailable")
+            }
+            ApiError::Storage(StorageError::Corrupt(_)) => {
+                (StatusCode::INTERNAL_SERVER_ERROR, "corrupt_record")
+            }
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let (status, code) = self.status_and_code();
+        let mut response = (
+            status,
+            Json(StoreError {
+                error: code.to_owned(),
+                message: self.to_string(),
+            }),
+        )
+            .into_response();
+        if status == StatusCode::UNAUTHORIZED {
+            if let Ok(value) = "Bearer".parse() {
+                response
+                    .headers_mut()
+                    .insert(axum::http::header::WWW_AUTHENTICATE, value);
+            }
+        }
+        response
+    }
+}

@@ -1,0 +1,140 @@
+//! Prometheus metrics of the store (`/metrics`), including the seed's series as the store sees them.
+
+use prometheus::{
+    Encoder, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, Opts, Registry, TextEncoder,
+};
+
+/// All store metrics, registered in one registry.
+#[derive(Debug, Clone)]
+pub struct Metrics {
+    registry: Registry,
+    /// API requests by operation and outcome.
+    pub requests: IntCounterVec,
+    /// Storage operation latency by operation and backend.
+    pub operation_seconds: HistogramVec,
+    /// Seed: acquire answered with a stored response.
+    pub hits: IntCounterVec,
+    /// Seed: acquire granted a lock (new execution).
+    pub misses: IntCounterVec,
+    /// Seed: key reused with different parameters.
+    pub mismatches: IntCounterVec,
+    /// Seed: lock held by another attempt.
+    pub collisions: IntCounterVec,
+    /// Seed: storage failures.
+    pub storage_errors: IntCounterVec,
+    /// Seed: acquire latency.
+    pub lock_acquisition_seconds: HistogramVec,
+    /// Writes refused because of a stale fencing token.
+    pub stale_tokens: IntCounterVec,
+    /// Records removed by the expiry sweep.
+    pub expired: IntCounterVec,
+    /// Records currently stored.
+    pub live_records: IntGauge,
+}
+
+fn counter(
+    registry: &Registry,
+    name: &str,
+    help: &str,
+    labels: &[&str],
+) -> Result<IntCounterVec, prometheus::Error> {
+    let c = IntCounterVec::new(Opts::new(name, help), labels)?;
+    registry.register(Box::new(c.clone()))?;
+    Ok(c)
+}
+
+fn histogram(
+    registry: &Registry,
+    name: &str,
+    help: &str,
+    labels: &[&str],
+) -> Result<HistogramVec, prometheus::Error> {
+    let buckets = vec![
+        0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+    ];
+    let h = HistogramVec::new(HistogramOpts::new(name, help).buckets(buckets), labels)?;
+    registry.register(Box::new(h.clone()))?;
+    Ok(h)
+}
+
+impl Metrics {
+    /// Create and register every metric.
+    pub fn new() -> Result<Metrics, prometheus::Error> {
+        let registry = Registry::new();
+        let live_records = IntGauge::new("idempotency_store_live_records", "Records currently stored")?;
+        registry.register(Box::new(live_records.clone()))?;
+        Ok(Metrics {
+            requests: counter(
+                &registry,
+                "idempotency_store_requests_total",
+                "Store API requests by operation and outcome",
+                &["operation", "outcome"],
+            )?,
+            operation_seconds: histogram(
+                &registry,
+                "idempotency_store_operation_duration_seconds",
+                "Storage operation latency",
+                &["operation", "backend"],
+            )?,
+            hits: counter(
+                &registry,
+                "idempotency_hits_total",
+                "Acquires answered with a stored response",
+                &["service"],
+            )?,
+            misses: counter(
+                &registry,
+                "idempotency_misses_total",
+                "Acquires that granted a new lock",
+                &["service"],
+            )?,
+            mismatches: counter(
+                &registry,
+                "idempotency_parameter_mismatches_total",
+                "Keys reused with different parameters",
+                &["service"],
+            )?,
+            collisions: counter(
+                &registry,
+                "idempotency_concurrent_collisions_total",
+                "Acquires refused because another attempt holds the lock",
+                &["service"],
+            )?,
+            storage_errors: counter(
+                &registry,
+                "idempotency_storage_errors_total",
+                "Storage operations that failed",
+                &["service", "operation"],
+            )?,
+            lock_acquisition_seconds: histogram(
+                &registry,
+                "idempotency_lock_acquisition_duration_seconds",
+                "Time to acquire (or be refused) a lock in storage",
+                &["service"],
+            )?,
+            stale_tokens: counter(
+                &registry,
+                "idempotency_stale_fencing_tokens_total",
+                "Writes refused because the writer lost its lock",
+                &["operation"],
+            )?,
+            expired: counter(
+                &registry,
+                "idempotency_expired_records_total",
+                "Records removed by the expiry sweep",
+                &["backend"],
+            )?,
+            live_records,
+            registry,
+        })
+    }
+
+    /// Prometheus text exposition.
+    pub fn render(&self) -> String {
+        let mut buffer = Vec::new();
+        if let Err(e) = TextEncoder::new().encode(&self.registry.gather(), &mut buffer) {
+            return format!("# encoding failed: {e}\n");
+        }
+        String::from_utf8_lossy(&buffer).into_owned()
+    }
+}

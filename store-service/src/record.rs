@@ -1,0 +1,228 @@
+//! The idempotency record and the pure rules that move it between states.
+//!
+//! Backends call these rules inside their own atomic step (the embedded writer thread) or
+//! express the same rules as a server-side update (MongoDB), so both behave identically; the
+//! shared contract tests in `storage::contract` hold them to it.
+
+use idempotency_wire::{
+    AcquireRequest, AcquireResponse, CheckpointRequest, CompleteRequest, Lock, RecordId, ReleaseRequest,
+    StoredResponse,
+};
+use serde::{Deserialize, Serialize};
+
+use crate::storage::StorageError;
+
+/// Lifecycle of a record.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RecordState {
+    /// A holder is (or was, until `locked_until_ms`) executing the request.
+    InProgress,
+    /// The response is stored and replayed to every retry.
+    Completed,
+}
+
+/// A finished phase of a multi-phase operation.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Checkpoint {
+    /// Phase name chosen by the service, e.g. `inventory_reserved`.
+    pub phase: String,
+    /// When it was recorded (ms since the Unix epoch).
+    pub at_ms: u64,
+    /// Fencing token of the holder that recorded it.
+    pub fencing_token: u64,
+}
+
+/// One idempotency record.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Record {
+    /// Opaque id, stable across takeovers.
+    pub record_id: String,
+    /// Identity.
+    #[serde(flatten)]
+    pub id: RecordId,
+    /// Hex SHA-256 of the first request's parameters.
+    pub fingerprint: String,
+    /// Method of the first request.
+    pub method: String,
+    /// Path of the first request.
+    pub path: String,
+    /// Current state.
+    pub state: RecordState,
+    /// Increases on every acquire and takeover.
+    pub fencing_token: u64,
+    /// The lock is held until then (ms since the Unix epoch); 0 when released.
+    pub locked_until_ms: u64,
+    /// Phases finished so far, oldest first.
+    #[serde(default)]
+    pub checkpoints: Vec<Checkpoint>,
+    /// Stored response once completed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub response: Option<StoredResponse>,
+    /// Creation time.
+    pub created_ms: u64,
+    /// The record may be deleted after this time.
+    pub expires_ms: u64,
+}
+
+impl Record {
+    /// Last finished phase, passed upstream as the recovery point.
+    pub fn recovery_point(&self) -> Option<String> {
+        self.checkpoints.last().map(|c| c.phase.clone())
+    }
+
+    /// True when retention has run out.
+    pub fn is_expired(&self, now_ms: u64) -> bool {
+        self.expires_ms <= now_ms
+    }
+}
+
+/// Outcome of the acquire rule: what to answer, and the record to write (if anything changes).
+#[derive(Debug)]
+pub struct AcquireDecision {
+    /// Answer for the caller.
+    pub response: AcquireResponse,
+    /// New state of the record, when it changes.
+    pub write: Option<Record>,
+}
+
+/// The acquire rule: insert, take over a stale lock, or report completed / in progress / mismatch.
+pub fn decide_acquire(
+    existing: Option<Record>,
+    request: &AcquireRequest,
+    now_ms: u64,
+    new_id: impl FnOnce() -> String,
+) -> AcquireDecision {
+    let expires_ms = now_ms.saturating_add(request.retention_ms.max(request.lock_timeout_ms));
+    let locked_until_ms = now_ms.saturating_add(request.lock_timeout_ms);
+    let existing = existing.filter(|r| !r.is_expired(now_ms));
+    let Some(mut record) = existing else {
+        let record = Record {
+            record_id: new_id(),
+            id: request.id.clone(),
+            fingerprint: request.fingerprint.clone(),
+            method: request.method.clone(),
+            path: request.path.clone(),
+            state: RecordState::InProgress,
+            fencing_token: 1,
+            locked_until_ms,
+            checkpoints: Vec::new(),
+            response: None,
+            created_ms: now_ms,
+            expires_ms,
+        };
+        return AcquireDecision {
+            response: AcquireResponse::Acquired(Lock {
+                record_id: record.record_id.clone(),
+                fencing_token: record.fencing_token,
+                resumed: false,
+                recovery_point: None,
+            }),
+            write: Some(record),
+        };
+    };
+    if record.fingerprint != request.fingerprint {
+        return AcquireDecision {
+            response: AcquireResponse::Mismatch,
+            write: None,
+        };
+    }
+    match record.state {
+        RecordState::Completed => AcquireDecision {
+            response: AcquireResponse::Completed {
+                response: record.response.clone().unwrap_or(StoredResponse {
+                    status: 500,
+                    headers: Vec::new(),
+                    body: Vec::new(),
+                    body_omitted: true,
+                }),
+            },
+            write: None,
+        },
+        RecordState::InProgress if record.locked_until_ms > now_ms => AcquireDecision {
+            response: AcquireResponse::InProgress {
+                lock_remaining_ms: record.locked_until_ms - now_ms,
+            },
+            write: None,
+        },
+        RecordState::InProgress => {
+            // Stale or released lock: take it over, fencing out the previous holder.
+            record.fencing_token = record.fencing_token.saturating_add(1);
+            record.locked_until_ms = locked_until_ms;
+            record.expires_ms = record.expires_ms.max(expires_ms);
+            AcquireDecision {
+                response: AcquireResponse::Acquired(Lock {
+                    record_id: record.record_id.clone(),
+                    fencing_token: record.fencing_token,
+                    resumed: true,
+                    recovery_point: record.recovery_point(),
+                }),
+                write: Some(record),
+            }
+        }
+    }
+}
+
+/// Check that `token` is the current holder's and the record is still in progress.
+fn check_holder(
+    record: Option<Record>,
+    id: &RecordId,
+    token: u64,
+    now_ms: u64,
+) -> Result<Record, StorageError> {
+    let record = record
+        .filter(|r| !r.is_expired(now_ms))
+        .ok_or_else(|| StorageError::NotFound(id.clone()))?;
+    if record.fencing_token != token || record.state != RecordState::InProgress {
+        return Err(StorageError::StaleToken {
+            presented: token,
+            current: record.fencing_token,
+        });
+    }
+    Ok(record)
+}
+
+/// The complete rule: only the current holder may store the response.
+pub fn apply_complete(
+    record: Option<Record>,
+    request: &CompleteRequest,
+    now_ms: u64,
+) -> Result<Record, StorageError> {
+    let mut record = check_holder(record, &request.id, request.fencing_token, now_ms)?;
+    record.state = RecordState::Completed;
+    record.locked_until_ms = 0;
+    record.response = Some(request.response.clone());
+    record.expires_ms = now_ms.saturating_add(request.retention_ms);
+    Ok(record)
+}
+
+/// The release rule: the holder gives the lock back; checkpoints stay for the next attempt.
+///
+/// The record is kept (not deleted) so the fencing token keeps increasing: a deleted record
+/// would restart at token 1 and let the old holder's late write through.
+pub fn apply_release(
+    record: Option<Record>,
+    request: &ReleaseRequest,
+    now_ms: u64,
+) -> Result<Record, StorageError> {
+    let mut record = check_holder(record, &request.id, request.fencing_token, now_ms)?;
+    record.locked_until_ms = 0;
+    Ok(record)
+}
+
+/// The checkpoint rule: the holder records a finished phase.
+pub fn apply_checkpoint(
+    record: Option<Record>,
+    request: &CheckpointRequest,
+    now_ms: u64,
+) -> Result<Record, StorageError> {
+    let mut record = check_holder(record, &request.id, request.fencing_token, now_ms)?;
+    if record.recovery_point().as_deref() != Some(request.phase.as_str()) {
+        record.checkpoints.push(Checkpoint {
+            phase: request.phase.clone(),
+            at_ms: now_ms,
+            fencing_token: request.fencing_token,
+        });
+    }
+    Ok(record)
+}

@@ -1,0 +1,400 @@
+//! Embedded backend on `redb`: one file, no server, durable on acknowledged writes.
+//!
+//! All writes go through one writer thread that applies a batch of operations in one write
+//! transaction and commits it with `Durability::Immediate` (fsync) before answering any of them:
+//! group commit. The single writer also makes every rule in `record.rs` atomic without locks.
+//! Reads use their own read transactions on the caller's blocking pool.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::thread;
+
+use async_trait::async_trait;
+use idempotency_wire::{
+    AcquireRequest, AcquireResponse, CheckpointRequest, CompleteRequest, RecordId, ReleaseRequest,
+};
+use redb::{Database, Durability, ReadableTable, ReadableTableMetadata, TableDefinition};
+use tokio::sync::{mpsc, oneshot};
+
+use super::{BackendName, Storage, StorageError};
+use crate::record::{apply_checkpoint, apply_complete, apply_release, decide_acquire, Record};
+
+/// Records by identity key.
+const RECORDS: TableDefinition<&str, &[u8]> = TableDefinition::new("records");
+/// Expiry index: (expires_ms, identity key) → ().
+const EXPIRY: TableDefinition<(u64, &str), ()> = TableDefinition::new("expiry");
+
+/// Most operations committed together.
+const MAX_BATCH: usize = 512;
+
+/// Length-prefixed identity, so no service/scope/key can collide with another.
+fn identity_key(id: &RecordId) -> String {
+    format!(
+        "{}:{}|{}:{}|{}",
+        id.service.len(),
+        id.service,
+        id.scope.len(),
+        id.scope,
+        id.key
+    )
+}
+
+fn unavailable(e: impl std::fmt::Display) -> StorageError {
+    StorageError::Unavailable(e.to_string())
+}
+
+enum Op {
+    Acquire(
+        AcquireRequest,
+        u64,
+        oneshot::Sender<Result<AcquireResponse, StorageError>>,
+    ),
+    Complete(CompleteRequest, u64, oneshot::Sender<Result<(), StorageError>>),
+    Release(ReleaseRequest, u64, oneshot::Sender<Result<(), StorageError>>),
+    Checkpoint(CheckpointRequest, u64, oneshot::Sender<Result<(), StorageError>>),
+    Purge(RecordId, oneshot::Sender<Result<bool, StorageError>>),
+    Sweep(u64, oneshot::Sender<Result<u64, StorageError>>),
+}
+
+/// The embedded store.
+pub struct EmbeddedStorage {
+    db: Arc<Database>,
+    writer: mpsc::Sender<Op>,
+}
+
+impl std::fmt::Debug for EmbeddedStorage {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EmbeddedStorage").finish_non_exhaustive()
+    }
+}
+
+impl EmbeddedStorage {
+    /// Open (or create) the database file and start the writer thread.
+    pub fn open(path: &Path) -> Result<EmbeddedStorage, StorageError> {
+        if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
+            std::fs::create_dir_all(parent)
+                .map_err(|e| unavailable(format!("cannot create {}: {e}", parent.display())))?;
+        }
+        let db = Database::create(path)
+            .map_err(|e| unavailable(format!("cannot open {}: {e}", path.display())))?;
+        let txn = db.begin_write().map_err(unavailable)?;
+        txn.open_table(RECORDS).map_err(unavailable)?;
+        txn.open_table(EXPIRY).map_err(unavailable)?;
+        txn.commit().map_err(unavailable)?;
+        let db = Arc::new(db);
+        let (writer, mut ops) = mpsc::channel(4 * MAX_BATCH);
+        let writer_db = db.clone();
+        thread::Builder::new()
+            .name("redb-writer".into())
+            .spawn(move || writer_loop(&writer_db, &mut ops))
+            .map_err(unavailable)?;
+        Ok(EmbeddedStorage { db, writer })
+    }
+
+    async fn submit<T>(
+        &self,
+        op: impl FnOnce(oneshot::Sender<Result<T, StorageError>>) -> Op,
+    ) -> Result<T, StorageError> {
+        let (tx, rx) = oneshot::channel();
+        self.writer
+            .send(op(tx))
+            .await
+            .map_err(|_| unavailable("writer thread stopped"))?;
+        rx.await
+            .map_err(|_| unavailable("writer thread dropped the operation"))?
+    }
+
+    fn read<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&Database) -> Result<T, StorageError> + Send + 'static,
+    ) -> impl std::future::Future<Output = Result<T, StorageError>> {
+        let db = self.db.clone();
+        async move {
+            tokio::task::spawn_blocking(move || f(&db))
+                .await
+                .map_err(unavailable)?
+        }
+    }
+}
+
+/// How to answer one operation once its batch has committed (or failed).
+type Reply = Box<dyn FnOnce(Result<(), StorageError>) + Send>;
+
+fn writer_loop(db: &Database, ops: &mut mpsc::Receiver<Op>) {
+    while let Some(first) = ops.blocking_recv() {
+        let mut batch = vec![first];
+        while batch.len() < MAX_BATCH {
+            match ops.try_recv() {
+                Ok(op) => batch.push(op),
+                Err(_) => break,
+            }
+        }
+        let replies = match db.begin_write() {
+            Ok(mut txn) => {
+                txn.set_durability(Durability::Immediate);
+                let replies: Vec<Reply> = batch.into_iter().map(|op| apply(&txn, op)).collect();
+                let committed = txn.commit().map_err(|e| e.to_string());
+                (replies, committed)
+            }
+            Err(e) => {
+                let replies: Vec<Reply> = batch.into_iter().map(|op| fail(op)).collect();
+                (replies, Err(e.to_string()))
+            }
+        };
+        let (replies, committed) = replies;
+        for reply in replies {
+            reply(committed.clone().map_err(StorageError::Unavailable));
+        }
+    }
+}
+
+fn fail(op: Op) -> Reply {
+    fn reply_err<T: Send + 'static>(tx: oneshot::Sender<Result<T, StorageError>>) -> Reply {
+        Box::new(move |commit: Result<(), StorageError>| {
+            let err = commit.err().unwrap_or_else(|| unavailable("transaction failed"));
+            let _ = tx.send(Err(err));
+        })
+    }
+    match op {
+        Op::Acquire(_, _, tx) => reply_err(tx),
+        Op::Complete(_, _, tx) | Op::Release(_, _, tx) | Op::Checkpoint(_, _, tx) => reply_err(tx),
+        Op::Purge(_, tx) => reply_err(tx),
+        Op::Sweep(_, tx) => reply_err(tx),
+    }
+}
+
+/// Answer after commit: the result computed in the transaction, unless the commit failed.
+fn after_commit<T: Send + 'static>(
+    tx: oneshot::Sender<Result<T, StorageError>>,
+    result: Result<T, StorageError>,
+) -> Reply {
+    Box::new(move |commit: Result<(), StorageError>| {
+        let _ = tx.send(commit.and(result));
+    })
+}
+
+fn load(txn: &redb::WriteTransaction, key: &str) -> Result<Option<Record>, StorageError> {
+    let table = txn.open_table(RECORDS).map_err(unavailable)?;
+    let bytes = table.get(key).map_err(unavailable)?;
+    bytes
+        .map(|v| {
+            serde_json::from_slice::<Record>(v.value()).map_err(|e| StorageError::Corrupt(e.to_string()))
+        })
+        .transpose()
+}
+
+fn save(
+    txn: &redb::WriteTransaction,
+    key: &str,
+    previous: Option<&Record>,
+    record: &Record,
+) -> Result<(), StorageError> {
+    let bytes = serde_json::to_vec(record).map_err(|e| StorageError::Corrupt(e.to_string()))?;
+    let mut records = txn.open_table(RECORDS).map_err(unavailable)?;
+    records.insert(key, bytes.as_slice()).map_err(unavailable)?;
+    let mut expiry = txn.open_table(EXPIRY).map_err(unavailable)?;
+    if let Some(old) = previous {
+        if old.expires_ms != record.expires_ms {
+            expiry.remove((old.expires_ms, key)).map_err(unavailable)?;
+        }
+    }
+    expiry.insert((record.expires_ms, key), ()).map_err(unavailable)?;
+    Ok(())
+}
+
+fn remove(txn: &redb::WriteTransaction, key: &str) -> Result<bool, StorageError> {
+    let Some(old) = load(txn, key)? else {
+        return Ok(false);
+    };
+    txn.open_table(RECORDS)
+        .map_err(unavailable)?
+        .remove(key)
+        .map_err(unavailable)?;
+    txn.open_table(EXPIRY)
+        .map_err(unavailable)?
+        .remove((old.expires_ms, key))
+        .map_err(unavailable)?;
+    Ok(true)
+}
+
+/// Apply a holder rule (complete/release/checkpoint) to the stored record.
+fn update(
+    txn: &redb::WriteTransaction,
+    id: &RecordId,
+    rule: impl FnOnce(Option<Record>) -> Result<Record, StorageError>,
+) -> Result<(), StorageError> {
+    let key = identity_key(id);
+    let previous = load(txn, &key)?;
+    let updated = rule(previous.clone())?;
+    save(txn, &key, previous.as_ref(), &updated)
+}
+
+fn apply(txn: &redb::WriteTransaction, op: Op) -> Reply {
+    match op {
+        Op::Acquire(request, now_ms, tx) => {
+            let key = identity_key(&request.id);
+            let result = load(txn, &key).and_then(|previous| {
+                let decision = decide_acquire(previous.clone(), &request, now_ms, || {
+                    uuid::Uuid::new_v4().to_string()
+                });
+                if let Some(record) = &decision.write {
+                    save(txn, &key, previous.as_ref(), record)?;
+                }
+                Ok(decision.response)
+            });
+            after_commit(tx, result)
+        }
+        Op::Complete(request, now_ms, tx) => {
+            let result = update(txn, &request.id, |r| apply_complete(r, &request, now_ms));
+            after_commit(tx, result)
+        }
+        Op::Release(request, now_ms, tx) => {
+            let result = update(txn, &request.id, |r| apply_release(r, &request, now_ms));
+            after_commit(tx, result)
+        }
+        Op::Checkpoint(request, now_ms, tx) => {
+            let result = update(txn, &request.id, |r| apply_checkpoint(r, &request, now_ms));
+            after_commit(tx, result)
+        }
+        Op::Purge(id, tx) => after_commit(tx, remove(txn, &identity_key(&id))),
+        Op::Sweep(now_ms, tx) => after_commit(tx, sweep(txn, now_ms)),
+    }
+}
+
+fn sweep(txn: &redb::WriteTransaction, now_ms: u64) -> Result<u64, StorageError> {
+    let expired: Vec<(u64, String)> = {
+        let expiry = txn.open_table(EXPIRY).map_err(unavailable)?;
+        let range = expiry
+            .range((0u64, "")..(now_ms.saturating_add(1), ""))
+            .map_err(unavailable)?;
+        let mut keys = Vec::new();
+        for entry in range.take(10_000) {
+            let (k, _) = entry.map_err(unavailable)?;
+            let (at, key) = k.value();
+            keys.push((at, key.to_owned()));
+        }
+        keys
+    };
+    let mut records = txn.open_table(RECORDS).map_err(unavailable)?;
+    let mut expiry = txn.open_table(EXPIRY).map_err(unavailable)?;
+    let mut removed = 0;
+    for (at, key) in expired {
+        expiry.remove((at, key.as_str())).map_err(unavailable)?;
+        let still_expired = match records.get(key.as_str()).map_err(unavailable)? {
+            Some(v) => serde_json::from_slice::<Record>(v.value())
+                .map(|r| r.is_expired(now_ms))
+                .unwrap_or(true),
+            None => false,
+        };
+        if still_expired {
+            records.remove(key.as_str()).map_err(unavailable)?;
+            removed += 1;
+        }
+    }
+    Ok(removed)
+}
+
+#[async_trait]
+impl Storage for EmbeddedStorage {
+    fn name(&self) -> BackendName {
+        "embedded"
+    }
+
+    async fn acquire(&self, request: &AcquireRequest, now_ms: u64) -> Result<AcquireResponse, StorageError> {
+        let request = request.clone();
+        self.submit(|tx| Op::Acquire(request, now_ms, tx)).await
+    }
+
+    async fn complete(&self, request: &CompleteRequest, now_ms: u64) -> Result<(), StorageError> {
+        let request = request.clone();
+        self.submit(|tx| Op::Complete(request, now_ms, tx)).await
+    }
+
+    async fn release(&self, request: &ReleaseRequest, now_ms: u64) -> Result<(), StorageError> {
+        let request = request.clone();
+        self.submit(|tx| Op::Release(request, now_ms, tx)).await
+    }
+
+    async fn checkpoint(&self, request: &CheckpointRequest, now_ms: u64) -> Result<(), StorageError> {
+        let request = request.clone();
+        self.submit(|tx| Op::Checkpoint(request, now_ms, tx)).await
+    }
+
+    async fn get(&self, id: &RecordId, now_ms: u64) -> Result<Option<Record>, StorageError> {
+        let key = identity_key(id);
+        self.read(move |db| {
+            let txn = db.begin_read().map_err(unavailable)?;
+            let table = txn.open_table(RECORDS).map_err(unavailable)?;
+            let value = table.get(key.as_str()).map_err(unavailable)?;
+            let record = value
+                .map(|v| {
+                    serde_json::from_slice::<Record>(v.value())
+                        .map_err(|e| StorageError::Corrupt(e.to_string()))
+                })
+                .transpose()?;
+            Ok(record.filter(|r| !r.is_expired(now_ms)))
+        })
+        .await
+    }
+
+    async fn purge(&self, id: &RecordId) -> Result<bool, StorageError> {
+        let id = id.clone();
+        self.submit(|tx| Op::Purge(id, tx)).await
+    }
+
+    async fn sweep_expired(&self, now_ms: u64) -> Result<u64, StorageError> {
+        self.submit(|tx| Op::Sweep(now_ms, tx)).await
+    }
+
+    async fn record_count(&self) -> Result<u64, StorageError> {
+        self.read(|db| {
+            let txn = db.begin_read().map_err(unavailable)?;
+            let table = txn.open_table(RECORDS).map_err(unavailable)?;
+            table.len().map_err(unavailable)
+        })
+        .await
+    }
+
+    async fn ready(&self) -> Result<(), StorageError> {
+        self.read(|db| db.begin_read().map(|_| ()).map_err(unavailable))
+            .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    async fn open() -> (tempfile::TempDir, EmbeddedStorage) {
+        let dir = tempfile::tempdir().unwrap();
+        let storage = EmbeddedStorage::open(&dir.path().join("store.redb")).unwrap();
+        (dir, storage)
+    }
+
+    crate::storage_contract_tests!(open().await);
+
+    #[tokio::test]
+    async fn acknowledged_writes_survive_reopening_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("store.redb");
+        let request = crate::storage::contract::acquire_request("durable", 60_000);
+        {
+            let storage = EmbeddedStorage::open(&path).unwrap();
+            storage.acquire(&request, 1_000).await.unwrap();
+        }
+        // The writer thread holds the database; wait for it to let go of the file lock.
+        let mut reopened = None;
+        for _ in 0..50 {
+            match EmbeddedStorage::open(&path) {
+                Ok(s) => {
+                    reopened = Some(s);
+                    break;
+                }
+                Err(_) => tokio::time::sleep(std::time::Duration::from_millis(20)).await,
+            }
+        }
+        let storage = reopened.unwrap();
+        let again = storage.acquire(&request, 2_000).await.unwrap();
+        assert!(matches!(again, AcquireResponse::InProgress { .. }), "{again:?}");
+    }
+}

@@ -1,0 +1,64 @@
+//! Storage backends behind one trait: `embedded` (redb, the default) and `mongodb`.
+
+use async_trait::async_trait;
+use idempotency_wire::{
+    AcquireRequest, AcquireResponse, CheckpointRequest, CompleteRequest, RecordId, ReleaseRequest,
+};
+use thiserror::Error;
+
+use crate::record::Record;
+
+pub mod embedded;
+
+#[cfg(test)]
+pub mod contract;
+
+/// Why a storage operation failed.
+#[derive(Debug, Error)]
+pub enum StorageError {
+    /// No live record with that identity.
+    #[error("no live record for service {:?}, scope {:?}", .0.service, .0.scope)]
+    NotFound(RecordId),
+    /// The presented fencing token is not the current holder's (or the record is completed).
+    #[error("stale fencing token {presented}; the record is at token {current} or no longer in progress")]
+    StaleToken {
+        /// Token the caller presented.
+        presented: u64,
+        /// Token of the record now.
+        current: u64,
+    },
+    /// The backend could not be reached or failed; the caller may retry.
+    #[error("storage unavailable: {0}")]
+    Unavailable(String),
+    /// Stored data could not be decoded.
+    #[error("stored record is corrupt: {0}")]
+    Corrupt(String),
+}
+
+/// Which backend, for metrics labels.
+pub type BackendName = &'static str;
+
+/// Operations every backend provides with identical semantics (see `record.rs` for the rules).
+#[async_trait]
+pub trait Storage: Send + Sync + 'static {
+    /// Backend name for metrics and logs.
+    fn name(&self) -> BackendName;
+    /// Atomically insert, take over, or report the record's state.
+    async fn acquire(&self, request: &AcquireRequest, now_ms: u64) -> Result<AcquireResponse, StorageError>;
+    /// Store the holder's response.
+    async fn complete(&self, request: &CompleteRequest, now_ms: u64) -> Result<(), StorageError>;
+    /// Give the holder's lock back.
+    async fn release(&self, request: &ReleaseRequest, now_ms: u64) -> Result<(), StorageError>;
+    /// Record a finished phase.
+    async fn checkpoint(&self, request: &CheckpointRequest, now_ms: u64) -> Result<(), StorageError>;
+    /// Read a live record (admin).
+    async fn get(&self, id: &RecordId, now_ms: u64) -> Result<Option<Record>, StorageError>;
+    /// Delete a record (admin); true when one existed.
+    async fn purge(&self, id: &RecordId) -> Result<bool, StorageError>;
+    /// Delete records whose retention ran out; returns how many.
+    async fn sweep_expired(&self, now_ms: u64) -> Result<u64, StorageError>;
+    /// Number of stored records (live or awaiting the sweep).
+    async fn record_count(&self) -> Result<u64, StorageError>;
+    /// Ok when the backend can serve requests.
+    async fn ready(&self) -> Result<(), StorageError>;
+}

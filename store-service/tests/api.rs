@@ -1,0 +1,179 @@
+//! Handler tests through the router (`oneshot`), plus one over a real socket.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing)] // test code
+
+use std::sync::Arc;
+
+use axum::body::Body;
+use axum::http::{Request, StatusCode};
+use http_body_util::BodyExt;
+use idempotency_store::api::{app, AppState};
+use idempotency_store::metrics::Metrics;
+use idempotency_store::storage::embedded::EmbeddedStorage;
+use serde_json::{json, Value};
+use tower::ServiceExt;
+
+const TOKEN: &str = "test-token";
+
+fn state(dir: &tempfile::TempDir) -> AppState {
+    AppState {
+        storage: Arc::new(EmbeddedStorage::open(&dir.path().join("s.redb")).unwrap()),
+        metrics: Metrics::new().unwrap(),
+        token: Some(Arc::from(TOKEN)),
+    }
+}
+
+async fn call(
+    router: &axum::Router,
+    method: &str,
+    path: &str,
+    token: Option<&str>,
+    body: Value,
+) -> (StatusCode, Value) {
+    let mut request = Request::builder()
+        .method(method)
+        .uri(path)
+        .header("content-type", "application/json");
+    if let Some(token) = token {
+        request = request.header("authorization", format!("Bearer {token}"));
+    }
+    let response = router
+        .clone()
+        .oneshot(request.body(Body::from(body.to_string())).unwrap())
+        .await
+        .unwrap();
+    let status = response.status();
+    let bytes = response.into_body().collect().await.unwrap().to_bytes();
+    (status, serde_json::from_slice(&bytes).unwrap_or(Value::Null))
+}
+
+fn acquire_body(key: &str) -> Value {
+    json!({"service": "orders", "scope": "", "key": key, "fingerprint": "ab", "method": "POST",
+           "path": "/api/v1/orders", "lock_timeout_ms": 60000, "retention_ms": 86400000})
+}
+
+#[tokio::test]
+async fn calls_without_the_token_are_refused_with_401() {
+    let dir = tempfile::tempdir().unwrap();
+    let router = app(state(&dir));
+    let (status, body) = call(&router, "POST", "/v1/acquire", None, acquire_body("k")).await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+    assert_eq!(body["error"], "unauthorized");
+    let (status, _) = call(&router, "POST", "/v1/acquire", Some("wrong"), acquire_body("k")).await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+}
+
+#[tokio::test]
+async fn acquire_complete_then_replay() {
+    let dir = tempfile::tempdir().unwrap();
+    let router = app(state(&dir));
+    let (status, body) = call(&router, "POST", "/v1/acquire", Some(TOKEN), acquire_body("k1")).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(body["outcome"], "acquired");
+    let token = body["fencing_token"].as_u64().unwrap();
+
+    let complete = json!({"service": "orders", "scope": "", "key": "k1", "fencing_token": token,
+        "retention_ms": 60000, "response": {"status": 201, "headers": [["content-type", "application/json"]], "body": "e30="}});
+    let (status, _) = call(&router, "POST", "/v1/complete", Some(TOKEN), complete.clone()).await;
+    assert_eq!(status, StatusCode::OK);
+
+    let (_, body) = call(&router, "POST", "/v1/acquire", Some(TOKEN), acquire_body("k1")).await;
+    assert_eq!(body["outcome"], "completed");
+    assert_eq!(body["response"]["body"], "e30=");
+
+    let (status, body) = call(&router, "POST", "/v1/complete", Some(TOKEN), complete).await;
+    assert_eq!(status, StatusCode::CONFLICT);
+    assert_eq!(body["error"], "stale_fencing_token");
+}
+
+#[tokio::test]
+async fn records_can_be_read_and_purged_by_an_admin() {
+    let dir = tempfile::tempdir().unwrap();
+    let router = app(state(&dir));
+    call(&router, "POST", "/v1/acquire", Some(TOKEN), acquire_body("k2")).await;
+    let (status, body) = call(
+        &router,
+        "GET",
+        "/v1/records?service=orders&scope=&key=k2",
+        Some(TOKEN),
+        Value::Null,
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(body["state"], "in_progress");
+    let (status, _) = call(
+        &router,
+        "DELETE",
+        "/v1/records?service=orders&scope=&key=k2",
+        Some(TOKEN),
+        Value::Null,
+    )
+    .await;
+    assert_eq!(status, StatusCode::NO_CONTENT);
+    let (status, _) = call(
+        &router,
+        "GET",
+        "/v1/records?service=orders&scope=&key=k2",
+        Some(TOKEN),
+        Value::Null,
+    )
+    .await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+}
+
+#[tokio::test]
+async fn empty_keys_and_malformed_bodies_are_client_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let router = app(state(&dir));
+    let (status, _) = call(&router, "POST", "/v1/acquire", Some(TOKEN), acquire_body("")).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    let (status, _) = call(&router, "POST", "/v1/acquire", Some(TOKEN), json!({"key": 1})).await;
+    assert!(status.is_client_error());
+}
+
+#[tokio::test]
+async fn health_readiness_and_metrics_need_no_token() {
+    let dir = tempfile::tempdir().unwrap();
+    let router = app(state(&dir));
+    call(&router, "POST", "/v1/acquire", Some(TOKEN), acquire_body("k3")).await;
+    for path in ["/healthz", "/readyz"] {
+        let response = router
+            .clone()
+            .oneshot(Request::get(path).body(Body::empty()).unwrap())
+            .await
+            .unwrap();
+        assert_eq!(response.status(), StatusCode::OK, "{path}");
+    }
+    let response = router
+        .clone()
+        .oneshot(Request::get("/metrics").body(Body::empty()).unwrap())
+        .await
+        .unwrap();
+    let text = String::from_utf8(response.into_body().collect().await.unwrap().to_bytes().to_vec()).unwrap();
+    assert!(
+        text.contains("idempotency_misses_total{service=\"orders\"} 1"),
+        "{text}"
+    );
+    assert!(text.contains("idempotency_store_live_records 1"), "{text}");
+}
+
+#[tokio::test]
+async fn serves_over_a_real_socket() {
+    let dir = tempfile::tempdir().unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let router = app(state(&dir));
+    let server = tokio::spawn(async move { axum::serve(listener, router).await });
+    let client = reqwest::Client::new();
+    let response = client
+        .post(format!("http://{addr}/v1/acquire"))
+        .bearer_auth(TOKEN)
+        .json(&acquire_body("socket"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let body: Value = response.json().await.unwrap();
+    assert_eq!(body["outcome"], "acquired");
+    server.abort();
+}
