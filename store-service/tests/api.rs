@@ -1,6 +1,11 @@
 //! Handler tests through the router (`oneshot`), plus one over a real socket.
 
-#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing)] // test code
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::indexing_slicing
+)] // test code
 
 use std::sync::Arc;
 

@@ -1,1 +1,457 @@
-//! harness
+//! End-to-end harness: starts the store service, the demo orders service and a real Envoy with
+//! the built `.wasm` as processes on free loopback ports, and stops them all on drop.
+//!
+//! Binaries come from `target/release` (built by `make build`; override with `E2E_BIN_DIR`),
+//! Envoy from `.venv/bin/envoy` (override with `ENVOY_BIN`), the filter from
+//! `target/wasm32-wasip1/wasm-release/idempotency_filter.wasm` (override with `E2E_WASM`).
+
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::indexing_slicing
+)] // test code
+
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+
+pub mod envoy_config;
+
+/// Token shared by the store and the filter in tests.
+pub const STORE_TOKEN: &str = "e2e-token";
+
+/// Repository root.
+pub fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_path_buf()
+}
+
+fn bin(name: &str) -> PathBuf {
+    let dir =
+        std::env::var_os("E2E_BIN_DIR").map_or_else(|| repo_root().join("target/release"), PathBuf::from);
+    let path = dir.join(name);
+    assert!(
+        path.exists(),
+        "{} is missing: run `make build` first",
+        path.display()
+    );
+    path
+}
+
+/// The Envoy binary.
+pub fn envoy_bin() -> PathBuf {
+    let path =
+        std::env::var_os("ENVOY_BIN").map_or_else(|| repo_root().join(".venv/bin/envoy"), PathBuf::from);
+    assert!(
+        path.exists(),
+        "{} is missing: run `make setup` first",
+        path.display()
+    );
+    path
+}
+
+/// The built filter.
+pub fn wasm_path() -> PathBuf {
+    let path = std::env::var_os("E2E_WASM").map_or_else(
+        || repo_root().join("target/wasm32-wasip1/wasm-release/idempotency_filter.wasm"),
+        PathBuf::from,
+    );
+    assert!(
+        path.exists(),
+        "{} is missing: run `make build` first",
+        path.display()
+    );
+    path
+}
+
+/// A free loopback port (bound and released; good enough on a test machine).
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A child process that is killed when dropped.
+#[derive(Debug)]
+pub struct Proc {
+    name: String,
+    child: Option<Child>,
+    log: PathBuf,
+}
+
+impl Proc {
+    /// Start `command`, sending its output to `log`.
+    pub fn spawn(name: &str, mut command: Command, log: PathBuf) -> Proc {
+        let out = std::fs::File::create(&log).unwrap();
+        let err = out.try_clone().unwrap();
+        let child = command
+            .stdin(Stdio::null())
+            .stdout(Stdio::from(out))
+            .stderr(Stdio::from(err))
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {name}: {e}"));
+        Proc {
+            name: name.to_owned(),
+            child: Some(child),
+            log,
+        }
+    }
+
+    /// SIGKILL and reap.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Process id, while running.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    /// Wait for the process to exit on its own; returns its exit status if it did in time.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            if let Some(child) = self.child.as_mut() {
+                if let Ok(Some(status)) = child.try_wait() {
+                    self.child = None;
+                    return Some(status);
+                }
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        None
+    }
+
+    /// Everything the process printed so far.
+    pub fn output(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Its name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// Poll `url` until it answers 200 or `timeout` passes.
+pub async fn wait_ready(url: &str, proc: &mut Proc, timeout: Duration) {
+    let client = reqwest::Client::new();
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Ok(response) = client.get(url).timeout(Duration::from_secs(1)).send().await {
+            if response.status().is_success() {
+                return;
+            }
+        }
+        if let Some(status) = proc.wait_exit(Duration::from_millis(0)) {
+            panic!(
+                "{} exited with {status} before ready:\n{}",
+                proc.name(),
+                proc.output()
+            );
+        }
+        if Instant::now() > deadline {
+            panic!(
+                "{} not ready at {url} after {timeout:?}:\n{}",
+                proc.name(),
+                proc.output()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// How to start a stack.
+#[derive(Debug, Clone)]
+pub struct StackOptions {
+    /// Fields merged over the default plugin configuration.
+    pub plugin: Value,
+    /// Extra arguments for the store service.
+    pub store_args: Vec<String>,
+}
+
+impl Default for StackOptions {
+    fn default() -> StackOptions {
+        StackOptions {
+            plugin: json!({}),
+            store_args: Vec::new(),
+        }
+    }
+}
+
+impl StackOptions {
+    /// Default options with these plugin configuration fields.
+    pub fn plugin(fields: Value) -> StackOptions {
+        StackOptions {
+            plugin: fields,
+            ..StackOptions::default()
+        }
+    }
+}
+
+/// Default plugin configuration of the tests, with `overrides` merged in.
+pub fn plugin_config(overrides: &Value) -> Value {
+    let mut config = json!({
+        "service_name": "orders",
+        "store_cluster": "idempotency_store",
+        "store_token": STORE_TOKEN,
+        "store_timeout": "1s",
+        "lock_timeout": "5m",
+        "retention_period": "24h",
+    });
+    if let (Some(base), Some(extra)) = (config.as_object_mut(), overrides.as_object()) {
+        for (k, v) in extra {
+            base.insert(k.clone(), v.clone());
+        }
+    }
+    config
+}
+
+/// Store, demo service and Envoy, running.
+#[derive(Debug)]
+pub struct Stack {
+    /// Envoy listener, e.g. `http://127.0.0.1:PORT`.
+    pub url: String,
+    /// Envoy admin.
+    pub admin_url: String,
+    /// Store service.
+    pub store_url: String,
+    /// Demo service, directly.
+    pub demo_url: String,
+    /// Port of the store, reused on restart.
+    pub store_port: u16,
+    /// Store data file.
+    pub data_path: PathBuf,
+    /// Shared HTTP client.
+    pub client: reqwest::Client,
+    store_args: Vec<String>,
+    /// The store process.
+    pub store: Proc,
+    /// The demo process.
+    pub demo: Proc,
+    /// The Envoy process.
+    pub envoy: Proc,
+    dir: tempfile::TempDir,
+}
+
+/// Start the store service on `port`.
+pub fn spawn_store(dir: &Path, port: u16, data_path: &Path, extra: &[String], log_name: &str) -> Proc {
+    let mut command = Command::new(bin("idempotency-store"));
+    command
+        .arg("--listen")
+        .arg(format!("127.0.0.1:{port}"))
+        .arg("--data-path")
+        .arg(data_path)
+        .arg("--token")
+        .arg(STORE_TOKEN)
+        .args(extra)
+        .env("RUST_LOG", "info");
+    Proc::spawn("store", command, dir.join(log_name))
+}
+
+impl Stack {
+    /// Start everything with the default configuration.
+    pub async fn start() -> Stack {
+        Stack::start_with(StackOptions::default()).await
+    }
+
+    /// Start everything.
+    pub async fn start_with(options: StackOptions) -> Stack {
+        let dir = tempfile::tempdir().unwrap();
+        let (store_port, demo_port, envoy_port, admin_port) =
+            (free_port(), free_port(), free_port(), free_port());
+        let data_path = dir.path().join("store.redb");
+
+        let mut store = spawn_store(
+            dir.path(),
+            store_port,
+            &data_path,
+            &options.store_args,
+            "store.log",
+        );
+        let mut demo_command = Command::new(bin("demo-orders"));
+        demo_command.arg("--listen").arg(format!("127.0.0.1:{demo_port}"));
+        let mut demo = Proc::spawn("demo", demo_command, dir.path().join("demo.log"));
+
+        let config = envoy_config::bootstrap(
+            &envoy_config::Ports {
+                listener: envoy_port,
+                admin: admin_port,
+                upstream: demo_port,
+                stores: vec![store_port],
+            },
+            &plugin_config(&options.plugin),
+        );
+        let mut envoy = start_envoy(dir.path(), &config, "envoy.log");
+
+        let store_url = format!("http://127.0.0.1:{store_port}");
+        let demo_url = format!("http://127.0.0.1:{demo_port}");
+        let admin_url = format!("http://127.0.0.1:{admin_port}");
+        wait_ready(
+            &format!("{store_url}/readyz"),
+            &mut store,
+            Duration::from_secs(30),
+        )
+        .await;
+        wait_ready(&format!("{demo_url}/healthz"), &mut demo, Duration::from_secs(30)).await;
+        wait_ready(&format!("{admin_url}/ready"), &mut envoy, Duration::from_secs(60)).await;
+
+        Stack {
+            url: format!("http://127.0.0.1:{envoy_port}"),
+            admin_url,
+            store_url,
+            demo_url,
+            store_port,
+            data_path,
+            client: reqwest::Client::builder()
+                .pool_max_idle_per_host(64)
+                .build()
+                .unwrap(),
+            store_args: options.store_args,
+            store,
+            demo,
+            envoy,
+            dir,
+        }
+    }
+
+    /// Working directory of this stack (logs, data).
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// SIGKILL the store service.
+    pub fn kill_store(&mut self) {
+        self.store.kill();
+    }
+
+    /// Start the store again on the same port and data file.
+    pub async fn restart_store(&mut self) {
+        self.store.kill();
+        let log = format!("store-{}.log", uuid::Uuid::new_v4());
+        self.store = spawn_store(
+            self.dir.path(),
+            self.store_port,
+            &self.data_path,
+            &self.store_args,
+            &log,
+        );
+        let url = format!("{}/readyz", self.store_url);
+        wait_ready(&url, &mut self.store, Duration::from_secs(30)).await;
+    }
+
+    /// A keyed JSON POST to the orders endpoint through Envoy.
+    pub fn post_order(&self, key: Option<&str>, body: &Value) -> reqwest::RequestBuilder {
+        let mut request = self.client.post(format!("{}/api/v1/orders", self.url)).json(body);
+        if let Some(key) = key {
+            request = request.header("Idempotency-Key", key);
+        }
+        request
+    }
+
+    /// The demo service's execution counts: `{"total": N, "byKey": {...}}`.
+    pub async fn executions(&self) -> Value {
+        self.client
+            .get(format!("{}/_demo/executions", self.demo_url))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap()
+    }
+
+    /// Executions of one key.
+    pub async fn executions_of(&self, key: &str) -> u64 {
+        self.executions().await["byKey"][key].as_u64().unwrap_or(0)
+    }
+
+    /// The store's Prometheus text.
+    pub async fn store_metrics(&self) -> String {
+        self.client
+            .get(format!("{}/metrics", self.store_url))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
+    }
+
+    /// Envoy's Prometheus text.
+    pub async fn envoy_metrics(&self) -> String {
+        self.client
+            .get(format!("{}/stats/prometheus", self.admin_url))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
+    }
+
+    /// Read a record from the store's admin API.
+    pub async fn record(&self, key: &str) -> Option<Value> {
+        let response = self
+            .client
+            .get(format!("{}/v1/records", self.store_url))
+            .query(&[("service", "orders"), ("scope", ""), ("key", key)])
+            .bearer_auth(STORE_TOKEN)
+            .send()
+            .await
+            .unwrap();
+        if response.status() == 404 {
+            return None;
+        }
+        Some(response.json().await.unwrap())
+    }
+}
+
+/// Start Envoy with `config` (JSON or YAML text) and wait for nothing.
+pub fn start_envoy(dir: &Path, config: &str, log_name: &str) -> Proc {
+    let config_path = dir.join(format!("{log_name}.config.yaml"));
+    std::fs::write(&config_path, config).unwrap();
+    let mut command = Command::new(envoy_bin());
+    command
+        .arg("-c")
+        .arg(&config_path)
+        .args([
+            "--concurrency",
+            "1",
+            "--disable-hot-restart",
+            "--log-level",
+            "warn",
+        ])
+        .args(["--component-log-level", "wasm:debug"])
+        .current_dir(repo_root());
+    Proc::spawn("envoy", command, dir.join(log_name))
+}
+
+/// Value of a counter or gauge line `name{labels} value` in Prometheus text (sum over labels).
+pub fn metric_sum(text: &str, name: &str) -> f64 {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| {
+            let (series, value) = l.rsplit_once(' ')?;
+            let metric = series.split('{').next()?;
+            (metric == name).then(|| value.parse::<f64>().ok()).flatten()
+        })
+        .sum()
+}

@@ -1,0 +1,88 @@
+//! Envoy bootstraps for tests, shaped like `envoy/envoy.yaml` but on free ports.
+
+use serde_json::{json, Value};
+
+use crate::wasm_path;
+
+/// Ports of one stack.
+#[derive(Debug, Clone)]
+pub struct Ports {
+    /// Envoy listener.
+    pub listener: u16,
+    /// Envoy admin.
+    pub admin: u16,
+    /// Demo orders service.
+    pub upstream: u16,
+    /// Store service replicas.
+    pub stores: Vec<u16>,
+}
+
+fn endpoint(port: u16) -> Value {
+    json!({"endpoint": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": port}}}})
+}
+
+/// The wasm HTTP filter entry with `plugin` as its configuration.
+pub fn wasm_filter(plugin: &Value) -> Value {
+    json!({
+        "name": "idempotency",
+        "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.filters.http.wasm.v3.Wasm",
+            "config": {
+                "name": "idempotency",
+                "root_id": "idempotency",
+                "allow_on_headers_stop_iteration": true,
+                "failure_policy": "FAIL_CLOSED",
+                "vm_config": {
+                    "vm_id": "idempotency",
+                    "runtime": "envoy.wasm.runtime.v8",
+                    "code": {"local": {"filename": wasm_path().display().to_string()}}
+                },
+                "configuration": {
+                    "@type": "type.googleapis.com/google.protobuf.StringValue",
+                    "value": plugin.to_string()
+                }
+            }
+        }
+    })
+}
+
+/// A complete bootstrap (JSON text, which Envoy reads as YAML).
+pub fn bootstrap(ports: &Ports, plugin: &Value) -> String {
+    let stores: Vec<Value> = ports.stores.iter().map(|p| endpoint(*p)).collect();
+    json!({
+        "admin": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": ports.admin}}},
+        "static_resources": {
+            "listeners": [{
+                "name": "ingress",
+                "address": {"socket_address": {"address": "127.0.0.1", "port_value": ports.listener}},
+                "per_connection_buffer_limit_bytes": 4_194_304,
+                "filter_chains": [{"filters": [{
+                    "name": "envoy.filters.network.http_connection_manager",
+                    "typed_config": {
+                        "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
+                        "stat_prefix": "ingress",
+                        "route_config": {"name": "local", "virtual_hosts": [{
+                            "name": "orders", "domains": ["*"],
+                            "routes": [{"match": {"prefix": "/"}, "route": {"cluster": "orders", "timeout": "30s"}}]
+                        }]},
+                        "http_filters": [
+                            wasm_filter(plugin),
+                            {"name": "envoy.filters.http.router", "typed_config": {
+                                "@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"}}
+                        ]
+                    }
+                }]}]
+            }],
+            "clusters": [
+                {"name": "orders", "type": "STATIC", "connect_timeout": "1s",
+                 "load_assignment": {"cluster_name": "orders", "endpoints": [{"lb_endpoints": [endpoint(ports.upstream)]}]}},
+                {"name": "idempotency_store", "type": "STATIC", "connect_timeout": "1s",
+                 "typed_extension_protocol_options": {"envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
+                     "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
+                     "explicit_http_config": {"http2_protocol_options": {}}}},
+                 "load_assignment": {"cluster_name": "idempotency_store", "endpoints": [{"lb_endpoints": stores}]}}
+            ]
+        }
+    })
+    .to_string()
+}

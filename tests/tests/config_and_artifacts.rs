@@ -1,0 +1,133 @@
+//! Invalid plugin configuration is refused by name; the shipped Envoy bootstrap is valid and works.
+
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::indexing_slicing
+)] // test code
+
+use std::process::Command;
+use std::time::Duration;
+
+use e2e::envoy_config::{bootstrap, Ports};
+use e2e::{envoy_bin, free_port, plugin_config, repo_root, start_envoy, wait_ready};
+use serde_json::json;
+
+fn plugin_value_of_shipped_bootstrap(text: &str) -> String {
+    // The filter configuration is the block scalar after `value: |`.
+    let mut lines = text
+        .lines()
+        .skip_while(|l| !l.trim_start().starts_with("value: |"))
+        .skip(1);
+    let first = lines.next().unwrap();
+    let indent = first.len() - first.trim_start().len();
+    std::iter::once(first)
+        .chain(lines.take_while(|l| l.trim().is_empty() || l.len() - l.trim_start().len() >= indent))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+#[test]
+fn shipped_bootstrap_passes_envoy_validation() {
+    for file in ["envoy/envoy.yaml"] {
+        let output = Command::new(envoy_bin())
+            .args(["--mode", "validate", "-c", file])
+            .current_dir(repo_root())
+            .output()
+            .unwrap();
+        assert!(
+            output.status.success(),
+            "{file}: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
+}
+
+#[test]
+fn shipped_bootstrap_plugin_configuration_parses_with_the_filters_own_parser() {
+    let text = std::fs::read_to_string(repo_root().join("envoy/envoy.yaml")).unwrap();
+    let plugin = plugin_value_of_shipped_bootstrap(&text);
+    let config = idempotency_filter::config::Config::parse(plugin.as_bytes()).unwrap();
+    assert_eq!(config.service_name, "orders");
+}
+
+#[tokio::test]
+async fn invalid_plugin_configuration_is_refused_naming_the_field() {
+    let dir = tempfile::tempdir().unwrap();
+    let ports = Ports {
+        listener: free_port(),
+        admin: free_port(),
+        upstream: free_port(),
+        stores: vec![free_port()],
+    };
+    let config = bootstrap(&ports, &plugin_config(&json!({"lock_timeout": "soon"})));
+    let mut envoy = start_envoy(dir.path(), &config, "envoy.log");
+    let status = envoy.wait_exit(Duration::from_secs(60));
+    let output = envoy.output();
+    assert!(
+        status.is_some_and(|s| !s.success()),
+        "Envoy must refuse the filter:\n{output}"
+    );
+    assert!(
+        output.contains("`lock_timeout`"),
+        "the log names the field:\n{output}"
+    );
+}
+
+#[tokio::test]
+async fn shipped_bootstrap_serves_a_keyed_request_end_to_end() {
+    // The shipped file with its ports moved to free ones; everything else as shipped.
+    let text = std::fs::read_to_string(repo_root().join("envoy/envoy.yaml")).unwrap();
+    let (listener, admin, demo, store) = (free_port(), free_port(), free_port(), free_port());
+    let text = text
+        .replace("port_value: 10000", &format!("port_value: {listener}"))
+        .replace("port_value: 9901", &format!("port_value: {admin}"))
+        .replace("port_value: 8080", &format!("port_value: {demo}"))
+        .replace("port_value: 8081", &format!("port_value: {store}"))
+        .replace(
+            "\"store_token\": \"dev-token\"",
+            &format!("\"store_token\": \"{}\"", e2e::STORE_TOKEN),
+        );
+    let dir = tempfile::tempdir().unwrap();
+    let mut store_proc = e2e::spawn_store(dir.path(), store, &dir.path().join("s.redb"), &[], "store.log");
+    let mut demo_cmd = Command::new(repo_root().join("target/release/demo-orders"));
+    demo_cmd.arg("--listen").arg(format!("127.0.0.1:{demo}"));
+    let mut demo_proc = e2e::Proc::spawn("demo", demo_cmd, dir.path().join("demo.log"));
+    let mut envoy = start_envoy(dir.path(), &text, "envoy.log");
+    wait_ready(
+        &format!("http://127.0.0.1:{store}/readyz"),
+        &mut store_proc,
+        Duration::from_secs(30),
+    )
+    .await;
+    wait_ready(
+        &format!("http://127.0.0.1:{demo}/healthz"),
+        &mut demo_proc,
+        Duration::from_secs(30),
+    )
+    .await;
+    wait_ready(
+        &format!("http://127.0.0.1:{admin}/ready"),
+        &mut envoy,
+        Duration::from_secs(60),
+    )
+    .await;
+
+    let client = reqwest::Client::new();
+    let url = format!("http://127.0.0.1:{listener}/api/v1/orders");
+    for expect_replay in [false, true] {
+        let response = client
+            .post(&url)
+            .header("Idempotency-Key", "shipped-1")
+            .json(&json!({"sku": "A"}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 201);
+        assert_eq!(
+            response.headers().contains_key("idempotent-replayed"),
+            expect_replay
+        );
+    }
+}
