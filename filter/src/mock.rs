@@ -24,6 +24,9 @@ pub enum Call {
     ResumeResponse,
 }
 
+/// A local response the flow sent: status, headers, body.
+pub type SentResponse = (u16, Vec<(String, String)>, String);
+
 #[derive(Debug, Default)]
 pub struct MockHost {
     pub request_headers: RefCell<Vec<(String, String)>>,
@@ -79,7 +82,7 @@ impl MockHost {
         *self.next_token.borrow()
     }
 
-    pub fn sent_response(&self) -> Option<(u16, Vec<(String, String)>, String)> {
+    pub fn sent_response(&self) -> Option<SentResponse> {
         self.calls().into_iter().find_map(|c| match c {
             Call::SendResponse {
                 status,

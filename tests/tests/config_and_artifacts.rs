@@ -28,17 +28,35 @@ fn plugin_value_of_shipped_bootstrap(text: &str) -> String {
         .join("\n")
 }
 
+/// Every Envoy bootstrap shipped under `envoy/` (YAML files with `static_resources`).
+fn shipped_bootstraps() -> Vec<std::path::PathBuf> {
+    let mut files: Vec<_> = std::fs::read_dir(repo_root().join("envoy"))
+        .unwrap()
+        .map(|entry| entry.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "yaml"))
+        .filter(|p| std::fs::read_to_string(p).unwrap().contains("static_resources:"))
+        .collect();
+    files.sort();
+    files
+}
+
 #[test]
-fn shipped_bootstrap_passes_envoy_validation() {
-    for file in ["envoy/envoy.yaml"] {
+fn every_shipped_bootstrap_passes_envoy_validation() {
+    let files = shipped_bootstraps();
+    assert!(!files.is_empty());
+    for file in files {
         let output = Command::new(envoy_bin())
-            .args(["--mode", "validate", "-c", file])
+            .arg("--mode")
+            .arg("validate")
+            .arg("-c")
+            .arg(&file)
             .current_dir(repo_root())
             .output()
             .unwrap();
         assert!(
             output.status.success(),
-            "{file}: {}",
+            "{}: {}",
+            file.display(),
             String::from_utf8_lossy(&output.stderr)
         );
     }

