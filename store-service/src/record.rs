@@ -95,7 +95,11 @@ pub fn decide_acquire(
 ) -> AcquireDecision {
     let expires_ms = now_ms.saturating_add(request.retention_ms.max(request.lock_timeout_ms));
     let locked_until_ms = now_ms.saturating_add(request.lock_timeout_ms);
-    let existing = existing.filter(|r| !r.is_expired(now_ms));
+    // A record whose retention ran out counts as absent, but its token still only goes up.
+    let (existing, first_token) = match existing {
+        Some(r) if r.is_expired(now_ms) => (None, r.fencing_token.saturating_add(1)),
+        other => (other, 1),
+    };
     let Some(mut record) = existing else {
         let record = Record {
             record_id: new_id(),
@@ -104,7 +108,7 @@ pub fn decide_acquire(
             method: request.method.clone(),
             path: request.path.clone(),
             state: RecordState::InProgress,
-            fencing_token: 1,
+            fencing_token: first_token,
             locked_until_ms,
             checkpoints: Vec::new(),
             response: None,
@@ -217,12 +221,10 @@ pub fn apply_checkpoint(
     now_ms: u64,
 ) -> Result<Record, StorageError> {
     let mut record = check_holder(record, &request.id, request.fencing_token, now_ms)?;
-    if record.recovery_point().as_deref() != Some(request.phase.as_str()) {
-        record.checkpoints.push(Checkpoint {
-            phase: request.phase.clone(),
-            at_ms: now_ms,
-            fencing_token: request.fencing_token,
-        });
-    }
+    record.checkpoints.push(Checkpoint {
+        phase: request.phase.clone(),
+        at_ms: now_ms,
+        fencing_token: request.fencing_token,
+    });
     Ok(record)
 }

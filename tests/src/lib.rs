@@ -185,6 +185,10 @@ pub struct StackOptions {
     pub plugin: Value,
     /// Extra arguments for the store service.
     pub store_args: Vec<String>,
+    /// Store replicas behind Envoy's store cluster.
+    pub store_replicas: usize,
+    /// Use the MongoDB backend (a `secantusd` server started for this stack) instead of redb.
+    pub mongodb: bool,
 }
 
 impl Default for StackOptions {
@@ -192,6 +196,8 @@ impl Default for StackOptions {
         StackOptions {
             plugin: json!({}),
             store_args: Vec::new(),
+            store_replicas: 1,
+            mongodb: false,
         }
     }
 }
@@ -235,15 +241,17 @@ pub struct Stack {
     pub store_url: String,
     /// Demo service, directly.
     pub demo_url: String,
-    /// Port of the store, reused on restart.
-    pub store_port: u16,
+    /// Ports of the store replicas, reused on restart.
+    pub store_ports: Vec<u16>,
     /// Store data file.
     pub data_path: PathBuf,
     /// Shared HTTP client.
     pub client: reqwest::Client,
     store_args: Vec<String>,
-    /// The store process.
-    pub store: Proc,
+    /// The store replicas.
+    pub stores: Vec<Proc>,
+    /// The MongoDB server, when the stack uses the MongoDB backend.
+    pub mongo: Option<MongoServer>,
     /// The demo process.
     pub demo: Proc,
     /// The Envoy process.
@@ -275,17 +283,33 @@ impl Stack {
     /// Start everything.
     pub async fn start_with(options: StackOptions) -> Stack {
         let dir = tempfile::tempdir().unwrap();
-        let (store_port, demo_port, envoy_port, admin_port) =
-            (free_port(), free_port(), free_port(), free_port());
+        let (demo_port, envoy_port, admin_port) = (free_port(), free_port(), free_port());
+        let store_ports: Vec<u16> = (0..options.store_replicas.max(1)).map(|_| free_port()).collect();
         let data_path = dir.path().join("store.redb");
 
-        let mut store = spawn_store(
-            dir.path(),
-            store_port,
-            &data_path,
-            &options.store_args,
-            "store.log",
-        );
+        let mongo = if options.mongodb {
+            Some(MongoServer::start(dir.path()).await)
+        } else {
+            None
+        };
+        let mut store_args = options.store_args.clone();
+        if let Some(mongo) = &mongo {
+            store_args.extend([
+                "--storage".into(),
+                "mongodb".into(),
+                "--mongodb-uri".into(),
+                mongo.uri(),
+            ]);
+        }
+        let mut stores: Vec<Proc> = store_ports
+            .iter()
+            .enumerate()
+            .map(|(i, port)| {
+                let data = dir.path().join(format!("store-{i}.redb"));
+                let data = if i == 0 { data_path.clone() } else { data };
+                spawn_store(dir.path(), *port, &data, &store_args, &format!("store-{i}.log"))
+            })
+            .collect();
         let mut demo_command = Command::new(bin("demo-orders"));
         demo_command.arg("--listen").arg(format!("127.0.0.1:{demo_port}"));
         let mut demo = Proc::spawn("demo", demo_command, dir.path().join("demo.log"));
@@ -295,21 +319,23 @@ impl Stack {
                 listener: envoy_port,
                 admin: admin_port,
                 upstream: demo_port,
-                stores: vec![store_port],
+                stores: store_ports.clone(),
             },
             &plugin_config(&options.plugin),
         );
         let mut envoy = start_envoy(dir.path(), &config, "envoy.log");
 
-        let store_url = format!("http://127.0.0.1:{store_port}");
+        let store_url = format!("http://127.0.0.1:{}", store_ports[0]);
         let demo_url = format!("http://127.0.0.1:{demo_port}");
         let admin_url = format!("http://127.0.0.1:{admin_port}");
-        wait_ready(
-            &format!("{store_url}/readyz"),
-            &mut store,
-            Duration::from_secs(30),
-        )
-        .await;
+        for (port, store) in store_ports.iter().zip(stores.iter_mut()) {
+            wait_ready(
+                &format!("http://127.0.0.1:{port}/readyz"),
+                store,
+                Duration::from_secs(30),
+            )
+            .await;
+        }
         wait_ready(&format!("{demo_url}/healthz"), &mut demo, Duration::from_secs(30)).await;
         wait_ready(&format!("{admin_url}/ready"), &mut envoy, Duration::from_secs(60)).await;
 
@@ -318,14 +344,15 @@ impl Stack {
             admin_url,
             store_url,
             demo_url,
-            store_port,
+            store_ports,
             data_path,
             client: reqwest::Client::builder()
                 .pool_max_idle_per_host(64)
                 .build()
                 .unwrap(),
-            store_args: options.store_args,
-            store,
+            store_args,
+            stores,
+            mongo,
             demo,
             envoy,
             dir,
@@ -337,24 +364,42 @@ impl Stack {
         self.dir.path()
     }
 
-    /// SIGKILL the store service.
+    /// SIGKILL every store replica.
     pub fn kill_store(&mut self) {
-        self.store.kill();
+        self.stores.iter_mut().for_each(Proc::kill);
     }
 
-    /// Start the store again on the same port and data file.
+    /// Start the store replicas again on the same ports and data files.
     pub async fn restart_store(&mut self) {
-        self.store.kill();
-        let log = format!("store-{}.log", uuid::Uuid::new_v4());
-        self.store = spawn_store(
-            self.dir.path(),
-            self.store_port,
-            &self.data_path,
-            &self.store_args,
-            &log,
-        );
-        let url = format!("{}/readyz", self.store_url);
-        wait_ready(&url, &mut self.store, Duration::from_secs(30)).await;
+        self.kill_store();
+        for (i, port) in self.store_ports.clone().into_iter().enumerate() {
+            let data = if i == 0 {
+                self.data_path.clone()
+            } else {
+                self.dir.path().join(format!("store-{i}.redb"))
+            };
+            let log = format!("store-{i}-{}.log", uuid::Uuid::new_v4());
+            let mut store = spawn_store(self.dir.path(), port, &data, &self.store_args, &log);
+            wait_ready(
+                &format!("http://127.0.0.1:{port}/readyz"),
+                &mut store,
+                Duration::from_secs(30),
+            )
+            .await;
+            self.stores[i] = store;
+        }
+    }
+
+    /// Prometheus text of store replica `index`.
+    pub async fn replica_metrics(&self, index: usize) -> String {
+        self.client
+            .get(format!("http://127.0.0.1:{}/metrics", self.store_ports[index]))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
     }
 
     /// A keyed JSON POST to the orders endpoint through Envoy.
@@ -421,6 +466,54 @@ impl Stack {
             return None;
         }
         Some(response.json().await.unwrap())
+    }
+}
+
+/// A MongoDB wire-protocol server (PyPI `secantusdb`, installed by `make setup`) on a free port.
+#[derive(Debug)]
+pub struct MongoServer {
+    /// The server process.
+    pub proc: Proc,
+    /// Its port.
+    pub port: u16,
+}
+
+impl MongoServer {
+    /// Start it and wait until it accepts connections.
+    pub async fn start(dir: &Path) -> MongoServer {
+        let path = std::env::var_os("SECANTUSD_BIN")
+            .map_or_else(|| repo_root().join(".venv/bin/secantusd-py"), PathBuf::from);
+        assert!(path.exists(), "{} is missing: run `make setup`", path.display());
+        let port = free_port();
+        let mut command = Command::new(path);
+        command
+            .args(["--host", "127.0.0.1", "--port", &port.to_string()])
+            .args([
+                "--storage-path",
+                ":memory:",
+                "--standalone",
+                "--log-level",
+                "WARNING",
+            ]);
+        let mut proc = Proc::spawn("secantusd", command, dir.join("mongo.log"));
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while tokio::net::TcpStream::connect(("127.0.0.1", port)).await.is_err() {
+            if let Some(status) = proc.wait_exit(Duration::from_millis(0)) {
+                panic!("secantusd exited with {status}:\n{}", proc.output());
+            }
+            assert!(
+                Instant::now() < deadline,
+                "secantusd did not start:\n{}",
+                proc.output()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        MongoServer { proc, port }
+    }
+
+    /// Connection string.
+    pub fn uri(&self) -> String {
+        format!("mongodb://127.0.0.1:{}/?directConnection=true", self.port)
     }
 }
 

@@ -9,6 +9,10 @@ use thiserror::Error;
 use crate::record::Record;
 
 pub mod embedded;
+pub mod mongo;
+
+#[cfg(test)]
+pub mod test_mongo;
 
 #[cfg(test)]
 pub mod contract;

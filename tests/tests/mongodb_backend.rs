@@ -1,0 +1,110 @@
+//! The MongoDB backend end to end: store replicas sharing one MongoDB behind Envoy.
+
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::indexing_slicing
+)] // test code
+
+use e2e::{metric_sum, Stack, StackOptions};
+use serde_json::{json, Value};
+
+fn two_replicas_on_mongodb() -> StackOptions {
+    StackOptions {
+        mongodb: true,
+        store_replicas: 2,
+        ..StackOptions::default()
+    }
+}
+
+#[tokio::test]
+async fn twenty_concurrent_same_key_requests_over_two_store_replicas_execute_exactly_once() {
+    let stack = Stack::start_with(two_replicas_on_mongodb()).await;
+    let order = json!({"sku": "RACE", "qty": 1});
+    let attempts = (0..20).map(|_| {
+        stack
+            .post_order(Some("mongo-race-1"), &order)
+            .header("x-demo-delay-ms", "500")
+            .send()
+    });
+    let mut created = 0;
+    for response in futures::future::join_all(attempts).await {
+        let response = response.unwrap();
+        match response.status().as_u16() {
+            201 if !response.headers().contains_key("idempotent-replayed") => created += 1,
+            201 | 409 => {}
+            other => panic!("unexpected status {other}: {}", response.text().await.unwrap()),
+        }
+    }
+    assert_eq!(created, 1);
+    assert_eq!(stack.executions_of("mongo-race-1").await, 1);
+    // Both replicas answered acquires: the race really crossed replicas.
+    for replica in 0..2 {
+        let text = stack.replica_metrics(replica).await;
+        let acquires = metric_sum(&text, "idempotency_misses_total")
+            + metric_sum(&text, "idempotency_concurrent_collisions_total")
+            + metric_sum(&text, "idempotency_hits_total");
+        assert!(acquires >= 1.0, "replica {replica} served no acquire:\n{text}");
+    }
+    // A retry through either replica replays.
+    for _ in 0..4 {
+        let again = stack
+            .post_order(Some("mongo-race-1"), &order)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(again.headers()["idempotent-replayed"], "true");
+    }
+    assert_eq!(stack.executions_of("mongo-race-1").await, 1);
+}
+
+#[tokio::test]
+async fn lock_taken_on_one_replica_is_seen_by_the_other() {
+    let stack = Stack::start_with(two_replicas_on_mongodb()).await;
+    let client = reqwest::Client::new();
+    let acquire = json!({"service": "orders", "scope": "", "key": "cross-1", "fingerprint": "ab",
+        "method": "POST", "path": "/x", "lock_timeout_ms": 60000, "retention_ms": 600000});
+    let mut outcomes = Vec::new();
+    for port in &stack.store_ports {
+        let body: Value = client
+            .post(format!("http://127.0.0.1:{port}/v1/acquire"))
+            .bearer_auth(e2e::STORE_TOKEN)
+            .json(&acquire)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        outcomes.push(body["outcome"].as_str().unwrap().to_owned());
+    }
+    assert_eq!(outcomes, ["acquired", "in_progress"]);
+}
+
+#[tokio::test]
+async fn unreachable_mongodb_at_run_time_gives_503_and_never_a_duplicate() {
+    let mut stack = Stack::start_with(two_replicas_on_mongodb()).await;
+    let order = json!({"sku": "A"});
+    let first = stack
+        .post_order(Some("mongo-down-1"), &order)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(first.status(), 201);
+
+    stack.mongo.as_mut().unwrap().proc.kill();
+    for key in ["mongo-down-1", "mongo-down-2"] {
+        let response = stack.post_order(Some(key), &order).send().await.unwrap();
+        assert_eq!(response.status(), 503, "{key}");
+        let body: Value = response.json().await.unwrap();
+        assert_eq!(body["code"], "IDEMPOTENCY_STORAGE_UNAVAILABLE");
+    }
+    let executions = stack.executions().await;
+    assert_eq!(
+        executions["total"], 1,
+        "nothing executed while MongoDB was down: {executions}"
+    );
+    let readiness = reqwest::get(format!("{}/readyz", stack.store_url)).await.unwrap();
+    assert_eq!(readiness.status(), 503, "readiness reflects the outage");
+}
