@@ -73,7 +73,7 @@ cat <<EOT
 Running (logs in $LOG_DIR/):
   Envoy + idempotency filter  http://127.0.0.1:10000   (admin http://127.0.0.1:9901, stats at /stats/prometheus)
   demo orders service         http://127.0.0.1:8080    (executions: GET /_demo/executions)
-  store service             http://127.0.0.1:8081    (/healthz /readyz /metrics; /v1 needs "Authorization: Bearer $STORE_TOKEN")
+  store service ($STORE)   http://127.0.0.1:8081    (/healthz /readyz /metrics; /v1 needs "Authorization: Bearer $STORE_TOKEN")
 
 Try it (run it twice: the second answer is replayed, with Idempotent-Replayed: true):
   curl -i -X POST http://127.0.0.1:10000/api/v1/orders -H 'Idempotency-Key: order-123' -H 'Content-Type: application/json' -d '{"customerId":"CUST-001","items":[{"sku":"SKU-001","quantity":2}]}'
