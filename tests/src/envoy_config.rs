@@ -46,6 +46,34 @@ pub fn wasm_filter(plugin: &Value) -> Value {
     })
 }
 
+/// The shipped filter chain: strip internal headers, the idempotency filter behind a matcher
+/// that skips non-mutating methods, the router.
+pub fn http_filters(plugin: &Value) -> Value {
+    let internal: Vec<Value> = idempotency_wire::headers::ALL
+        .iter()
+        .map(|h| json!({"remove": h}))
+        .collect();
+    json!([
+        {"name": "strip-internal-headers", "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.filters.http.header_mutation.v3.HeaderMutation",
+            "mutations": {"request_mutations": internal}}},
+        {"name": "idempotency", "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.common.matching.v3.ExtensionWithMatcher",
+            "xds_matcher": {"matcher_list": {"matchers": [{
+                "predicate": {"not_matcher": {"single_predicate": {
+                    "input": {"name": "request-method", "typed_config": {
+                        "@type": "type.googleapis.com/envoy.type.matcher.v3.HttpRequestHeaderMatchInput",
+                        "header_name": ":method"}},
+                    "value_match": {"safe_regex": {"google_re2": {}, "regex": "^(POST|PUT|PATCH|DELETE)$"}}}}},
+                "on_match": {"action": {"name": "skip", "typed_config": {
+                    "@type": "type.googleapis.com/envoy.extensions.filters.common.matcher.action.v3.SkipFilter"}}}
+            }]}},
+            "extension_config": wasm_filter(plugin)}},
+        {"name": "envoy.filters.http.router", "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"}}
+    ])
+}
+
 /// A complete bootstrap (JSON text, which Envoy reads as YAML).
 pub fn bootstrap(ports: &Ports, plugin: &Value) -> String {
     let stores: Vec<Value> = ports.stores.iter().map(|p| endpoint(*p)).collect();
@@ -65,11 +93,7 @@ pub fn bootstrap(ports: &Ports, plugin: &Value) -> String {
                             "name": "orders", "domains": ["*"],
                             "routes": [{"match": {"prefix": "/"}, "route": {"cluster": "orders", "timeout": "30s"}}]
                         }]},
-                        "http_filters": [
-                            wasm_filter(plugin),
-                            {"name": "envoy.filters.http.router", "typed_config": {
-                                "@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"}}
-                        ]
+                        "http_filters": http_filters(plugin)
                     }
                 }]}]
             }],
