@@ -53,6 +53,58 @@ impl StatusMatcher {
     }
 }
 
+/// How a rule matches the request path (query string excluded).
+#[derive(Debug, Clone)]
+pub enum PathMatch {
+    /// Path starts with this.
+    Prefix(String),
+    /// Path equals this.
+    Exact(String),
+    /// Path matches this regular expression.
+    Regex(regex_lite::Regex),
+}
+
+impl PathMatch {
+    /// True when `path` (without query) matches.
+    pub fn matches(&self, path: &str) -> bool {
+        match self {
+            PathMatch::Prefix(prefix) => path.starts_with(prefix.as_str()),
+            PathMatch::Exact(exact) => path == exact,
+            PathMatch::Regex(regex) => regex.is_match(path),
+        }
+    }
+}
+
+/// A per-route rollout rule; the first rule matching path and method decides.
+#[derive(Debug, Clone)]
+pub struct RouteRule {
+    /// Name for logs and docs.
+    pub name: String,
+    /// Path condition.
+    pub path: PathMatch,
+    /// Methods (upper case); `None` means the service's `mutating_methods`.
+    pub methods: Option<BTreeSet<String>>,
+    /// Mode on this route.
+    pub mode: Mode,
+    /// Share of keys (0..=100, stable by key hash) enforced; the rest runs in shadow.
+    pub percentage: f64,
+    /// JSON pointers removed from JSON bodies before fingerprinting, besides the global ones.
+    pub exclude_fields: Vec<String>,
+}
+
+/// Where the record scope (caller isolation) comes from; the first source present wins.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ScopeSource {
+    /// A request header, e.g. a tenant id set by an authenticating gateway.
+    Header(String),
+    /// SHA-256 of the `Authorization` header (never stored in clear).
+    AuthorizationHash,
+    /// The peer's mTLS identity (Istio: the SPIFFE principal).
+    PeerPrincipal,
+    /// A claim of the JWT validated by Envoy's `jwt_authn` filter (`payload_in_metadata`).
+    JwtClaim(String),
+}
+
 /// Validated configuration.
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -90,6 +142,18 @@ pub struct Config {
     pub release_statuses: Vec<StatusMatcher>,
     /// Response headers (lower case) never stored or replayed, besides hop-by-hop ones.
     pub replay_header_denylist: BTreeSet<String>,
+    /// Per-route rules, first match wins; unmatched requests use `mode`.
+    pub routes: Vec<RouteRule>,
+    /// Where the record scope comes from, in order.
+    pub scope_from: Vec<ScopeSource>,
+    /// `jwt_authn`'s `payload_in_metadata` name, for `jwt_claim:` scopes.
+    pub jwt_payload_metadata_key: String,
+    /// Fingerprint JSON bodies canonically (key order and whitespace insensitive).
+    pub json_canonical: bool,
+    /// JSON pointers removed from every JSON body before fingerprinting.
+    pub exclude_fields: Vec<String>,
+    /// Namespace of Envoy route `filter_metadata` that overrides `mode`/`percentage` per route.
+    pub route_metadata_namespace: String,
 }
 
 impl Config {
@@ -155,6 +219,31 @@ struct RawConfig {
     fingerprint_headers: Vec<String>,
     release_statuses: Option<Vec<String>>,
     replay_header_denylist: Option<Vec<String>>,
+    #[serde(default)]
+    routes: Vec<RawRouteRule>,
+    #[serde(default)]
+    scope_from: Vec<String>,
+    jwt_payload_metadata_key: Option<String>,
+    #[serde(default = "default_true")]
+    json_canonical: bool,
+    #[serde(default)]
+    exclude_fields: Vec<String>,
+    route_metadata_namespace: Option<String>,
+}
+
+/// One route rule as written.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRouteRule {
+    name: Option<String>,
+    path_prefix: Option<String>,
+    path_exact: Option<String>,
+    path_regex: Option<String>,
+    methods: Option<Vec<String>>,
+    mode: Mode,
+    percentage: Option<f64>,
+    #[serde(default)]
+    exclude_fields: Vec<String>,
 }
 
 fn default_true() -> bool {
@@ -225,6 +314,107 @@ fn parse_status_matcher(text: &str) -> Result<StatusMatcher, ConfigError> {
     }
 }
 
+fn parse_methods(field: &'static str, methods: Vec<String>) -> Result<BTreeSet<String>, ConfigError> {
+    let mut set = BTreeSet::new();
+    for method in methods {
+        let upper = method.trim().to_ascii_uppercase();
+        if upper.is_empty() || !upper.chars().all(|c| c.is_ascii_uppercase()) {
+            return Err(field_error(field, format!("{method:?} is not an HTTP method")));
+        }
+        set.insert(upper);
+    }
+    if set.is_empty() {
+        return Err(field_error(field, "must list at least one method"));
+    }
+    Ok(set)
+}
+
+/// Check a list of RFC 6901 JSON pointers.
+fn json_pointers(field: &'static str, pointers: Vec<String>) -> Result<Vec<String>, ConfigError> {
+    for pointer in &pointers {
+        if !pointer.starts_with('/') {
+            return Err(field_error(
+                field,
+                format!("{pointer:?} is not a JSON pointer (must start with '/')"),
+            ));
+        }
+        let mut chars = pointer.chars();
+        while let Some(c) = chars.next() {
+            if c == '~' && !matches!(chars.next(), Some('0' | '1')) {
+                return Err(field_error(
+                    field,
+                    format!("{pointer:?}: '~' must be followed by 0 or 1"),
+                ));
+            }
+        }
+    }
+    Ok(pointers)
+}
+
+/// Check a percentage.
+pub fn valid_percentage(value: f64) -> bool {
+    value.is_finite() && (0.0..=100.0).contains(&value)
+}
+
+fn parse_route(index: usize, raw: RawRouteRule) -> Result<RouteRule, ConfigError> {
+    let name = raw.name.unwrap_or_else(|| format!("routes[{index}]"));
+    let path =
+        match (raw.path_prefix, raw.path_exact, raw.path_regex) {
+            (Some(prefix), None, None) => PathMatch::Prefix(prefix),
+            (None, Some(exact), None) => PathMatch::Exact(exact),
+            (None, None, Some(regex)) => PathMatch::Regex(regex_lite::Regex::new(&regex).map_err(|e| {
+                field_error("routes", format!("{name}: path_regex {regex:?} is invalid: {e}"))
+            })?),
+            (None, None, None) => PathMatch::Prefix("/".to_owned()),
+            _ => {
+                return Err(field_error(
+                    "routes",
+                    format!("{name}: set only one of path_prefix, path_exact, path_regex"),
+                ))
+            }
+        };
+    let methods = raw.methods.map(|m| parse_methods("routes", m)).transpose()?;
+    let percentage = raw.percentage.unwrap_or(100.0);
+    if !valid_percentage(percentage) {
+        return Err(field_error(
+            "routes",
+            format!("{name}: percentage must be between 0 and 100, got {percentage}"),
+        ));
+    }
+    Ok(RouteRule {
+        name,
+        path,
+        methods,
+        mode: raw.mode,
+        percentage,
+        exclude_fields: json_pointers("routes", raw.exclude_fields)?,
+    })
+}
+
+fn parse_scope_source(text: &str) -> Result<ScopeSource, ConfigError> {
+    let (kind, argument) = match text.split_once(':') {
+        Some((kind, argument)) => (kind.trim(), Some(argument.trim())),
+        None => (text.trim(), None),
+    };
+    let source = match (kind, argument) {
+        ("header", Some(name)) if !name.is_empty() && name.chars().all(is_token_char) => {
+            ScopeSource::Header(name.to_ascii_lowercase())
+        }
+        ("authorization", None) => ScopeSource::AuthorizationHash,
+        ("peer_principal", None) => ScopeSource::PeerPrincipal,
+        ("jwt_claim", Some(claim)) if !claim.is_empty() => ScopeSource::JwtClaim(claim.to_owned()),
+        _ => {
+            return Err(field_error(
+                "scope_from",
+                format!(
+                    "{text:?} is not a scope source; use \"header:<name>\", \"authorization\", \"peer_principal\" or \"jwt_claim:<claim>\""
+                ),
+            ))
+        }
+    };
+    Ok(source)
+}
+
 fn is_token_char(c: char) -> bool {
     c.is_ascii_alphanumeric() || "!#$%&'*+-.^_`|~".contains(c)
 }
@@ -246,7 +436,15 @@ fn header_names(field: &'static str, names: Vec<String>) -> Result<Vec<String>, 
 impl Config {
     /// Parse and validate the plugin configuration (JSON).
     pub fn parse(bytes: &[u8]) -> Result<Config, ConfigError> {
-        let raw: RawConfig = serde_json::from_slice(bytes).map_err(|e| ConfigError::Syntax(e.to_string()))?;
+        let deserializer = &mut serde_json::Deserializer::from_slice(bytes);
+        let raw: RawConfig = serde_path_to_error::deserialize(deserializer).map_err(|e| {
+            let path = e.path().to_string();
+            if path.is_empty() || path == "." {
+                ConfigError::Syntax(e.into_inner().to_string())
+            } else {
+                ConfigError::Syntax(format!("field `{path}`: {}", e.into_inner()))
+            }
+        })?;
 
         let service_name = raw
             .service_name
@@ -276,23 +474,7 @@ impl Config {
 
         let mutating_methods: BTreeSet<String> = match raw.mutating_methods {
             None => DEFAULT_MUTATING_METHODS.iter().map(|m| (*m).to_owned()).collect(),
-            Some(methods) => {
-                let mut set = BTreeSet::new();
-                for method in methods {
-                    let upper = method.trim().to_ascii_uppercase();
-                    if upper.is_empty() || !upper.chars().all(|c| c.is_ascii_uppercase()) {
-                        return Err(field_error(
-                            "mutating_methods",
-                            format!("{method:?} is not an HTTP method"),
-                        ));
-                    }
-                    set.insert(upper);
-                }
-                if set.is_empty() {
-                    return Err(field_error("mutating_methods", "must list at least one method"));
-                }
-                set
-            }
+            Some(methods) => parse_methods("mutating_methods", methods)?,
         };
 
         if raw.max_key_length == 0 || raw.max_key_length > MAX_KEY_LENGTH_CEILING {
@@ -381,6 +563,30 @@ impl Config {
                 .collect(),
         };
 
+        let routes = raw
+            .routes
+            .into_iter()
+            .enumerate()
+            .map(|(i, r)| parse_route(i, r))
+            .collect::<Result<Vec<_>, _>>()?;
+        let scope_from = raw
+            .scope_from
+            .iter()
+            .map(|s| parse_scope_source(s))
+            .collect::<Result<Vec<_>, _>>()?;
+        let jwt_payload_metadata_key = raw
+            .jwt_payload_metadata_key
+            .unwrap_or_else(|| "jwt_payload".to_owned());
+        if jwt_payload_metadata_key.trim().is_empty() {
+            return Err(field_error("jwt_payload_metadata_key", "must not be empty"));
+        }
+        let route_metadata_namespace = raw
+            .route_metadata_namespace
+            .unwrap_or_else(|| "idempotency".to_owned());
+        if route_metadata_namespace.trim().is_empty() {
+            return Err(field_error("route_metadata_namespace", "must not be empty"));
+        }
+
         Ok(Config {
             service_name,
             mode,
@@ -399,6 +605,12 @@ impl Config {
             fingerprint_headers,
             release_statuses,
             replay_header_denylist,
+            routes,
+            scope_from,
+            jwt_payload_metadata_key,
+            json_canonical: raw.json_canonical,
+            exclude_fields: json_pointers("exclude_fields", raw.exclude_fields)?,
+            route_metadata_namespace,
         })
     }
 }
@@ -496,6 +708,51 @@ mod tests {
             let err = parse(json).unwrap_err();
             assert!(err.to_string().contains(&format!("`{field}`")), "{json}: {err}");
         }
+    }
+
+    #[test]
+    fn route_rules_parse_and_bad_ones_name_the_field() {
+        let config = parse(
+            r#"{"service_name":"o","routes":[
+                {"name":"orders","path_prefix":"/api/v1/orders","methods":["post"],"mode":"required","percentage":25,
+                 "exclude_fields":["/clientTimestamp","/meta/a~1b"]},
+                {"path_regex":"^/api/v1/orders/[^/]+$","mode":"shadow"},
+                {"path_exact":"/legacy","mode":"off"}]}"#,
+        )
+        .unwrap();
+        assert_eq!(config.routes.len(), 3);
+        assert_eq!(config.routes[0].percentage, 25.0);
+        assert!(config.routes[1].path.matches("/api/v1/orders/ORD-1"));
+        assert!(!config.routes[1].path.matches("/api/v1/orders/ORD-1/items"));
+        for bad in [
+            r#"{"service_name":"o","routes":[{"path_prefix":"/a","path_exact":"/a","mode":"off"}]}"#,
+            r#"{"service_name":"o","routes":[{"path_regex":"(","mode":"off"}]}"#,
+            r#"{"service_name":"o","routes":[{"mode":"required","percentage":101}]}"#,
+            r#"{"service_name":"o","routes":[{"mode":"required","exclude_fields":["nope"]}]}"#,
+            r#"{"service_name":"o","routes":[{"mode":"sometimes"}]}"#,
+        ] {
+            let err = parse(bad).unwrap_err();
+            assert!(err.to_string().contains("routes"), "{bad}: {err}");
+        }
+    }
+
+    #[test]
+    fn scope_sources_parse_and_bad_ones_name_the_field() {
+        let config = parse(
+            r#"{"service_name":"o","scope_from":["header:X-Tenant-Id","jwt_claim:sub","peer_principal","authorization"]}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            config.scope_from,
+            vec![
+                ScopeSource::Header("x-tenant-id".into()),
+                ScopeSource::JwtClaim("sub".into()),
+                ScopeSource::PeerPrincipal,
+                ScopeSource::AuthorizationHash
+            ]
+        );
+        let err = parse(r#"{"service_name":"o","scope_from":["cookie"]}"#).unwrap_err();
+        assert!(err.to_string().contains("`scope_from`"), "{err}");
     }
 
     #[test]

@@ -68,6 +68,8 @@ pub trait Host {
     fn resume_request(&self) -> Result<(), HostError>;
     /// Continue a paused response.
     fn resume_response(&self) -> Result<(), HostError>;
+    /// An Envoy property (e.g. route metadata, peer principal); `None` when absent.
+    fn property(&self, path: &[&str]) -> Option<Vec<u8>>;
     /// Time since the Unix epoch.
     fn now(&self) -> Duration;
     /// Write a log line.

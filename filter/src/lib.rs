@@ -2,18 +2,22 @@
 //! `Idempotency-Key`, fingerprints the request, takes a lock in the store service, then replays,
 //! refuses or forwards, and records the upstream's response before releasing it to the client.
 //!
-//! Layout: [`config`] (plugin configuration), [`key`], [`fingerprint`], [`problem`] (error
-//! bodies), [`replay`] (stored headers), [`flow`] (the per-request state machine, plain Rust
-//! behind [`host::Host`]), and `wasm` (the only module that talks to proxy-wasm).
+//! Layout: [`config`] (plugin configuration), [`policy`] and [`metadata`] (per-route mode),
+//! [`key`], [`scope`] (caller isolation), [`fingerprint`], [`problem`] (error bodies), [`replay`]
+//! (stored headers), [`flow`] (the per-request state machine, plain Rust behind [`host::Host`]),
+//! and `wasm` (the only module that talks to proxy-wasm).
 
 pub mod config;
 pub mod fingerprint;
 pub mod flow;
 pub mod host;
 pub mod key;
+pub mod metadata;
 pub mod metrics;
+pub mod policy;
 pub mod problem;
 pub mod replay;
+pub mod scope;
 
 #[cfg(test)]
 mod mock;

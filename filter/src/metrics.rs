@@ -27,11 +27,21 @@ pub enum Counter {
     ResponseRecorded,
     /// A lock was released (retryable status, upstream failure or client gone).
     LockReleased,
+    /// Shadow: the request executed and was recorded (enforcement would have let it through).
+    ShadowExecuted,
+    /// Shadow: enforcement would have replayed a stored response instead of executing.
+    ShadowWouldReplay,
+    /// Shadow: enforcement would have answered 409.
+    ShadowWouldConflict,
+    /// Shadow: enforcement would have answered 422.
+    ShadowWouldMismatch,
+    /// Shadow: enforcement would have answered 400 (missing or invalid key) or 413.
+    ShadowWouldReject,
 }
 
 impl Counter {
     /// Every counter, for defining them at start-up.
-    pub const ALL: [Counter; 11] = [
+    pub const ALL: [Counter; 16] = [
         Counter::Hit,
         Counter::Miss,
         Counter::ParameterMismatch,
@@ -43,6 +53,11 @@ impl Counter {
         Counter::RequestTooLarge,
         Counter::ResponseRecorded,
         Counter::LockReleased,
+        Counter::ShadowExecuted,
+        Counter::ShadowWouldReplay,
+        Counter::ShadowWouldConflict,
+        Counter::ShadowWouldMismatch,
+        Counter::ShadowWouldReject,
     ];
 
     /// The stat name.
@@ -59,6 +74,11 @@ impl Counter {
             Counter::RequestTooLarge => "idempotency_request_too_large_total",
             Counter::ResponseRecorded => "idempotency_responses_recorded_total",
             Counter::LockReleased => "idempotency_locks_released_total",
+            Counter::ShadowExecuted => "idempotency_shadow_executed_total",
+            Counter::ShadowWouldReplay => "idempotency_shadow_would_replay_total",
+            Counter::ShadowWouldConflict => "idempotency_shadow_would_conflict_total",
+            Counter::ShadowWouldMismatch => "idempotency_shadow_would_mismatch_total",
+            Counter::ShadowWouldReject => "idempotency_shadow_would_reject_total",
         }
     }
 }

@@ -37,6 +37,7 @@ pub struct MockHost {
     pub counters: RefCell<Vec<Counter>>,
     pub logs: RefCell<Vec<(Level, String)>>,
     pub fail_dispatch: RefCell<bool>,
+    pub properties: RefCell<std::collections::HashMap<Vec<String>, Vec<u8>>>,
     next_token: RefCell<u32>,
 }
 
@@ -58,6 +59,11 @@ impl MockHost {
         all.extend(headers.iter().map(|(n, v)| ((*n).to_owned(), (*v).to_owned())));
         *self.response_headers.borrow_mut() = all;
         *self.response_body.borrow_mut() = body.to_vec();
+    }
+
+    pub fn set_property(&self, path: &[&str], value: &[u8]) {
+        let key: Vec<String> = path.iter().map(|p| (*p).to_owned()).collect();
+        self.properties.borrow_mut().insert(key, value.to_vec());
     }
 
     pub fn calls(&self) -> Vec<Call> {
@@ -168,6 +174,11 @@ impl Host for MockHost {
     fn resume_response(&self) -> Result<(), HostError> {
         self.calls.borrow_mut().push(Call::ResumeResponse);
         Ok(())
+    }
+
+    fn property(&self, path: &[&str]) -> Option<Vec<u8>> {
+        let key: Vec<String> = path.iter().map(|p| (*p).to_owned()).collect();
+        self.properties.borrow().get(&key).cloned()
     }
 
     fn now(&self) -> Duration {

@@ -269,6 +269,10 @@ impl Host for WasmHost {
         hostcalls::resume_http_response().map_err(host_error("resume_http_response"))
     }
 
+    fn property(&self, path: &[&str]) -> Option<Vec<u8>> {
+        hostcalls::get_property(path.to_vec()).ok().flatten()
+    }
+
     fn now(&self) -> Duration {
         hostcalls::get_current_time()
             .ok()

@@ -548,3 +548,80 @@ pub fn metric_sum(text: &str, name: &str) -> f64 {
         })
         .sum()
 }
+
+/// A shipped Envoy bootstrap from `envoy/`, run as shipped except for its ports (moved to free
+/// ones) and the store token, with its own store and demo service.
+#[derive(Debug)]
+pub struct ShippedStack {
+    /// Envoy listener URL.
+    pub url: String,
+    /// Envoy admin URL.
+    pub admin_url: String,
+    /// Demo service URL.
+    pub demo_url: String,
+    /// Shared client.
+    pub client: reqwest::Client,
+    _store: Proc,
+    _demo: Proc,
+    _envoy: Proc,
+    _dir: tempfile::TempDir,
+}
+
+impl ShippedStack {
+    /// Start `envoy/<file>` with fresh ports.
+    pub async fn start(file: &str) -> ShippedStack {
+        let text = std::fs::read_to_string(repo_root().join("envoy").join(file)).unwrap();
+        let (listener, admin, demo, store) = (free_port(), free_port(), free_port(), free_port());
+        let text = text
+            .replace("port_value: 10000", &format!("port_value: {listener}"))
+            .replace("port_value: 9901", &format!("port_value: {admin}"))
+            .replace("port_value: 8080", &format!("port_value: {demo}"))
+            .replace("port_value: 8081", &format!("port_value: {store}"))
+            .replace("\"store_token\": \"dev-token\"", &format!("\"store_token\": \"{STORE_TOKEN}\""));
+        let dir = tempfile::tempdir().unwrap();
+        let mut store_proc = spawn_store(dir.path(), store, &dir.path().join("s.redb"), &[], "store.log");
+        let mut demo_cmd = Command::new(bin("demo-orders"));
+        demo_cmd.arg("--listen").arg(format!("127.0.0.1:{demo}"));
+        let mut demo_proc = Proc::spawn("demo", demo_cmd, dir.path().join("demo.log"));
+        let mut envoy = start_envoy(dir.path(), &text, "envoy.log");
+        wait_ready(&format!("http://127.0.0.1:{store}/readyz"), &mut store_proc, Duration::from_secs(30)).await;
+        wait_ready(&format!("http://127.0.0.1:{demo}/healthz"), &mut demo_proc, Duration::from_secs(30)).await;
+        wait_ready(&format!("http://127.0.0.1:{admin}/ready"), &mut envoy, Duration::from_secs(60)).await;
+        ShippedStack {
+            url: format!("http://127.0.0.1:{listener}"),
+            admin_url: format!("http://127.0.0.1:{admin}"),
+            demo_url: format!("http://127.0.0.1:{demo}"),
+            client: reqwest::Client::new(),
+            _store: store_proc,
+            _demo: demo_proc,
+            _envoy: envoy,
+            _dir: dir,
+        }
+    }
+
+    /// Executions of one key at the demo service.
+    pub async fn executions_of(&self, key: &str) -> u64 {
+        let body: Value = self
+            .client
+            .get(format!("{}/_demo/executions", self.demo_url))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        body["byKey"][key].as_u64().unwrap_or(0)
+    }
+
+    /// Envoy's Prometheus text.
+    pub async fn envoy_metrics(&self) -> String {
+        self.client
+            .get(format!("{}/stats/prometheus", self.admin_url))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
+    }
+}

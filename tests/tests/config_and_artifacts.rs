@@ -11,7 +11,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use e2e::envoy_config::{bootstrap, Ports};
-use e2e::{envoy_bin, free_port, plugin_config, repo_root, start_envoy, wait_ready};
+use e2e::{envoy_bin, free_port, plugin_config, repo_root, start_envoy};
 use serde_json::json;
 
 fn plugin_value_of_shipped_bootstrap(text: &str) -> String {
@@ -63,11 +63,14 @@ fn every_shipped_bootstrap_passes_envoy_validation() {
 }
 
 #[test]
-fn shipped_bootstrap_plugin_configuration_parses_with_the_filters_own_parser() {
-    let text = std::fs::read_to_string(repo_root().join("envoy/envoy.yaml")).unwrap();
-    let plugin = plugin_value_of_shipped_bootstrap(&text);
-    let config = idempotency_filter::config::Config::parse(plugin.as_bytes()).unwrap();
-    assert_eq!(config.service_name, "orders");
+fn every_shipped_bootstrap_plugin_configuration_parses_with_the_filters_own_parser() {
+    for file in shipped_bootstraps() {
+        let text = std::fs::read_to_string(&file).unwrap();
+        let plugin = plugin_value_of_shipped_bootstrap(&text);
+        let config = idempotency_filter::config::Config::parse(plugin.as_bytes())
+            .unwrap_or_else(|e| panic!("{}: {e}", file.display()));
+        assert_eq!(config.service_name, "orders", "{}", file.display());
+    }
 }
 
 #[tokio::test]
@@ -95,47 +98,11 @@ async fn invalid_plugin_configuration_is_refused_naming_the_field() {
 
 #[tokio::test]
 async fn shipped_bootstrap_serves_a_keyed_request_end_to_end() {
-    // The shipped file with its ports moved to free ones; everything else as shipped.
-    let text = std::fs::read_to_string(repo_root().join("envoy/envoy.yaml")).unwrap();
-    let (listener, admin, demo, store) = (free_port(), free_port(), free_port(), free_port());
-    let text = text
-        .replace("port_value: 10000", &format!("port_value: {listener}"))
-        .replace("port_value: 9901", &format!("port_value: {admin}"))
-        .replace("port_value: 8080", &format!("port_value: {demo}"))
-        .replace("port_value: 8081", &format!("port_value: {store}"))
-        .replace(
-            "\"store_token\": \"dev-token\"",
-            &format!("\"store_token\": \"{}\"", e2e::STORE_TOKEN),
-        );
-    let dir = tempfile::tempdir().unwrap();
-    let mut store_proc = e2e::spawn_store(dir.path(), store, &dir.path().join("s.redb"), &[], "store.log");
-    let mut demo_cmd = Command::new(repo_root().join("target/release/demo-orders"));
-    demo_cmd.arg("--listen").arg(format!("127.0.0.1:{demo}"));
-    let mut demo_proc = e2e::Proc::spawn("demo", demo_cmd, dir.path().join("demo.log"));
-    let mut envoy = start_envoy(dir.path(), &text, "envoy.log");
-    wait_ready(
-        &format!("http://127.0.0.1:{store}/readyz"),
-        &mut store_proc,
-        Duration::from_secs(30),
-    )
-    .await;
-    wait_ready(
-        &format!("http://127.0.0.1:{demo}/healthz"),
-        &mut demo_proc,
-        Duration::from_secs(30),
-    )
-    .await;
-    wait_ready(
-        &format!("http://127.0.0.1:{admin}/ready"),
-        &mut envoy,
-        Duration::from_secs(60),
-    )
-    .await;
-
-    let client = reqwest::Client::new();
-    let url = format!("http://127.0.0.1:{listener}/api/v1/orders");
+    let stack = e2e::ShippedStack::start("envoy.yaml").await;
+    let url = format!("{}/api/v1/orders", stack.url);
     for expect_replay in [false, true] {
-        let response = client
+        let response = stack
+            .client
             .post(&url)
             .header("Idempotency-Key", "shipped-1")
             .json(&json!({"sku": "A"}))
@@ -143,9 +110,7 @@ async fn shipped_bootstrap_serves_a_keyed_request_end_to_end() {
             .await
             .unwrap();
         assert_eq!(response.status(), 201);
-        assert_eq!(
-            response.headers().contains_key("idempotent-replayed"),
-            expect_replay
-        );
+        assert_eq!(response.headers().contains_key("idempotent-replayed"), expect_replay);
     }
+    assert_eq!(stack.executions_of("shipped-1").await, 1);
 }

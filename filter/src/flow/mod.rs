@@ -2,6 +2,9 @@
 //!
 //! Host callbacks call into [`RequestFlow`]; it returns a [`Verdict`] for the callback and never
 //! touches proxy-wasm directly. Callout replies resume or answer the paused stream themselves.
+//! Shadow requests (mode `shadow`, or keys outside a rule's enforced percentage) take the same
+//! store path but never pause for the store or change a response: they only count and record
+//! what enforcement would have done (`shadow.rs`).
 
 use std::rc::Rc;
 use std::time::Duration;
@@ -12,12 +15,19 @@ use idempotency_wire::{
 };
 
 use crate::config::{Config, FailureMode, Mode};
-use crate::fingerprint::fingerprint;
+use crate::fingerprint::{fingerprint, fingerprint_body, is_json_content_type};
 use crate::host::{Callout, CalloutReply, Host, Level};
 use crate::key::{parse_key, KeyError};
+use crate::metadata::parse_route_overrides;
 use crate::metrics::Counter;
+use crate::policy::{key_is_enforced, route_policy};
 use crate::problem::{ErrorCode, Problem};
 use crate::replay::{replay_headers, storable_headers};
+use crate::scope::resolve_scope;
+
+mod shadow;
+
+use shadow::Shadow;
 
 /// `Retry-After` for 409: most requests finish well within this, whatever the lock timeout.
 pub const CONFLICT_RETRY_AFTER_SECS: u64 = 2;
@@ -40,6 +50,12 @@ struct Pending {
     method: String,
     path: String,
     fingerprint_headers: Vec<(String, String)>,
+    /// Canonicalise the body as JSON before hashing.
+    json: bool,
+    /// JSON pointers removed before hashing.
+    exclude_fields: Vec<String>,
+    /// Shadow: record and count, never block or answer.
+    shadow: bool,
 }
 
 /// A request that holds the lock.
@@ -71,6 +87,8 @@ enum State {
     },
     /// `complete` or `release` in flight; the response is held until it is acknowledged.
     Recording { token: u32, operation: &'static str },
+    /// Shadow tracking: the request flows untouched while the store is consulted on the side.
+    Shadow(Box<Shadow>),
     /// We answered the client ourselves, or everything is done.
     Finished,
 }
@@ -93,8 +111,7 @@ impl RequestFlow {
 
     /// Request headers arrived.
     pub fn on_request_headers(&mut self, host: &dyn Host, end_of_stream: bool) -> Verdict {
-        let mode = self.config.mode;
-        if mode == Mode::Off {
+        if self.config.mode == Mode::Off && self.config.routes.is_empty() {
             return Verdict::Continue;
         }
         let request_headers = match host.request_headers() {
@@ -117,10 +134,33 @@ impl RequestFlow {
                 .map(|(_, v)| v.as_str())
         };
         let method = header(":method").unwrap_or_default().to_owned();
-        if !self.config.acts_on_method(&method) {
+        let path = header(":path").unwrap_or_default().to_owned();
+        let config = self.config.clone();
+        let candidate = config.acts_on_method(&method)
+            || config
+                .routes
+                .iter()
+                .any(|r| r.methods.as_ref().is_some_and(|m| m.contains(&method)));
+        if !candidate {
             return Verdict::Continue;
         }
-        let path = header(":path").unwrap_or_default().to_owned();
+        let overrides = host
+            .property(&[
+                "xds",
+                "route_metadata",
+                "filter_metadata",
+                &config.route_metadata_namespace,
+            ])
+            .and_then(|bytes| match parse_route_overrides(&bytes) {
+                Ok(o) => Some(o),
+                Err(e) => {
+                    host.log(Level::Warn, &format!("idempotency: ignoring route metadata: {e}"));
+                    None
+                }
+            });
+        let Some(policy) = route_policy(&config, &method, &path, overrides.as_ref()) else {
+            return Verdict::Continue;
+        };
 
         let mut keys = request_headers
             .iter()
@@ -129,10 +169,17 @@ impl RequestFlow {
         let raw_key = match (keys.next(), keys.next()) {
             (None, _) => {
                 host.count(Counter::KeyMissing);
-                if mode == Mode::Required {
+                if policy.mode == Mode::Required {
+                    if policy.percentage < 100.0 {
+                        host.count(Counter::ShadowWouldReject);
+                        return Verdict::Continue;
+                    }
                     host.log(
                         Level::Debug,
-                        &format!("idempotency: {method} {path}: key required but missing"),
+                        &format!(
+                            "idempotency: {method} {path}: key required but missing (rule {})",
+                            policy.rule
+                        ),
                     );
                     return self.answer(
                         host,
@@ -145,50 +192,73 @@ impl RequestFlow {
                 }
                 return Verdict::Continue;
             }
-            (Some(_), Some(_)) => Err(KeyError::Repeated),
-            (Some(raw), None) => parse_key(raw, self.config.max_key_length).map(str::to_owned),
+            (Some(raw), Some(_)) => Err((KeyError::Repeated, raw.as_str())),
+            (Some(raw), None) => parse_key(raw, config.max_key_length)
+                .map(str::to_owned)
+                .map_err(|e| (e, raw.as_str())),
         };
         let key = match raw_key {
             Ok(key) => key,
-            Err(error) => {
+            Err((error, raw)) => {
                 host.count(Counter::KeyInvalid);
-                if mode == Mode::Shadow {
+                if policy.mode == Mode::Shadow || !key_is_enforced(raw, policy.percentage) {
+                    host.count(Counter::ShadowWouldReject);
                     return Verdict::Continue;
                 }
+                host.log(
+                    Level::Debug,
+                    &format!("idempotency: {method} {path}: invalid key: {error}"),
+                );
                 return self.answer(
                     host,
                     &Problem::new(ErrorCode::KeyInvalid, error.to_string())
                         .detail("reason", error.reason())
-                        .detail("maxLength", self.config.max_key_length),
+                        .detail("maxLength", config.max_key_length),
                 );
             }
         };
-        if mode == Mode::Shadow {
-            // Shadow: validated and counted above; never blocks or changes the response.
-            return Verdict::Continue;
-        }
+        let shadow = policy.mode == Mode::Shadow || !key_is_enforced(&key, policy.percentage);
 
         if let Some(length) = header("content-length").and_then(|v| v.trim().parse::<usize>().ok()) {
-            if length > self.config.max_request_body {
+            if length > config.max_request_body {
+                if shadow {
+                    host.count(Counter::ShadowWouldReject);
+                    return Verdict::Continue;
+                }
                 return self.too_large(host);
             }
         }
 
-        let fingerprint_headers = self
-            .config
+        let scope = resolve_scope(
+            &config.scope_from,
+            &config.jwt_payload_metadata_key,
+            |name| header(name).map(str::to_owned),
+            |path| host.property(path),
+        );
+        let fingerprint_headers = config
             .fingerprint_headers
             .iter()
             .filter_map(|name| header(name).map(|v| (name.clone(), v.to_owned())))
             .collect();
+        let json = config.json_canonical && header("content-type").is_some_and(is_json_content_type);
+        let exclude_fields = config
+            .exclude_fields
+            .iter()
+            .chain(policy.exclude_fields.iter())
+            .cloned()
+            .collect();
         let pending = Pending {
             id: RecordId {
-                service: self.config.service_name.clone(),
-                scope: String::new(),
+                service: config.service_name.clone(),
+                scope,
                 key,
             },
             method,
             path,
             fingerprint_headers,
+            json,
+            exclude_fields,
+            shadow,
         };
         if end_of_stream {
             return self.acquire(host, pending, &[]);
@@ -203,6 +273,11 @@ impl RequestFlow {
             return Verdict::Continue;
         };
         if body_size > self.config.max_request_body {
+            if pending.shadow {
+                host.count(Counter::ShadowWouldReject);
+                self.state = State::PassThrough;
+                return Verdict::Continue;
+            }
             return self.too_large(host);
         }
         if !end_of_stream {
@@ -211,12 +286,24 @@ impl RequestFlow {
         let pending = pending.clone();
         match host.request_body(body_size) {
             Ok(body) => self.acquire(host, pending, &body),
+            Err(e) if pending.shadow => {
+                host.log(
+                    Level::Warn,
+                    &format!("idempotency shadow: cannot read request body: {e}"),
+                );
+                self.state = State::PassThrough;
+                Verdict::Continue
+            }
             Err(e) => self.storage_failure(host, &e.to_string()),
         }
     }
 
     /// Response headers arrived from upstream (or from Envoy on upstream failure).
     pub fn on_response_headers(&mut self, host: &dyn Host, end_of_stream: bool) -> Verdict {
+        if let State::Shadow(shadow) = &mut self.state {
+            shadow.on_response_headers(host, &self.config, end_of_stream);
+            return Verdict::Continue;
+        }
         let State::Executing(held) = &self.state else {
             return Verdict::Continue;
         };
@@ -286,6 +373,12 @@ impl RequestFlow {
             }
             // Keep holding everything until the store acknowledged the record.
             State::Recording { .. } => Verdict::Pause,
+            State::Shadow(_) => {
+                if let State::Shadow(shadow) = &mut self.state {
+                    shadow.on_response_body(host, &self.config, body_size, end_of_stream);
+                }
+                Verdict::Continue
+            }
             _ => Verdict::Continue,
         }
     }
@@ -321,6 +414,10 @@ impl RequestFlow {
                     host.log(Level::Warn, &format!("idempotency: cannot resume response: {e}"));
                 }
             }
+            State::Shadow(mut shadow) if shadow.awaits(token) => {
+                shadow.on_acquire_reply(host, &self.config, reply);
+                self.state = State::Shadow(shadow);
+            }
             other => {
                 // A reply for a call we no longer wait for (e.g. a release sent at stream end).
                 self.state = other;
@@ -332,6 +429,10 @@ impl RequestFlow {
     pub fn on_stream_done(&mut self, host: &dyn Host) {
         let held = match std::mem::replace(&mut self.state, State::Finished) {
             State::Executing(held) | State::AwaitingResponseBody { held, .. } => held,
+            State::Shadow(mut shadow) => {
+                shadow.on_stream_done(host);
+                return;
+            }
             _ => return,
         };
         host.count(Counter::LockReleased);
@@ -390,6 +491,14 @@ impl RequestFlow {
             }
             Ok(AcquireResponse::Completed { response }) => {
                 host.count(Counter::Hit);
+                host.log(
+                    Level::Debug,
+                    &format!(
+                        "idempotency: key {} replayed (status {})",
+                        key_hash(&pending.id.key),
+                        response.status
+                    ),
+                );
                 let headers = replay_headers(&response, &self.config.replay_header_denylist);
                 if let Err(e) = host.send_response(response.status, &headers, &response.body) {
                     host.log(Level::Warn, &format!("idempotency: cannot send replay: {e}"));
@@ -399,6 +508,10 @@ impl RequestFlow {
             }
             Ok(AcquireResponse::InProgress { lock_remaining_ms }) => {
                 host.count(Counter::ConcurrentCollision);
+                host.log(
+                    Level::Debug,
+                    &format!("idempotency: key {} in progress: 409", key_hash(&pending.id.key)),
+                );
                 let retry_after = CONFLICT_RETRY_AFTER_SECS.min(lock_remaining_ms.div_ceil(1000));
                 self.answer(
                     host,
@@ -411,6 +524,13 @@ impl RequestFlow {
             }
             Ok(AcquireResponse::Mismatch) => {
                 host.count(Counter::ParameterMismatch);
+                host.log(
+                    Level::Debug,
+                    &format!(
+                        "idempotency: key {} reused with other parameters: 422",
+                        key_hash(&pending.id.key)
+                    ),
+                );
                 self.answer(
                     host,
                     &Problem::new(
@@ -484,22 +604,43 @@ impl RequestFlow {
     }
 
     fn acquire(&mut self, host: &dyn Host, pending: Pending, body: &[u8]) -> Verdict {
+        let exclude: Vec<&str> = pending.exclude_fields.iter().map(String::as_str).collect();
+        let body = fingerprint_body(body, pending.json, &exclude);
         let request = AcquireRequest {
             id: pending.id.clone(),
-            fingerprint: fingerprint(&pending.method, &pending.path, &pending.fingerprint_headers, body),
+            fingerprint: fingerprint(
+                &pending.method,
+                &pending.path,
+                &pending.fingerprint_headers,
+                &body,
+            ),
             method: pending.method.clone(),
             path: pending.path.clone(),
             lock_timeout_ms: millis(self.config.lock_timeout),
             retention_ms: millis(self.config.retention_period),
         };
-        let payload = match serde_json::to_vec(&request) {
-            Ok(p) => p,
-            Err(e) => return self.storage_failure(host, &format!("cannot encode acquire: {e}")),
-        };
-        match host.dispatch(&Callout {
-            path: paths::ACQUIRE,
-            body: &payload,
-        }) {
+        let dispatched = serde_json::to_vec(&request)
+            .map_err(|e| format!("cannot encode acquire: {e}"))
+            .and_then(|payload| {
+                host.dispatch(&Callout {
+                    path: paths::ACQUIRE,
+                    body: &payload,
+                })
+                .map_err(|e| e.to_string())
+            });
+        if pending.shadow {
+            // Shadow never waits for the store: consult it on the side and let the request go.
+            self.state = match dispatched {
+                Ok(token) => State::Shadow(Box::new(Shadow::new(pending.id, token))),
+                Err(e) => {
+                    host.count(Counter::StorageError);
+                    host.log(Level::Warn, &format!("idempotency shadow: {e}"));
+                    State::PassThrough
+                }
+            };
+            return Verdict::Continue;
+        }
+        match dispatched {
             Ok(token) => {
                 self.state = State::Acquiring {
                     token,
@@ -508,7 +649,7 @@ impl RequestFlow {
                 };
                 Verdict::Pause
             }
-            Err(e) => self.storage_failure(host, &e.to_string()),
+            Err(e) => self.storage_failure(host, &e),
         }
     }
 

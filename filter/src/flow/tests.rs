@@ -372,3 +372,155 @@ fn shadow_mode_never_blocks() {
     assert!(host.sent_response().is_none());
     assert_eq!(host.counted(Counter::KeyInvalid), 1);
 }
+
+fn json_post(key: &str, body: &str, extra: &[(&'static str, &'static str)]) -> MockHost {
+    let mut headers: Vec<(&str, &str)> = vec![("content-type", "application/json")];
+    headers.extend_from_slice(extra);
+    let leaked: &'static str = Box::leak(key.to_owned().into_boxed_str());
+    headers.push(("idempotency-key", leaked));
+    MockHost::with_request("POST", "/api/v1/orders", &headers, body.as_bytes())
+}
+
+fn acquire_body_of(host: &MockHost) -> Value {
+    host.dispatches()
+        .into_iter()
+        .find(|(path, _, _)| path == "/v1/acquire")
+        .map(|(_, body, _)| body)
+        .expect("an acquire was sent")
+}
+
+#[test]
+fn reordered_json_bodies_have_the_same_fingerprint_and_excluded_fields_do_not_count() {
+    let fingerprint_of = |body: &str| {
+        let mut flow = flow(r#","exclude_fields":["/clientTimestamp"]"#);
+        let host = json_post("k1", body, &[]);
+        start_keyed_post(&mut flow, &host);
+        acquire_body_of(&host)["fingerprint"].clone()
+    };
+    let a = fingerprint_of(r#"{"sku":"A","qty":2,"clientTimestamp":"10:00"}"#);
+    let b = fingerprint_of("{ \"qty\": 2,\n \"sku\": \"A\", \"clientTimestamp\": \"10:07\" }");
+    let c = fingerprint_of(r#"{"sku":"A","qty":3}"#);
+    assert_eq!(a, b);
+    assert_ne!(a, c);
+}
+
+#[test]
+fn scope_comes_from_the_configured_header() {
+    let mut flow = flow(r#","scope_from":["header:x-tenant-id"]"#);
+    let host = json_post("k1", "{}", &[("x-tenant-id", "acme")]);
+    start_keyed_post(&mut flow, &host);
+    assert_eq!(acquire_body_of(&host)["scope"], "header:acme");
+}
+
+#[test]
+fn route_rules_choose_the_mode() {
+    let config = r#","mode":"optional","routes":[{"path_prefix":"/api/v1/orders","mode":"required"},{"path_prefix":"/legacy","mode":"off"}]"#;
+    let mut required = flow(config);
+    let host = MockHost::with_request("POST", "/api/v1/orders", &[], b"");
+    assert_eq!(required.on_request_headers(&host, true), Verdict::Pause);
+    assert_eq!(host.sent_response().unwrap().0, 400);
+
+    let mut off = flow(config);
+    let host = post("k1", b"{}");
+    *host.request_headers.borrow_mut() = vec![
+        (":method".into(), "POST".into()),
+        (":path".into(), "/legacy/x".into()),
+        ("idempotency-key".into(), "k1".into()),
+    ];
+    assert_eq!(off.on_request_headers(&host, false), Verdict::Continue);
+    assert!(host.dispatches().is_empty());
+}
+
+#[test]
+fn route_metadata_overrides_the_plugin_mode() {
+    let mut flow = flow(r#","mode":"optional""#);
+    let host = MockHost::with_request("POST", "/api/v1/orders", &[], b"");
+    // Envoy's serialized map for {mode: "off"}.
+    let mut encoded = 1u32.to_le_bytes().to_vec();
+    encoded.extend(4u32.to_le_bytes());
+    encoded.extend(3u32.to_le_bytes());
+    encoded.extend(b"mode\0off\0");
+    host.set_property(&["xds", "route_metadata", "filter_metadata", "idempotency"], &encoded);
+    *host.request_headers.borrow_mut() = vec![
+        (":method".into(), "POST".into()),
+        (":path".into(), "/api/v1/orders".into()),
+        ("idempotency-key".into(), "k1".into()),
+    ];
+    assert_eq!(flow.on_request_headers(&host, true), Verdict::Continue);
+    assert!(host.dispatches().is_empty(), "route metadata turned the filter off");
+}
+
+#[test]
+fn keys_outside_the_enforced_percentage_run_in_shadow() {
+    let rule = r#","routes":[{"path_prefix":"/","mode":"required","percentage":50}]"#;
+    let keys: Vec<String> = (0..40).map(|i| format!("key-{i}")).collect();
+    let mut paused = 0;
+    for key in &keys {
+        let mut flow = flow(rule);
+        let host = json_post(key, "{}", &[]);
+        if flow.on_request_headers(&host, true) == Verdict::Pause {
+            paused += 1;
+        }
+        assert_eq!(host.dispatches().len(), 1, "shadow keys consult the store too");
+    }
+    assert!((8..32).contains(&paused), "{paused} of 40 enforced at 50%");
+}
+
+#[test]
+fn shadow_never_blocks_and_records_the_response_on_the_side() {
+    let mut flow = flow(r#","mode":"shadow""#);
+    let host = json_post("k1", r#"{"a":1}"#, &[]);
+    assert_eq!(flow.on_request_headers(&host, false), Verdict::Pause, "body is buffered to fingerprint it");
+    assert_eq!(flow.on_request_body(&host, 7, true), Verdict::Continue, "but the store is not awaited");
+    let acquire_token = host.last_token();
+
+    // The response streams past before the store answered: captured, not held.
+    host.set_response(201, &[("content-type", "application/json")], b"{\"id\":1}");
+    assert_eq!(flow.on_response_headers(&host, false), Verdict::Continue);
+    assert_eq!(flow.on_response_body(&host, 8, true), Verdict::Continue);
+    assert_eq!(host.dispatches().len(), 1, "no record before the lock is known");
+
+    flow.on_callout_reply(&host, acquire_token, reply(200, &acquired(1, None)));
+    let (path, complete, _) = host.dispatches().pop().unwrap();
+    assert_eq!(path, "/v1/complete");
+    assert_eq!(complete["response"]["status"], 201);
+    assert_eq!(host.counted(Counter::ShadowExecuted), 1);
+    assert!(host.sent_response().is_none());
+    assert!(!host.calls().contains(&Call::ResumeRequest) && !host.calls().contains(&Call::ResumeResponse));
+}
+
+#[test]
+fn shadow_counts_what_enforcement_would_have_done() {
+    for (answer, counter) in [
+        (AcquireResponse::InProgress { lock_remaining_ms: 1000 }, Counter::ShadowWouldConflict),
+        (AcquireResponse::Mismatch, Counter::ShadowWouldMismatch),
+        (
+            AcquireResponse::Completed {
+                response: StoredResponse {
+                    status: 201,
+                    headers: vec![],
+                    body: vec![],
+                    body_omitted: false,
+                },
+            },
+            Counter::ShadowWouldReplay,
+        ),
+    ] {
+        let mut flow = flow(r#","mode":"shadow""#);
+        let host = json_post("k1", "{}", &[]);
+        assert_eq!(flow.on_request_headers(&host, true), Verdict::Continue);
+        flow.on_callout_reply(&host, host.last_token(), reply(200, &answer));
+        assert_eq!(host.counted(counter), 1, "{counter:?}");
+        assert!(host.sent_response().is_none());
+    }
+}
+
+#[test]
+fn shadow_store_failure_changes_nothing() {
+    let mut flow = flow(r#","mode":"shadow""#);
+    let host = json_post("k1", "{}", &[]);
+    *host.fail_dispatch.borrow_mut() = true;
+    assert_eq!(flow.on_request_headers(&host, true), Verdict::Continue);
+    assert!(host.sent_response().is_none());
+    assert_eq!(host.counted(Counter::StorageError), 1);
+}

@@ -1,0 +1,188 @@
+//! Record scope: isolates callers, so one caller can never receive another caller's stored
+//! response for the same key. The first configured source that is present wins; each value is
+//! prefixed with its source, so no header value can impersonate another source's scope.
+
+use sha2::{Digest, Sha256};
+
+use crate::config::ScopeSource;
+
+/// Longest scope kept in clear; longer values are replaced by their hash.
+pub const MAX_CLEAR_SCOPE: usize = 128;
+
+/// Envoy property holding the peer's mTLS URI SAN (the SPIFFE principal in Istio).
+pub const PEER_PRINCIPAL_PROPERTY: [&str; 2] = ["connection", "uri_san_peer_certificate"];
+
+fn hashed(bytes: &[u8]) -> String {
+    hex::encode(Sha256::digest(bytes).get(..16).unwrap_or_default())
+}
+
+fn bounded(prefix: &str, value: &str) -> String {
+    if value.len() > MAX_CLEAR_SCOPE {
+        format!("{prefix}:sha256:{}", hashed(value.as_bytes()))
+    } else {
+        format!("{prefix}:{value}")
+    }
+}
+
+/// Resolve the scope of a request. `header` looks up a request header; `property` reads an Envoy
+/// property. Returns the empty (shared) scope when no source is present.
+pub fn resolve_scope(
+    sources: &[ScopeSource],
+    jwt_payload_key: &str,
+    header: impl Fn(&str) -> Option<String>,
+    property: impl Fn(&[&str]) -> Option<Vec<u8>>,
+) -> String {
+    for source in sources {
+        let scope = match source {
+            ScopeSource::Header(name) => header(name)
+                .map(|v| v.trim().to_owned())
+                .filter(|v| !v.is_empty())
+                .map(|v| bounded("header", &v)),
+            ScopeSource::AuthorizationHash => header("authorization")
+                .filter(|v| !v.trim().is_empty())
+                .map(|v| format!("auth:{}", hashed(v.as_bytes()))),
+            ScopeSource::PeerPrincipal => property(&PEER_PRINCIPAL_PROPERTY)
+                .and_then(|b| String::from_utf8(b).ok())
+                .filter(|v| !v.is_empty())
+                .map(|v| bounded("peer", &v)),
+            ScopeSource::JwtClaim(claim) => property(&[
+                "metadata",
+                "filter_metadata",
+                "envoy.filters.http.jwt_authn",
+                jwt_payload_key,
+                claim,
+            ])
+            .and_then(|b| String::from_utf8(b).ok())
+            .filter(|v| !v.is_empty())
+            .map(|v| bounded("jwt", &v)),
+        };
+        if let Some(scope) = scope {
+            return scope;
+        }
+    }
+    String::new()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn headers(pairs: &'static [(&'static str, &'static str)]) -> impl Fn(&str) -> Option<String> {
+        move |name| {
+            pairs
+                .iter()
+                .find(|(n, _)| *n == name)
+                .map(|(_, v)| (*v).to_owned())
+        }
+    }
+
+    fn no_properties(_: &[&str]) -> Option<Vec<u8>> {
+        None
+    }
+
+    #[test]
+    fn header_scope_isolates_tenants() {
+        let sources = [ScopeSource::Header("x-tenant-id".into())];
+        let a = resolve_scope(
+            &sources,
+            "jwt_payload",
+            headers(&[("x-tenant-id", "acme")]),
+            no_properties,
+        );
+        let b = resolve_scope(
+            &sources,
+            "jwt_payload",
+            headers(&[("x-tenant-id", "globex")]),
+            no_properties,
+        );
+        assert_eq!(a, "header:acme");
+        assert_ne!(a, b);
+    }
+
+    #[test]
+    fn authorization_is_hashed_never_kept_in_clear() {
+        let scope = resolve_scope(
+            &[ScopeSource::AuthorizationHash],
+            "jwt_payload",
+            headers(&[("authorization", "Bearer secret-token")]),
+            no_properties,
+        );
+        assert!(scope.starts_with("auth:"));
+        assert!(!scope.contains("secret"));
+    }
+
+    #[test]
+    fn first_present_source_wins_and_absent_means_shared() {
+        let sources = [
+            ScopeSource::PeerPrincipal,
+            ScopeSource::Header("x-tenant-id".into()),
+        ];
+        let peer = |path: &[&str]| {
+            (path == PEER_PRINCIPAL_PROPERTY).then(|| b"spiffe://cluster.local/ns/shop/sa/web".to_vec())
+        };
+        assert_eq!(
+            resolve_scope(&sources, "jwt_payload", headers(&[("x-tenant-id", "acme")]), peer),
+            "peer:spiffe://cluster.local/ns/shop/sa/web"
+        );
+        assert_eq!(
+            resolve_scope(
+                &sources,
+                "jwt_payload",
+                headers(&[("x-tenant-id", "acme")]),
+                no_properties
+            ),
+            "header:acme"
+        );
+        assert_eq!(
+            resolve_scope(&sources, "jwt_payload", headers(&[]), no_properties),
+            ""
+        );
+    }
+
+    #[test]
+    fn jwt_claim_is_read_from_jwt_authn_metadata() {
+        let jwt = |path: &[&str]| {
+            (path
+                == [
+                    "metadata",
+                    "filter_metadata",
+                    "envoy.filters.http.jwt_authn",
+                    "jwt_payload",
+                    "sub",
+                ])
+            .then(|| b"user-42".to_vec())
+        };
+        let scope = resolve_scope(
+            &[ScopeSource::JwtClaim("sub".into())],
+            "jwt_payload",
+            headers(&[]),
+            jwt,
+        );
+        assert_eq!(scope, "jwt:user-42");
+    }
+
+    #[test]
+    fn a_header_cannot_forge_another_sources_scope() {
+        let forged = resolve_scope(
+            &[ScopeSource::Header("x-tenant-id".into())],
+            "jwt_payload",
+            headers(&[("x-tenant-id", "jwt:user-42")]),
+            no_properties,
+        );
+        assert_ne!(forged, "jwt:user-42");
+    }
+
+    #[test]
+    fn long_scopes_are_hashed() {
+        let long: &'static str = Box::leak("t".repeat(500).into_boxed_str());
+        let pairs: &'static [(&'static str, &'static str)] =
+            Box::leak(vec![("x-tenant-id", long)].into_boxed_slice());
+        let scope = resolve_scope(
+            &[ScopeSource::Header("x-tenant-id".into())],
+            "jwt_payload",
+            headers(pairs),
+            no_properties,
+        );
+        assert!(scope.len() < 100, "{scope}");
+    }
+}
