@@ -76,6 +76,8 @@ pub trait Host {
     fn log(&self, level: Level, message: &str);
     /// Add one to a counter.
     fn count(&self, counter: Counter);
+    /// Make the root context dispatch queued background calls soon.
+    fn wake_background(&self);
     /// Record how long an acquire took.
     fn record_acquire_duration(&self, duration: Duration);
 }

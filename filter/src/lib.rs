@@ -7,6 +7,7 @@
 //! (stored headers), [`flow`] (the per-request state machine, plain Rust behind [`host::Host`]),
 //! and `wasm` (the only module that talks to proxy-wasm).
 
+pub mod background;
 pub mod config;
 pub mod fingerprint;
 pub mod flow;

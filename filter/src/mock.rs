@@ -37,6 +37,7 @@ pub struct MockHost {
     pub counters: RefCell<Vec<Counter>>,
     pub logs: RefCell<Vec<(Level, String)>>,
     pub fail_dispatch: RefCell<bool>,
+    pub background_wakes: RefCell<usize>,
     pub properties: RefCell<std::collections::HashMap<Vec<String>, Vec<u8>>>,
     next_token: RefCell<u32>,
 }
@@ -194,4 +195,8 @@ impl Host for MockHost {
     }
 
     fn record_acquire_duration(&self, _duration: Duration) {}
+
+    fn wake_background(&self) {
+        *self.background_wakes.borrow_mut() += 1;
+    }
 }

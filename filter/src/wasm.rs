@@ -12,6 +12,7 @@ use proxy_wasm::hostcalls;
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
 use proxy_wasm::types::{Action, BufferType, ContextType, LogLevel, MapType, MetricType, Status};
 
+use crate::background::Background;
 use crate::config::Config;
 use crate::flow::{RequestFlow, Verdict};
 use crate::host::{Callout, CalloutReply, Host, HostError, Level};
@@ -38,14 +39,44 @@ impl MetricIds {
     }
 }
 
-/// Root context: owns the parsed configuration and hands it to every stream.
+/// How often the root context dispatches queued background calls. A steady tick: toggling the
+/// period from inside `on_tick` left Envoy 1.40's timer disarmed until the next stream event.
+/// An idle tick is one cheap VM call.
+const BACKGROUND_TICK: Duration = Duration::from_millis(5);
+
+/// Root context: owns the parsed configuration, hands it to every stream, and makes the
+/// background calls that must outlive their stream.
 #[derive(Default)]
 pub struct Root {
     config: Option<Rc<Config>>,
     metrics: Rc<MetricIds>,
+    background: Rc<Background>,
 }
 
-impl Context for Root {}
+impl Root {
+    fn host(&self) -> WasmHost {
+        WasmHost {
+            config: self.config.clone(),
+            metrics: self.metrics.clone(),
+        }
+    }
+}
+
+impl Context for Root {
+    fn on_http_call_response(
+        &mut self,
+        token_id: u32,
+        _num_headers: usize,
+        body_size: usize,
+        _num_trailers: usize,
+    ) {
+        let host = self.host();
+        if let Some(config) = self.config.clone() {
+            let reply = host.callout_reply(body_size);
+            self.background.on_reply(&host, &config, token_id, reply);
+        }
+    }
+}
 
 impl RootContext for Root {
     fn on_configure(&mut self, _plugin_configuration_size: usize) -> bool {
@@ -71,6 +102,13 @@ impl RootContext for Root {
                 );
                 self.config = Some(Rc::new(config));
                 self.metrics = Rc::new(MetricIds::define());
+                if let Err(status) = hostcalls::set_tick_period(BACKGROUND_TICK) {
+                    log(
+                        LogLevel::Error,
+                        &format!("idempotency: cannot start the background tick: {status:?}"),
+                    );
+                    return false;
+                }
                 true
             }
             Err(error) => {
@@ -80,14 +118,21 @@ impl RootContext for Root {
         }
     }
 
+    fn on_tick(&mut self) {
+        if self.background.queued() > 0 {
+            self.background.drain(&self.host());
+        }
+    }
+
     fn create_http_context(&self, _context_id: u32) -> Option<Box<dyn HttpContext>> {
         // Returning None makes the SDK panic, so a stream without configuration gets a pass-through.
+        let background = self.background.clone();
         Some(Box::new(Stream {
-            flow: self.config.clone().map(RequestFlow::new),
-            host: WasmHost {
-                config: self.config.clone(),
-                metrics: self.metrics.clone(),
-            },
+            flow: self
+                .config
+                .clone()
+                .map(|config| RequestFlow::new(config, background)),
+            host: self.host(),
         }))
     }
 
@@ -293,6 +338,10 @@ impl Host for WasmHost {
         if let Some(id) = self.metrics.counters.get(&counter) {
             let _ = hostcalls::increment_metric(*id, 1);
         }
+    }
+
+    fn wake_background(&self) {
+        // The root context's steady tick picks the call up within BACKGROUND_TICK.
     }
 
     fn record_acquire_duration(&self, duration: Duration) {

@@ -567,6 +567,39 @@ pub struct ShippedStack {
     _dir: tempfile::TempDir,
 }
 
+impl Drop for ShippedStack {
+    fn drop(&mut self) {
+        keep_logs_if_panicking(&self._dir);
+    }
+}
+
+impl Drop for Stack {
+    fn drop(&mut self) {
+        keep_logs_if_panicking(&self.dir);
+    }
+}
+
+/// When a test fails, keep its processes' logs and print where they are.
+fn keep_logs_if_panicking(dir: &tempfile::TempDir) {
+    if std::thread::panicking() {
+        let kept = std::env::temp_dir().join(format!("e2e-logs-{}", uuid::Uuid::new_v4()));
+        if copy_dir(dir.path(), &kept).is_ok() {
+            eprintln!("test failed; process logs kept in {}", kept.display());
+        }
+    }
+}
+
+fn copy_dir(from: &Path, to: &Path) -> std::io::Result<()> {
+    std::fs::create_dir_all(to)?;
+    for entry in std::fs::read_dir(from)? {
+        let entry = entry?;
+        if entry.file_type()?.is_file() && entry.path().extension().is_some_and(|e| e == "log") {
+            std::fs::copy(entry.path(), to.join(entry.file_name()))?;
+        }
+    }
+    Ok(())
+}
+
 impl ShippedStack {
     /// Start `envoy/<file>` with fresh ports.
     pub async fn start(file: &str) -> ShippedStack {
@@ -577,16 +610,34 @@ impl ShippedStack {
             .replace("port_value: 9901", &format!("port_value: {admin}"))
             .replace("port_value: 8080", &format!("port_value: {demo}"))
             .replace("port_value: 8081", &format!("port_value: {store}"))
-            .replace("\"store_token\": \"dev-token\"", &format!("\"store_token\": \"{STORE_TOKEN}\""));
+            .replace(
+                "\"store_token\": \"dev-token\"",
+                &format!("\"store_token\": \"{STORE_TOKEN}\""),
+            );
         let dir = tempfile::tempdir().unwrap();
         let mut store_proc = spawn_store(dir.path(), store, &dir.path().join("s.redb"), &[], "store.log");
         let mut demo_cmd = Command::new(bin("demo-orders"));
         demo_cmd.arg("--listen").arg(format!("127.0.0.1:{demo}"));
         let mut demo_proc = Proc::spawn("demo", demo_cmd, dir.path().join("demo.log"));
         let mut envoy = start_envoy(dir.path(), &text, "envoy.log");
-        wait_ready(&format!("http://127.0.0.1:{store}/readyz"), &mut store_proc, Duration::from_secs(30)).await;
-        wait_ready(&format!("http://127.0.0.1:{demo}/healthz"), &mut demo_proc, Duration::from_secs(30)).await;
-        wait_ready(&format!("http://127.0.0.1:{admin}/ready"), &mut envoy, Duration::from_secs(60)).await;
+        wait_ready(
+            &format!("http://127.0.0.1:{store}/readyz"),
+            &mut store_proc,
+            Duration::from_secs(30),
+        )
+        .await;
+        wait_ready(
+            &format!("http://127.0.0.1:{demo}/healthz"),
+            &mut demo_proc,
+            Duration::from_secs(30),
+        )
+        .await;
+        wait_ready(
+            &format!("http://127.0.0.1:{admin}/ready"),
+            &mut envoy,
+            Duration::from_secs(60),
+        )
+        .await;
         ShippedStack {
             url: format!("http://127.0.0.1:{listener}"),
             admin_url: format!("http://127.0.0.1:{admin}"),
@@ -623,5 +674,19 @@ impl ShippedStack {
             .text()
             .await
             .unwrap()
+    }
+}
+
+/// Poll a Prometheus endpoint until the series `name` sums to at least `expected` (shadow
+/// outcomes are recorded after the response, from the root context), or 5 s pass. Returns the
+/// last exposition text.
+pub async fn wait_for_metric(client: &reqwest::Client, url: &str, name: &str, expected: f64) -> String {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let text = client.get(url).send().await.unwrap().text().await.unwrap();
+        if metric_sum(&text, name) >= expected || Instant::now() > deadline {
+            return text;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }

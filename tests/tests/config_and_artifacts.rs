@@ -110,7 +110,10 @@ async fn shipped_bootstrap_serves_a_keyed_request_end_to_end() {
             .await
             .unwrap();
         assert_eq!(response.status(), 201);
-        assert_eq!(response.headers().contains_key("idempotent-replayed"), expect_replay);
+        assert_eq!(
+            response.headers().contains_key("idempotent-replayed"),
+            expect_replay
+        );
     }
     assert_eq!(stack.executions_of("shipped-1").await, 1);
 }

@@ -25,9 +25,13 @@ use crate::problem::{ErrorCode, Problem};
 use crate::replay::{replay_headers, storable_headers};
 use crate::scope::resolve_scope;
 
-mod shadow;
+pub mod shadow;
 
-use shadow::Shadow;
+use std::cell::RefCell;
+
+use shadow::ShadowJob;
+
+use crate::background::{Background, BackgroundCall};
 
 /// `Retry-After` for 409: most requests finish well within this, whatever the lock timeout.
 pub const CONFLICT_RETRY_AFTER_SECS: u64 = 2;
@@ -88,7 +92,7 @@ enum State {
     /// `complete` or `release` in flight; the response is held until it is acknowledged.
     Recording { token: u32, operation: &'static str },
     /// Shadow tracking: the request flows untouched while the store is consulted on the side.
-    Shadow(Box<Shadow>),
+    Shadow(Rc<RefCell<ShadowJob>>),
     /// We answered the client ourselves, or everything is done.
     Finished,
 }
@@ -97,15 +101,25 @@ enum State {
 #[derive(Debug)]
 pub struct RequestFlow {
     config: Rc<Config>,
+    background: Rc<Background>,
     state: State,
 }
 
 impl RequestFlow {
-    /// A flow for a new stream.
-    pub fn new(config: Rc<Config>) -> RequestFlow {
+    /// A flow for a new stream; calls that must outlive it go to `background`.
+    pub fn new(config: Rc<Config>, background: Rc<Background>) -> RequestFlow {
         RequestFlow {
             config,
+            background,
             state: State::PassThrough,
+        }
+    }
+
+    /// Queue a call for the root context (it outlives this stream).
+    fn in_background(&self, host: &dyn Host, call: Option<BackgroundCall>) {
+        if let Some(call) = call {
+            self.background.enqueue(host, call);
+            host.wake_background();
         }
     }
 
@@ -300,8 +314,11 @@ impl RequestFlow {
 
     /// Response headers arrived from upstream (or from Envoy on upstream failure).
     pub fn on_response_headers(&mut self, host: &dyn Host, end_of_stream: bool) -> Verdict {
-        if let State::Shadow(shadow) = &mut self.state {
-            shadow.on_response_headers(host, &self.config, end_of_stream);
+        if let State::Shadow(job) = &self.state {
+            let call = job
+                .borrow_mut()
+                .on_response_headers(host, &self.config, end_of_stream);
+            self.in_background(host, call);
             return Verdict::Continue;
         }
         let State::Executing(held) = &self.state else {
@@ -373,10 +390,11 @@ impl RequestFlow {
             }
             // Keep holding everything until the store acknowledged the record.
             State::Recording { .. } => Verdict::Pause,
-            State::Shadow(_) => {
-                if let State::Shadow(shadow) = &mut self.state {
-                    shadow.on_response_body(host, &self.config, body_size, end_of_stream);
-                }
+            State::Shadow(job) => {
+                let call = job
+                    .borrow_mut()
+                    .on_response_body(host, &self.config, body_size, end_of_stream);
+                self.in_background(host, call);
                 Verdict::Continue
             }
             _ => Verdict::Continue,
@@ -414,10 +432,6 @@ impl RequestFlow {
                     host.log(Level::Warn, &format!("idempotency: cannot resume response: {e}"));
                 }
             }
-            State::Shadow(mut shadow) if shadow.awaits(token) => {
-                shadow.on_acquire_reply(host, &self.config, reply);
-                self.state = State::Shadow(shadow);
-            }
             other => {
                 // A reply for a call we no longer wait for (e.g. a release sent at stream end).
                 self.state = other;
@@ -425,32 +439,26 @@ impl RequestFlow {
         }
     }
 
-    /// The stream is ending. If we still hold a lock, the upstream never completed: release it.
+    /// The stream is ending. If we still hold a lock, the upstream never completed: release it
+    /// (from the root context, since this stream's own callouts die with it).
     pub fn on_stream_done(&mut self, host: &dyn Host) {
         let held = match std::mem::replace(&mut self.state, State::Finished) {
             State::Executing(held) | State::AwaitingResponseBody { held, .. } => held,
-            State::Shadow(mut shadow) => {
-                shadow.on_stream_done(host);
+            State::Shadow(job) => {
+                let call = job.borrow_mut().on_stream_done();
+                self.in_background(host, call);
                 return;
             }
             _ => return,
         };
-        host.count(Counter::LockReleased);
-        let request = ReleaseRequest {
-            id: held.id,
-            fencing_token: held.lock.fencing_token,
-        };
-        if let Ok(body) = serde_json::to_vec(&request) {
-            if let Err(e) = host.dispatch(&Callout {
-                path: paths::RELEASE,
-                body: &body,
-            }) {
-                host.log(
-                    Level::Warn,
-                    &format!("idempotency: cannot release lock at stream end: {e}"),
-                );
-            }
-        }
+        host.log(
+            Level::Warn,
+            &format!(
+                "idempotency: key {} abandoned before the upstream answered; releasing its lock",
+                key_hash(&held.id.key)
+            ),
+        );
+        self.release_detached(host, &held);
     }
 
     fn on_acquire_reply(&mut self, host: &dyn Host, pending: Pending, reply: CalloutReply) {
@@ -619,27 +627,36 @@ impl RequestFlow {
             lock_timeout_ms: millis(self.config.lock_timeout),
             retention_ms: millis(self.config.retention_period),
         };
-        let dispatched = serde_json::to_vec(&request)
-            .map_err(|e| format!("cannot encode acquire: {e}"))
-            .and_then(|payload| {
-                host.dispatch(&Callout {
-                    path: paths::ACQUIRE,
-                    body: &payload,
-                })
-                .map_err(|e| e.to_string())
-            });
+        let payload = serde_json::to_vec(&request).map_err(|e| format!("cannot encode acquire: {e}"));
         if pending.shadow {
-            // Shadow never waits for the store: consult it on the side and let the request go.
-            self.state = match dispatched {
-                Ok(token) => State::Shadow(Box::new(Shadow::new(pending.id, token))),
-                Err(e) => {
-                    host.count(Counter::StorageError);
-                    host.log(Level::Warn, &format!("idempotency shadow: {e}"));
-                    State::PassThrough
+            // Shadow never waits for the store: the root context asks it on the side.
+            match payload {
+                Ok(body) => {
+                    let job = Rc::new(RefCell::new(ShadowJob::new(pending.id, &self.config)));
+                    self.in_background(
+                        host,
+                        Some(BackgroundCall {
+                            path: paths::ACQUIRE,
+                            body,
+                            job: Some(job.clone()),
+                        }),
+                    );
+                    self.state = State::Shadow(job);
                 }
-            };
+                Err(e) => {
+                    host.log(Level::Warn, &format!("idempotency shadow: {e}"));
+                    self.state = State::PassThrough;
+                }
+            }
             return Verdict::Continue;
         }
+        let dispatched = payload.and_then(|payload| {
+            host.dispatch(&Callout {
+                path: paths::ACQUIRE,
+                body: &payload,
+            })
+            .map_err(|e| e.to_string())
+        });
         match dispatched {
             Ok(token) => {
                 self.state = State::Acquiring {
@@ -695,13 +712,16 @@ impl RequestFlow {
             id: held.id.clone(),
             fencing_token: held.lock.fencing_token,
         };
-        if let Ok(body) = serde_json::to_vec(&request) {
-            if let Err(e) = host.dispatch(&Callout {
-                path: paths::RELEASE,
-                body: &body,
-            }) {
-                host.log(Level::Warn, &format!("idempotency: cannot release lock: {e}"));
-            }
+        match serde_json::to_vec(&request) {
+            Ok(body) => self.in_background(
+                host,
+                Some(BackgroundCall {
+                    path: paths::RELEASE,
+                    body,
+                    job: None,
+                }),
+            ),
+            Err(e) => host.log(Level::Warn, &format!("idempotency: cannot encode release: {e}")),
         }
     }
 

@@ -2,13 +2,15 @@
 //!
 //! The outcome enforcement would have had is counted (`idempotency_shadow_*`) and logged. When
 //! the store granted the lock, the response is copied chunk by chunk as it streams past (never
-//! held) and recorded afterwards, so switching the route to `optional` later replays it.
+//! held) and recorded afterwards, so switching the route to `optional` later replays it. All store
+//! calls go through [`Background`](crate::background::Background): they outlive the stream.
 
 use idempotency_wire::{paths, AcquireResponse, CompleteRequest, RecordId, ReleaseRequest, StoredResponse};
 
 use super::{key_hash, millis, Held};
+use crate::background::BackgroundCall;
 use crate::config::Config;
-use crate::host::{Callout, CalloutReply, Host, Level};
+use crate::host::{CalloutReply, Host, Level};
 use crate::metrics::Counter;
 use crate::replay::storable_headers;
 
@@ -23,41 +25,49 @@ struct Captured {
     complete: bool,
 }
 
-/// Shadow state of one stream.
+/// Shadow state of one request, shared by its stream and the root context.
 #[derive(Debug)]
-pub(super) struct Shadow {
+pub struct ShadowJob {
     id: RecordId,
-    /// The acquire callout still in flight.
-    acquire_token: Option<u32>,
+    /// The acquire has not answered yet.
+    acquire_pending: bool,
     /// The lock, once the store granted it.
     lock: Option<Held>,
     response: Option<Captured>,
+    /// The record (or release) call has been queued.
     recorded: bool,
+    /// The stream ended.
+    stream_done: bool,
+    retention_ms: u64,
 }
 
-impl Shadow {
-    pub(super) fn new(id: RecordId, acquire_token: u32) -> Shadow {
-        Shadow {
+impl ShadowJob {
+    /// A job whose acquire is about to be queued.
+    pub(super) fn new(id: RecordId, config: &Config) -> ShadowJob {
+        ShadowJob {
             id,
-            acquire_token: Some(acquire_token),
+            acquire_pending: true,
             lock: None,
             response: None,
             recorded: false,
+            stream_done: false,
+            retention_ms: millis(config.retention_period),
         }
-    }
-
-    /// True when `token` is our acquire.
-    pub(super) fn awaits(&self, token: u32) -> bool {
-        self.acquire_token == Some(token)
     }
 
     /// Worth capturing the response: the lock is granted or may still be.
     fn capturing(&self) -> bool {
-        self.acquire_token.is_some() || self.lock.is_some()
+        self.acquire_pending || self.lock.is_some()
     }
 
-    pub(super) fn on_acquire_reply(&mut self, host: &dyn Host, config: &Config, reply: CalloutReply) {
-        self.acquire_token = None;
+    /// Root context: the acquire answered. Returns a record/release call to queue, if ready.
+    pub fn on_acquire_reply(
+        &mut self,
+        host: &dyn Host,
+        _config: &Config,
+        reply: CalloutReply,
+    ) -> Option<BackgroundCall> {
+        self.acquire_pending = false;
         let key = key_hash(&self.id.key);
         let parsed = match reply.status {
             Some(200) => serde_json::from_slice::<AcquireResponse>(&reply.body).ok(),
@@ -73,15 +83,14 @@ impl Shadow {
                         reply.status
                     ),
                 );
-                return;
+                return None;
             }
             Some(AcquireResponse::Acquired(lock)) => {
                 self.lock = Some(Held {
                     id: self.id.clone(),
                     lock,
                 });
-                self.record_if_ready(host, config);
-                (Counter::ShadowExecuted, "would execute")
+                (Counter::ShadowExecuted, "executes (no earlier attempt)")
             }
             Some(AcquireResponse::Completed { .. }) => (Counter::ShadowWouldReplay, "would replay"),
             Some(AcquireResponse::InProgress { .. }) => (Counter::ShadowWouldConflict, "would answer 409"),
@@ -89,15 +98,20 @@ impl Shadow {
         };
         host.count(counter);
         host.log(Level::Debug, &format!("idempotency shadow: key {key} {outcome}"));
+        self.record_if_ready()
     }
 
-    pub(super) fn on_response_headers(&mut self, host: &dyn Host, config: &Config, end_of_stream: bool) {
+    /// Stream: response headers passed.
+    pub(super) fn on_response_headers(
+        &mut self,
+        host: &dyn Host,
+        config: &Config,
+        end_of_stream: bool,
+    ) -> Option<BackgroundCall> {
         if !self.capturing() {
-            return;
+            return None;
         }
-        let Ok(headers) = host.response_headers() else {
-            return;
-        };
+        let headers = host.response_headers().ok()?;
         let status = headers
             .iter()
             .find(|(n, _)| n == ":status")
@@ -109,20 +123,18 @@ impl Shadow {
             complete: end_of_stream,
             ..Captured::default()
         });
-        self.record_if_ready(host, config);
+        self.record_if_ready()
     }
 
-    /// `chunk_size` is the size of the chunk passing now (shadow never buffers).
+    /// Stream: a body chunk of `chunk_size` bytes passed (shadow never buffers).
     pub(super) fn on_response_body(
         &mut self,
         host: &dyn Host,
         config: &Config,
         chunk_size: usize,
         end_of_stream: bool,
-    ) {
-        let Some(captured) = self.response.as_mut().filter(|c| !c.complete) else {
-            return;
-        };
+    ) -> Option<BackgroundCall> {
+        let captured = self.response.as_mut().filter(|c| !c.complete)?;
         if captured.status.is_some() && !captured.body_omitted {
             if captured.body.len() + chunk_size > config.max_response_size {
                 captured.body_omitted = true;
@@ -132,63 +144,58 @@ impl Shadow {
             }
         }
         captured.complete = end_of_stream;
-        self.record_if_ready(host, config);
+        self.record_if_ready()
     }
 
-    pub(super) fn on_stream_done(&mut self, host: &dyn Host) {
-        if let (Some(held), false) = (&self.lock, self.recorded) {
-            self.recorded = true;
-            release(host, held);
-        }
+    /// Stream: it ended (possibly without a complete response).
+    pub(super) fn on_stream_done(&mut self) -> Option<BackgroundCall> {
+        self.stream_done = true;
+        self.record_if_ready()
     }
 
-    /// Once both the lock and the whole response are known, record (or release) without waiting.
-    fn record_if_ready(&mut self, host: &dyn Host, config: &Config) {
-        let (Some(held), Some(captured), false) = (&self.lock, &self.response, self.recorded) else {
-            return;
-        };
-        if !captured.complete {
-            return;
+    /// Once both the lock and the outcome of the stream are known, record or release.
+    fn record_if_ready(&mut self) -> Option<BackgroundCall> {
+        let held = self.lock.as_ref()?;
+        if self.recorded {
+            return None;
         }
-        self.recorded = true;
-        let Some(status) = captured.status else {
-            release(host, held);
-            return;
-        };
-        let request = CompleteRequest {
-            id: held.id.clone(),
-            fencing_token: held.lock.fencing_token,
-            response: StoredResponse {
-                status,
-                headers: captured.headers.clone(),
-                body: captured.body.clone(),
-                body_omitted: captured.body_omitted,
+        let complete = self.response.as_ref().filter(|c| c.complete);
+        let call = match (complete, self.stream_done) {
+            (Some(captured), _) => match captured.status {
+                Some(status) => {
+                    let request = CompleteRequest {
+                        id: held.id.clone(),
+                        fencing_token: held.lock.fencing_token,
+                        response: StoredResponse {
+                            status,
+                            headers: captured.headers.clone(),
+                            body: captured.body.clone(),
+                            body_omitted: captured.body_omitted,
+                        },
+                        retention_ms: self.retention_ms,
+                    };
+                    (paths::COMPLETE, serde_json::to_vec(&request))
+                }
+                None => release_call(held),
             },
-            retention_ms: millis(config.retention_period),
+            // The stream ended without a whole response: give the lock back.
+            (None, true) => release_call(held),
+            (None, false) => return None,
         };
-        send(host, paths::COMPLETE, serde_json::to_vec(&request));
+        self.recorded = true;
+        let (path, body) = call;
+        Some(BackgroundCall {
+            path,
+            body: body.ok()?,
+            job: None,
+        })
     }
 }
 
-fn release(host: &dyn Host, held: &Held) {
+fn release_call(held: &Held) -> (&'static str, Result<Vec<u8>, serde_json::Error>) {
     let request = ReleaseRequest {
         id: held.id.clone(),
         fencing_token: held.lock.fencing_token,
     };
-    send(host, paths::RELEASE, serde_json::to_vec(&request));
-}
-
-/// Fire and forget: shadow never waits for the store.
-fn send(host: &dyn Host, path: &str, payload: Result<Vec<u8>, serde_json::Error>) {
-    let result = payload.map_err(|e| e.to_string()).and_then(|body| {
-        host.dispatch(&Callout { path, body: &body })
-            .map_err(|e| e.to_string())
-    });
-    if let Err(e) = result {
-        host.count(Counter::StorageError);
-        host.log(
-            Level::Warn,
-            &format!("idempotency shadow: cannot call {path}: {e}"),
-        );
-    }
+    (paths::RELEASE, serde_json::to_vec(&request))
 }

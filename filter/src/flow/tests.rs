@@ -6,14 +6,33 @@ use idempotency_wire::{AcquireResponse, Lock, StoredResponse};
 use serde_json::Value;
 
 use super::{RequestFlow, Verdict};
+use crate::background::Background;
 use crate::config::Config;
 use crate::host::CalloutReply;
 use crate::metrics::Counter;
 use crate::mock::{Call, MockHost};
 
-fn flow(extra: &str) -> RequestFlow {
+fn config(extra: &str) -> Rc<Config> {
     let json = format!(r#"{{"service_name":"orders"{extra}}}"#);
-    RequestFlow::new(Rc::new(Config::parse(json.as_bytes()).unwrap()))
+    Rc::new(Config::parse(json.as_bytes()).unwrap())
+}
+
+fn flow(extra: &str) -> RequestFlow {
+    make_flow(extra)
+}
+
+fn make_flow(extra: &str) -> RequestFlow {
+    RequestFlow::new(config(extra), Rc::new(Background::default()))
+}
+
+fn flow_with_background(extra: &str) -> (RequestFlow, Rc<Background>, Rc<Config>) {
+    let config = config(extra);
+    let background = Rc::new(Background::default());
+    (
+        RequestFlow::new(config.clone(), background.clone()),
+        background,
+        config,
+    )
 }
 
 fn reply(status: u16, body: &AcquireResponse) -> CalloutReply {
@@ -326,9 +345,7 @@ fn body_over_the_limit_is_413_before_any_store_call() {
     assert_eq!(host.sent_response().unwrap().0, 413);
     assert!(host.dispatches().is_empty());
 
-    let mut flow2 = super::RequestFlow::new(Rc::new(
-        Config::parse(br#"{"service_name":"o","max_request_body":8}"#).unwrap(),
-    ));
+    let mut flow2 = make_flow(r#","max_request_body":8"#);
     let host = MockHost::with_request(
         "POST",
         "/x",
@@ -340,12 +357,21 @@ fn body_over_the_limit_is_413_before_any_store_call() {
 }
 
 #[test]
-fn stream_ending_while_holding_the_lock_releases_it() {
-    let mut flow = flow("");
+fn stream_ending_while_holding_the_lock_releases_it_from_the_root_context() {
+    let (mut flow, background, _) = flow_with_background("");
     let host = post("k1", b"{}");
     let token = start_keyed_post(&mut flow, &host);
     flow.on_callout_reply(&host, token, reply(200, &acquired(5, None)));
+    let dispatched_before = host.dispatches().len();
     flow.on_stream_done(&host);
+    assert_eq!(
+        host.dispatches().len(),
+        dispatched_before,
+        "not from the dying stream"
+    );
+    assert_eq!(background.queued(), 1);
+    assert!(*host.background_wakes.borrow() >= 1);
+    background.drain(&host);
     let (path, release, _) = host.dispatches().pop().unwrap();
     assert_eq!(path, "/v1/release");
     assert_eq!(release["fencing_token"], 5);
@@ -440,14 +466,20 @@ fn route_metadata_overrides_the_plugin_mode() {
     encoded.extend(4u32.to_le_bytes());
     encoded.extend(3u32.to_le_bytes());
     encoded.extend(b"mode\0off\0");
-    host.set_property(&["xds", "route_metadata", "filter_metadata", "idempotency"], &encoded);
+    host.set_property(
+        &["xds", "route_metadata", "filter_metadata", "idempotency"],
+        &encoded,
+    );
     *host.request_headers.borrow_mut() = vec![
         (":method".into(), "POST".into()),
         (":path".into(), "/api/v1/orders".into()),
         ("idempotency-key".into(), "k1".into()),
     ];
     assert_eq!(flow.on_request_headers(&host, true), Verdict::Continue);
-    assert!(host.dispatches().is_empty(), "route metadata turned the filter off");
+    assert!(
+        host.dispatches().is_empty(),
+        "route metadata turned the filter off"
+    );
 }
 
 #[test]
@@ -456,34 +488,55 @@ fn keys_outside_the_enforced_percentage_run_in_shadow() {
     let keys: Vec<String> = (0..40).map(|i| format!("key-{i}")).collect();
     let mut paused = 0;
     for key in &keys {
-        let mut flow = flow(rule);
+        let (mut flow, background, _) = flow_with_background(rule);
         let host = json_post(key, "{}", &[]);
         if flow.on_request_headers(&host, true) == Verdict::Pause {
             paused += 1;
+            assert_eq!(host.dispatches().len(), 1, "enforced keys acquire directly");
+        } else {
+            assert_eq!(
+                background.queued(),
+                1,
+                "shadow keys consult the store on the side"
+            );
         }
-        assert_eq!(host.dispatches().len(), 1, "shadow keys consult the store too");
     }
     assert!((8..32).contains(&paused), "{paused} of 40 enforced at 50%");
 }
 
 #[test]
 fn shadow_never_blocks_and_records_the_response_on_the_side() {
-    let mut flow = flow(r#","mode":"shadow""#);
+    let (mut flow, background, config) = flow_with_background(r#","mode":"shadow""#);
     let host = json_post("k1", r#"{"a":1}"#, &[]);
-    assert_eq!(flow.on_request_headers(&host, false), Verdict::Pause, "body is buffered to fingerprint it");
-    assert_eq!(flow.on_request_body(&host, 7, true), Verdict::Continue, "but the store is not awaited");
+    assert_eq!(
+        flow.on_request_headers(&host, false),
+        Verdict::Pause,
+        "body is buffered to fingerprint it"
+    );
+    assert_eq!(
+        flow.on_request_body(&host, 7, true),
+        Verdict::Continue,
+        "but the store is not awaited"
+    );
+    assert!(
+        host.dispatches().is_empty(),
+        "the stream makes no store call itself"
+    );
+    background.drain(&host);
     let acquire_token = host.last_token();
 
-    // The response streams past before the store answered: captured, not held.
+    // The response streams past (and the stream ends) before the store answered.
     host.set_response(201, &[("content-type", "application/json")], b"{\"id\":1}");
     assert_eq!(flow.on_response_headers(&host, false), Verdict::Continue);
     assert_eq!(flow.on_response_body(&host, 8, true), Verdict::Continue);
-    assert_eq!(host.dispatches().len(), 1, "no record before the lock is known");
+    flow.on_stream_done(&host);
+    assert_eq!(background.queued(), 0, "no record before the lock is known");
 
-    flow.on_callout_reply(&host, acquire_token, reply(200, &acquired(1, None)));
+    background.on_reply(&host, &config, acquire_token, reply(200, &acquired(1, None)));
     let (path, complete, _) = host.dispatches().pop().unwrap();
     assert_eq!(path, "/v1/complete");
     assert_eq!(complete["response"]["status"], 201);
+    assert_eq!(complete["response"]["body"], "eyJpZCI6MX0=");
     assert_eq!(host.counted(Counter::ShadowExecuted), 1);
     assert!(host.sent_response().is_none());
     assert!(!host.calls().contains(&Call::ResumeRequest) && !host.calls().contains(&Call::ResumeResponse));
@@ -492,7 +545,12 @@ fn shadow_never_blocks_and_records_the_response_on_the_side() {
 #[test]
 fn shadow_counts_what_enforcement_would_have_done() {
     for (answer, counter) in [
-        (AcquireResponse::InProgress { lock_remaining_ms: 1000 }, Counter::ShadowWouldConflict),
+        (
+            AcquireResponse::InProgress {
+                lock_remaining_ms: 1000,
+            },
+            Counter::ShadowWouldConflict,
+        ),
         (AcquireResponse::Mismatch, Counter::ShadowWouldMismatch),
         (
             AcquireResponse::Completed {
@@ -506,21 +564,32 @@ fn shadow_counts_what_enforcement_would_have_done() {
             Counter::ShadowWouldReplay,
         ),
     ] {
-        let mut flow = flow(r#","mode":"shadow""#);
+        let (mut flow, background, config) = flow_with_background(r#","mode":"shadow""#);
         let host = json_post("k1", "{}", &[]);
         assert_eq!(flow.on_request_headers(&host, true), Verdict::Continue);
-        flow.on_callout_reply(&host, host.last_token(), reply(200, &answer));
+        background.drain(&host);
+        background.on_reply(&host, &config, host.last_token(), reply(200, &answer));
         assert_eq!(host.counted(counter), 1, "{counter:?}");
         assert!(host.sent_response().is_none());
+        assert_eq!(background.queued(), 0, "nothing to record");
     }
 }
 
 #[test]
 fn shadow_store_failure_changes_nothing() {
-    let mut flow = flow(r#","mode":"shadow""#);
+    let (mut flow, background, config) = flow_with_background(r#","mode":"shadow""#);
     let host = json_post("k1", "{}", &[]);
-    *host.fail_dispatch.borrow_mut() = true;
     assert_eq!(flow.on_request_headers(&host, true), Verdict::Continue);
+    background.drain(&host);
+    background.on_reply(
+        &host,
+        &config,
+        host.last_token(),
+        CalloutReply {
+            status: Some(503),
+            body: vec![],
+        },
+    );
     assert!(host.sent_response().is_none());
     assert_eq!(host.counted(Counter::StorageError), 1);
 }
