@@ -690,3 +690,21 @@ pub async fn wait_for_metric(client: &reqwest::Client, url: &str, name: &str, ex
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
+
+/// Every `.yaml` file under `envoy/`, recursively.
+pub fn shipped_yaml_files() -> Vec<PathBuf> {
+    fn walk(dir: &Path, out: &mut Vec<PathBuf>) {
+        for entry in std::fs::read_dir(dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.is_dir() {
+                walk(&path, out);
+            } else if path.extension().is_some_and(|e| e == "yaml" || e == "yml") {
+                out.push(path);
+            }
+        }
+    }
+    let mut files = Vec::new();
+    walk(&repo_root().join("envoy"), &mut files);
+    files.sort();
+    files
+}

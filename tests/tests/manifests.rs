@@ -1,0 +1,215 @@
+//! Mesh and deployment artifacts never rot: Istio manifests carry a plugin configuration the
+//! filter accepts and an Envoy patch Envoy accepts; Kubernetes and compose files only use names
+//! the store service actually reads; every YAML under `envoy/` parses.
+
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::indexing_slicing
+)] // test code
+
+use std::collections::BTreeSet;
+use std::process::Command;
+
+use clap::CommandFactory;
+use e2e::{envoy_bin, repo_root, shipped_yaml_files, wasm_path};
+use idempotency_filter::config::Config;
+use idempotency_store::config::StoreConfig;
+use serde::Deserialize;
+use serde_yaml::Value as Yaml;
+
+fn documents(relative: &str) -> Vec<Yaml> {
+    let text = std::fs::read_to_string(repo_root().join(relative)).unwrap();
+    serde_yaml::Deserializer::from_str(&text)
+        .map(|doc| Yaml::deserialize(doc).unwrap_or_else(|e| panic!("{relative}: {e}")))
+        .filter(|doc| !doc.is_null())
+        .collect()
+}
+
+fn get<'a>(value: &'a Yaml, path: &[&str]) -> &'a Yaml {
+    path.iter().fold(value, |v, key| &v[*key])
+}
+
+/// The store's long flags and environment variables, from its own clap definition.
+fn store_flags_and_env() -> (BTreeSet<String>, BTreeSet<String>) {
+    let command = StoreConfig::command();
+    let flags = command
+        .get_arguments()
+        .filter_map(|a| a.get_long())
+        .map(|l| format!("--{l}"))
+        .collect();
+    let env = command
+        .get_arguments()
+        .filter_map(|a| a.get_env())
+        .map(|e| e.to_string_lossy().into_owned())
+        .collect();
+    (flags, env)
+}
+
+#[test]
+fn every_yaml_file_under_envoy_parses() {
+    let files = shipped_yaml_files();
+    assert!(files.len() >= 8, "{files:?}");
+    for file in files {
+        let text = std::fs::read_to_string(&file).unwrap();
+        for doc in serde_yaml::Deserializer::from_str(&text) {
+            Yaml::deserialize(doc).unwrap_or_else(|e| panic!("{}: {e}", file.display()));
+        }
+    }
+}
+
+#[test]
+fn istio_wasmplugin_has_match_phase_fail_strategy_and_a_valid_plugin_config() {
+    let docs = documents("envoy/istio/wasmplugin.yaml");
+    let plugin = &docs[0];
+    assert_eq!(plugin["kind"], "WasmPlugin");
+    let spec = &plugin["spec"];
+    assert_eq!(spec["phase"], "AUTHZ");
+    assert_eq!(spec["failStrategy"], "FAIL_CLOSE");
+    assert!(spec["match"].as_sequence().is_some_and(|m| !m.is_empty()));
+    assert!(spec["url"].as_str().unwrap().starts_with("oci://"));
+    // Istio hands pluginConfig to the filter as JSON.
+    let json = serde_json::to_vec(&spec["pluginConfig"]).unwrap();
+    let config = Config::parse(&json).unwrap();
+    assert_eq!(config.service_name, "orders");
+    assert!(!config.routes.is_empty());
+}
+
+#[test]
+fn istio_envoyfilter_patch_is_accepted_by_envoy_and_its_plugin_config_by_the_filter() {
+    let docs = documents("envoy/istio/envoyfilter.yaml");
+    let filter = &docs[0];
+    assert_eq!(filter["kind"], "EnvoyFilter");
+    let patches = filter["spec"]["configPatches"].as_sequence().unwrap();
+    let values: Vec<serde_json::Value> = patches
+        .iter()
+        .map(|p| serde_json::to_value(&p["patch"]["value"]).unwrap())
+        .collect();
+
+    // The filter's configuration, parsed by the filter's own parser.
+    let wasm = values.iter().find(|v| v["name"] == "idempotency").unwrap();
+    let wasm_config = &wasm["typed_config"]["extension_config"]["typed_config"]["config"];
+    assert_eq!(wasm_config["allow_on_headers_stop_iteration"], true);
+    let plugin = wasm_config["configuration"]["value"].as_str().unwrap();
+    let config = Config::parse(plugin.as_bytes()).unwrap();
+    let store_cluster = config.store_cluster.clone();
+
+    // The patched filters in an HCM, with the clusters they name, pass `envoy --mode validate`
+    // (the remote module is swapped for the local build: validation does not fetch).
+    let mut http_filters = values.clone();
+    let code = &mut http_filters
+        .iter_mut()
+        .find(|v| v["name"] == "idempotency")
+        .unwrap()["typed_config"]["extension_config"]["typed_config"]["config"]["vm_config"]["code"];
+    *code = serde_json::json!({"local": {"filename": wasm_path().display().to_string()}});
+    http_filters.push(
+        serde_json::json!({"name": "envoy.filters.http.router", "typed_config": {
+        "@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"}}),
+    );
+    let cluster = |name: &str| {
+        serde_json::json!({"name": name, "type": "STATIC", "connect_timeout": "1s",
+            "load_assignment": {"cluster_name": name, "endpoints": [{"lb_endpoints": [{"endpoint": {"address":
+                {"socket_address": {"address": "127.0.0.1", "port_value": 1}}}}]}]}})
+    };
+    let bootstrap = serde_json::json!({"static_resources": {
+        "listeners": [{"name": "inbound", "address": {"socket_address": {"address": "127.0.0.1", "port_value": 1}},
+            "filter_chains": [{"filters": [{"name": "envoy.filters.network.http_connection_manager", "typed_config": {
+                "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
+                "stat_prefix": "inbound",
+                "route_config": {"virtual_hosts": [{"name": "app", "domains": ["*"],
+                    "routes": [{"match": {"prefix": "/"}, "route": {"cluster": "app"}}]}]},
+                "http_filters": http_filters}}]}]}],
+        "clusters": [cluster("app"), cluster(&store_cluster)]}});
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("envoyfilter-bootstrap.json");
+    std::fs::write(&path, bootstrap.to_string()).unwrap();
+    let output = Command::new(envoy_bin())
+        .arg("--mode")
+        .arg("validate")
+        .arg("-c")
+        .arg(&path)
+        .output()
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+}
+
+#[test]
+fn kubernetes_store_deployment_uses_only_what_the_store_reads() {
+    let (flags, env) = store_flags_and_env();
+    let docs = documents("envoy/kubernetes/store.yaml");
+    let kinds: Vec<&str> = docs.iter().map(|d| d["kind"].as_str().unwrap()).collect();
+    for kind in [
+        "Deployment",
+        "Service",
+        "PodDisruptionBudget",
+        "HorizontalPodAutoscaler",
+    ] {
+        assert!(kinds.contains(&kind), "{kind} in {kinds:?}");
+    }
+    let deployment = docs.iter().find(|d| d["kind"] == "Deployment").unwrap();
+    let container = &get(deployment, &["spec", "template", "spec", "containers"])[0];
+
+    let args: Vec<&str> = container["args"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .map(|a| a.as_str().unwrap())
+        .collect();
+    for arg in args.iter().filter(|a| a.starts_with("--")) {
+        assert!(flags.contains(*arg), "{arg} is not a store flag ({flags:?})");
+    }
+    let listen = args[args.iter().position(|a| *a == "--listen").unwrap() + 1];
+    let port: u64 = listen.rsplit(':').next().unwrap().parse().unwrap();
+    assert_eq!(container["ports"][0]["containerPort"].as_u64(), Some(port));
+
+    let secret = &documents("envoy/kubernetes/secret.example.yaml")[0];
+    let mut names = BTreeSet::new();
+    for var in container["env"].as_sequence().unwrap() {
+        let name = var["name"].as_str().unwrap();
+        assert!(
+            env.contains(name) || name == "RUST_LOG",
+            "{name} is not read by the store ({env:?})"
+        );
+        if let Some(key) = var["valueFrom"]["secretKeyRef"]["key"].as_str() {
+            assert_eq!(
+                var["valueFrom"]["secretKeyRef"]["name"],
+                secret["metadata"]["name"]
+            );
+            assert!(
+                !secret["stringData"][key].is_null(),
+                "secret key {key} missing in the example Secret"
+            );
+        }
+        names.insert(name.to_owned());
+    }
+    for required in ["MONGODB_URI", "STORE_TOKEN"] {
+        assert!(names.contains(required), "{required} must be set");
+    }
+    assert_eq!(container["readinessProbe"]["httpGet"]["path"], "/readyz");
+    assert_eq!(container["livenessProbe"]["httpGet"]["path"], "/healthz");
+    assert!(!container["resources"]["requests"].is_null() && !container["resources"]["limits"].is_null());
+    let service = docs.iter().find(|d| d["kind"] == "Service").unwrap();
+    assert_eq!(
+        service["spec"]["ports"][0]["targetPort"],
+        container["ports"][0]["name"]
+    );
+}
+
+#[test]
+fn compose_store_environment_uses_only_what_the_store_reads() {
+    let (_, env) = store_flags_and_env();
+    let compose = &documents("envoy/compose/docker-compose.yaml")[0];
+    let store_env = compose["services"]["store"]["environment"].as_mapping().unwrap();
+    for name in store_env.keys() {
+        let name = name.as_str().unwrap();
+        assert!(env.contains(name), "{name} is not read by the store");
+    }
+    for service in ["mongo", "store", "demo", "envoy"] {
+        assert!(!compose["services"][service].is_null(), "{service}");
+    }
+}
