@@ -3,6 +3,11 @@
 //! It counts every execution of a mutating request (total and per idempotency key), so tests
 //! can prove exactly-once, and it has test knobs: `x-demo-fail: <status>` answers that status,
 //! `x-demo-delay-ms: <n>` sleeps first, `x-demo-response-bytes: <n>` pads the body.
+//!
+//! `POST /api/v1/orders/phased` is the seed's four-phase operation (validate → reserve inventory
+//! → create record → notify) using [`PhaseManager`]: it checkpoints each phase in the store and
+//! skips phases an earlier attempt finished. `x-demo-fail-after-phase: <n>` fails with 500 after
+//! phase n; `x-demo-pause-after-phase: <n>` with `x-demo-pause-ms` sleeps after phase n.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -17,6 +22,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post, put};
 use axum::{Json, Router};
 use clap::Parser;
+use idempotency_client::{ClientError, PhaseManager, StoreClient};
 use serde_json::{json, Map, Value};
 
 /// Demo orders service.
@@ -26,12 +32,33 @@ struct Args {
     /// Address to listen on.
     #[arg(long, env = "DEMO_LISTEN", default_value = "127.0.0.1:8080")]
     listen: SocketAddr,
+    /// Store service, for phase checkpoints.
+    #[arg(long, env = "DEMO_STORE_URL", default_value = "http://127.0.0.1:8081")]
+    store_url: String,
+    /// Bearer token of the store service.
+    #[arg(
+        long,
+        env = "DEMO_STORE_TOKEN",
+        default_value = "dev-token",
+        hide_env_values = true
+    )]
+    store_token: String,
 }
 
-#[derive(Default)]
+/// The seed's four phases of order creation.
+const PHASES: [&str; 4] = [
+    "validated",
+    "inventory_reserved",
+    "order_created",
+    "notification_sent",
+];
+
 struct Counts {
     total: AtomicU64,
     by_key: Mutex<HashMap<String, u64>>,
+    phases: Mutex<HashMap<String, u64>>,
+    lost_locks: AtomicU64,
+    store: StoreClient,
 }
 
 type Shared = Arc<Counts>;
@@ -128,6 +155,67 @@ async fn create_order(State(counts): State<Shared>, headers: HeaderMap, body: ax
     .await
 }
 
+fn count_phase(counts: &Counts, phase: &str) {
+    if let Ok(mut map) = counts.phases.lock() {
+        *map.entry(phase.to_owned()).or_insert(0) += 1;
+    }
+}
+
+async fn create_order_phased(State(counts): State<Shared>, headers: HeaderMap) -> Response {
+    let execution = record_execution(&counts, &headers);
+    let fail_after = header_number(&headers, "x-demo-fail-after-phase");
+    let pause_after = header_number(&headers, "x-demo-pause-after-phase");
+    let pause_ms = header_number(&headers, "x-demo-pause-ms")
+        .unwrap_or(0)
+        .min(60_000);
+    let manager = match PhaseManager::from_headers(&headers, counts.store.clone(), &PHASES) {
+        Ok(m) => m,
+        Err(e) => return (StatusCode::BAD_REQUEST, Json(json!({"error": e.to_string()}))).into_response(),
+    };
+    let resumed_from = manager
+        .as_ref()
+        .and_then(|m| m.recovery_point())
+        .map(str::to_owned);
+    let (mut ran, mut skipped) = (Vec::new(), Vec::new());
+    for (number, phase) in (1u64..).zip(PHASES) {
+        if manager.as_ref().is_some_and(|m| m.is_done(phase)) {
+            skipped.push(phase);
+            continue;
+        }
+        count_phase(&counts, phase); // the phase's work
+        ran.push(phase);
+        if let Some(manager) = &manager {
+            match manager.checkpoint(phase).await {
+                Ok(()) => {}
+                Err(ClientError::LostLock) => {
+                    counts.lost_locks.fetch_add(1, Ordering::SeqCst);
+                    let body = json!({"error": "another attempt took over this request", "phase": phase});
+                    return (StatusCode::CONFLICT, Json(body)).into_response();
+                }
+                Err(e) => {
+                    return (StatusCode::BAD_GATEWAY, Json(json!({"error": e.to_string()}))).into_response()
+                }
+            }
+        }
+        if fail_after == Some(number) {
+            let body = json!({"error": format!("failure injected after phase {number} ({phase})")});
+            return (StatusCode::INTERNAL_SERVER_ERROR, Json(body)).into_response();
+        }
+        if pause_after == Some(number) {
+            tokio::time::sleep(Duration::from_millis(pause_ms)).await;
+        }
+    }
+    let body = json!({
+        "orderId": format!("ORD-{}", uuid::Uuid::new_v4()),
+        "status": "created",
+        "execution": execution,
+        "phasesRun": ran,
+        "phasesSkipped": skipped,
+        "resumedFrom": resumed_from,
+    });
+    (StatusCode::CREATED, Json(body)).into_response()
+}
+
 async fn update_order(
     State(counts): State<Shared>,
     Path(id): Path<String>,
@@ -153,7 +241,13 @@ async fn list_orders(headers: HeaderMap) -> Response {
 
 async fn executions(State(counts): State<Shared>) -> Json<Value> {
     let by_key = counts.by_key.lock().map(|m| m.clone()).unwrap_or_default();
-    Json(json!({"total": counts.total.load(Ordering::SeqCst), "byKey": by_key}))
+    let phases = counts.phases.lock().map(|m| m.clone()).unwrap_or_default();
+    Json(json!({
+        "total": counts.total.load(Ordering::SeqCst),
+        "byKey": by_key,
+        "phases": phases,
+        "lostLocks": counts.lost_locks.load(Ordering::SeqCst),
+    }))
 }
 
 async fn reset(State(counts): State<Shared>) -> StatusCode {
@@ -161,12 +255,17 @@ async fn reset(State(counts): State<Shared>) -> StatusCode {
     if let Ok(mut map) = counts.by_key.lock() {
         map.clear();
     }
+    if let Ok(mut map) = counts.phases.lock() {
+        map.clear();
+    }
+    counts.lost_locks.store(0, Ordering::SeqCst);
     StatusCode::NO_CONTENT
 }
 
-fn app() -> Router {
+fn app(counts: Shared) -> Router {
     Router::new()
         .route("/api/v1/orders", post(create_order).get(list_orders))
+        .route("/api/v1/orders/phased", post(create_order_phased))
         .route(
             "/api/v1/orders/{id}",
             put(update_order).patch(update_order).delete(delete_order),
@@ -174,13 +273,27 @@ fn app() -> Router {
         .route("/_demo/executions", get(executions))
         .route("/_demo/reset", post(reset))
         .route("/healthz", get(|| async { "ok" }))
-        .with_state(Shared::default())
+        .with_state(counts)
 }
 
 #[tokio::main]
 async fn main() -> ExitCode {
     tracing_subscriber::fmt().with_writer(std::io::stderr).init();
     let args = Args::parse();
+    let store = match StoreClient::new(args.store_url.clone(), Some(args.store_token.clone())) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::error!("cannot create the store client: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    let counts = Arc::new(Counts {
+        total: AtomicU64::new(0),
+        by_key: Mutex::new(HashMap::new()),
+        phases: Mutex::new(HashMap::new()),
+        lost_locks: AtomicU64::new(0),
+        store,
+    });
     let listener = match tokio::net::TcpListener::bind(args.listen).await {
         Ok(l) => l,
         Err(e) => {
@@ -192,7 +305,7 @@ async fn main() -> ExitCode {
     let shutdown = async {
         let _ = tokio::signal::ctrl_c().await;
     };
-    match axum::serve(listener, app())
+    match axum::serve(listener, app(counts))
         .with_graceful_shutdown(shutdown)
         .await
     {

@@ -10,12 +10,14 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use idempotency_wire::{
-    paths, AcquireRequest, AcquireResponse, CheckpointRequest, CompleteRequest, RecordId, ReleaseRequest,
+    paths, AcquireRequest, AcquireResponse, CheckpointRequest, ClaimRequest, ClaimResponse, CompleteRequest,
+    MessageDoneRequest, RecordId, ReleaseRequest,
 };
 use serde_json::json;
 use subtle::ConstantTimeEq;
 
 use crate::error::ApiError;
+use crate::messages;
 use crate::metrics::Metrics;
 use crate::record::Record;
 use crate::storage::{Storage, StorageError};
@@ -52,6 +54,9 @@ pub fn app(state: AppState) -> Router {
         .route(paths::RELEASE, post(release))
         .route(paths::CHECKPOINT, post(checkpoint))
         .route(paths::RECORDS, get(get_record).delete(purge_record))
+        .route(paths::MESSAGE_CLAIM, post(claim_message))
+        .route(paths::MESSAGE_COMPLETE, post(complete_message))
+        .route(paths::MESSAGE_RELEASE, post(release_message))
         .route_layer(middleware::from_fn_with_state(state.clone(), require_token));
     Router::new()
         .merge(v1)
@@ -228,6 +233,68 @@ async fn purge_record(
     } else {
         Err(ApiError::Storage(StorageError::NotFound(id)))
     }
+}
+
+async fn claim_message(
+    State(state): State<AppState>,
+    Json(claim): Json<ClaimRequest>,
+) -> Result<Json<ClaimResponse>, ApiError> {
+    let acquire = messages::acquire_request(&claim);
+    check_identity(&acquire.id)?;
+    if claim.id.topic.is_empty() || claim.id.consumer_group.is_empty() || claim.lock_timeout_ms == 0 {
+        return Err(ApiError::BadRequest(
+            "topic, consumer_group and lock_timeout_ms must be set".into(),
+        ));
+    }
+    let started = Instant::now();
+    let result = state.storage.acquire(&acquire, now_ms()).await;
+    observe(&state, "claim", &claim.id.service, started, &result);
+    let response = messages::claim_response(result?)?;
+    let (topic, group) = (claim.id.topic.as_str(), claim.id.consumer_group.as_str());
+    let outcome = match &response {
+        ClaimResponse::Claimed { .. } => "claimed",
+        ClaimResponse::Duplicate => {
+            state
+                .metrics
+                .message_dedup_hits
+                .with_label_values(&[topic, group])
+                .inc();
+            "duplicate"
+        }
+        ClaimResponse::InProgress { .. } => "in_progress",
+    };
+    state
+        .metrics
+        .message_claims
+        .with_label_values(&[topic, group, outcome])
+        .inc();
+    Ok(Json(response))
+}
+
+async fn complete_message(
+    State(state): State<AppState>,
+    Json(done): Json<MessageDoneRequest>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let request = messages::complete_request(&done);
+    check_identity(&request.id)?;
+    let started = Instant::now();
+    let result = state.storage.complete(&request, now_ms()).await;
+    observe(&state, "message_complete", &done.id.service, started, &result);
+    result?;
+    Ok(Json(json!({"ok": true})))
+}
+
+async fn release_message(
+    State(state): State<AppState>,
+    Json(done): Json<MessageDoneRequest>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let request = messages::release_request(&done);
+    check_identity(&request.id)?;
+    let started = Instant::now();
+    let result = state.storage.release(&request, now_ms()).await;
+    observe(&state, "message_release", &done.id.service, started, &result);
+    result?;
+    Ok(Json(json!({"ok": true})))
 }
 
 async fn readyz(State(state): State<AppState>) -> Response {

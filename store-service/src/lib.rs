@@ -4,6 +4,7 @@
 pub mod api;
 pub mod config;
 pub mod error;
+pub mod messages;
 pub mod metrics;
 pub mod record;
 pub mod shutdown;

@@ -30,6 +30,10 @@ pub struct Metrics {
     pub expired: IntCounterVec,
     /// Records currently stored.
     pub live_records: IntGauge,
+    /// Seed: duplicate messages skipped by consumers.
+    pub message_dedup_hits: IntCounterVec,
+    /// Message claims by outcome.
+    pub message_claims: IntCounterVec,
 }
 
 fn counter(
@@ -123,6 +127,18 @@ impl Metrics {
                 "idempotency_expired_records_total",
                 "Records removed by the expiry sweep",
                 &["backend"],
+            )?,
+            message_dedup_hits: counter(
+                &registry,
+                "message_deduplication_hits_total",
+                "Duplicate messages skipped by consumers",
+                &["topic", "consumer_group"],
+            )?,
+            message_claims: counter(
+                &registry,
+                "idempotency_message_claims_total",
+                "Message claims by outcome",
+                &["topic", "consumer_group", "outcome"],
             )?,
             live_records,
             registry,

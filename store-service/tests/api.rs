@@ -182,3 +182,39 @@ async fn serves_over_a_real_socket() {
     assert_eq!(body["outcome"], "acquired");
     server.abort();
 }
+
+#[tokio::test]
+async fn message_claims_dedupe_and_count_duplicates_per_topic_and_group() {
+    let dir = tempfile::tempdir().unwrap();
+    let router = app(state(&dir));
+    let claim = json!({"service": "orders", "topic": "orders.received", "consumer_group": "order-processor",
+                       "message_id": "evt-1", "lock_timeout_ms": 60000, "retention_ms": 600000});
+    let (status, body) = call(&router, "POST", "/v1/messages/claim", Some(TOKEN), claim.clone()).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(body["outcome"], "claimed");
+    let done = json!({"service": "orders", "topic": "orders.received", "consumer_group": "order-processor",
+                      "message_id": "evt-1", "fencing_token": body["fencing_token"], "retention_ms": 600000});
+    let (status, _) = call(&router, "POST", "/v1/messages/complete", Some(TOKEN), done).await;
+    assert_eq!(status, StatusCode::OK);
+    let (_, body) = call(&router, "POST", "/v1/messages/claim", Some(TOKEN), claim.clone()).await;
+    assert_eq!(body["outcome"], "duplicate");
+
+    // Another consumer group is independent.
+    let mut other = claim.clone();
+    other["consumer_group"] = json!("auditor");
+    let (_, body) = call(&router, "POST", "/v1/messages/claim", Some(TOKEN), other).await;
+    assert_eq!(body["outcome"], "claimed");
+
+    let response = router
+        .clone()
+        .oneshot(Request::get("/metrics").body(Body::empty()).unwrap())
+        .await
+        .unwrap();
+    let text = String::from_utf8(response.into_body().collect().await.unwrap().to_bytes().to_vec()).unwrap();
+    assert!(
+        text.contains(
+            r#"message_deduplication_hits_total{consumer_group="order-processor",topic="orders.received"} 1"#
+        ),
+        "{text}"
+    );
+}

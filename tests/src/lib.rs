@@ -274,6 +274,19 @@ pub fn spawn_store(dir: &Path, port: u16, data_path: &Path, extra: &[String], lo
     Proc::spawn("store", command, dir.join(log_name))
 }
 
+/// Start the demo orders service on `port`, checkpointing into the store on `store_port`.
+pub fn spawn_demo(dir: &Path, port: u16, store_port: u16) -> Proc {
+    let mut command = Command::new(bin("demo-orders"));
+    command
+        .arg("--listen")
+        .arg(format!("127.0.0.1:{port}"))
+        .arg("--store-url")
+        .arg(format!("http://127.0.0.1:{store_port}"))
+        .arg("--store-token")
+        .arg(STORE_TOKEN);
+    Proc::spawn("demo", command, dir.join("demo.log"))
+}
+
 impl Stack {
     /// Start everything with the default configuration.
     pub async fn start() -> Stack {
@@ -310,9 +323,7 @@ impl Stack {
                 spawn_store(dir.path(), *port, &data, &store_args, &format!("store-{i}.log"))
             })
             .collect();
-        let mut demo_command = Command::new(bin("demo-orders"));
-        demo_command.arg("--listen").arg(format!("127.0.0.1:{demo_port}"));
-        let mut demo = Proc::spawn("demo", demo_command, dir.path().join("demo.log"));
+        let mut demo = spawn_demo(dir.path(), demo_port, store_ports[0]);
 
         let config = envoy_config::bootstrap(
             &envoy_config::Ports {
@@ -616,9 +627,7 @@ impl ShippedStack {
             );
         let dir = tempfile::tempdir().unwrap();
         let mut store_proc = spawn_store(dir.path(), store, &dir.path().join("s.redb"), &[], "store.log");
-        let mut demo_cmd = Command::new(bin("demo-orders"));
-        demo_cmd.arg("--listen").arg(format!("127.0.0.1:{demo}"));
-        let mut demo_proc = Proc::spawn("demo", demo_cmd, dir.path().join("demo.log"));
+        let mut demo_proc = spawn_demo(dir.path(), demo, store);
         let mut envoy = start_envoy(dir.path(), &text, "envoy.log");
         wait_ready(
             &format!("http://127.0.0.1:{store}/readyz"),

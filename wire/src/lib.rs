@@ -19,8 +19,14 @@ pub mod paths {
     pub const RELEASE: &str = "/v1/release";
     /// Record that a phase of a multi-phase operation is done.
     pub const CHECKPOINT: &str = "/v1/checkpoint";
-    /// Admin: read or purge one record (`/v1/records/{service}/{scope}/{key}`).
+    /// Admin: read or purge one record (`/v1/records?service=&scope=&key=`).
     pub const RECORDS: &str = "/v1/records";
+    /// Consumer deduplication: claim a message before handling it.
+    pub const MESSAGE_CLAIM: &str = "/v1/messages/claim";
+    /// Consumer deduplication: the handler succeeded; later claims are duplicates.
+    pub const MESSAGE_COMPLETE: &str = "/v1/messages/complete";
+    /// Consumer deduplication: the handler failed; a redelivery may run it again.
+    pub const MESSAGE_RELEASE: &str = "/v1/messages/release";
 }
 
 /// Internal headers the filter sets on a request it forwards upstream.
@@ -160,6 +166,62 @@ pub struct CheckpointRequest {
     pub fencing_token: u64,
     /// Name of the phase just completed.
     pub phase: String,
+}
+
+/// Identity of a consumed message: which service's consumer group read it from which topic.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct MessageId {
+    /// Logical service name.
+    pub service: String,
+    /// Topic (Kafka topic, NATS subject or stream).
+    pub topic: String,
+    /// Consumer group (Kafka group id, NATS durable consumer).
+    pub consumer_group: String,
+    /// Unique message id; for CloudEvents `source` and `id` together.
+    pub message_id: String,
+}
+
+/// `POST /v1/messages/claim`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClaimRequest {
+    /// Which message.
+    #[serde(flatten)]
+    pub id: MessageId,
+    /// How long the claim holds before a redelivery may take it over (crashed consumer).
+    pub lock_timeout_ms: u64,
+    /// How long the dedup record is kept.
+    pub retention_ms: u64,
+}
+
+/// Answer to a claim.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "outcome", rename_all = "snake_case")]
+pub enum ClaimResponse {
+    /// Run the handler, then complete (or release on failure) with this token.
+    Claimed {
+        /// Fencing token for complete/release.
+        fencing_token: u64,
+    },
+    /// Already handled: skip it (and acknowledge it to the broker).
+    Duplicate,
+    /// Another consumer is handling it right now: retry later (negative-acknowledge).
+    InProgress {
+        /// Milliseconds until that claim expires.
+        lock_remaining_ms: u64,
+    },
+}
+
+/// `POST /v1/messages/complete` and `/v1/messages/release`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MessageDoneRequest {
+    /// Which message.
+    #[serde(flatten)]
+    pub id: MessageId,
+    /// Token from the claim.
+    pub fencing_token: u64,
+    /// How long the dedup record is kept (complete only).
+    #[serde(default)]
+    pub retention_ms: u64,
 }
 
 /// Error body of every non-2xx store answer.

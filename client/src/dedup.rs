@@ -1,0 +1,137 @@
+//! Consumer deduplication: the seed's `DeduplicatingHandler` for CloudEvents.
+//!
+//! The identity of an event is its `source` plus its `id` (CloudEvents 1.0: "Producers MUST
+//! ensure that source + id is unique for each distinct event"). The handler runs only for a
+//! successful claim; success completes the claim (later deliveries are duplicates), failure
+//! releases it (a redelivery runs the handler again), and a consumer that crashes mid-handler
+//! leaves a claim that expires after `lock_timeout`.
+
+use std::future::Future;
+use std::time::Duration;
+
+use cloudevents::{AttributesReader, Event};
+use idempotency_wire::{ClaimRequest, ClaimResponse, MessageDoneRequest, MessageId};
+
+use crate::{ClientError, StoreClient};
+
+/// Where the consumer reads from (the seed's `ConsumerConfig`).
+#[derive(Debug, Clone)]
+pub struct ConsumerConfig {
+    /// Logical service name.
+    pub service_name: String,
+    /// Topic (Kafka topic, NATS stream/subject).
+    pub topic: String,
+    /// Consumer group (Kafka group id, NATS durable name).
+    pub consumer_group: String,
+    /// How long a claim holds before another delivery may take it over.
+    pub lock_timeout: Duration,
+    /// How long a handled event is remembered.
+    pub retention_period: Duration,
+}
+
+/// What happened to one delivery.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// The handler ran and succeeded: acknowledge the message.
+    Processed,
+    /// Already handled before: acknowledge without running the handler.
+    Duplicate,
+    /// Another consumer is handling it right now: negative-acknowledge / redeliver later.
+    InProgress,
+}
+
+/// Wraps an async CloudEvent handler so it runs once per event.
+#[derive(Debug, Clone)]
+pub struct DeduplicatingHandler<H> {
+    store: StoreClient,
+    config: ConsumerConfig,
+    handler: H,
+}
+
+fn millis(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
+/// The message id of an event: `source` and `id`, length-prefixed so no pair collides.
+pub fn event_message_id(event: &Event) -> String {
+    let source = event.source().to_string();
+    format!("{}:{}{}", source.len(), source, event.id())
+}
+
+impl<H, F, E> DeduplicatingHandler<H>
+where
+    H: Fn(Event) -> F,
+    F: Future<Output = Result<(), E>>,
+{
+    /// Wrap `handler`.
+    pub fn new(store: StoreClient, config: ConsumerConfig, handler: H) -> DeduplicatingHandler<H> {
+        DeduplicatingHandler {
+            store,
+            config,
+            handler,
+        }
+    }
+
+    fn message(&self, event: &Event) -> MessageId {
+        MessageId {
+            service: self.config.service_name.clone(),
+            topic: self.config.topic.clone(),
+            consumer_group: self.config.consumer_group.clone(),
+            message_id: event_message_id(event),
+        }
+    }
+
+    /// Handle one delivery. Acknowledge the message to the broker on `Ok(Processed | Duplicate)`;
+    /// redeliver it on `Ok(InProgress)` and on any error (handler or store failure).
+    pub async fn handle(&self, event: Event) -> Result<Outcome, HandleError<E>> {
+        let id = self.message(&event);
+        let claim = self
+            .store
+            .claim(&ClaimRequest {
+                id: id.clone(),
+                lock_timeout_ms: millis(self.config.lock_timeout),
+                retention_ms: millis(self.config.retention_period),
+            })
+            .await
+            .map_err(HandleError::Store)?;
+        let fencing_token = match claim {
+            ClaimResponse::Duplicate => {
+                tracing::debug!(topic = %self.config.topic, "duplicate event skipped");
+                return Ok(Outcome::Duplicate);
+            }
+            ClaimResponse::InProgress { .. } => return Ok(Outcome::InProgress),
+            ClaimResponse::Claimed { fencing_token } => fencing_token,
+        };
+        let done = MessageDoneRequest {
+            id,
+            fencing_token,
+            retention_ms: millis(self.config.retention_period),
+        };
+        match (self.handler)(event).await {
+            Ok(()) => {
+                self.store
+                    .complete_message(&done)
+                    .await
+                    .map_err(HandleError::Store)?;
+                Ok(Outcome::Processed)
+            }
+            Err(error) => {
+                if let Err(release) = self.store.release_message(&done).await {
+                    tracing::warn!(error = %release, "cannot release claim; it expires after the lock timeout");
+                }
+                Err(HandleError::HandlerFailed(error))
+            }
+        }
+    }
+}
+
+/// Why a delivery was not handled.
+#[derive(Debug, thiserror::Error)]
+pub enum HandleError<E> {
+    /// The wrapped handler failed; the claim was released so a redelivery retries.
+    #[error("handler failed")]
+    HandlerFailed(E),
+    /// The store failed; nothing is known to be handled. Redeliver.
+    #[error(transparent)]
+    Store(ClientError),
+}

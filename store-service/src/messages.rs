@@ -1,0 +1,110 @@
+//! Consumer deduplication (CloudEvents / Kafka / NATS): message claims are records too.
+//!
+//! A message maps onto a record identity — service; scope `message:<len>:<topic>:<group>` (the
+//! length prefix keeps any topic/group pair distinct); key = message id — with a constant
+//! fingerprint. Claim, complete and release are then exactly acquire, complete and release, with
+//! the same atomicity, fencing, lock expiry (a crashed consumer's claim is taken over) and
+//! retention on both backends.
+
+use idempotency_wire::{
+    AcquireRequest, AcquireResponse, ClaimRequest, ClaimResponse, CompleteRequest, MessageDoneRequest,
+    MessageId, RecordId, ReleaseRequest, StoredResponse,
+};
+
+use crate::storage::StorageError;
+
+/// Fingerprint of every message record (a message id has no parameters to compare).
+pub const MESSAGE_FINGERPRINT: &str = "message";
+
+/// The record identity of a message.
+pub fn record_id(id: &MessageId) -> RecordId {
+    RecordId {
+        service: id.service.clone(),
+        scope: format!("message:{}:{}:{}", id.topic.len(), id.topic, id.consumer_group),
+        key: id.message_id.clone(),
+    }
+}
+
+/// The acquire behind a claim.
+pub fn acquire_request(claim: &ClaimRequest) -> AcquireRequest {
+    AcquireRequest {
+        id: record_id(&claim.id),
+        fingerprint: MESSAGE_FINGERPRINT.to_owned(),
+        method: "CONSUME".to_owned(),
+        path: claim.id.topic.clone(),
+        lock_timeout_ms: claim.lock_timeout_ms,
+        retention_ms: claim.retention_ms,
+    }
+}
+
+/// The claim answer for an acquire answer.
+pub fn claim_response(response: AcquireResponse) -> Result<ClaimResponse, StorageError> {
+    match response {
+        AcquireResponse::Acquired(lock) => Ok(ClaimResponse::Claimed {
+            fencing_token: lock.fencing_token,
+        }),
+        AcquireResponse::Completed { .. } => Ok(ClaimResponse::Duplicate),
+        AcquireResponse::InProgress { lock_remaining_ms } => {
+            Ok(ClaimResponse::InProgress { lock_remaining_ms })
+        }
+        AcquireResponse::Mismatch => Err(StorageError::Corrupt(
+            "a message record has a request fingerprint; the key space is shared with HTTP records".into(),
+        )),
+    }
+}
+
+/// The complete behind a message completion (no response to store).
+pub fn complete_request(done: &MessageDoneRequest) -> CompleteRequest {
+    CompleteRequest {
+        id: record_id(&done.id),
+        fencing_token: done.fencing_token,
+        response: StoredResponse {
+            status: 200,
+            headers: Vec::new(),
+            body: Vec::new(),
+            body_omitted: false,
+        },
+        retention_ms: done.retention_ms,
+    }
+}
+
+/// The release behind a failed handler.
+pub fn release_request(done: &MessageDoneRequest) -> ReleaseRequest {
+    ReleaseRequest {
+        id: record_id(&done.id),
+        fencing_token: done.fencing_token,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn id(topic: &str, group: &str) -> MessageId {
+        MessageId {
+            service: "orders".into(),
+            topic: topic.into(),
+            consumer_group: group.into(),
+            message_id: "m1".into(),
+        }
+    }
+
+    #[test]
+    fn topic_and_group_cannot_be_confused() {
+        assert_ne!(record_id(&id("a:b", "c")).scope, record_id(&id("a", "b:c")).scope);
+        assert_ne!(record_id(&id("orders", "g1")), record_id(&id("orders", "g2")));
+    }
+
+    #[test]
+    fn completed_claims_are_duplicates() {
+        let response = AcquireResponse::Completed {
+            response: complete_request(&MessageDoneRequest {
+                id: id("t", "g"),
+                fencing_token: 1,
+                retention_ms: 1,
+            })
+            .response,
+        };
+        assert_eq!(claim_response(response).unwrap(), ClaimResponse::Duplicate);
+    }
+}
