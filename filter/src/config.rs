@@ -154,6 +154,31 @@ pub struct Config {
     pub exclude_fields: Vec<String>,
     /// Namespace of Envoy route `filter_metadata` that overrides `mode`/`percentage` per route.
     pub route_metadata_namespace: String,
+    /// Append `.service.<service_name>` to every stat name, for the bootstrap's `stats_tags`
+    /// rule to turn into a `service` label.
+    pub stats_service_tag: bool,
+}
+
+impl Config {
+    /// The stat name for `base` (with the service tag suffix when enabled).
+    pub fn stat_name(&self, base: &str) -> String {
+        if self.stats_service_tag {
+            let service: String = self
+                .service_name
+                .chars()
+                .map(|c| {
+                    if c.is_ascii_alphanumeric() || c == '-' || c == '_' {
+                        c
+                    } else {
+                        '_'
+                    }
+                })
+                .collect();
+            format!("{base}.service.{service}")
+        } else {
+            base.to_owned()
+        }
+    }
 }
 
 impl Config {
@@ -229,6 +254,8 @@ struct RawConfig {
     #[serde(default)]
     exclude_fields: Vec<String>,
     route_metadata_namespace: Option<String>,
+    #[serde(default)]
+    stats_service_tag: bool,
 }
 
 /// One route rule as written.
@@ -611,6 +638,7 @@ impl Config {
             json_canonical: raw.json_canonical,
             exclude_fields: json_pointers("exclude_fields", raw.exclude_fields)?,
             route_metadata_namespace,
+            stats_service_tag: raw.stats_service_tag,
         })
     }
 }
@@ -753,6 +781,20 @@ mod tests {
         );
         let err = parse(r#"{"service_name":"o","scope_from":["cookie"]}"#).unwrap_err();
         assert!(err.to_string().contains("`scope_from`"), "{err}");
+    }
+
+    #[test]
+    fn stat_names_carry_a_sanitised_service_tag_only_when_asked() {
+        let plain = parse(r#"{"service_name":"orders.v2"}"#).unwrap();
+        assert_eq!(
+            plain.stat_name("idempotency_hits_total"),
+            "idempotency_hits_total"
+        );
+        let tagged = parse(r#"{"service_name":"orders.v2","stats_service_tag":true}"#).unwrap();
+        assert_eq!(
+            tagged.stat_name("idempotency_hits_total"),
+            "idempotency_hits_total.service.orders_v2"
+        );
     }
 
     #[test]

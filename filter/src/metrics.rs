@@ -1,6 +1,12 @@
 //! Metric names: the seed's series plus the filter's own, as Envoy stats.
 //!
-//! Proxy-wasm metrics appear on Envoy's `/stats/prometheus` under exactly these names.
+//! Proxy-wasm metrics appear on Envoy's `/stats/prometheus` under exactly these names. With
+//! `stats_service_tag` the names get a `.service.<name>` suffix that the bootstrap's `stats_tags`
+//! rule turns into a `service` label (see envoy/envoy.yaml).
+//!
+//! The acquire histogram is in milliseconds: Envoy histograms record integers, so a `_seconds`
+//! histogram at the proxy could not resolve anything under a second. The seed's
+//! `idempotency_lock_acquisition_duration_seconds` comes from the store service.
 
 /// Counters the filter increments.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]

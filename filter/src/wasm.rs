@@ -26,15 +26,18 @@ struct MetricIds {
 }
 
 impl MetricIds {
-    fn define() -> MetricIds {
+    fn define(config: &Config) -> MetricIds {
         let mut ids = MetricIds::default();
         for counter in Counter::ALL {
-            if let Ok(id) = hostcalls::define_metric(MetricType::Counter, counter.name()) {
+            if let Ok(id) = hostcalls::define_metric(MetricType::Counter, &config.stat_name(counter.name())) {
                 ids.counters.insert(counter, id);
             }
         }
-        ids.acquire_duration =
-            hostcalls::define_metric(MetricType::Histogram, ACQUIRE_DURATION_HISTOGRAM).ok();
+        ids.acquire_duration = hostcalls::define_metric(
+            MetricType::Histogram,
+            &config.stat_name(ACQUIRE_DURATION_HISTOGRAM),
+        )
+        .ok();
         ids
     }
 }
@@ -100,8 +103,8 @@ impl RootContext for Root {
                         config.service_name, config.mode, config.store_cluster
                     ),
                 );
+                self.metrics = Rc::new(MetricIds::define(&config));
                 self.config = Some(Rc::new(config));
-                self.metrics = Rc::new(MetricIds::define());
                 if let Err(status) = hostcalls::set_tick_period(BACKGROUND_TICK) {
                     log(
                         LogLevel::Error,

@@ -79,6 +79,8 @@ pub fn bootstrap(ports: &Ports, plugin: &Value) -> String {
     let stores: Vec<Value> = ports.stores.iter().map(|p| endpoint(*p)).collect();
     json!({
         "admin": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": ports.admin}}},
+        "stats_config": {"stats_tags": [{"tag_name": "service",
+            "regex": "^wasmcustom\\.idempotency_\\w+?(\\.service\\.([^.]+))$"}]},
         "static_resources": {
             "listeners": [{
                 "name": "ingress",

@@ -216,6 +216,7 @@ impl StackOptions {
 pub fn plugin_config(overrides: &Value) -> Value {
     let mut config = json!({
         "service_name": "orders",
+        "stats_service_tag": true,
         "store_cluster": "idempotency_store",
         "store_token": STORE_TOKEN,
         "store_timeout": "1s",
