@@ -62,6 +62,7 @@ async fn main() -> ExitCode {
             return ExitCode::from(1);
         }
     };
+    metrics.initialize(storage.name());
     if config.token.is_none() {
         tracing::warn!("serving /v1 WITHOUT authentication (--allow-unauthenticated)");
     }

@@ -145,6 +145,21 @@ impl Metrics {
         })
     }
 
+    /// Start the counters whose labels are known up front at zero, so their series exist (and
+    /// `rate()` works) before the first event.
+    pub fn initialize(&self, backend: &str) {
+        self.expired.with_label_values(&[backend]).inc_by(0);
+        for operation in [
+            "complete",
+            "release",
+            "checkpoint",
+            "message_complete",
+            "message_release",
+        ] {
+            self.stale_tokens.with_label_values(&[operation]).inc_by(0);
+        }
+    }
+
     /// Prometheus text exposition.
     pub fn render(&self) -> String {
         let mut buffer = Vec::new();
