@@ -13,7 +13,7 @@ STORE         ?= embedded
 MONGODB_URI   ?=
 CARGO         ?= cargo
 
-.PHONY: help setup build wasm binaries run test lint unit e2e clean
+.PHONY: help setup build wasm binaries run test lint unit e2e chaos fuzz audit bench clean
 
 help: ## List targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-8s %s\n", $$1, $$2}'
@@ -56,6 +56,17 @@ e2e: build ## End-to-end tests through real Envoy with the built .wasm
 
 test: build lint ## Everything: lint, unit, end-to-end
 	$(CARGO) test --locked --workspace
+
+chaos: build ## Long fault-injection run: 1000 keys x 64 concurrent requests per key; figures in target/chaos/
+	CHAOS_KEYS=$${CHAOS_KEYS:-1000} CHAOS_PER_KEY=$${CHAOS_PER_KEY:-64} $(CARGO) test --locked -p e2e --test chaos -- --test-threads=1
+	@cat target/chaos/*.json
+
+fuzz: ## Long property run: 200,000 hostile inputs per filter parser (>= 10^6 in total)
+	PROPTEST_CASES=$${PROPTEST_CASES:-200000} $(CARGO) test --locked --release -p idempotency-filter hostile_input
+
+audit: ## Dependency policy (licenses, bans, sources) with cargo-deny
+	@command -v cargo-deny >/dev/null 2>&1 || $(CARGO) install --locked cargo-deny
+	$(CARGO) deny check bans licenses sources
 
 clean: ## Remove build output and local data
 	$(CARGO) clean

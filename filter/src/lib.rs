@@ -21,6 +21,8 @@ pub mod replay;
 pub mod scope;
 
 #[cfg(test)]
+mod hostile_input;
+#[cfg(test)]
 mod mock;
 
 #[cfg(target_arch = "wasm32")]

@@ -189,6 +189,8 @@ pub struct StackOptions {
     pub store_replicas: usize,
     /// Use the MongoDB backend (a `secantusd` server started for this stack) instead of redb.
     pub mongodb: bool,
+    /// Put a TCP proxy that delays every chunk by this much between Envoy and the store.
+    pub store_delay: Option<Duration>,
 }
 
 impl Default for StackOptions {
@@ -198,6 +200,7 @@ impl Default for StackOptions {
             store_args: Vec::new(),
             store_replicas: 1,
             mongodb: false,
+            store_delay: None,
         }
     }
 }
@@ -253,6 +256,10 @@ pub struct Stack {
     pub stores: Vec<Proc>,
     /// The MongoDB server, when the stack uses the MongoDB backend.
     pub mongo: Option<MongoServer>,
+    /// The delaying proxy in front of the store, if any.
+    delay_proxy: Option<tokio::task::JoinHandle<()>>,
+    envoy_config: String,
+    demo_port: u16,
     /// The demo process.
     pub demo: Proc,
     /// The Envoy process.
@@ -326,12 +333,19 @@ impl Stack {
             .collect();
         let mut demo = spawn_demo(dir.path(), demo_port, store_ports[0]);
 
+        let (envoy_store_ports, delay_proxy) = match options.store_delay {
+            Some(delay) => {
+                let (port, task) = delay_proxy(store_ports[0], delay).await;
+                (vec![port], Some(task))
+            }
+            None => (store_ports.clone(), None),
+        };
         let config = envoy_config::bootstrap(
             &envoy_config::Ports {
                 listener: envoy_port,
                 admin: admin_port,
                 upstream: demo_port,
-                stores: store_ports.clone(),
+                stores: envoy_store_ports,
             },
             &plugin_config(&options.plugin),
         );
@@ -365,10 +379,35 @@ impl Stack {
             store_args,
             stores,
             mongo,
+            delay_proxy,
+            envoy_config: config,
+            demo_port,
             demo,
             envoy,
             dir,
         }
+    }
+
+    /// SIGKILL Envoy and start it again with the same configuration and ports.
+    pub async fn restart_envoy(&mut self) {
+        self.envoy.kill();
+        let log = format!("envoy-{}.log", uuid::Uuid::new_v4());
+        self.envoy = start_envoy(self.dir.path(), &self.envoy_config, &log);
+        let url = format!("{}/ready", self.admin_url);
+        wait_ready(&url, &mut self.envoy, Duration::from_secs(60)).await;
+    }
+
+    /// SIGKILL the demo service (the upstream).
+    pub fn kill_demo(&mut self) {
+        self.demo.kill();
+    }
+
+    /// Start the demo service again on the same port (its execution counts start from zero).
+    pub async fn restart_demo(&mut self) {
+        self.demo.kill();
+        self.demo = spawn_demo(self.dir.path(), self.demo_port, self.store_ports[0]);
+        let url = format!("{}/healthz", self.demo_url);
+        wait_ready(&url, &mut self.demo, Duration::from_secs(30)).await;
     }
 
     /// Working directory of this stack (logs, data).
@@ -587,8 +626,47 @@ impl Drop for ShippedStack {
 
 impl Drop for Stack {
     fn drop(&mut self) {
+        if let Some(task) = self.delay_proxy.take() {
+            task.abort();
+        }
         keep_logs_if_panicking(&self.dir);
     }
+}
+
+/// A TCP proxy on a free port to `127.0.0.1:target` that holds every chunk from the client for
+/// `delay` before forwarding it: a slow store, injected outside the code under test.
+pub async fn delay_proxy(target: u16, delay: Duration) -> (u16, tokio::task::JoinHandle<()>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let task = tokio::spawn(async move {
+        while let Ok((client, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let Ok(server) = tokio::net::TcpStream::connect(("127.0.0.1", target)).await else {
+                    return;
+                };
+                let (mut client_read, mut client_write) = client.into_split();
+                let (mut server_read, mut server_write) = server.into_split();
+                let upstream = async move {
+                    let mut buffer = vec![0u8; 64 * 1024];
+                    while let Ok(n) = client_read.read(&mut buffer).await {
+                        if n == 0 {
+                            break;
+                        }
+                        tokio::time::sleep(delay).await;
+                        if server_write.write_all(&buffer[..n]).await.is_err() {
+                            break;
+                        }
+                    }
+                };
+                let downstream = async move {
+                    let _ = tokio::io::copy(&mut server_read, &mut client_write).await;
+                };
+                tokio::join!(upstream, downstream);
+            });
+        }
+    });
+    (port, task)
 }
 
 /// When a test fails, keep its processes' logs and print where they are.
