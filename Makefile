@@ -64,6 +64,10 @@ chaos: build ## Long fault-injection run: 1000 keys x 64 concurrent requests per
 fuzz: ## Long property run: 200,000 hostile inputs per filter parser (>= 10^6 in total)
 	PROPTEST_CASES=$${PROPTEST_CASES:-200000} $(CARGO) test --locked --release -p idempotency-filter hostile_input
 
+bench: build ## Benchmark: filter vs pass-through Envoy (interleaved rounds) and the store alone; target/bench/results.json
+	$(CARGO) build --locked --release -p idempotency-bench
+	taskset -c 1 target/release/idempotency-bench
+
 audit: ## Dependency policy (licenses, bans, sources) with cargo-deny
 	@command -v cargo-deny >/dev/null 2>&1 || $(CARGO) install --locked cargo-deny
 	$(CARGO) deny check bans licenses sources

@@ -157,6 +157,12 @@ pub struct Config {
     /// Append `.service.<service_name>` to every stat name, for the bootstrap's `stats_tags`
     /// rule to turn into a `service` label.
     pub stats_service_tag: bool,
+    /// Completed records cached per worker (0 disables the replay cache).
+    pub replay_cache_max_entries: usize,
+    /// Bytes of completed records cached per worker.
+    pub replay_cache_max_bytes: usize,
+    /// How long a cached record is served before the store is asked again (≤ retention).
+    pub replay_cache_ttl: Duration,
 }
 
 impl Config {
@@ -256,6 +262,18 @@ struct RawConfig {
     route_metadata_namespace: Option<String>,
     #[serde(default)]
     stats_service_tag: bool,
+    #[serde(default = "default_cache_entries")]
+    replay_cache_max_entries: usize,
+    #[serde(default = "default_cache_bytes")]
+    replay_cache_max_bytes: usize,
+    replay_cache_ttl: Option<String>,
+}
+
+fn default_cache_entries() -> usize {
+    10_000
+}
+fn default_cache_bytes() -> usize {
+    16 * 1024 * 1024
 }
 
 /// One route rule as written.
@@ -639,6 +657,14 @@ impl Config {
             exclude_fields: json_pointers("exclude_fields", raw.exclude_fields)?,
             route_metadata_namespace,
             stats_service_tag: raw.stats_service_tag,
+            replay_cache_max_entries: raw.replay_cache_max_entries,
+            replay_cache_max_bytes: raw.replay_cache_max_bytes,
+            replay_cache_ttl: parse_duration(
+                "replay_cache_ttl",
+                raw.replay_cache_ttl,
+                Duration::from_secs(600),
+            )?
+            .min(retention_period),
         })
     }
 }

@@ -71,7 +71,11 @@ fn config_like() -> impl Strategy<Value = Value> {
 
 fn keyed_flow() -> (RequestFlow, MockHost, u32) {
     let config = Rc::new(Config::parse(br#"{"service_name":"orders"}"#).unwrap_or_else(|e| panic!("{e}")));
-    let mut flow = RequestFlow::new(config, Rc::new(Background::default()));
+    let mut flow = RequestFlow::new(
+        config,
+        Rc::new(Background::default()),
+        Rc::new(std::cell::RefCell::new(crate::cache::ReplayCache::new(0, 0))),
+    );
     let host = MockHost::with_request("POST", "/api/v1/orders", &[("idempotency-key", "k1")], b"{}");
     assert_eq!(flow.on_request_headers(&host, true), Verdict::Pause);
     let token = host.last_token();

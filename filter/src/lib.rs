@@ -8,6 +8,7 @@
 //! and `wasm` (the only module that talks to proxy-wasm).
 
 pub mod background;
+pub mod cache;
 pub mod config;
 pub mod fingerprint;
 pub mod flow;

@@ -33,6 +33,8 @@ pub enum Counter {
     ResponseRecorded,
     /// A lock was released (retryable status, upstream failure or client gone).
     LockReleased,
+    /// A replay answered from the proxy-local cache (also counted as a hit).
+    ReplayCacheHit,
     /// Shadow: the request executed and was recorded (enforcement would have let it through).
     ShadowExecuted,
     /// Shadow: enforcement would have replayed a stored response instead of executing.
@@ -47,7 +49,7 @@ pub enum Counter {
 
 impl Counter {
     /// Every counter, for defining them at start-up.
-    pub const ALL: [Counter; 16] = [
+    pub const ALL: [Counter; 17] = [
         Counter::Hit,
         Counter::Miss,
         Counter::ParameterMismatch,
@@ -59,6 +61,7 @@ impl Counter {
         Counter::RequestTooLarge,
         Counter::ResponseRecorded,
         Counter::LockReleased,
+        Counter::ReplayCacheHit,
         Counter::ShadowExecuted,
         Counter::ShadowWouldReplay,
         Counter::ShadowWouldConflict,
@@ -80,6 +83,7 @@ impl Counter {
             Counter::RequestTooLarge => "idempotency_request_too_large_total",
             Counter::ResponseRecorded => "idempotency_responses_recorded_total",
             Counter::LockReleased => "idempotency_locks_released_total",
+            Counter::ReplayCacheHit => "idempotency_replay_cache_hits_total",
             Counter::ShadowExecuted => "idempotency_shadow_executed_total",
             Counter::ShadowWouldReplay => "idempotency_shadow_would_replay_total",
             Counter::ShadowWouldConflict => "idempotency_shadow_would_conflict_total",

@@ -4,6 +4,7 @@
 //! Only the Result-returning `hostcalls` are used (the SDK's trait helpers unwrap), and header
 //! values are read as bytes so no header content can make the SDK panic.
 
+use std::cell::RefCell;
 use std::collections::HashMap;
 use std::rc::Rc;
 use std::time::{Duration, UNIX_EPOCH};
@@ -13,6 +14,7 @@ use proxy_wasm::traits::{Context, HttpContext, RootContext};
 use proxy_wasm::types::{Action, BufferType, ContextType, LogLevel, MapType, MetricType, Status};
 
 use crate::background::Background;
+use crate::cache::ReplayCache;
 use crate::config::Config;
 use crate::flow::{RequestFlow, Verdict};
 use crate::host::{Callout, CalloutReply, Host, HostError, Level};
@@ -49,11 +51,22 @@ const BACKGROUND_TICK: Duration = Duration::from_millis(5);
 
 /// Root context: owns the parsed configuration, hands it to every stream, and makes the
 /// background calls that must outlive their stream.
-#[derive(Default)]
 pub struct Root {
     config: Option<Rc<Config>>,
     metrics: Rc<MetricIds>,
     background: Rc<Background>,
+    cache: Rc<RefCell<ReplayCache>>,
+}
+
+impl Default for Root {
+    fn default() -> Root {
+        Root {
+            config: None,
+            metrics: Rc::default(),
+            background: Rc::default(),
+            cache: Rc::new(RefCell::new(ReplayCache::new(0, 0))),
+        }
+    }
 }
 
 impl Root {
@@ -104,6 +117,10 @@ impl RootContext for Root {
                     ),
                 );
                 self.metrics = Rc::new(MetricIds::define(&config));
+                self.cache = Rc::new(RefCell::new(ReplayCache::new(
+                    config.replay_cache_max_entries,
+                    config.replay_cache_max_bytes,
+                )));
                 self.config = Some(Rc::new(config));
                 if let Err(status) = hostcalls::set_tick_period(BACKGROUND_TICK) {
                     log(
@@ -129,12 +146,12 @@ impl RootContext for Root {
 
     fn create_http_context(&self, _context_id: u32) -> Option<Box<dyn HttpContext>> {
         // Returning None makes the SDK panic, so a stream without configuration gets a pass-through.
-        let background = self.background.clone();
+        let (background, cache) = (self.background.clone(), self.cache.clone());
         Some(Box::new(Stream {
             flow: self
                 .config
                 .clone()
-                .map(|config| RequestFlow::new(config, background)),
+                .map(|config| RequestFlow::new(config, background, cache)),
             host: self.host(),
         }))
     }

@@ -112,3 +112,16 @@ pub fn bootstrap(ports: &Ports, plugin: &Value) -> String {
     })
     .to_string()
 }
+
+/// The same listener and clusters without any filter but the router: pass-through Envoy, the
+/// benchmark's baseline.
+pub fn passthrough_bootstrap(ports: &Ports) -> String {
+    let mut config: Value = serde_json::from_str(&bootstrap(ports, &json!({}))).unwrap_or_default();
+    if let Some(filters) = config
+        .pointer_mut("/static_resources/listeners/0/filter_chains/0/filters/0/typed_config/http_filters")
+    {
+        *filters = json!([{"name": "envoy.filters.http.router", "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"}}]);
+    }
+    config.to_string()
+}

@@ -220,6 +220,9 @@ pub fn plugin_config(overrides: &Value) -> Value {
     let mut config = json!({
         "service_name": "orders",
         "stats_service_tag": true,
+        // Replays reach the store unless a test turns the proxy-local cache on: the suites are
+        // about the store's guarantees (durability, fencing, metrics).
+        "replay_cache_max_entries": 0,
         "store_cluster": "idempotency_store",
         "store_token": STORE_TOKEN,
         "store_timeout": "1s",

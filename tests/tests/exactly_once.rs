@@ -149,3 +149,47 @@ async fn request_body_over_the_limit_is_413_before_any_store_call() {
     );
     assert_eq!(stack.executions().await["total"], 0);
 }
+
+#[tokio::test]
+async fn replays_are_served_from_the_proxy_cache_without_store_calls() {
+    let stack = Stack::start_with(e2e::StackOptions::plugin(
+        json!({"replay_cache_max_entries": 1000}),
+    ))
+    .await;
+    let order = json!({"sku": "CACHED"});
+    let first: Value = stack
+        .post_order(Some("cache-1"), &order)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let store_calls = metric_sum(&stack.store_metrics().await, "idempotency_store_requests_total");
+    for _ in 0..5 {
+        let replay = stack.post_order(Some("cache-1"), &order).send().await.unwrap();
+        assert_eq!(replay.status(), 201);
+        assert_eq!(replay.headers()["idempotent-replayed"], "true");
+        let body: Value = replay.json().await.unwrap();
+        assert_eq!(body, first);
+    }
+    let mismatch = stack
+        .post_order(Some("cache-1"), &json!({"sku": "OTHER"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(mismatch.status(), 422);
+    assert_eq!(
+        metric_sum(&stack.store_metrics().await, "idempotency_store_requests_total"),
+        store_calls,
+        "no store call for cached replays"
+    );
+    assert_eq!(
+        metric_sum(
+            &stack.envoy_metrics().await,
+            "idempotency_replay_cache_hits_total"
+        ),
+        5.0
+    );
+    assert_eq!(stack.executions_of("cache-1").await, 1);
+}

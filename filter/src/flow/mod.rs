@@ -32,6 +32,7 @@ use std::cell::RefCell;
 use shadow::ShadowJob;
 
 use crate::background::{Background, BackgroundCall};
+use crate::cache::ReplayCache;
 
 /// `Retry-After` for 409: most requests finish well within this, whatever the lock timeout.
 pub const CONFLICT_RETRY_AFTER_SECS: u64 = 2;
@@ -67,6 +68,16 @@ struct Pending {
 struct Held {
     id: RecordId,
     lock: Lock,
+    /// The request's fingerprint, to cache the completed record under.
+    fingerprint: String,
+}
+
+/// A completed record to cache once the store acknowledged it.
+#[derive(Debug)]
+struct CacheCandidate {
+    id: RecordId,
+    fingerprint: String,
+    response: Rc<StoredResponse>,
 }
 
 #[derive(Debug)]
@@ -80,6 +91,7 @@ enum State {
         token: u32,
         started: Duration,
         pending: Pending,
+        fingerprint: String,
     },
     /// Forwarded upstream while holding the lock.
     Executing(Held),
@@ -90,7 +102,11 @@ enum State {
         headers: Vec<(String, String)>,
     },
     /// `complete` or `release` in flight; the response is held until it is acknowledged.
-    Recording { token: u32, operation: &'static str },
+    Recording {
+        token: u32,
+        operation: &'static str,
+        cache: Option<CacheCandidate>,
+    },
     /// Shadow tracking: the request flows untouched while the store is consulted on the side.
     Shadow(Rc<RefCell<ShadowJob>>),
     /// We answered the client ourselves, or everything is done.
@@ -102,17 +118,30 @@ enum State {
 pub struct RequestFlow {
     config: Rc<Config>,
     background: Rc<Background>,
+    cache: Rc<RefCell<ReplayCache>>,
     state: State,
 }
 
 impl RequestFlow {
     /// A flow for a new stream; calls that must outlive it go to `background`.
-    pub fn new(config: Rc<Config>, background: Rc<Background>) -> RequestFlow {
+    pub fn new(
+        config: Rc<Config>,
+        background: Rc<Background>,
+        cache: Rc<RefCell<ReplayCache>>,
+    ) -> RequestFlow {
         RequestFlow {
             config,
             background,
+            cache,
             state: State::PassThrough,
         }
+    }
+
+    fn remember(&self, host: &dyn Host, id: &RecordId, fingerprint: &str, response: Rc<StoredResponse>) {
+        let expires_at = host.now().saturating_add(self.config.replay_cache_ttl);
+        self.cache
+            .borrow_mut()
+            .insert(&id.scope, &id.key, fingerprint, response, expires_at);
     }
 
     /// Queue a call for the root context (it outlives this stream).
@@ -408,14 +437,19 @@ impl RequestFlow {
                 token: expected,
                 started,
                 pending,
+                fingerprint,
             } if expected == token => {
                 host.record_acquire_duration(host.now().saturating_sub(started));
-                self.on_acquire_reply(host, pending, reply);
+                self.on_acquire_reply(host, pending, fingerprint, reply);
             }
             State::Recording {
                 token: expected,
                 operation,
+                cache,
             } if expected == token => {
+                if let (Some(200), Some(candidate)) = (reply.status, cache) {
+                    self.remember(host, &candidate.id, &candidate.fingerprint, candidate.response);
+                }
                 if reply.status != Some(200) {
                     host.count(Counter::StorageError);
                     host.log(
@@ -461,7 +495,13 @@ impl RequestFlow {
         self.release_detached(host, &held);
     }
 
-    fn on_acquire_reply(&mut self, host: &dyn Host, pending: Pending, reply: CalloutReply) {
+    fn on_acquire_reply(
+        &mut self,
+        host: &dyn Host,
+        pending: Pending,
+        fingerprint: String,
+        reply: CalloutReply,
+    ) {
         let parsed = match reply.status {
             Some(200) => serde_json::from_slice::<AcquireResponse>(&reply.body).map_err(|e| e.to_string()),
             other => Err(format!(
@@ -473,7 +513,11 @@ impl RequestFlow {
             Err(reason) => self.storage_failure(host, &format!("acquire failed: {reason}")),
             Ok(AcquireResponse::Acquired(lock)) => {
                 host.count(Counter::Miss);
-                let held = Held { id: pending.id, lock };
+                let held = Held {
+                    id: pending.id,
+                    lock,
+                    fingerprint,
+                };
                 if let Err(e) = set_internal_headers(host, &held) {
                     // We hold the lock but cannot tell the upstream: give it back and fail.
                     self.release_detached(host, &held);
@@ -511,6 +555,7 @@ impl RequestFlow {
                 if let Err(e) = host.send_response(response.status, &headers, &response.body) {
                     host.log(Level::Warn, &format!("idempotency: cannot send replay: {e}"));
                 }
+                self.remember(host, &pending.id, &fingerprint, Rc::new(response));
                 self.state = State::Finished;
                 Verdict::Pause
             }
@@ -553,6 +598,43 @@ impl RequestFlow {
                 host.log(Level::Warn, &format!("idempotency: cannot resume request: {e}"));
             }
         }
+    }
+
+    /// Answer from the proxy-local cache of completed records: replay, or 422 when the key was
+    /// completed with other parameters. No callout, no upstream.
+    fn answer_from_cache(
+        &mut self,
+        host: &dyn Host,
+        pending: &Pending,
+        fingerprint: &str,
+        cached_fingerprint: &str,
+        response: &StoredResponse,
+    ) -> Verdict {
+        if fingerprint != cached_fingerprint {
+            host.count(Counter::ParameterMismatch);
+            return self.answer(
+                host,
+                &Problem::new(
+                    ErrorCode::ParameterMismatch,
+                    "This Idempotency-Key was used with different request parameters; use a new key for a different request",
+                ),
+            );
+        }
+        host.count(Counter::Hit);
+        host.count(Counter::ReplayCacheHit);
+        host.log(
+            Level::Debug,
+            &format!(
+                "idempotency: key {} replayed from the proxy cache",
+                key_hash(&pending.id.key)
+            ),
+        );
+        let headers = replay_headers(response, &self.config.replay_header_denylist);
+        if let Err(e) = host.send_response(response.status, &headers, &response.body) {
+            host.log(Level::Warn, &format!("idempotency: cannot send replay: {e}"));
+        }
+        self.state = State::Finished;
+        Verdict::Pause
     }
 
     /// Answer the client with an error; the upstream is never called.
@@ -614,14 +696,30 @@ impl RequestFlow {
     fn acquire(&mut self, host: &dyn Host, pending: Pending, body: &[u8]) -> Verdict {
         let exclude: Vec<&str> = pending.exclude_fields.iter().map(String::as_str).collect();
         let body = fingerprint_body(body, pending.json, &exclude);
+        let fingerprint = fingerprint(
+            &pending.method,
+            &pending.path,
+            &pending.fingerprint_headers,
+            &body,
+        );
+        if !pending.shadow {
+            let cached = self
+                .cache
+                .borrow_mut()
+                .get(&pending.id.scope, &pending.id.key, host.now());
+            if let Some(record) = cached {
+                return self.answer_from_cache(
+                    host,
+                    &pending,
+                    &fingerprint,
+                    &record.fingerprint,
+                    &record.response,
+                );
+            }
+        }
         let request = AcquireRequest {
             id: pending.id.clone(),
-            fingerprint: fingerprint(
-                &pending.method,
-                &pending.path,
-                &pending.fingerprint_headers,
-                &body,
-            ),
+            fingerprint: fingerprint.clone(),
             method: pending.method.clone(),
             path: pending.path.clone(),
             lock_timeout_ms: millis(self.config.lock_timeout),
@@ -663,6 +761,7 @@ impl RequestFlow {
                     token,
                     started: host.now(),
                     pending,
+                    fingerprint,
                 };
                 Verdict::Pause
             }
@@ -692,7 +791,13 @@ impl RequestFlow {
             },
             retention_ms: millis(self.config.retention_period),
         };
-        self.record(host, paths::COMPLETE, "complete", serde_json::to_vec(&request))
+        let payload = serde_json::to_vec(&request);
+        let cache = CacheCandidate {
+            id: request.id,
+            fingerprint: held.fingerprint.clone(),
+            response: Rc::new(request.response),
+        };
+        self.record(host, paths::COMPLETE, "complete", payload, Some(cache))
     }
 
     /// Give the lock back (retryable status or upstream failure), holding the response until done.
@@ -702,7 +807,13 @@ impl RequestFlow {
             id: held.id.clone(),
             fencing_token: held.lock.fencing_token,
         };
-        self.record(host, paths::RELEASE, "release", serde_json::to_vec(&request))
+        self.record(
+            host,
+            paths::RELEASE,
+            "release",
+            serde_json::to_vec(&request),
+            None,
+        )
     }
 
     /// Release without waiting for the answer (nothing is held for it).
@@ -736,6 +847,7 @@ impl RequestFlow {
         path: &str,
         operation: &'static str,
         payload: Result<Vec<u8>, serde_json::Error>,
+        cache: Option<CacheCandidate>,
     ) -> Verdict {
         let dispatched = payload.map_err(|e| e.to_string()).and_then(|body| {
             host.dispatch(&Callout { path, body: &body })
@@ -743,7 +855,11 @@ impl RequestFlow {
         });
         match dispatched {
             Ok(token) => {
-                self.state = State::Recording { token, operation };
+                self.state = State::Recording {
+                    token,
+                    operation,
+                    cache,
+                };
                 Verdict::Pause
             }
             Err(e) => {

@@ -89,6 +89,7 @@ impl ShadowJob {
                 self.lock = Some(Held {
                     id: self.id.clone(),
                     lock,
+                    fingerprint: String::new(),
                 });
                 (Counter::ShadowExecuted, "executes (no earlier attempt)")
             }

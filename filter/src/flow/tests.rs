@@ -12,6 +12,10 @@ use crate::host::CalloutReply;
 use crate::metrics::Counter;
 use crate::mock::{Call, MockHost};
 
+fn no_cache() -> Rc<std::cell::RefCell<crate::cache::ReplayCache>> {
+    Rc::new(std::cell::RefCell::new(crate::cache::ReplayCache::new(0, 0)))
+}
+
 fn config(extra: &str) -> Rc<Config> {
     let json = format!(r#"{{"service_name":"orders"{extra}}}"#);
     Rc::new(Config::parse(json.as_bytes()).unwrap())
@@ -22,14 +26,14 @@ fn flow(extra: &str) -> RequestFlow {
 }
 
 fn make_flow(extra: &str) -> RequestFlow {
-    RequestFlow::new(config(extra), Rc::new(Background::default()))
+    RequestFlow::new(config(extra), Rc::new(Background::default()), no_cache())
 }
 
 fn flow_with_background(extra: &str) -> (RequestFlow, Rc<Background>, Rc<Config>) {
     let config = config(extra);
     let background = Rc::new(Background::default());
     (
-        RequestFlow::new(config.clone(), background.clone()),
+        RequestFlow::new(config.clone(), background.clone(), no_cache()),
         background,
         config,
     )
@@ -592,4 +596,81 @@ fn shadow_store_failure_changes_nothing() {
     );
     assert!(host.sent_response().is_none());
     assert_eq!(host.counted(Counter::StorageError), 1);
+}
+
+#[test]
+fn completed_records_are_replayed_from_the_proxy_cache_without_a_callout() {
+    let config = config("");
+    let (background, cache) = (
+        Rc::new(Background::default()),
+        Rc::new(std::cell::RefCell::new(crate::cache::ReplayCache::new(
+            100,
+            1 << 20,
+        ))),
+    );
+    // First request executes and is recorded: the acknowledged record enters the cache.
+    let mut first = RequestFlow::new(config.clone(), background.clone(), cache.clone());
+    let host = post("k1", b"{}");
+    let token = start_keyed_post(&mut first, &host);
+    first.on_callout_reply(&host, token, reply(200, &acquired(1, None)));
+    host.set_response(201, &[("content-type", "application/json")], b"{\"id\":7}");
+    first.on_response_headers(&host, false);
+    first.on_response_body(&host, 8, true);
+    let (_, _, complete_token) = host.dispatches().pop().unwrap();
+    first.on_callout_reply(
+        &host,
+        complete_token,
+        CalloutReply {
+            status: Some(200),
+            body: b"{}".to_vec(),
+        },
+    );
+    assert_eq!(cache.borrow().len(), 1);
+
+    // The retry is answered from the cache: no callout at all.
+    let mut retry = RequestFlow::new(config.clone(), background.clone(), cache.clone());
+    let host = post("k1", b"{}");
+    assert_eq!(retry.on_request_headers(&host, false), Verdict::Pause);
+    assert_eq!(retry.on_request_body(&host, 2, true), Verdict::Pause);
+    assert!(host.dispatches().is_empty(), "no store call");
+    let (status, headers, body) = host.sent_response().unwrap();
+    assert_eq!((status, body.as_str()), (201, "{\"id\":7}"));
+    assert!(headers.contains(&("idempotent-replayed".into(), "true".into())));
+    assert_eq!(host.counted(Counter::ReplayCacheHit), 1);
+
+    // Other parameters with the same key: 422 from the cache, still no callout.
+    let mut other = RequestFlow::new(config, background, cache);
+    let host = post("k1", b"{\"different\":true}");
+    other.on_request_headers(&host, false);
+    other.on_request_body(&host, 18, true);
+    assert!(host.dispatches().is_empty());
+    assert_eq!(host.sent_response().unwrap().0, 422);
+}
+
+#[test]
+fn a_failed_record_is_not_cached() {
+    let config = config("");
+    let cache = Rc::new(std::cell::RefCell::new(crate::cache::ReplayCache::new(
+        100,
+        1 << 20,
+    )));
+    let mut flow = RequestFlow::new(config, Rc::new(Background::default()), cache.clone());
+    let host = post("k1", b"{}");
+    let token = start_keyed_post(&mut flow, &host);
+    flow.on_callout_reply(&host, token, reply(200, &acquired(1, None)));
+    host.set_response(201, &[], b"{}");
+    flow.on_response_headers(&host, true);
+    let (_, _, complete_token) = host.dispatches().pop().unwrap();
+    flow.on_callout_reply(
+        &host,
+        complete_token,
+        CalloutReply {
+            status: Some(409),
+            body: vec![],
+        },
+    );
+    assert!(
+        cache.borrow().is_empty(),
+        "only records the store acknowledged are cached"
+    );
 }

@@ -1,0 +1,586 @@
+//! `make bench`: what the filter costs, measured side by side with pass-through Envoy in
+//! interleaved rounds, plus the store alone. Prints a table and writes
+//! `target/bench/results.json`.
+//!
+//! Layout on a 2-core machine: Envoy (`--concurrency 1`) pinned to CPU 0; the load generator
+//! (this process), the demo service and the store on CPU 1 (`make bench` starts this binary with
+//! `taskset -c 1`; children inherit it). Each scenario: HTTP/1.1 keep-alive connections, 1 KiB
+//! JSON bodies, closed loop.
+
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::indexing_slicing
+)] // a benchmark harness
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::process::Command;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use e2e::envoy_config::{bootstrap, passthrough_bootstrap, Ports};
+use e2e::{
+    envoy_bin, free_port, plugin_config, spawn_demo, spawn_store, wait_ready, wasm_path, Proc, STORE_TOKEN,
+};
+use hdrhistogram::Histogram;
+use http_body_util::{BodyExt, Full};
+use hyper::Request;
+use serde_json::{json, Value};
+
+type MakeRequest = Arc<dyn Fn(usize, u64) -> Request<Full<Bytes>> + Send + Sync>;
+
+#[derive(Debug, Clone)]
+struct Stats {
+    requests: u64,
+    errors: u64,
+    unexpected: u64,
+    seconds: f64,
+    latency: Histogram<u64>,
+}
+
+impl Stats {
+    fn rps(&self) -> f64 {
+        self.requests as f64 / self.seconds
+    }
+    fn p50_us(&self) -> u64 {
+        self.latency.value_at_quantile(0.5)
+    }
+    fn p99_us(&self) -> u64 {
+        self.latency.value_at_quantile(0.99)
+    }
+}
+
+/// Closed-loop load: `connections` keep-alive connections for `duration`; `expect` checks
+/// each response (status, replayed header).
+async fn load(
+    addr: SocketAddr,
+    connections: usize,
+    duration: Duration,
+    make: MakeRequest,
+    expect: fn(u16, bool) -> bool,
+) -> Stats {
+    let started = Instant::now();
+    let deadline = started + duration;
+    let tasks: Vec<_> = (0..connections)
+        .map(|c| {
+            let make = make.clone();
+            tokio::spawn(async move {
+                let mut latency = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).unwrap();
+                let (mut requests, mut errors, mut unexpected) = (0u64, 0u64, 0u64);
+                let stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+                stream.set_nodelay(true).unwrap();
+                let (mut sender, connection) =
+                    hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+                        .await
+                        .unwrap();
+                tokio::spawn(connection);
+                let mut i = 0u64;
+                while Instant::now() < deadline {
+                    let request = make(c, i);
+                    i += 1;
+                    let sent = Instant::now();
+                    match sender.send_request(request).await {
+                        Ok(response) => {
+                            let status = response.status().as_u16();
+                            let replayed = response.headers().contains_key("idempotent-replayed");
+                            let _ = response.into_body().collect().await;
+                            latency.record(sent.elapsed().as_micros().max(1) as u64).unwrap();
+                            requests += 1;
+                            if !expect(status, replayed) {
+                                unexpected += 1;
+                            }
+                        }
+                        Err(_) => {
+                            errors += 1;
+                            break;
+                        }
+                    }
+                }
+                (latency, requests, errors, unexpected)
+            })
+        })
+        .collect();
+    let mut stats = Stats {
+        requests: 0,
+        errors: 0,
+        unexpected: 0,
+        seconds: 0.0,
+        latency: Histogram::new_with_bounds(1, 60_000_000, 3).unwrap(),
+    };
+    for task in tasks {
+        let (latency, requests, errors, unexpected) = task.await.unwrap();
+        stats.latency.add(latency).unwrap();
+        stats.requests += requests;
+        stats.errors += errors;
+        stats.unexpected += unexpected;
+    }
+    stats.seconds = started.elapsed().as_secs_f64();
+    stats
+}
+
+fn body_1k() -> Bytes {
+    let padding = "x".repeat(1024 - 40);
+    Bytes::from(format!(r#"{{"customerId":"CUST-001","note":"{padding}"}}"#))
+}
+
+fn post(path: &'static str, key: Option<String>) -> Request<Full<Bytes>> {
+    let mut builder = Request::post(path)
+        .header("host", "bench")
+        .header("content-type", "application/json");
+    if let Some(key) = key {
+        builder = builder.header("idempotency-key", key);
+    }
+    builder.body(Full::new(body_1k())).unwrap()
+}
+
+fn get(path: &'static str) -> Request<Full<Bytes>> {
+    Request::get(path)
+        .header("host", "bench")
+        .body(Full::new(Bytes::new()))
+        .unwrap()
+}
+
+fn rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix("VmRSS:")
+                .map(|v| v.trim().trim_end_matches(" kB").trim().parse().unwrap_or(0))
+        })
+        .unwrap_or(0)
+}
+
+/// CPU time (user + system) of a process, in microseconds.
+fn cpu_us(pid: u32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .map(|(_, rest)| rest.split_whitespace().collect())
+        .unwrap_or_default();
+    let ticks: u64 = fields.get(11).and_then(|v| v.parse().ok()).unwrap_or(0)
+        + fields.get(12).and_then(|v| v.parse().ok()).unwrap_or(0);
+    ticks * 10_000 // USER_HZ = 100
+}
+
+fn pinned_envoy(dir: &Path, config: &str, name: &str) -> Proc {
+    let path = dir.join(format!("{name}.json"));
+    std::fs::write(&path, config).unwrap();
+    let mut command = Command::new("taskset");
+    command
+        .arg("-c")
+        .arg("0")
+        .arg(envoy_bin())
+        .arg("-c")
+        .arg(&path)
+        .args([
+            "--concurrency",
+            "1",
+            "--disable-hot-restart",
+            "--log-level",
+            "error",
+        ])
+        .arg("--base-id")
+        .arg(free_port().to_string());
+    Proc::spawn(name, command, dir.join(format!("{name}.log")))
+}
+
+struct Scenario {
+    name: &'static str,
+    target: &'static str,
+    baseline: Option<&'static str>,
+    make: MakeRequest,
+    expect: fn(u16, bool) -> bool,
+}
+
+#[tokio::main(flavor = "multi_thread", worker_threads = 1)]
+async fn main() {
+    let seconds: f64 = std::env::var("BENCH_SECONDS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(4.0);
+    let rounds: usize = std::env::var("BENCH_ROUNDS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(2);
+    let connections: usize = std::env::var("BENCH_CONNECTIONS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(16);
+    let duration = Duration::from_secs_f64(seconds);
+    let dir = tempfile::tempdir().unwrap();
+
+    let (store_port, demo_port) = (free_port(), free_port());
+    let mut store = spawn_store(
+        dir.path(),
+        store_port,
+        &dir.path().join("bench.redb"),
+        &[],
+        "store.log",
+    );
+    let mut demo = spawn_demo(dir.path(), demo_port, store_port);
+    let plain_ports = Ports {
+        listener: free_port(),
+        admin: free_port(),
+        upstream: demo_port,
+        stores: vec![store_port],
+    };
+    let filter_ports = Ports {
+        listener: free_port(),
+        admin: free_port(),
+        upstream: demo_port,
+        stores: vec![store_port],
+    };
+    let mut plain = pinned_envoy(
+        dir.path(),
+        &passthrough_bootstrap(&plain_ports),
+        "envoy-passthrough",
+    );
+    let mut filtered = pinned_envoy(
+        dir.path(),
+        &bootstrap(&filter_ports, &plugin_config(&json!({"lock_timeout": "5m"}))),
+        "envoy-filter",
+    );
+    wait_ready(
+        &format!("http://127.0.0.1:{store_port}/readyz"),
+        &mut store,
+        Duration::from_secs(30),
+    )
+    .await;
+    wait_ready(
+        &format!("http://127.0.0.1:{demo_port}/healthz"),
+        &mut demo,
+        Duration::from_secs(30),
+    )
+    .await;
+    wait_ready(
+        &format!("http://127.0.0.1:{}/ready", plain_ports.admin),
+        &mut plain,
+        Duration::from_secs(60),
+    )
+    .await;
+    wait_ready(
+        &format!("http://127.0.0.1:{}/ready", filter_ports.admin),
+        &mut filtered,
+        Duration::from_secs(60),
+    )
+    .await;
+
+    let addr = |port: u16| SocketAddr::from(([127, 0, 0, 1], port));
+    let any_2xx: fn(u16, bool) -> bool = |s, _| (200..300).contains(&s);
+    let executed: fn(u16, bool) -> bool = |s, r| s == 201 && !r;
+    let replayed: fn(u16, bool) -> bool = |s, r| s == 201 && r;
+    let scenarios = vec![
+        Scenario {
+            name: "demo service directly (POST)",
+            target: "demo",
+            baseline: None,
+            make: Arc::new(|_, _| post("/api/v1/orders", None)),
+            expect: any_2xx,
+        },
+        Scenario {
+            name: "pass-through Envoy (POST)",
+            target: "plain",
+            baseline: None,
+            make: Arc::new(|_, _| post("/api/v1/orders", None)),
+            expect: any_2xx,
+        },
+        Scenario {
+            name: "pass-through Envoy (GET)",
+            target: "plain",
+            baseline: None,
+            make: Arc::new(|_, _| get("/api/v1/orders")),
+            expect: any_2xx,
+        },
+        Scenario {
+            name: "filter, untouched GET",
+            target: "filter",
+            baseline: Some("pass-through Envoy (GET)"),
+            make: Arc::new(|_, _| get("/api/v1/orders")),
+            expect: any_2xx,
+        },
+        Scenario {
+            name: "filter, untouched POST without key",
+            target: "filter",
+            baseline: Some("pass-through Envoy (POST)"),
+            make: Arc::new(|_, _| post("/api/v1/orders", None)),
+            expect: any_2xx,
+        },
+        Scenario {
+            name: "filter, keyed POST that executes",
+            target: "filter",
+            baseline: Some("pass-through Envoy (POST)"),
+            make: Arc::new(|c, i| {
+                post(
+                    "/api/v1/orders",
+                    Some(format!("exec-{}-{c}-{i}", std::process::id())),
+                )
+            }),
+            expect: executed,
+        },
+        Scenario {
+            name: "filter, keyed POST that replays",
+            target: "filter",
+            baseline: Some("pass-through Envoy (POST)"),
+            make: Arc::new(|c, _| {
+                post(
+                    "/api/v1/orders",
+                    Some(format!("replay-{}-{c}", std::process::id())),
+                )
+            }),
+            expect: replayed,
+        },
+    ];
+    // Seed the replay keys (one per connection) so the replay scenario only replays.
+    let client = reqwest::Client::new();
+    for c in 0..connections.max(1) {
+        client
+            .post(format!(
+                "http://127.0.0.1:{}/api/v1/orders",
+                filter_ports.listener
+            ))
+            .header("idempotency-key", format!("replay-{}-{c}", std::process::id()))
+            .header("content-type", "application/json")
+            .body(body_1k())
+            .send()
+            .await
+            .unwrap();
+    }
+
+    let pids = |target: &str| match target {
+        "plain" => plain.pid(),
+        "filter" => filtered.pid(),
+        _ => None,
+    };
+    let port = |target: &str| match target {
+        "plain" => plain_ports.listener,
+        "filter" => filter_ports.listener,
+        _ => demo_port,
+    };
+    let mut results: Vec<Value> = Vec::new();
+    eprintln!("{rounds} interleaved rounds, {seconds}s per scenario, {connections} connections");
+    for round in 1..=rounds {
+        let mut round_stats: Vec<(&str, Stats, f64)> = Vec::new();
+        for scenario in &scenarios {
+            let envoy_pid = pids(scenario.target);
+            let cpu_before = envoy_pid.map(cpu_us).unwrap_or(0);
+            let stats = load(
+                addr(port(scenario.target)),
+                connections,
+                duration,
+                scenario.make.clone(),
+                scenario.expect,
+            )
+            .await;
+            let cpu = envoy_pid
+                .map(|p| cpu_us(p).saturating_sub(cpu_before))
+                .unwrap_or(0);
+            let cpu_per_request = if stats.requests > 0 {
+                cpu as f64 / stats.requests as f64
+            } else {
+                0.0
+            };
+            round_stats.push((scenario.name, stats, cpu_per_request));
+        }
+        for (name, stats, cpu) in &round_stats {
+            let scenario = scenarios.iter().find(|s| s.name == *name).unwrap();
+            let baseline = scenario
+                .baseline
+                .and_then(|b| round_stats.iter().find(|(n, _, _)| *n == b))
+                .map(|(_, s, _)| s.rps());
+            let ratio = baseline.map(|b| stats.rps() / b);
+            results.push(json!({
+                "round": round, "scenario": name, "connections": connections,
+                "rps": stats.rps(), "p50_us": stats.p50_us(), "p99_us": stats.p99_us(),
+                "ratio_to_passthrough": ratio, "envoy_cpu_us_per_request": cpu,
+                "errors": stats.errors, "unexpected_responses": stats.unexpected,
+            }));
+        }
+    }
+
+    // Added latency at one connection.
+    let mut single = Vec::new();
+    for scenario in scenarios
+        .iter()
+        .filter(|s| s.target != "demo" && !s.name.contains("GET"))
+    {
+        let stats = load(
+            addr(port(scenario.target)),
+            1,
+            duration,
+            scenario.make.clone(),
+            scenario.expect,
+        )
+        .await;
+        single.push((scenario.name, stats.p50_us(), stats.p99_us()));
+    }
+    let base_p50 = single
+        .iter()
+        .find(|(n, _, _)| *n == "pass-through Envoy (POST)")
+        .map(|x| x.1)
+        .unwrap_or(0);
+    let added: Vec<Value> = single
+        .iter()
+        .map(|(n, p50, p99)| json!({"scenario": n, "p50_us": p50, "p99_us": p99, "added_p50_us": p50.saturating_sub(base_p50)}))
+        .collect();
+
+    let envoy_rss = json!({
+        "passthrough_kib": plain.pid().map(rss_kib),
+        "with_filter_kib": filtered.pid().map(rss_kib),
+    });
+
+    // The store alone: acquire + complete pairs per second, embedded backend, durable commits.
+    let store_addr = addr(store_port);
+    let pairs = store_pairs(store_addr, 32, duration).await;
+    // Fill to 100k live records, then measure the store's memory.
+    let mut filled = pairs.0;
+    while filled < 100_000 {
+        filled += store_pairs(store_addr, 32, Duration::from_secs(2)).await.0;
+    }
+    let store_rss = store.pid().map(rss_kib);
+    let wasm_bytes = std::fs::metadata(wasm_path()).map(|m| m.len()).unwrap_or(0);
+
+    let summary = json!({
+        "machine": machine(),
+        "settings": {"seconds_per_scenario": seconds, "rounds": rounds, "connections": connections,
+                     "body_bytes": 1024, "envoy_concurrency": 1},
+        "rounds": results,
+        "one_connection": added,
+        "envoy_rss": envoy_rss,
+        "store_alone": {"pairs_per_second": pairs.0 as f64 / pairs.1, "connections": 32},
+        "store_rss_kib_at_live_records": {"records": filled, "rss_kib": store_rss},
+        "wasm_bytes": wasm_bytes,
+    });
+    print_table(&summary);
+    let out = e2e::repo_root().join("target/bench");
+    std::fs::create_dir_all(&out).unwrap();
+    std::fs::write(
+        out.join("results.json"),
+        serde_json::to_string_pretty(&summary).unwrap(),
+    )
+    .unwrap();
+    eprintln!("\nwritten to target/bench/results.json");
+}
+
+/// Acquire + complete pairs against the store API; returns (pairs, seconds).
+async fn store_pairs(addr: SocketAddr, connections: usize, duration: Duration) -> (u64, f64) {
+    let started = Instant::now();
+    let deadline = started + duration;
+    let run = std::process::id();
+    let tasks: Vec<_> = (0..connections)
+        .map(|c| {
+            tokio::spawn(async move {
+                let stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+                stream.set_nodelay(true).unwrap();
+                let (mut sender, connection) =
+                    hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream)).await.unwrap();
+                tokio::spawn(connection);
+                let body = "e".repeat(1024);
+                let mut done = 0u64;
+                let nonce = Instant::now().elapsed().as_nanos();
+                while Instant::now() < deadline {
+                    let key = format!("pair-{run}-{nonce}-{c}-{done}");
+                    let acquire = json!({"service": "bench", "scope": "", "key": key, "fingerprint": "f", "method": "POST",
+                        "path": "/x", "lock_timeout_ms": 60000, "retention_ms": 3_600_000});
+                    let request = Request::post("/v1/acquire")
+                        .header("host", "store")
+                        .header("authorization", format!("Bearer {STORE_TOKEN}"))
+                        .header("content-type", "application/json")
+                        .body(Full::new(Bytes::from(acquire.to_string())))
+                        .unwrap();
+                    let Ok(response) = sender.send_request(request).await else { break };
+                    let reply: Value = serde_json::from_slice(&response.into_body().collect().await.unwrap().to_bytes()).unwrap_or_default();
+                    let complete = json!({"service": "bench", "scope": "", "key": key, "fencing_token": reply["fencing_token"],
+                        "retention_ms": 3_600_000, "response": {"status": 201, "headers": [["content-type", "application/json"]], "body": body}});
+                    let request = Request::post("/v1/complete")
+                        .header("host", "store")
+                        .header("authorization", format!("Bearer {STORE_TOKEN}"))
+                        .header("content-type", "application/json")
+                        .body(Full::new(Bytes::from(complete.to_string())))
+                        .unwrap();
+                    let Ok(response) = sender.send_request(request).await else { break };
+                    let _ = response.into_body().collect().await;
+                    done += 1;
+                }
+                done
+            })
+        })
+        .collect();
+    let mut total = 0;
+    for task in tasks {
+        total += task.await.unwrap_or(0);
+    }
+    (total, started.elapsed().as_secs_f64())
+}
+
+fn machine() -> Value {
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix("model name")
+                .map(|v| v.trim_start_matches([' ', '\t', ':']).to_owned())
+        })
+        .unwrap_or_default();
+    let cores = std::fs::read_to_string("/proc/cpuinfo")
+        .unwrap_or_default()
+        .lines()
+        .filter(|l| l.starts_with("processor"))
+        .count();
+    let envoy = Command::new(envoy_bin())
+        .arg("--version")
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
+        .unwrap_or_default();
+    json!({"cpu": cpu, "cores": cores, "envoy": envoy})
+}
+
+fn print_table(summary: &Value) {
+    println!(
+        "\n{:<40} {:>10} {:>10} {:>10} {:>8} {:>12}",
+        "scenario (round)", "req/s", "p50 µs", "p99 µs", "ratio", "Envoy µs/req"
+    );
+    for row in summary["rounds"].as_array().unwrap() {
+        let ratio = row["ratio_to_passthrough"]
+            .as_f64()
+            .map(|r| format!("{r:.2}"))
+            .unwrap_or_else(|| "-".into());
+        println!(
+            "{:<40} {:>10.0} {:>10} {:>10} {:>8} {:>12.1}",
+            format!("{} ({})", row["scenario"].as_str().unwrap(), row["round"]),
+            row["rps"].as_f64().unwrap(),
+            row["p50_us"],
+            row["p99_us"],
+            ratio,
+            row["envoy_cpu_us_per_request"].as_f64().unwrap_or(0.0)
+        );
+    }
+    println!("\nOne connection:");
+    for row in summary["one_connection"].as_array().unwrap() {
+        println!(
+            "  {:<40} p50 {:>6} µs  p99 {:>6} µs  added p50 {:>6} µs",
+            row["scenario"].as_str().unwrap(),
+            row["p50_us"],
+            row["p99_us"],
+            row["added_p50_us"]
+        );
+    }
+    println!(
+        "\nEnvoy RSS: pass-through {} KiB, with filter {} KiB",
+        summary["envoy_rss"]["passthrough_kib"], summary["envoy_rss"]["with_filter_kib"]
+    );
+    println!(
+        "Store alone: {:.0} acquire+complete pairs/s (embedded, durable)",
+        summary["store_alone"]["pairs_per_second"].as_f64().unwrap_or(0.0)
+    );
+    println!(
+        "Store RSS with {} live records: {} KiB",
+        summary["store_rss_kib_at_live_records"]["records"],
+        summary["store_rss_kib_at_live_records"]["rss_kib"]
+    );
+    println!(".wasm size: {} bytes", summary["wasm_bytes"]);
+    println!("Machine: {}", summary["machine"]);
+}
