@@ -21,7 +21,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use e2e::envoy_config::{bootstrap, passthrough_bootstrap, Ports};
+use e2e::envoy_config::{bootstrap_with, passthrough_bootstrap, Ports};
 use e2e::{
     envoy_bin, free_port, plugin_config, spawn_demo, spawn_store, wait_ready, wasm_path, Proc, STORE_TOKEN,
 };
@@ -241,7 +241,13 @@ async fn main() {
     );
     let mut filtered = pinned_envoy(
         dir.path(),
-        &bootstrap(&filter_ports, &plugin_config(&json!({"lock_timeout": "5m"}))),
+        // As shipped in envoy/envoy.yaml: the replay cache on, keyless and non-mutating requests
+        // kept out of the Wasm VM by the Envoy matcher.
+        &bootstrap_with(
+            &filter_ports,
+            &plugin_config(&json!({"lock_timeout": "5m", "replay_cache_max_entries": 10_000, "replay_cache_max_bytes": 4_194_304})),
+            true,
+        ),
         "envoy-filter",
     );
     wait_ready(
@@ -433,6 +439,10 @@ async fn main() {
     });
 
     // The store alone: acquire + complete pairs per second, embedded backend, durable commits.
+    // Envoy is idle now: give the store CPU 0 and keep the load generator on CPU 1.
+    if let Some(pid) = store.pid() {
+        let _ = Command::new("taskset").args(["-a", "-p", "-c", "0", &pid.to_string()]).output();
+    }
     let store_addr = addr(store_port);
     let pairs = store_pairs(store_addr, 32, duration).await;
     // Fill to 100k live records, then measure the store's memory.

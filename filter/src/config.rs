@@ -273,7 +273,7 @@ fn default_cache_entries() -> usize {
     10_000
 }
 fn default_cache_bytes() -> usize {
-    16 * 1024 * 1024
+    4 * 1024 * 1024
 }
 
 /// One route rule as written.

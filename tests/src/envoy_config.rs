@@ -49,6 +49,30 @@ pub fn wasm_filter(plugin: &Value) -> Value {
 /// The shipped filter chain: strip internal headers, the idempotency filter behind a matcher
 /// that skips non-mutating methods, the router.
 pub fn http_filters(plugin: &Value) -> Value {
+    http_filters_with(plugin, false)
+}
+
+/// The skip predicate: methods the filter does not act on and, with `skip_keyless`, requests
+/// without an `Idempotency-Key` (only for routes that are not `required`).
+fn skip_predicate(skip_keyless: bool) -> Value {
+    let not_mutating = json!({"not_matcher": {"single_predicate": {
+        "input": {"name": "request-method", "typed_config": {
+            "@type": "type.googleapis.com/envoy.type.matcher.v3.HttpRequestHeaderMatchInput",
+            "header_name": ":method"}},
+        "value_match": {"safe_regex": {"google_re2": {}, "regex": "^(POST|PUT|PATCH|DELETE)$"}}}}});
+    if !skip_keyless {
+        return not_mutating;
+    }
+    let keyless = json!({"not_matcher": {"single_predicate": {
+        "input": {"name": "idempotency-key", "typed_config": {
+            "@type": "type.googleapis.com/envoy.type.matcher.v3.HttpRequestHeaderMatchInput",
+            "header_name": "idempotency-key"}},
+        "value_match": {"safe_regex": {"google_re2": {}, "regex": ".*"}}}}});
+    json!({"or_matcher": {"predicate": [not_mutating, keyless]}})
+}
+
+/// The filter chain, optionally also keeping keyless requests out of the Wasm VM.
+pub fn http_filters_with(plugin: &Value, skip_keyless: bool) -> Value {
     let internal: Vec<Value> = idempotency_wire::headers::ALL
         .iter()
         .map(|h| json!({"remove": h}))
@@ -60,11 +84,7 @@ pub fn http_filters(plugin: &Value) -> Value {
         {"name": "idempotency", "typed_config": {
             "@type": "type.googleapis.com/envoy.extensions.common.matching.v3.ExtensionWithMatcher",
             "xds_matcher": {"matcher_list": {"matchers": [{
-                "predicate": {"not_matcher": {"single_predicate": {
-                    "input": {"name": "request-method", "typed_config": {
-                        "@type": "type.googleapis.com/envoy.type.matcher.v3.HttpRequestHeaderMatchInput",
-                        "header_name": ":method"}},
-                    "value_match": {"safe_regex": {"google_re2": {}, "regex": "^(POST|PUT|PATCH|DELETE)$"}}}}},
+                "predicate": skip_predicate(skip_keyless),
                 "on_match": {"action": {"name": "skip", "typed_config": {
                     "@type": "type.googleapis.com/envoy.extensions.filters.common.matcher.action.v3.SkipFilter"}}}
             }]}},
@@ -76,6 +96,11 @@ pub fn http_filters(plugin: &Value) -> Value {
 
 /// A complete bootstrap (JSON text, which Envoy reads as YAML).
 pub fn bootstrap(ports: &Ports, plugin: &Value) -> String {
+    bootstrap_with(ports, plugin, false)
+}
+
+/// A complete bootstrap whose matcher also skips keyless requests.
+pub fn bootstrap_with(ports: &Ports, plugin: &Value, skip_keyless: bool) -> String {
     let stores: Vec<Value> = ports.stores.iter().map(|p| endpoint(*p)).collect();
     json!({
         "admin": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": ports.admin}}},
@@ -95,7 +120,7 @@ pub fn bootstrap(ports: &Ports, plugin: &Value) -> String {
                             "name": "orders", "domains": ["*"],
                             "routes": [{"match": {"prefix": "/"}, "route": {"cluster": "orders", "timeout": "30s"}}]
                         }]},
-                        "http_filters": http_filters(plugin)
+                        "http_filters": http_filters_with(plugin, skip_keyless)
                     }
                 }]}]
             }],
