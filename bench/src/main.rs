@@ -245,7 +245,9 @@ async fn main() {
         // kept out of the Wasm VM by the Envoy matcher.
         &bootstrap_with(
             &filter_ports,
-            &plugin_config(&json!({"lock_timeout": "5m", "replay_cache_max_entries": 10_000, "replay_cache_max_bytes": 4_194_304})),
+            &plugin_config(
+                &json!({"lock_timeout": "5m", "replay_cache_max_entries": 10_000, "replay_cache_max_bytes": 4_194_304}),
+            ),
             true,
         ),
         "envoy-filter",
@@ -441,7 +443,9 @@ async fn main() {
     // The store alone: acquire + complete pairs per second, embedded backend, durable commits.
     // Envoy is idle now: give the store CPU 0 and keep the load generator on CPU 1.
     if let Some(pid) = store.pid() {
-        let _ = Command::new("taskset").args(["-a", "-p", "-c", "0", &pid.to_string()]).output();
+        let _ = Command::new("taskset")
+            .args(["-a", "-p", "-c", "0", &pid.to_string()])
+            .output();
     }
     let store_addr = addr(store_port);
     let pairs = store_pairs(store_addr, 32, duration).await;

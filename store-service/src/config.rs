@@ -40,6 +40,10 @@ pub struct StoreConfig {
     #[arg(long, env = "STORE_DATA_PATH", default_value = "data/idempotency.redb")]
     pub data_path: PathBuf,
 
+    /// Page cache of the embedded database, in MiB (bounds the store's memory).
+    #[arg(long, env = "STORE_CACHE_MB", default_value_t = 32)]
+    pub cache_mb: usize,
+
     /// MongoDB connection string (mongodb backend).
     #[arg(long, env = "MONGODB_URI")]
     pub mongodb_uri: Option<String>,

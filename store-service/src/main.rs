@@ -27,9 +27,11 @@ fn init_logging(format: LogFormat) {
 
 async fn open_storage(config: &StoreConfig) -> Result<Arc<dyn Storage>, String> {
     match config.storage {
-        Backend::Embedded => EmbeddedStorage::open(&config.data_path)
-            .map(|s| Arc::new(s) as Arc<dyn Storage>)
-            .map_err(|e| format!("embedded storage at {}: {e}", config.data_path.display())),
+        Backend::Embedded => {
+            EmbeddedStorage::open_with_cache(&config.data_path, config.cache_mb.saturating_mul(1024 * 1024))
+                .map(|s| Arc::new(s) as Arc<dyn Storage>)
+                .map_err(|e| format!("embedded storage at {}: {e}", config.data_path.display()))
+        }
         Backend::Mongodb => {
             let uri = config.mongodb_uri.as_deref().unwrap_or_default();
             MongoStorage::connect(uri, &config.mongodb_database)

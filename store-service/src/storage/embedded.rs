@@ -24,6 +24,10 @@ const RECORDS: TableDefinition<&str, &[u8]> = TableDefinition::new("records");
 /// Expiry index: (expires_ms, identity key) → ().
 const EXPIRY: TableDefinition<(u64, &str), ()> = TableDefinition::new("expiry");
 
+/// Page cache of the embedded database unless configured: bounds the store's memory (redb's own
+/// default is 1 GiB).
+pub const DEFAULT_CACHE_BYTES: usize = 32 * 1024 * 1024;
+
 /// Most operations committed together.
 const MAX_BATCH: usize = 512;
 
@@ -69,8 +73,14 @@ impl std::fmt::Debug for EmbeddedStorage {
 }
 
 impl EmbeddedStorage {
-    /// Open (or create) the database file and start the writer thread.
+    /// Open (or create) the database file with redb's default page cache and start the writer.
     pub fn open(path: &Path) -> Result<EmbeddedStorage, StorageError> {
+        EmbeddedStorage::open_with_cache(path, DEFAULT_CACHE_BYTES)
+    }
+
+    /// Open (or create) the database file with a page cache of `cache_bytes` and start the
+    /// writer thread.
+    pub fn open_with_cache(path: &Path, cache_bytes: usize) -> Result<EmbeddedStorage, StorageError> {
         if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
             std::fs::create_dir_all(parent)
                 .map_err(|e| unavailable(format!("cannot create {}: {e}", parent.display())))?;
