@@ -85,7 +85,9 @@ impl EmbeddedStorage {
             std::fs::create_dir_all(parent)
                 .map_err(|e| unavailable(format!("cannot create {}: {e}", parent.display())))?;
         }
-        let db = Database::create(path)
+        let db = Database::builder()
+            .set_cache_size(cache_bytes)
+            .create(path)
             .map_err(|e| unavailable(format!("cannot open {}: {e}", path.display())))?;
         let txn = db.begin_write().map_err(unavailable)?;
         txn.open_table(RECORDS).map_err(unavailable)?;
