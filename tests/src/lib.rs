@@ -446,14 +446,11 @@ impl Stack {
 
     /// Prometheus text of store replica `index`.
     pub async fn replica_metrics(&self, index: usize) -> String {
-        self.client
-            .get(format!("http://127.0.0.1:{}/metrics", self.store_ports[index]))
-            .send()
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap()
+        get_text(
+            &self.client,
+            &format!("http://127.0.0.1:{}/metrics", self.store_ports[index]),
+        )
+        .await
     }
 
     /// A keyed JSON POST to the orders endpoint through Envoy.
@@ -484,26 +481,12 @@ impl Stack {
 
     /// The store's Prometheus text.
     pub async fn store_metrics(&self) -> String {
-        self.client
-            .get(format!("{}/metrics", self.store_url))
-            .send()
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap()
+        get_text(&self.client, &format!("{}/metrics", self.store_url)).await
     }
 
     /// Envoy's Prometheus text.
     pub async fn envoy_metrics(&self) -> String {
-        self.client
-            .get(format!("{}/stats/prometheus", self.admin_url))
-            .send()
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap()
+        get_text(&self.client, &format!("{}/stats/prometheus", self.admin_url)).await
     }
 
     /// Read a record from the store's admin API.
@@ -757,14 +740,7 @@ impl ShippedStack {
 
     /// Envoy's Prometheus text.
     pub async fn envoy_metrics(&self) -> String {
-        self.client
-            .get(format!("{}/stats/prometheus", self.admin_url))
-            .send()
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap()
+        get_text(&self.client, &format!("{}/stats/prometheus", self.admin_url)).await
     }
 }
 
@@ -798,4 +774,32 @@ pub fn shipped_yaml_files() -> Vec<PathBuf> {
     walk(&repo_root().join("envoy"), &mut files);
     files.sort();
     files
+}
+
+/// GET `url` and return the body as text.
+pub async fn get_text(client: &reqwest::Client, url: &str) -> String {
+    client.get(url).send().await.unwrap().text().await.unwrap()
+}
+
+/// A command from a Debian package, or the path in `env`; fails clearly when missing.
+pub fn debian_tool(env: &str, name: &str, package: &str) -> String {
+    let bin = std::env::var(env).unwrap_or_else(|_| name.to_owned());
+    let found = Command::new(&bin)
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success());
+    assert!(
+        found,
+        "{bin} not found: install Debian's {package} package (`.ci/run` does) or set {env}"
+    );
+    bin
+}
+
+/// A store service on a free port in `dir`, ready; returns it with its base URL.
+pub async fn ready_store(dir: &Path) -> (Proc, String) {
+    let port = free_port();
+    let mut store = spawn_store(dir, port, &dir.join("store.redb"), &[], "store.log");
+    let url = format!("http://127.0.0.1:{port}");
+    wait_ready(&format!("{url}/readyz"), &mut store, Duration::from_secs(30)).await;
+    (store, url)
 }

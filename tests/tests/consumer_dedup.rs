@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use async_nats::jetstream::{self, consumer::pull, AckKind};
 use cloudevents::{AttributesReader, Event, EventBuilder, EventBuilderV10};
-use e2e::{free_port, metric_sum, spawn_store, wait_ready, Proc, STORE_TOKEN};
+use e2e::{free_port, metric_sum, ready_store, Proc, STORE_TOKEN};
 use futures::StreamExt;
 use idempotency_client::{ConsumerConfig, DeduplicatingHandler, HandleError, Outcome, StoreClient};
 
@@ -49,25 +49,12 @@ fn order_event(id: &str) -> Event {
 #[tokio::test]
 async fn each_cloudevent_is_handled_once_despite_duplicates_redeliveries_and_failures() {
     let dir = tempfile::tempdir().unwrap();
-    let (nats_port, store_port) = (free_port(), free_port());
+    let nats_port = free_port();
     let mut nats = Command::new(nats_server_bin());
     nats.args(["-js", "-a", "127.0.0.1", "-p", &nats_port.to_string(), "-sd"])
         .arg(dir.path().join("jetstream"));
     let _nats = Proc::spawn("nats-server", nats, dir.path().join("nats.log"));
-    let mut store = spawn_store(
-        dir.path(),
-        store_port,
-        &dir.path().join("s.redb"),
-        &[],
-        "store.log",
-    );
-    let store_url = format!("http://127.0.0.1:{store_port}");
-    wait_ready(
-        &format!("{store_url}/readyz"),
-        &mut store,
-        Duration::from_secs(30),
-    )
-    .await;
+    let (_store, store_url) = ready_store(dir.path()).await;
 
     let client = {
         let deadline = Instant::now() + Duration::from_secs(20);
@@ -210,21 +197,7 @@ async fn each_cloudevent_is_handled_once_despite_duplicates_redeliveries_and_fai
 #[tokio::test]
 async fn a_claim_held_by_a_crashed_consumer_expires_after_its_lock_timeout() {
     let dir = tempfile::tempdir().unwrap();
-    let store_port = free_port();
-    let mut store = spawn_store(
-        dir.path(),
-        store_port,
-        &dir.path().join("s.redb"),
-        &[],
-        "store.log",
-    );
-    let store_url = format!("http://127.0.0.1:{store_port}");
-    wait_ready(
-        &format!("{store_url}/readyz"),
-        &mut store,
-        Duration::from_secs(30),
-    )
-    .await;
+    let (_store, store_url) = ready_store(dir.path()).await;
     let config = ConsumerConfig {
         service_name: "order-service".into(),
         topic: TOPIC.into(),

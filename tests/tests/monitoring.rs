@@ -16,22 +16,9 @@ use std::time::{Duration, Instant};
 use e2e::{free_port, metric_sum, repo_root, Proc, Stack, STORE_TOKEN};
 use serde_json::{json, Value};
 
-fn tool(env: &str, name: &str, package: &str) -> String {
-    let bin = std::env::var(env).unwrap_or_else(|_| name.to_owned());
-    let found = Command::new(&bin)
-        .arg("--version")
-        .output()
-        .is_ok_and(|o| o.status.success());
-    assert!(
-        found,
-        "{bin} not found: install Debian's {package} package (`.ci/run` does) or set {env}"
-    );
-    bin
-}
-
 #[test]
 fn alert_rules_pass_promtool_check_and_unit_tests() {
-    let promtool = tool("PROMTOOL_BIN", "promtool", "prometheus");
+    let promtool = e2e::debian_tool("PROMTOOL_BIN", "promtool", "prometheus");
     let dir = repo_root().join("envoy/monitoring");
     for args in [
         ["check", "rules", "alerts.yaml"],
@@ -101,7 +88,7 @@ async fn claim(client: &reqwest::Client, store: &str, message_id: &str) -> Value
 }
 
 fn start_prometheus(dir: &std::path::Path, envoy_admin: &str, store: &str) -> (Proc, String) {
-    let bin = tool("PROMETHEUS_BIN", "prometheus", "prometheus");
+    let bin = e2e::debian_tool("PROMETHEUS_BIN", "prometheus", "prometheus");
     let port = free_port();
     let target = |url: &str| url.trim_start_matches("http://").to_owned();
     let config = format!(
