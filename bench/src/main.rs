@@ -448,11 +448,17 @@ async fn main() {
             .output();
     }
     let store_addr = addr(store_port);
-    let pairs = store_pairs(store_addr, 32, duration).await;
+    let store_connections: usize = std::env::var("BENCH_STORE_CONNECTIONS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(64);
+    let pairs = store_pairs(store_addr, store_connections, duration).await;
     // Fill to 100k live records, then measure the store's memory.
     let mut filled = pairs.0;
     while filled < 100_000 {
-        filled += store_pairs(store_addr, 32, Duration::from_secs(2)).await.0;
+        filled += store_pairs(store_addr, store_connections, Duration::from_secs(2))
+            .await
+            .0;
     }
     let store_rss = store.pid().map(rss_kib);
     let wasm_bytes = std::fs::metadata(wasm_path()).map(|m| m.len()).unwrap_or(0);
@@ -464,7 +470,7 @@ async fn main() {
         "rounds": results,
         "one_connection": added,
         "envoy_rss": envoy_rss,
-        "store_alone": {"pairs_per_second": pairs.0 as f64 / pairs.1, "connections": 32},
+        "store_alone": {"pairs_per_second": pairs.0 as f64 / pairs.1, "connections": store_connections},
         "store_rss_kib_at_live_records": {"records": filled, "rss_kib": store_rss},
         "wasm_bytes": wasm_bytes,
     });

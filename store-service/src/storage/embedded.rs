@@ -141,23 +141,37 @@ fn writer_loop(db: &Database, ops: &mut mpsc::Receiver<Op>) {
                 Err(_) => break,
             }
         }
-        let replies = match db.begin_write() {
-            Ok(mut txn) => {
-                txn.set_durability(Durability::Immediate);
-                let replies: Vec<Reply> = batch.into_iter().map(|op| apply(&txn, op)).collect();
-                let committed = txn.commit().map_err(|e| e.to_string());
-                (replies, committed)
-            }
-            Err(e) => {
-                let replies: Vec<Reply> = batch.into_iter().map(|op| fail(op)).collect();
-                (replies, Err(e.to_string()))
-            }
-        };
-        let (replies, committed) = replies;
+        let (replies, committed) = apply_batch(db, batch);
         for reply in replies {
             reply(committed.clone().map_err(StorageError::Unavailable));
         }
     }
+}
+
+/// Apply a batch in one write transaction (tables opened once) and commit it durably.
+fn apply_batch(db: &Database, batch: Vec<Op>) -> (Vec<Reply>, Result<(), String>) {
+    let mut txn = match db.begin_write() {
+        Ok(txn) => txn,
+        Err(e) => return (batch.into_iter().map(fail).collect(), Err(e.to_string())),
+    };
+    txn.set_durability(Durability::Immediate);
+    let replies = match (txn.open_table(RECORDS), txn.open_table(EXPIRY)) {
+        (Ok(records), Ok(expiry)) => {
+            let mut tables = Tables { records, expiry };
+            batch.into_iter().map(|op| apply(&mut tables, op)).collect()
+        }
+        (Err(e), _) | (_, Err(e)) => {
+            let message = e.to_string();
+            return (batch.into_iter().map(fail).collect(), Err(message));
+        }
+    };
+    (replies, txn.commit().map_err(|e| e.to_string()))
+}
+
+/// The two tables of one write transaction.
+struct Tables<'txn> {
+    records: redb::Table<'txn, &'static str, &'static [u8]>,
+    expiry: redb::Table<'txn, (u64, &'static str), ()>,
 }
 
 fn fail(op: Op) -> Reply {
@@ -185,98 +199,95 @@ fn after_commit<T: Send + 'static>(
     })
 }
 
-fn load(txn: &redb::WriteTransaction, key: &str) -> Result<Option<Record>, StorageError> {
-    let table = txn.open_table(RECORDS).map_err(unavailable)?;
-    let bytes = table.get(key).map_err(unavailable)?;
-    bytes
-        .map(|v| {
-            serde_json::from_slice::<Record>(v.value()).map_err(|e| StorageError::Corrupt(e.to_string()))
-        })
-        .transpose()
+fn decode(bytes: &[u8]) -> Result<Record, StorageError> {
+    serde_json::from_slice::<Record>(bytes).map_err(|e| StorageError::Corrupt(e.to_string()))
+}
+
+fn load(tables: &Tables<'_>, key: &str) -> Result<Option<Record>, StorageError> {
+    let bytes = tables.records.get(key).map_err(unavailable)?;
+    bytes.map(|v| decode(v.value())).transpose()
 }
 
 fn save(
-    txn: &redb::WriteTransaction,
+    tables: &mut Tables<'_>,
     key: &str,
     previous: Option<&Record>,
     record: &Record,
 ) -> Result<(), StorageError> {
     let bytes = serde_json::to_vec(record).map_err(|e| StorageError::Corrupt(e.to_string()))?;
-    let mut records = txn.open_table(RECORDS).map_err(unavailable)?;
-    records.insert(key, bytes.as_slice()).map_err(unavailable)?;
-    let mut expiry = txn.open_table(EXPIRY).map_err(unavailable)?;
+    tables
+        .records
+        .insert(key, bytes.as_slice())
+        .map_err(unavailable)?;
     if let Some(old) = previous {
         if old.expires_ms != record.expires_ms {
-            expiry.remove((old.expires_ms, key)).map_err(unavailable)?;
+            tables.expiry.remove((old.expires_ms, key)).map_err(unavailable)?;
         }
     }
-    expiry.insert((record.expires_ms, key), ()).map_err(unavailable)?;
+    tables
+        .expiry
+        .insert((record.expires_ms, key), ())
+        .map_err(unavailable)?;
     Ok(())
 }
 
-fn remove(txn: &redb::WriteTransaction, key: &str) -> Result<bool, StorageError> {
-    let Some(old) = load(txn, key)? else {
+fn remove(tables: &mut Tables<'_>, key: &str) -> Result<bool, StorageError> {
+    let Some(old) = load(tables, key)? else {
         return Ok(false);
     };
-    txn.open_table(RECORDS)
-        .map_err(unavailable)?
-        .remove(key)
-        .map_err(unavailable)?;
-    txn.open_table(EXPIRY)
-        .map_err(unavailable)?
-        .remove((old.expires_ms, key))
-        .map_err(unavailable)?;
+    tables.records.remove(key).map_err(unavailable)?;
+    tables.expiry.remove((old.expires_ms, key)).map_err(unavailable)?;
     Ok(true)
 }
 
 /// Apply a holder rule (complete/release/checkpoint) to the stored record.
 fn update(
-    txn: &redb::WriteTransaction,
+    tables: &mut Tables<'_>,
     id: &RecordId,
     rule: impl FnOnce(Option<Record>) -> Result<Record, StorageError>,
 ) -> Result<(), StorageError> {
     let key = identity_key(id);
-    let previous = load(txn, &key)?;
+    let previous = load(tables, &key)?;
     let updated = rule(previous.clone())?;
-    save(txn, &key, previous.as_ref(), &updated)
+    save(tables, &key, previous.as_ref(), &updated)
 }
 
-fn apply(txn: &redb::WriteTransaction, op: Op) -> Reply {
+fn apply(tables: &mut Tables<'_>, op: Op) -> Reply {
     match op {
         Op::Acquire(request, now_ms, tx) => {
             let key = identity_key(&request.id);
-            let result = load(txn, &key).and_then(|previous| {
+            let result = load(tables, &key).and_then(|previous| {
                 let decision = decide_acquire(previous.clone(), &request, now_ms, || {
                     uuid::Uuid::new_v4().to_string()
                 });
                 if let Some(record) = &decision.write {
-                    save(txn, &key, previous.as_ref(), record)?;
+                    save(tables, &key, previous.as_ref(), record)?;
                 }
                 Ok(decision.response)
             });
             after_commit(tx, result)
         }
         Op::Complete(request, now_ms, tx) => {
-            let result = update(txn, &request.id, |r| apply_complete(r, &request, now_ms));
+            let result = update(tables, &request.id, |r| apply_complete(r, &request, now_ms));
             after_commit(tx, result)
         }
         Op::Release(request, now_ms, tx) => {
-            let result = update(txn, &request.id, |r| apply_release(r, &request, now_ms));
+            let result = update(tables, &request.id, |r| apply_release(r, &request, now_ms));
             after_commit(tx, result)
         }
         Op::Checkpoint(request, now_ms, tx) => {
-            let result = update(txn, &request.id, |r| apply_checkpoint(r, &request, now_ms));
+            let result = update(tables, &request.id, |r| apply_checkpoint(r, &request, now_ms));
             after_commit(tx, result)
         }
-        Op::Purge(id, tx) => after_commit(tx, remove(txn, &identity_key(&id))),
-        Op::Sweep(now_ms, tx) => after_commit(tx, sweep(txn, now_ms)),
+        Op::Purge(id, tx) => after_commit(tx, remove(tables, &identity_key(&id))),
+        Op::Sweep(now_ms, tx) => after_commit(tx, sweep(tables, now_ms)),
     }
 }
 
-fn sweep(txn: &redb::WriteTransaction, now_ms: u64) -> Result<u64, StorageError> {
+fn sweep(tables: &mut Tables<'_>, now_ms: u64) -> Result<u64, StorageError> {
     let expired: Vec<(u64, String)> = {
-        let expiry = txn.open_table(EXPIRY).map_err(unavailable)?;
-        let range = expiry
+        let range = tables
+            .expiry
             .range((0u64, "")..(now_ms.saturating_add(1), ""))
             .map_err(unavailable)?;
         let mut keys = Vec::new();
@@ -287,19 +298,15 @@ fn sweep(txn: &redb::WriteTransaction, now_ms: u64) -> Result<u64, StorageError>
         }
         keys
     };
-    let mut records = txn.open_table(RECORDS).map_err(unavailable)?;
-    let mut expiry = txn.open_table(EXPIRY).map_err(unavailable)?;
     let mut removed = 0;
     for (at, key) in expired {
-        expiry.remove((at, key.as_str())).map_err(unavailable)?;
-        let still_expired = match records.get(key.as_str()).map_err(unavailable)? {
-            Some(v) => serde_json::from_slice::<Record>(v.value())
-                .map(|r| r.is_expired(now_ms))
-                .unwrap_or(true),
+        tables.expiry.remove((at, key.as_str())).map_err(unavailable)?;
+        let still_expired = match tables.records.get(key.as_str()).map_err(unavailable)? {
+            Some(v) => decode(v.value()).map(|r| r.is_expired(now_ms)).unwrap_or(true),
             None => false,
         };
         if still_expired {
-            records.remove(key.as_str()).map_err(unavailable)?;
+            tables.records.remove(key.as_str()).map_err(unavailable)?;
             removed += 1;
         }
     }
