@@ -55,7 +55,7 @@ e2e: build ## End-to-end tests through real Envoy with the built .wasm
 	$(CARGO) test --locked -p e2e
 
 test: build lint ## Everything: lint, unit, end-to-end
-	$(CARGO) test --locked --workspace
+	$(CARGO) test --locked --workspace --no-fail-fast
 
 chaos: build ## Long fault-injection run: 1000 keys x 64 concurrent requests per key; figures in target/chaos/
 	CHAOS_KEYS=$${CHAOS_KEYS:-1000} CHAOS_PER_KEY=$${CHAOS_PER_KEY:-64} $(CARGO) test --locked -p e2e --test chaos -- --test-threads=1
