@@ -24,16 +24,7 @@ const GROUP: &str = "order-processor";
 
 /// `nats-server` (Debian package `nats-server`; `.ci/run` installs it), or `NATS_SERVER_BIN`.
 fn nats_server_bin() -> String {
-    let bin = std::env::var("NATS_SERVER_BIN").unwrap_or_else(|_| "nats-server".to_owned());
-    let found = Command::new(&bin)
-        .arg("--version")
-        .output()
-        .is_ok_and(|o| o.status.success());
-    assert!(
-        found,
-        "{bin} not found: install it (apt-get install nats-server) or set NATS_SERVER_BIN"
-    );
-    bin
+    e2e::debian_tool("NATS_SERVER_BIN", "nats-server", "nats-server")
 }
 
 fn order_event(id: &str) -> Event {
