@@ -154,9 +154,7 @@ impl RequestFlow {
 
     /// Request headers arrived.
     pub fn on_request_headers(&mut self, host: &dyn Host, end_of_stream: bool) -> Verdict {
-        if self.config.mode == Mode::Off && self.config.routes.is_empty() {
-            return Verdict::Continue;
-        }
+        // No shortcut for `mode: off`: Envoy route metadata may still turn a route on.
         let request_headers = match host.request_headers() {
             Ok(h) => h,
             Err(e) => return self.storage_failure(host, &e.to_string()),

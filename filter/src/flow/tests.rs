@@ -674,3 +674,33 @@ fn a_failed_record_is_not_cached() {
         "only records the store acknowledged are cached"
     );
 }
+
+#[test]
+fn route_metadata_can_turn_on_a_route_when_the_plugin_default_is_off() {
+    let mut flow = flow(r#","mode":"off""#);
+    let host = MockHost::with_request("POST", "/api/v1/payments", &[], b"");
+    // Envoy's serialized map for {mode: "required"}.
+    let mut encoded = 1u32.to_le_bytes().to_vec();
+    encoded.extend(4u32.to_le_bytes());
+    encoded.extend(8u32.to_le_bytes());
+    encoded.extend(b"mode\0required\0");
+    host.set_property(
+        &["xds", "route_metadata", "filter_metadata", "idempotency"],
+        &encoded,
+    );
+    assert_eq!(flow.on_request_headers(&host, true), Verdict::Pause);
+    assert_eq!(host.sent_response().unwrap().0, 400);
+
+    let mut off = super::RequestFlow::new(
+        config(r#","mode":"off""#),
+        Rc::new(Background::default()),
+        no_cache(),
+    );
+    let host = MockHost::with_request("POST", "/api/v1/orders", &[("idempotency-key", "k1")], b"");
+    assert_eq!(
+        off.on_request_headers(&host, true),
+        Verdict::Continue,
+        "off without metadata does nothing"
+    );
+    assert!(host.dispatches().is_empty());
+}
