@@ -70,13 +70,26 @@ pub fn wasm_path() -> PathBuf {
     path
 }
 
-/// A free loopback port (bound and released; good enough on a test machine).
+/// A free loopback port for a test server.
+///
+/// Ports come from below the kernel's ephemeral range (32768+ by default), so no outgoing
+/// connection (Envoy to the store, say) can take one between our check and the server's bind,
+/// and each is handed out once per test process, so parallel tests never share one.
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    use std::sync::atomic::{AtomicU16, Ordering};
+    const FIRST: u16 = 20_000;
+    const SPAN: u16 = 12_000;
+    // Test binaries run one after another; start each at a different place anyway.
+    static NEXT: AtomicU16 = AtomicU16::new(0);
+    let offset = (std::process::id() % u32::from(SPAN)) as u16;
+    for _ in 0..SPAN {
+        let n = NEXT.fetch_add(1, Ordering::Relaxed) % SPAN;
+        let port = FIRST + (offset + n) % SPAN;
+        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+    panic!("no free port between {FIRST} and {}", FIRST + SPAN)
 }
 
 /// A child process that is killed when dropped.
