@@ -106,24 +106,29 @@ pub fn parse_route_overrides(bytes: &[u8]) -> Result<RouteOverrides, MetadataErr
     Ok(overrides)
 }
 
+/// Encode a map the way Envoy serializes a `Struct` property (test helper).
+#[cfg(test)]
+pub(crate) fn encode_serialized_map(pairs: &[(&[u8], &[u8])]) -> Vec<u8> {
+    let mut out = (pairs.len() as u32).to_le_bytes().to_vec();
+    for (k, v) in pairs {
+        out.extend((k.len() as u32).to_le_bytes());
+        out.extend((v.len() as u32).to_le_bytes());
+    }
+    for (k, v) in pairs {
+        out.extend(*k);
+        out.push(0);
+        out.extend(*v);
+        out.push(0);
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    /// Encode like Envoy does.
-    pub fn encode(pairs: &[(&[u8], &[u8])]) -> Vec<u8> {
-        let mut out = (pairs.len() as u32).to_le_bytes().to_vec();
-        for (k, v) in pairs {
-            out.extend((k.len() as u32).to_le_bytes());
-            out.extend((v.len() as u32).to_le_bytes());
-        }
-        for (k, v) in pairs {
-            out.extend(*k);
-            out.push(0);
-            out.extend(*v);
-            out.push(0);
-        }
-        out
+    fn encode(pairs: &[(&[u8], &[u8])]) -> Vec<u8> {
+        encode_serialized_map(pairs)
     }
 
     #[test]

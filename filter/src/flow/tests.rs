@@ -12,6 +12,15 @@ use crate::host::CalloutReply;
 use crate::metrics::Counter;
 use crate::mock::{Call, MockHost};
 
+/// Route metadata under the `idempotency` namespace, encoded as Envoy 1.40 hands it over.
+fn set_route_metadata(host: &MockHost, pairs: &[(&[u8], &[u8])]) {
+    let encoded = crate::metadata::encode_serialized_map(pairs);
+    host.set_property(
+        &["xds", "route_metadata", "filter_metadata", "idempotency"],
+        &encoded,
+    );
+}
+
 fn no_cache() -> Rc<std::cell::RefCell<crate::cache::ReplayCache>> {
     Rc::new(std::cell::RefCell::new(crate::cache::ReplayCache::new(0, 0)))
 }
@@ -465,15 +474,7 @@ fn route_rules_choose_the_mode() {
 fn route_metadata_overrides_the_plugin_mode() {
     let mut flow = flow(r#","mode":"optional""#);
     let host = MockHost::with_request("POST", "/api/v1/orders", &[], b"");
-    // Envoy's serialized map for {mode: "off"}.
-    let mut encoded = 1u32.to_le_bytes().to_vec();
-    encoded.extend(4u32.to_le_bytes());
-    encoded.extend(3u32.to_le_bytes());
-    encoded.extend(b"mode\0off\0");
-    host.set_property(
-        &["xds", "route_metadata", "filter_metadata", "idempotency"],
-        &encoded,
-    );
+    set_route_metadata(&host, &[(b"mode", b"off")]);
     *host.request_headers.borrow_mut() = vec![
         (":method".into(), "POST".into()),
         (":path".into(), "/api/v1/orders".into()),
@@ -679,15 +680,7 @@ fn a_failed_record_is_not_cached() {
 fn route_metadata_can_turn_on_a_route_when_the_plugin_default_is_off() {
     let mut flow = flow(r#","mode":"off""#);
     let host = MockHost::with_request("POST", "/api/v1/payments", &[], b"");
-    // Envoy's serialized map for {mode: "required"}.
-    let mut encoded = 1u32.to_le_bytes().to_vec();
-    encoded.extend(4u32.to_le_bytes());
-    encoded.extend(8u32.to_le_bytes());
-    encoded.extend(b"mode\0required\0");
-    host.set_property(
-        &["xds", "route_metadata", "filter_metadata", "idempotency"],
-        &encoded,
-    );
+    set_route_metadata(&host, &[(b"mode", b"required")]);
     assert_eq!(flow.on_request_headers(&host, true), Verdict::Pause);
     assert_eq!(host.sent_response().unwrap().0, 400);
 
