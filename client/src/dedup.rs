@@ -48,6 +48,17 @@ pub struct DeduplicatingHandler<H> {
     handler: H,
 }
 
+/// Pauses between attempts to complete a claim after the handler succeeded. The handler's effect
+/// exists; if the completion is lost, the claim expires and a redelivery runs the handler again,
+/// so a store blip is worth riding out (about 3 s in all) before giving up.
+pub const COMPLETE_RETRY_BACKOFF: [Duration; 5] = [
+    Duration::from_millis(100),
+    Duration::from_millis(200),
+    Duration::from_millis(400),
+    Duration::from_millis(800),
+    Duration::from_millis(1600),
+];
+
 fn millis(d: Duration) -> u64 {
     u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
 }
@@ -100,17 +111,20 @@ where
                 return Ok(Outcome::Duplicate);
             }
             ClaimResponse::InProgress { .. } => return Ok(Outcome::InProgress),
-            ClaimResponse::Claimed { fencing_token } => fencing_token,
+            ClaimResponse::Claimed {
+                record_id,
+                fencing_token,
+            } => (record_id, fencing_token),
         };
         let done = MessageDoneRequest {
             id,
-            fencing_token,
-            retention_ms: millis(self.config.retention_period),
+            record_id: fencing_token.0,
+            fencing_token: fencing_token.1,
+            retention_ms: Some(millis(self.config.retention_period)),
         };
         match (self.handler)(event).await {
             Ok(()) => {
-                self.store
-                    .complete_message(&done)
+                self.complete_with_retries(&done)
                     .await
                     .map_err(HandleError::Store)?;
                 Ok(Outcome::Processed)
@@ -120,6 +134,27 @@ where
                     tracing::warn!(error = %release, "cannot release claim; it expires after the lock timeout");
                 }
                 Err(HandleError::HandlerFailed(error))
+            }
+        }
+    }
+}
+
+impl<H> DeduplicatingHandler<H> {
+    /// Complete the claim, retrying transient store failures with backoff. A lost claim
+    /// (another consumer took it over after it expired) is final: retrying cannot help.
+    async fn complete_with_retries(&self, done: &MessageDoneRequest) -> Result<(), ClientError> {
+        let mut pauses = COMPLETE_RETRY_BACKOFF.iter();
+        loop {
+            match self.store.complete_message(done).await {
+                Ok(()) => return Ok(()),
+                Err(ClientError::LostLock) => return Err(ClientError::LostLock),
+                Err(error) => match pauses.next() {
+                    Some(pause) => {
+                        tracing::warn!(%error, "cannot complete claim; retrying");
+                        tokio::time::sleep(*pause).await;
+                    }
+                    None => return Err(error),
+                },
             }
         }
     }

@@ -13,7 +13,7 @@
 //! ```
 
 use http::HeaderMap;
-use idempotency_wire::{headers, CheckpointRequest, RecordId};
+use idempotency_wire::{headers, CheckpointRequest, PreviousAttempt, RecordId};
 
 use crate::{ClientError, StoreClient};
 
@@ -22,7 +22,9 @@ use crate::{ClientError, StoreClient};
 pub struct PhaseManager {
     store: StoreClient,
     id: RecordId,
+    record_id: String,
     fencing_token: u64,
+    previous_attempt: Option<PreviousAttempt>,
     phases: Vec<String>,
     /// Index in `phases` of the last finished phase, if any.
     done_through: Option<usize>,
@@ -62,6 +64,17 @@ impl PhaseManager {
             scope: header(headers, headers::SCOPE)?.unwrap_or_default().to_owned(),
             key: required(headers::KEY)?,
         };
+        let record_id = required(headers::RECORD_ID)?;
+        let previous_attempt = match header(headers, headers::PREVIOUS_ATTEMPT)? {
+            None => None,
+            Some("unknown") => Some(PreviousAttempt::Unknown),
+            Some("released") => Some(PreviousAttempt::Released),
+            Some(_) => {
+                return Err(ClientError::InvalidHeader {
+                    name: headers::PREVIOUS_ATTEMPT,
+                })
+            }
+        };
         let phases: Vec<String> = phases.iter().map(|p| (*p).to_owned()).collect();
         let done_through = match header(headers, headers::RECOVERY_POINT)? {
             None => None,
@@ -75,7 +88,9 @@ impl PhaseManager {
         Ok(Some(PhaseManager {
             store,
             id,
+            record_id,
             fencing_token,
+            previous_attempt,
             phases,
             done_through,
         }))
@@ -86,6 +101,13 @@ impl PhaseManager {
         self.done_through
             .and_then(|i| self.phases.get(i))
             .map(String::as_str)
+    }
+
+    /// What the proxy knows of an earlier attempt this request takes over. `Unknown` means that
+    /// attempt may have run (fully or in part) without recording its phases: reconcile (look up
+    /// whether its effect exists) before repeating work that has no checkpoint.
+    pub fn previous_attempt(&self) -> Option<PreviousAttempt> {
+        self.previous_attempt
     }
 
     /// True when `phase` was finished by a previous attempt (or by this one).
@@ -105,6 +127,7 @@ impl PhaseManager {
         self.store
             .checkpoint(&CheckpointRequest {
                 id: self.id.clone(),
+                record_id: self.record_id.clone(),
                 fencing_token: self.fencing_token,
                 phase: phase.to_owned(),
             })
@@ -146,6 +169,8 @@ mod tests {
     fn recovery_point_marks_earlier_phases_done() {
         let map = headers(&[
             (headers::FENCING_TOKEN, "2"),
+            (headers::RECORD_ID, "r1"),
+            (headers::PREVIOUS_ATTEMPT, "unknown"),
             (headers::SERVICE, "orders"),
             (headers::KEY, "k1"),
             (headers::RECOVERY_POINT, "inventory_reserved"),
@@ -154,6 +179,7 @@ mod tests {
             .unwrap()
             .unwrap();
         assert_eq!(pm.recovery_point(), Some("inventory_reserved"));
+        assert_eq!(pm.previous_attempt(), Some(PreviousAttempt::Unknown));
         assert!(pm.is_done("validated") && pm.is_done("inventory_reserved"));
         assert!(!pm.is_done("order_created") && !pm.is_done("notification_sent"));
     }
@@ -162,6 +188,7 @@ mod tests {
     fn fresh_attempt_has_nothing_done() {
         let map = headers(&[
             (headers::FENCING_TOKEN, "1"),
+            (headers::RECORD_ID, "r1"),
             (headers::SERVICE, "orders"),
             (headers::KEY, "k1"),
         ]);
@@ -183,6 +210,7 @@ mod tests {
         assert!(PhaseManager::from_headers(&map, store(), &PHASES).is_err());
         let map = headers(&[
             (headers::FENCING_TOKEN, "1"),
+            (headers::RECORD_ID, "r1"),
             (headers::SERVICE, "orders"),
             (headers::KEY, "k1"),
             (headers::RECOVERY_POINT, "teleported"),

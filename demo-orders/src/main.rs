@@ -1,7 +1,10 @@
 //! Demo orders service: the upstream behind Envoy in `make run` and the end-to-end tests.
 //!
-//! It counts every execution of a mutating request (total and per idempotency key), so tests
-//! can prove exactly-once, and it has test knobs: `x-demo-fail: <status>` answers that status,
+//! It counts every execution of a mutating request (total and per idempotency key) and every
+//! time two executions of one key overlapped, so tests can prove exactly-once. With
+//! `--executions-log FILE` each execution is appended to that file and the counts are read back
+//! at start, so they survive a crash or restart of the service. Work runs in its own task: like
+//! most real services it finishes even when the caller (Envoy) has gone away. Test knobs: `x-demo-fail: <status>` answers that status,
 //! `x-demo-delay-ms: <n>` sleeps first, `x-demo-response-bytes: <n>` pads the body.
 //!
 //! `POST /api/v1/orders/phased` is the seed's four-phase operation (validate → reserve inventory
@@ -43,6 +46,9 @@ struct Args {
         hide_env_values = true
     )]
     store_token: String,
+    /// Append every execution to this file and start from the counts it holds.
+    #[arg(long, env = "DEMO_EXECUTIONS_LOG")]
+    executions_log: Option<std::path::PathBuf>,
 }
 
 /// The seed's four phases of order creation.
@@ -56,15 +62,53 @@ const PHASES: [&str; 4] = [
 struct Counts {
     total: AtomicU64,
     by_key: Mutex<HashMap<String, u64>>,
+    /// Executions of a key that started while another of the same key was running.
+    overlaps: Mutex<HashMap<String, u64>>,
+    running: Mutex<HashMap<String, u64>>,
     phases: Mutex<HashMap<String, u64>>,
     lost_locks: AtomicU64,
+    log: Option<Mutex<std::fs::File>>,
     store: StoreClient,
 }
 
 type Shared = Arc<Counts>;
 
-/// Record one execution; returns the execution number of this key.
-fn record_execution(counts: &Counts, headers: &HeaderMap) -> u64 {
+/// One line of the executions log.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct LoggedExecution {
+    key: String,
+    overlapped: bool,
+}
+
+/// An execution in progress; it stops counting as running when dropped.
+struct Running {
+    counts: Shared,
+    key: String,
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        if let Ok(mut running) = self.counts.running.lock() {
+            if let Some(n) = running.get_mut(&self.key) {
+                *n = n.saturating_sub(1);
+            }
+        }
+    }
+}
+
+fn add(map: &Mutex<HashMap<String, u64>>, key: &str) -> u64 {
+    match map.lock() {
+        Ok(mut map) => {
+            let n = map.entry(key.to_owned()).or_insert(0);
+            *n += 1;
+            *n
+        }
+        Err(_) => 0,
+    }
+}
+
+/// Record one execution; returns the execution number of this key and its running guard.
+fn record_execution(counts: &Shared, headers: &HeaderMap) -> (u64, Running) {
     counts.total.fetch_add(1, Ordering::SeqCst);
     let key = headers
         .get("idempotency-key")
@@ -72,13 +116,57 @@ fn record_execution(counts: &Counts, headers: &HeaderMap) -> u64 {
         .unwrap_or("")
         .trim_matches('"')
         .to_owned();
-    match counts.by_key.lock() {
-        Ok(mut map) => {
-            let n = map.entry(key).or_insert(0);
-            *n += 1;
-            *n
+    let overlapped = !key.is_empty() && add(&counts.running, &key) > 1;
+    if overlapped {
+        add(&counts.overlaps, &key);
+        tracing::warn!(key, "two executions of one key overlap");
+    }
+    if let Some(log) = &counts.log {
+        let line = serde_json::to_string(&LoggedExecution {
+            key: key.clone(),
+            overlapped,
+        })
+        .unwrap_or_default();
+        if let Ok(mut file) = log.lock() {
+            use std::io::Write as _;
+            // Written before the work starts: a crash right after still counts it.
+            if let Err(e) = writeln!(file, "{line}") {
+                tracing::error!("cannot append to the executions log: {e}");
+            }
         }
-        Err(_) => 0,
+    }
+    let number = add(&counts.by_key, &key);
+    let guard = Running {
+        counts: counts.clone(),
+        key,
+    };
+    (number, guard)
+}
+
+/// Open the executions log and count what it already holds.
+fn open_log(counts: &mut Counts, path: &std::path::Path) -> std::io::Result<()> {
+    if let Ok(text) = std::fs::read_to_string(path) {
+        for line in text.lines() {
+            let Ok(entry) = serde_json::from_str::<LoggedExecution>(line) else {
+                continue; // a line torn by a crash
+            };
+            counts.total.fetch_add(1, Ordering::SeqCst);
+            add(&counts.by_key, &entry.key);
+            if entry.overlapped {
+                add(&counts.overlaps, &entry.key);
+            }
+        }
+    }
+    let file = std::fs::OpenOptions::new().create(true).append(true).open(path)?;
+    counts.log = Some(Mutex::new(file));
+    Ok(())
+}
+
+/// Run a handler's work in its own task, so it finishes even when the caller goes away.
+async fn detached(work: impl std::future::Future<Output = Response> + Send + 'static) -> Response {
+    match tokio::spawn(work).await {
+        Ok(response) => response,
+        Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, format!("handler failed: {e}")).into_response(),
     }
 }
 
@@ -135,7 +223,11 @@ async fn respond(
 }
 
 async fn create_order(State(counts): State<Shared>, headers: HeaderMap, body: axum::body::Bytes) -> Response {
-    let execution = record_execution(&counts, &headers);
+    detached(create_order_work(counts, headers, body)).await
+}
+
+async fn create_order_work(counts: Shared, headers: HeaderMap, body: axum::body::Bytes) -> Response {
+    let (execution, _running) = record_execution(&counts, &headers);
     let order_id = format!("ORD-{}", uuid::Uuid::new_v4());
     let request: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
     let body = json!({
@@ -162,7 +254,11 @@ fn count_phase(counts: &Counts, phase: &str) {
 }
 
 async fn create_order_phased(State(counts): State<Shared>, headers: HeaderMap) -> Response {
-    let execution = record_execution(&counts, &headers);
+    detached(create_order_phased_work(counts, headers)).await
+}
+
+async fn create_order_phased_work(counts: Shared, headers: HeaderMap) -> Response {
+    let (execution, _running) = record_execution(&counts, &headers);
     let fail_after = header_number(&headers, "x-demo-fail-after-phase");
     let pause_after = header_number(&headers, "x-demo-pause-after-phase");
     let pause_ms = header_number(&headers, "x-demo-pause-ms")
@@ -222,17 +318,23 @@ async fn update_order(
     headers: HeaderMap,
     body: axum::body::Bytes,
 ) -> Response {
-    let execution = record_execution(&counts, &headers);
-    let request: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
-    let body = json!({"orderId": id, "status": "updated", "request": request, "execution": execution,
-                      "idempotency": internal_headers(&headers)});
-    respond(&headers, StatusCode::OK, body, &[]).await
+    detached(async move {
+        let (execution, _running) = record_execution(&counts, &headers);
+        let request: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
+        let body = json!({"orderId": id, "status": "updated", "request": request, "execution": execution,
+                          "idempotency": internal_headers(&headers)});
+        respond(&headers, StatusCode::OK, body, &[]).await
+    })
+    .await
 }
 
 async fn delete_order(State(counts): State<Shared>, Path(id): Path<String>, headers: HeaderMap) -> Response {
-    let execution = record_execution(&counts, &headers);
-    let body = json!({"orderId": id, "status": "deleted", "execution": execution});
-    respond(&headers, StatusCode::OK, body, &[]).await
+    detached(async move {
+        let (execution, _running) = record_execution(&counts, &headers);
+        let body = json!({"orderId": id, "status": "deleted", "execution": execution});
+        respond(&headers, StatusCode::OK, body, &[]).await
+    })
+    .await
 }
 
 async fn list_orders(headers: HeaderMap) -> Response {
@@ -242,9 +344,11 @@ async fn list_orders(headers: HeaderMap) -> Response {
 async fn executions(State(counts): State<Shared>) -> Json<Value> {
     let by_key = counts.by_key.lock().map(|m| m.clone()).unwrap_or_default();
     let phases = counts.phases.lock().map(|m| m.clone()).unwrap_or_default();
+    let overlaps = counts.overlaps.lock().map(|m| m.clone()).unwrap_or_default();
     Json(json!({
         "total": counts.total.load(Ordering::SeqCst),
         "byKey": by_key,
+        "overlaps": overlaps,
         "phases": phases,
         "lostLocks": counts.lost_locks.load(Ordering::SeqCst),
     }))
@@ -257,6 +361,14 @@ async fn reset(State(counts): State<Shared>) -> StatusCode {
     }
     if let Ok(mut map) = counts.phases.lock() {
         map.clear();
+    }
+    if let Ok(mut map) = counts.overlaps.lock() {
+        map.clear();
+    }
+    if let Some(log) = &counts.log {
+        if let Ok(file) = log.lock() {
+            let _ = file.set_len(0);
+        }
     }
     counts.lost_locks.store(0, Ordering::SeqCst);
     StatusCode::NO_CONTENT
@@ -287,13 +399,23 @@ async fn main() -> ExitCode {
             return ExitCode::from(1);
         }
     };
-    let counts = Arc::new(Counts {
+    let mut counts = Counts {
         total: AtomicU64::new(0),
         by_key: Mutex::new(HashMap::new()),
+        overlaps: Mutex::new(HashMap::new()),
+        running: Mutex::new(HashMap::new()),
         phases: Mutex::new(HashMap::new()),
         lost_locks: AtomicU64::new(0),
+        log: None,
         store,
-    });
+    };
+    if let Some(path) = &args.executions_log {
+        if let Err(e) = open_log(&mut counts, path) {
+            tracing::error!("cannot open the executions log {}: {e}", path.display());
+            return ExitCode::from(1);
+        }
+    }
+    let counts = Arc::new(counts);
     let listener = match tokio::net::TcpListener::bind(args.listen).await {
         Ok(l) => l,
         Err(e) => {

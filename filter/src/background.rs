@@ -1,19 +1,42 @@
-//! Store calls that must outlive their HTTP stream, made from the root context.
+//! Store calls that must outlive their HTTP stream, made (and retried) from the root context.
 //!
 //! Envoy cancels a stream's pending callouts when the stream ends, so a call made from a stream
-//! that is about to finish (shadow acquire and record, or the release of a lock whose stream was
-//! abandoned) would be lost. Streams queue such calls here instead; the root context, which lives
-//! as long as the VM, dispatches them on its next tick and receives their replies. Everything
-//! stays on one worker thread (one Wasm instance), so plain `Rc`/`RefCell` sharing is enough.
+//! that is about to finish would be lost. Streams queue such calls here instead: shadow acquires
+//! and records, `complete`/`release`/`outcome-unknown` writes whose stream ended or whose first
+//! try failed, and `abandon` of an acquire the proxy gave up on. The root context, which lives as
+//! long as the VM, dispatches them on its tick and reads their replies. A call with a retry
+//! window is retried with backoff after a transient failure (no reply, 5xx, 408, 429) until it
+//! succeeds, the store refuses it for good (fencing: 409; gone: 404; 4xx), or the window ends
+//! (for holder writes: when the lock expires, after which the write could not succeed anyway).
+//! Everything stays on one worker thread (one Wasm instance), so `Rc`/`RefCell` sharing is enough.
 
 use std::cell::RefCell;
 use std::collections::{HashMap, VecDeque};
 use std::rc::Rc;
+use std::time::Duration;
+
+use idempotency_wire::AbandonResponse;
 
 use crate::config::Config;
 use crate::flow::shadow::ShadowJob;
 use crate::host::{Callout, CalloutReply, Host, Level};
 use crate::metrics::Counter;
+
+/// First pause before a retry; doubled per try up to [`MAX_BACKOFF`].
+pub const FIRST_BACKOFF: Duration = Duration::from_millis(50);
+/// Longest pause between retries.
+pub const MAX_BACKOFF: Duration = Duration::from_secs(2);
+
+/// How a call's successful (200) reply is read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Settle {
+    /// Any 200 is the end.
+    OnSuccess,
+    /// `abandon`: a reply of "released: false" is final only once this time has passed, because
+    /// the abandoned acquire may still be on its way to storage (it is refused after its
+    /// deadline, which lies before this).
+    AbandonAfter(Duration),
+}
 
 /// One queued store call.
 #[derive(Debug)]
@@ -24,6 +47,69 @@ pub struct BackgroundCall {
     pub body: Vec<u8>,
     /// The shadow job waiting for this call's reply (shadow acquires only).
     pub job: Option<Rc<RefCell<ShadowJob>>>,
+    /// Retry transient failures until this host time; `None`: one try only.
+    pub retry_until: Option<Duration>,
+    /// How a 200 reply is read.
+    pub settle: Settle,
+    tries: u32,
+    not_before: Duration,
+}
+
+impl BackgroundCall {
+    /// A call tried once (shadow tracking: best effort by design).
+    pub fn once(path: &'static str, body: Vec<u8>) -> BackgroundCall {
+        BackgroundCall {
+            path,
+            body,
+            job: None,
+            retry_until: None,
+            settle: Settle::OnSuccess,
+            tries: 0,
+            not_before: Duration::ZERO,
+        }
+    }
+
+    /// A shadow acquire whose reply goes to `job`.
+    pub fn shadow_acquire(path: &'static str, body: Vec<u8>, job: Rc<RefCell<ShadowJob>>) -> BackgroundCall {
+        BackgroundCall {
+            job: Some(job),
+            ..BackgroundCall::once(path, body)
+        }
+    }
+
+    /// A call that must happen: retried until it succeeds, is refused, or `until` passes.
+    pub fn retried(path: &'static str, body: Vec<u8>, until: Duration) -> BackgroundCall {
+        BackgroundCall {
+            retry_until: Some(until),
+            ..BackgroundCall::once(path, body)
+        }
+    }
+
+    /// An `abandon`, retried until it releases, or until `settle_after` has passed with the store
+    /// saying the attempt holds nothing.
+    pub fn abandon(
+        path: &'static str,
+        body: Vec<u8>,
+        settle_after: Duration,
+        until: Duration,
+    ) -> BackgroundCall {
+        BackgroundCall {
+            settle: Settle::AbandonAfter(settle_after),
+            ..BackgroundCall::retried(path, body, until)
+        }
+    }
+
+    /// Number of tries so far.
+    pub fn tries(&self) -> u32 {
+        self.tries
+    }
+}
+
+/// Pause before try number `tries + 1`.
+pub fn backoff(tries: u32) -> Duration {
+    FIRST_BACKOFF
+        .saturating_mul(1u32 << tries.min(16))
+        .min(MAX_BACKOFF)
 }
 
 /// Most calls kept queued; beyond this new ones are dropped (and counted as storage errors)
@@ -34,7 +120,14 @@ pub const MAX_QUEUED: usize = 10_000;
 #[derive(Debug, Default)]
 pub struct Background {
     queue: RefCell<VecDeque<BackgroundCall>>,
-    in_flight: RefCell<HashMap<u32, Option<Rc<RefCell<ShadowJob>>>>>,
+    in_flight: RefCell<HashMap<u32, BackgroundCall>>,
+}
+
+/// How one reply ends a call.
+enum Verdict {
+    Done,
+    Refused,
+    Retry,
 }
 
 impl Background {
@@ -52,57 +145,137 @@ impl Background {
         queue.push_back(call);
     }
 
-    /// Calls waiting to be dispatched.
+    /// Calls waiting to be dispatched (including those waiting for a retry).
     pub fn queued(&self) -> usize {
         self.queue.borrow().len()
     }
 
-    /// Root context: dispatch everything queued.
-    pub fn drain(&self, host: &dyn Host) {
-        let calls: Vec<BackgroundCall> = self.queue.borrow_mut().drain(..).collect();
-        for call in calls {
-            match host.dispatch(&Callout {
+    /// Calls dispatched and not yet answered.
+    pub fn in_flight(&self) -> usize {
+        self.in_flight.borrow().len()
+    }
+
+    /// Root context: dispatch every queued call that is due.
+    pub fn drain(&self, host: &dyn Host, config: &Config) {
+        let now = host.now();
+        let due: Vec<BackgroundCall> = {
+            let mut queue = self.queue.borrow_mut();
+            let (due, later): (VecDeque<_>, VecDeque<_>) = queue.drain(..).partition(|c| c.not_before <= now);
+            *queue = later;
+            due.into()
+        };
+        for mut call in due {
+            call.tries = call.tries.saturating_add(1);
+            let dispatched = host.dispatch(&Callout {
                 path: call.path,
                 body: &call.body,
-            }) {
+                timeout: config.store_timeout,
+            });
+            match dispatched {
                 Ok(token) => {
-                    self.in_flight.borrow_mut().insert(token, call.job);
+                    self.in_flight.borrow_mut().insert(token, call);
                 }
                 Err(e) => {
-                    host.count(Counter::StorageError);
                     host.log(
                         Level::Warn,
                         &format!("idempotency: background {} failed: {e}", call.path),
                     );
+                    self.retry_or_give_up(host, call, &e.to_string());
                 }
+            }
+        }
+    }
+
+    fn retry_or_give_up(&self, host: &dyn Host, mut call: BackgroundCall, reason: &str) {
+        let now = host.now();
+        match call.retry_until {
+            Some(until) if now < until => {
+                call.not_before = now.saturating_add(backoff(call.tries));
+                self.enqueue(host, call);
+            }
+            _ => {
+                host.count(Counter::StorageError);
+                host.log(
+                    Level::Warn,
+                    &format!(
+                        "idempotency: background {} gave up after {} tries: {reason}",
+                        call.path, call.tries
+                    ),
+                );
             }
         }
     }
 
     /// Root context: a background call answered.
     pub fn on_reply(&self, host: &dyn Host, config: &Config, token: u32, reply: CalloutReply) {
-        let Some(job) = self.in_flight.borrow_mut().remove(&token) else {
+        let Some(call) = self.in_flight.borrow_mut().remove(&token) else {
             return;
         };
-        match job {
-            Some(job) => {
-                let record = job.borrow_mut().on_acquire_reply(host, config, reply);
-                if let Some(call) = record {
-                    self.enqueue(host, call);
-                    self.drain(host);
+        if let Some(job) = &call.job {
+            let record = job.borrow_mut().on_acquire_reply(host, config, reply);
+            if let Some(next) = record {
+                self.enqueue(host, next);
+                self.drain(host, config);
+            }
+            return;
+        }
+        let verdict = match reply.status {
+            Some(200) => match call.settle {
+                Settle::OnSuccess => Verdict::Done,
+                Settle::AbandonAfter(settle_after) => {
+                    match serde_json::from_slice::<AbandonResponse>(&reply.body) {
+                        Ok(AbandonResponse { released: true }) => {
+                            host.count(Counter::AbandonReleased);
+                            Verdict::Done
+                        }
+                        Ok(AbandonResponse { released: false }) if host.now() >= settle_after => {
+                            Verdict::Done
+                        }
+                        _ => Verdict::Retry,
+                    }
+                }
+            },
+            Some(400..=407 | 409..=428 | 430..=499) => Verdict::Refused,
+            _ => Verdict::Retry,
+        };
+        match verdict {
+            Verdict::Done => {
+                if call.tries > 1 {
+                    host.log(
+                        Level::Debug,
+                        &format!(
+                            "idempotency: background {} succeeded on try {}",
+                            call.path, call.tries
+                        ),
+                    );
                 }
             }
-            None if reply.status != Some(200) => {
-                host.count(Counter::StorageError);
-                host.log(
-                    Level::Warn,
-                    &format!(
-                        "idempotency: background store call failed (status {:?})",
-                        reply.status
-                    ),
-                );
+            Verdict::Refused => host.log(
+                Level::Warn,
+                &format!(
+                    "idempotency: store refused background {} (status {:?}): {}",
+                    call.path,
+                    reply.status,
+                    String::from_utf8_lossy(reply.body.get(..200).unwrap_or(&reply.body))
+                ),
+            ),
+            Verdict::Retry => {
+                let reason = format!("status {:?}", reply.status);
+                self.retry_or_give_up(host, call, &reason);
             }
-            None => {}
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_doubles_up_to_the_cap() {
+        assert_eq!(backoff(0), Duration::from_millis(50));
+        assert_eq!(backoff(1), Duration::from_millis(100));
+        assert_eq!(backoff(3), Duration::from_millis(400));
+        assert_eq!(backoff(30), MAX_BACKOFF);
     }
 }

@@ -90,6 +90,8 @@ pub struct RouteRule {
     pub percentage: f64,
     /// JSON pointers removed from JSON bodies before fingerprinting, besides the global ones.
     pub exclude_fields: Vec<String>,
+    /// `in_progress_wait` on this route, overriding the plugin-wide value.
+    pub in_progress_wait: Option<Duration>,
 }
 
 /// Where the record scope (caller isolation) comes from; the first source present wins.
@@ -120,6 +122,9 @@ pub struct Config {
     pub max_key_length: usize,
     /// How long a lock is held before another attempt may take it over.
     pub lock_timeout: Duration,
+    /// How long the store may hold a retry's acquire while the key is in progress, waiting for
+    /// the first attempt to finish (then the retry gets the replay); 0 answers 409 at once.
+    pub in_progress_wait: Duration,
     /// How long records are kept.
     pub retention_period: Duration,
     /// Largest response body stored; larger ones are recorded without body.
@@ -235,6 +240,7 @@ struct RawConfig {
     #[serde(default = "default_max_key_length")]
     max_key_length: usize,
     lock_timeout: Option<String>,
+    in_progress_wait: Option<String>,
     retention_period: Option<String>,
     #[serde(default = "default_body_limit")]
     max_response_size: usize,
@@ -289,6 +295,7 @@ struct RawRouteRule {
     percentage: Option<f64>,
     #[serde(default)]
     exclude_fields: Vec<String>,
+    in_progress_wait: Option<String>,
 }
 
 fn default_true() -> bool {
@@ -325,6 +332,24 @@ pub const DEFAULT_MUTATING_METHODS: [&str; 4] = ["POST", "PUT", "PATCH", "DELETE
 
 /// Longest key the filter will ever accept, whatever `max_key_length` says.
 pub const MAX_KEY_LENGTH_CEILING: usize = 1024;
+
+/// Longest `in_progress_wait`: the store holds at most this long, and the acquire callout's
+/// timeout grows by the wait.
+pub const MAX_IN_PROGRESS_WAIT: Duration = Duration::from_secs(30);
+
+/// An `in_progress_wait` value: `0s` (answer 409 at once) up to [`MAX_IN_PROGRESS_WAIT`].
+fn parse_wait(field: &'static str, text: &str) -> Result<Duration, String> {
+    let wait = humantime::parse_duration(text.trim()).map_err(|e| {
+        format!("`{field}`: in_progress_wait: expected a duration like \"2s\", got {text:?} ({e})")
+    })?;
+    if wait > MAX_IN_PROGRESS_WAIT {
+        return Err(format!(
+            "`{field}`: in_progress_wait must be at most {}",
+            humantime::format_duration(MAX_IN_PROGRESS_WAIT)
+        ));
+    }
+    Ok(wait)
+}
 
 fn parse_duration(
     field: &'static str,
@@ -426,6 +451,10 @@ fn parse_route(index: usize, raw: RawRouteRule) -> Result<RouteRule, ConfigError
             format!("{name}: percentage must be between 0 and 100, got {percentage}"),
         ));
     }
+    let in_progress_wait = raw
+        .in_progress_wait
+        .map(|text| parse_wait("routes", &text).map_err(|e| field_error("routes", format!("{name}: {e}"))))
+        .transpose()?;
     Ok(RouteRule {
         name,
         path,
@@ -433,6 +462,7 @@ fn parse_route(index: usize, raw: RawRouteRule) -> Result<RouteRule, ConfigError
         mode: raw.mode,
         percentage,
         exclude_fields: json_pointers("routes", raw.exclude_fields)?,
+        in_progress_wait,
     })
 }
 
@@ -544,6 +574,11 @@ impl Config {
             ));
         }
         let store_timeout = parse_duration("store_timeout", raw.store_timeout, Duration::from_millis(1000))?;
+        let in_progress_wait = raw
+            .in_progress_wait
+            .map(|text| parse_wait("in_progress_wait", &text).map_err(|e| field_error("in_progress_wait", e)))
+            .transpose()?
+            .unwrap_or(Duration::ZERO);
         if store_timeout > Duration::from_secs(60) {
             return Err(field_error("store_timeout", "must be at most 60s"));
         }
@@ -639,6 +674,7 @@ impl Config {
             mutating_methods,
             max_key_length: raw.max_key_length,
             lock_timeout,
+            in_progress_wait,
             retention_period,
             max_response_size: raw.max_response_size,
             max_request_body: raw.max_request_body,

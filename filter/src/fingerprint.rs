@@ -4,7 +4,6 @@
 
 use std::borrow::Cow;
 
-use serde_json::Value;
 use sha2::{Digest, Sha256};
 
 /// True for `application/json` and `application/*+json` content types.
@@ -18,46 +17,236 @@ pub fn is_json_content_type(content_type: &str) -> bool {
     essence == "application/json" || (essence.starts_with("application/") && essence.ends_with("+json"))
 }
 
-/// Remove the value at an RFC 6901 `pointer`, if present.
-fn remove_pointer(value: &mut Value, pointer: &str) {
-    let Some((parent, last)) = pointer.rsplit_once('/') else {
-        return;
-    };
-    let last = last.replace("~1", "/").replace("~0", "~");
-    match value.pointer_mut(parent) {
-        Some(Value::Object(map)) => {
-            map.remove(&last);
+/// A parsed JSON value for fingerprinting. Numbers keep the exact text the client sent (no
+/// float rounding: `0.1` and `0.1000000000000000055511` stay different), and objects keep every
+/// member, duplicates included (a body with a repeated name never equals one without).
+#[derive(Debug, Clone, PartialEq)]
+enum Node {
+    Object(Vec<(String, Node)>),
+    Array(Vec<Node>),
+    /// A string (re-encoded canonically), number (as written) or literal.
+    Scalar(String),
+}
+
+/// Deepest nesting canonicalised; deeper bodies are hashed as raw bytes.
+const MAX_DEPTH: usize = 128;
+
+/// A strict JSON (RFC 8259) reader into [`Node`]s; `None` for anything that is not JSON.
+struct Reader<'a> {
+    bytes: &'a [u8],
+    pos: usize,
+}
+
+impl Reader<'_> {
+    fn peek(&self) -> Option<u8> {
+        self.bytes.get(self.pos).copied()
+    }
+
+    fn skip_whitespace(&mut self) {
+        while matches!(self.peek(), Some(b' ' | b'\t' | b'\n' | b'\r')) {
+            self.pos += 1;
         }
-        Some(Value::Array(items)) => {
-            if let Ok(index) = last.parse::<usize>() {
-                if index < items.len() {
-                    items.remove(index);
+    }
+
+    fn eat(&mut self, byte: u8) -> Option<()> {
+        self.skip_whitespace();
+        (self.peek()? == byte).then(|| self.pos += 1)
+    }
+
+    fn value(&mut self, depth: usize) -> Option<Node> {
+        if depth > MAX_DEPTH {
+            return None;
+        }
+        self.skip_whitespace();
+        match self.peek()? {
+            b'{' => {
+                self.pos += 1;
+                let mut members = Vec::new();
+                if self.eat(b'}').is_some() {
+                    return Some(Node::Object(members));
+                }
+                loop {
+                    self.skip_whitespace();
+                    let name = self.string()?;
+                    self.eat(b':')?;
+                    members.push((name, self.value(depth + 1)?));
+                    self.skip_whitespace();
+                    match self.peek()? {
+                        b',' => self.pos += 1,
+                        b'}' => {
+                            self.pos += 1;
+                            return Some(Node::Object(members));
+                        }
+                        _ => return None,
+                    }
                 }
             }
+            b'[' => {
+                self.pos += 1;
+                let mut items = Vec::new();
+                if self.eat(b']').is_some() {
+                    return Some(Node::Array(items));
+                }
+                loop {
+                    items.push(self.value(depth + 1)?);
+                    self.skip_whitespace();
+                    match self.peek()? {
+                        b',' => self.pos += 1,
+                        b']' => {
+                            self.pos += 1;
+                            return Some(Node::Array(items));
+                        }
+                        _ => return None,
+                    }
+                }
+            }
+            b'"' => {
+                let text = self.string()?;
+                serde_json::to_string(&text).ok().map(Node::Scalar)
+            }
+            b't' => self.literal("true"),
+            b'f' => self.literal("false"),
+            b'n' => self.literal("null"),
+            _ => self.number(),
         }
-        _ => {}
+    }
+
+    fn literal(&mut self, word: &str) -> Option<Node> {
+        let end = self.pos + word.len();
+        (self.bytes.get(self.pos..end)? == word.as_bytes()).then(|| {
+            self.pos = end;
+            Node::Scalar(word.to_owned())
+        })
+    }
+
+    /// A string token, unescaped (serde_json does the unescaping and UTF-8 checks).
+    fn string(&mut self) -> Option<String> {
+        let start = self.pos;
+        if self.peek()? != b'"' {
+            return None;
+        }
+        self.pos += 1;
+        loop {
+            match self.peek()? {
+                b'"' => break,
+                b'\\' => self.pos += 2,
+                _ => self.pos += 1,
+            }
+        }
+        self.pos += 1;
+        serde_json::from_slice::<String>(self.bytes.get(start..self.pos)?).ok()
+    }
+
+    /// A number token, validated against the JSON grammar and kept as written.
+    fn number(&mut self) -> Option<Node> {
+        let start = self.pos;
+        let digits = |r: &mut Self| {
+            let from = r.pos;
+            while matches!(r.peek(), Some(b'0'..=b'9')) {
+                r.pos += 1;
+            }
+            r.pos > from
+        };
+        if self.peek() == Some(b'-') {
+            self.pos += 1;
+        }
+        if self.peek() == Some(b'0') {
+            self.pos += 1;
+        } else if !digits(self) {
+            return None;
+        }
+        if self.peek() == Some(b'.') {
+            self.pos += 1;
+            if !digits(self) {
+                return None;
+            }
+        }
+        if matches!(self.peek(), Some(b'e' | b'E')) {
+            self.pos += 1;
+            if matches!(self.peek(), Some(b'+' | b'-')) {
+                self.pos += 1;
+            }
+            if !digits(self) {
+                return None;
+            }
+        }
+        let text = std::str::from_utf8(self.bytes.get(start..self.pos)?).ok()?;
+        Some(Node::Scalar(text.to_owned()))
     }
 }
 
-/// Write `value` canonically: object keys sorted by UTF-16 code units (RFC 8785 §3.2.3), no
-/// whitespace, strings and numbers as serde_json writes them.
-fn write_canonical(value: &Value, out: &mut Vec<u8>) {
+/// Parse a whole body as one JSON value.
+fn parse(body: &[u8]) -> Option<Node> {
+    let mut reader = Reader { bytes: body, pos: 0 };
+    let value = reader.value(0)?;
+    reader.skip_whitespace();
+    (reader.pos == body.len()).then_some(value)
+}
+
+/// Remove the value(s) at an RFC 6901 `pointer`, if present (every member of that name).
+fn remove_pointer(value: &mut Node, pointer: &str) {
+    let Some(rest) = pointer.strip_prefix('/') else {
+        return;
+    };
+    let mut tokens: Vec<String> = rest
+        .split('/')
+        .map(|t| t.replace("~1", "/").replace("~0", "~"))
+        .collect();
+    let Some(last) = tokens.pop() else { return };
+    let mut targets: Vec<&mut Node> = vec![value];
+    for token in &tokens {
+        targets = targets
+            .into_iter()
+            .flat_map(|node| -> Vec<&mut Node> {
+                match node {
+                    Node::Object(members) => members
+                        .iter_mut()
+                        .filter(|(name, _)| name == token)
+                        .map(|(_, v)| v)
+                        .collect(),
+                    Node::Array(items) => token
+                        .parse::<usize>()
+                        .ok()
+                        .and_then(|i| items.get_mut(i))
+                        .into_iter()
+                        .collect(),
+                    Node::Scalar(_) => Vec::new(),
+                }
+            })
+            .collect();
+    }
+    for node in targets {
+        match node {
+            Node::Object(members) => members.retain(|(name, _)| *name != last),
+            Node::Array(items) => {
+                if let Some(index) = last.parse::<usize>().ok().filter(|i| *i < items.len()) {
+                    items.remove(index);
+                }
+            }
+            Node::Scalar(_) => {}
+        }
+    }
+}
+
+/// Write `value` canonically: object members sorted by name in UTF-16 code units (RFC 8785
+/// §3.2.3; equal names keep their order), no whitespace, strings re-encoded, numbers as written.
+fn write_canonical(value: &Node, out: &mut Vec<u8>) {
     match value {
-        Value::Object(map) => {
-            let mut entries: Vec<(&String, &Value)> = map.iter().collect();
-            entries.sort_by(|(a, _), (b, _)| a.encode_utf16().cmp(b.encode_utf16()));
+        Node::Object(members) => {
+            let mut sorted: Vec<&(String, Node)> = members.iter().collect();
+            sorted.sort_by(|(a, _), (b, _)| a.encode_utf16().cmp(b.encode_utf16()));
             out.push(b'{');
-            for (i, (key, item)) in entries.into_iter().enumerate() {
+            for (i, (name, item)) in sorted.into_iter().enumerate() {
                 if i > 0 {
                     out.push(b',');
                 }
-                out.extend(Value::String(key.clone()).to_string().as_bytes());
+                out.extend(serde_json::to_string(name).unwrap_or_default().as_bytes());
                 out.push(b':');
                 write_canonical(item, out);
             }
             out.push(b'}');
         }
-        Value::Array(items) => {
+        Node::Array(items) => {
             out.push(b'[');
             for (i, item) in items.iter().enumerate() {
                 if i > 0 {
@@ -67,7 +256,7 @@ fn write_canonical(value: &Value, out: &mut Vec<u8>) {
             }
             out.push(b']');
         }
-        scalar => out.extend(scalar.to_string().as_bytes()),
+        Node::Scalar(text) => out.extend(text.as_bytes()),
     }
 }
 
@@ -77,7 +266,7 @@ pub fn fingerprint_body<'a>(body: &'a [u8], json: bool, exclude: &[&str]) -> Cow
     if !json {
         return Cow::Borrowed(body);
     }
-    let Ok(mut value) = serde_json::from_slice::<Value>(body) else {
+    let Some(mut value) = parse(body) else {
         return Cow::Borrowed(body);
     };
     for pointer in exclude {
@@ -176,6 +365,56 @@ mod tests {
         );
         assert_eq!(a, b);
         assert_eq!(a, r#"{"amount":1,"meta":{}}"#);
+    }
+
+    #[test]
+    fn numbers_keep_the_digits_the_client_sent() {
+        assert_ne!(
+            canonical(r#"{"amount":0.1}"#, &[]),
+            canonical(r#"{"amount":0.1000000000000000055511}"#, &[])
+        );
+        assert_eq!(
+            canonical(r#"{"n": 12345678901234567890123}"#, &[]),
+            r#"{"n":12345678901234567890123}"#
+        );
+        assert_eq!(canonical(r#"[-0.5e+10, 1E2, 0]"#, &[]), "[-0.5e+10,1E2,0]");
+    }
+
+    #[test]
+    fn duplicate_member_names_are_never_merged() {
+        assert_ne!(canonical(r#"{"a":1,"a":1}"#, &[]), canonical(r#"{"a":1}"#, &[]));
+        assert_ne!(canonical(r#"{"a":1,"a":2}"#, &[]), canonical(r#"{"a":2}"#, &[]));
+        assert_eq!(canonical(r#"{"b":0,"a":2,"a":1}"#, &[]), r#"{"a":2,"a":1,"b":0}"#);
+    }
+
+    #[test]
+    fn strings_are_compared_by_value_not_by_escape() {
+        assert_eq!(
+            canonical(r#"{"k":"\u0041\n"}"#, &[]),
+            canonical(r#"{"k":"A\n"}"#, &[])
+        );
+        assert_eq!(canonical(r#"{"\u0061":1}"#, &[]), canonical(r#"{"a":1}"#, &[]));
+    }
+
+    #[test]
+    fn invalid_json_is_hashed_raw() {
+        for body in [
+            "{\"a\":01}",
+            "{\"a\":1,}",
+            "[1 2]",
+            "{\"a\" 1}",
+            "\"x",
+            "1.",
+            "-",
+            "tru",
+            "{} {}",
+        ] {
+            assert_eq!(
+                &*fingerprint_body(body.as_bytes(), true, &[]),
+                body.as_bytes(),
+                "{body}"
+            );
+        }
     }
 
     #[test]

@@ -35,6 +35,8 @@ pub struct Callout<'a> {
     pub path: &'a str,
     /// JSON body.
     pub body: &'a [u8],
+    /// How long Envoy waits for the reply before reporting a timeout.
+    pub timeout: Duration,
 }
 
 /// What the store answered to a callout.

@@ -7,6 +7,7 @@
 //! (stored headers), [`flow`] (the per-request state machine, plain Rust behind [`host::Host`]),
 //! and `wasm` (the only module that talks to proxy-wasm).
 
+pub mod attempt;
 pub mod background;
 pub mod cache;
 pub mod config;
@@ -16,6 +17,7 @@ pub mod host;
 pub mod key;
 pub mod metadata;
 pub mod metrics;
+pub mod outcome;
 pub mod policy;
 pub mod problem;
 pub mod replay;

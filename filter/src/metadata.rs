@@ -76,9 +76,11 @@ fn parse_number(value: &[u8]) -> Option<f64> {
     Some(f64::from_le_bytes(raw))
 }
 
+/// A mode value. YAML reads an unquoted `off` as the boolean `false`, which Envoy hands over as
+/// a single 0 byte (or its text): that means `off`. The other modes are strings.
 fn parse_mode(value: &[u8]) -> Option<Mode> {
     match value {
-        b"off" => Some(Mode::Off),
+        b"off" | [0] | b"false" => Some(Mode::Off),
         b"shadow" => Some(Mode::Shadow),
         b"optional" => Some(Mode::Optional),
         b"required" => Some(Mode::Required),
@@ -141,6 +143,18 @@ mod tests {
         let overrides = parse_route_overrides(&captured).unwrap();
         assert_eq!(overrides.mode, Some(Mode::Required));
         assert_eq!(overrides.percentage, Some(50.0));
+    }
+
+    #[test]
+    fn unquoted_yaml_off_arrives_as_false_and_means_off() {
+        for value in [&[0u8][..], b"false", b"off"] {
+            let overrides = parse_route_overrides(&encode(&[(b"mode", value)])).unwrap();
+            assert_eq!(overrides.mode, Some(Mode::Off), "{value:?}");
+        }
+        assert_eq!(
+            parse_route_overrides(&encode(&[(b"mode", &[1u8][..])])),
+            Err(MetadataError::InvalidValue("mode"))
+        );
     }
 
     #[test]

@@ -45,11 +45,19 @@ pub enum Counter {
     ShadowWouldMismatch,
     /// Shadow: enforcement would have answered 400 (missing or invalid key) or 413.
     ShadowWouldReject,
+    /// A forwarded request's outcome could not be known; its lock is kept until it expires.
+    OutcomeUnknown,
+    /// An acquire the proxy gave up on was abandoned and its lock released.
+    AbandonReleased,
+    /// A response over `max_response_size` streamed through and was recorded without its body.
+    ResponseStreamed,
+    /// A `complete`/`release`/`outcome-unknown` write was handed to the root context to retry.
+    WriteRetried,
 }
 
 impl Counter {
     /// Every counter, for defining them at start-up.
-    pub const ALL: [Counter; 17] = [
+    pub const ALL: [Counter; 21] = [
         Counter::Hit,
         Counter::Miss,
         Counter::ParameterMismatch,
@@ -67,6 +75,10 @@ impl Counter {
         Counter::ShadowWouldConflict,
         Counter::ShadowWouldMismatch,
         Counter::ShadowWouldReject,
+        Counter::OutcomeUnknown,
+        Counter::AbandonReleased,
+        Counter::ResponseStreamed,
+        Counter::WriteRetried,
     ];
 
     /// The stat name.
@@ -89,6 +101,10 @@ impl Counter {
             Counter::ShadowWouldConflict => "idempotency_shadow_would_conflict_total",
             Counter::ShadowWouldMismatch => "idempotency_shadow_would_mismatch_total",
             Counter::ShadowWouldReject => "idempotency_shadow_would_reject_total",
+            Counter::OutcomeUnknown => "idempotency_outcome_unknown_total",
+            Counter::AbandonReleased => "idempotency_abandoned_acquires_total",
+            Counter::ResponseStreamed => "idempotency_responses_streamed_total",
+            Counter::WriteRetried => "idempotency_store_writes_retried_total",
         }
     }
 }

@@ -39,6 +39,10 @@ pub struct MockHost {
     pub fail_dispatch: RefCell<bool>,
     pub background_wakes: RefCell<usize>,
     pub properties: RefCell<std::collections::HashMap<Vec<String>, Vec<u8>>>,
+    /// How far the clock has been moved past its start.
+    pub clock_advance: RefCell<Duration>,
+    /// Timeout of the last dispatched callout.
+    pub last_timeout: RefCell<Option<Duration>>,
     next_token: RefCell<u32>,
 }
 
@@ -146,6 +150,7 @@ impl Host for MockHost {
             *next += 1;
             *next
         };
+        *self.last_timeout.borrow_mut() = Some(callout.timeout);
         self.calls.borrow_mut().push(Call::Dispatch {
             path: callout.path.to_owned(),
             body: String::from_utf8_lossy(callout.body).into_owned(),
@@ -183,7 +188,7 @@ impl Host for MockHost {
     }
 
     fn now(&self) -> Duration {
-        Duration::from_secs(1_700_000_000)
+        Duration::from_secs(1_700_000_000).saturating_add(*self.clock_advance.borrow())
     }
 
     fn log(&self, level: Level, message: &str) {

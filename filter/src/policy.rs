@@ -17,6 +17,8 @@ pub struct RoutePolicy<'a> {
     pub rule: &'a str,
     /// Extra JSON pointers excluded from the fingerprint on this route.
     pub exclude_fields: &'a [String],
+    /// How long a retry of an in-progress key may wait for the first attempt.
+    pub in_progress_wait: std::time::Duration,
 }
 
 /// The policy for `method` and `path` (query string ignored), or `None` when the filter does not
@@ -41,12 +43,14 @@ pub fn route_policy<'a>(
             percentage: rule.percentage,
             rule: &rule.name,
             exclude_fields: &rule.exclude_fields,
+            in_progress_wait: rule.in_progress_wait.unwrap_or(config.in_progress_wait),
         },
         None if config.acts_on_method(method) => RoutePolicy {
             mode: config.mode,
             percentage: 100.0,
             rule: "default",
             exclude_fields: &[],
+            in_progress_wait: config.in_progress_wait,
         },
         None => return None,
     };

@@ -139,8 +139,8 @@ impl RootContext for Root {
     }
 
     fn on_tick(&mut self) {
-        if self.background.queued() > 0 {
-            self.background.drain(&self.host());
+        if let (true, Some(config)) = (self.background.queued() > 0, self.config.clone()) {
+            self.background.drain(&self.host(), &config);
         }
     }
 
@@ -303,7 +303,7 @@ impl Host for WasmHost {
             headers,
             Some(callout.body),
             Vec::new(),
-            config.store_timeout,
+            callout.timeout,
         )
         .map_err(host_error("dispatch_http_call"))
     }

@@ -1,7 +1,7 @@
 //! HTTP API: `/v1/*` operations (bearer token), `/healthz`, `/readyz`, `/metrics`.
 
 use std::sync::Arc;
-use std::time::{Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use axum::extract::{DefaultBodyLimit, Query, Request, State};
 use axum::http::{header, StatusCode};
@@ -10,8 +10,8 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use idempotency_wire::{
-    paths, AcquireRequest, AcquireResponse, CheckpointRequest, ClaimRequest, ClaimResponse, CompleteRequest,
-    MessageDoneRequest, RecordId, ReleaseRequest,
+    paths, AbandonRequest, AbandonResponse, AcquireRequest, AcquireResponse, CheckpointRequest, ClaimRequest,
+    ClaimResponse, CompleteRequest, MessageDoneRequest, OutcomeUnknownRequest, RecordId, ReleaseRequest,
 };
 use serde_json::json;
 use subtle::ConstantTimeEq;
@@ -21,11 +21,21 @@ use crate::messages;
 use crate::metrics::Metrics;
 use crate::record::Record;
 use crate::storage::{Storage, StorageError};
+use crate::wait::Waiters;
 
 /// Largest request body accepted (a 1 MiB response is ~1.4 MiB as base64 JSON).
 pub const MAX_BODY_BYTES: usize = 16 * 1024 * 1024;
 /// Longest key, scope or service name accepted.
 pub const MAX_IDENTITY_PART: usize = 1024;
+/// Longest `in_progress_wait` the store honours, whatever the proxy asks.
+pub const MAX_WAIT: Duration = Duration::from_secs(60);
+/// A wait ends this long before the proxy's deadline, so its answer arrives in time.
+pub const WAIT_DEADLINE_MARGIN_MS: u64 = 200;
+/// Default bound on concurrently waiting acquires (`--max-waiters`).
+pub const DEFAULT_MAX_WAITERS: usize = 4096;
+/// Default poll interval of a waiting acquire (`--wait-poll`): changes made by other replicas
+/// are seen at least this often; this replica's own changes wake waiters at once.
+pub const DEFAULT_WAIT_POLL: Duration = Duration::from_millis(100);
 
 /// Shared state of every handler.
 #[derive(Clone)]
@@ -36,6 +46,20 @@ pub struct AppState {
     pub metrics: Metrics,
     /// Bearer token required on `/v1`, if any.
     pub token: Option<Arc<str>>,
+    /// Acquires waiting for in-progress records.
+    pub waiters: Arc<Waiters>,
+}
+
+impl AppState {
+    /// State with the default waiter bound and poll interval.
+    pub fn new(storage: Arc<dyn Storage>, metrics: Metrics, token: Option<Arc<str>>) -> AppState {
+        AppState {
+            storage,
+            metrics,
+            token,
+            waiters: Arc::new(Waiters::new(DEFAULT_MAX_WAITERS, DEFAULT_WAIT_POLL)),
+        }
+    }
 }
 
 /// Milliseconds since the Unix epoch.
@@ -52,6 +76,8 @@ pub fn app(state: AppState) -> Router {
         .route(paths::ACQUIRE, post(acquire))
         .route(paths::COMPLETE, post(complete))
         .route(paths::RELEASE, post(release))
+        .route(paths::OUTCOME_UNKNOWN, post(outcome_unknown))
+        .route(paths::ABANDON, post(abandon))
         .route(paths::CHECKPOINT, post(checkpoint))
         .route(paths::RECORDS, get(get_record).delete(purge_record))
         .route(paths::MESSAGE_CLAIM, post(claim_message))
@@ -114,6 +140,7 @@ fn observe<T>(
         Ok(_) => "ok",
         Err(StorageError::NotFound(_)) => "not_found",
         Err(StorageError::StaleToken { .. }) => "stale_token",
+        Err(StorageError::DeadlinePassed { .. }) => "deadline_passed",
         Err(StorageError::Unavailable(_)) | Err(StorageError::Corrupt(_)) => "error",
     };
     let m = &state.metrics;
@@ -151,7 +178,7 @@ async fn acquire(
         ));
     }
     let started = Instant::now();
-    let result = state.storage.acquire(&request, now_ms()).await;
+    let result = acquire_or_wait(&state, &request).await;
     observe(&state, "acquire", &request.id.service, started, &result);
     let service = request.id.service.as_str();
     let m = &state.metrics;
@@ -168,6 +195,126 @@ async fn acquire(
     Ok(Json(response))
 }
 
+/// How long this acquire may wait: what it asked, capped, and ending before its deadline.
+fn wait_budget(request: &AcquireRequest, now: u64) -> Duration {
+    let asked = Duration::from_millis(request.wait_ms).min(MAX_WAIT);
+    match request.deadline_ms {
+        Some(deadline) => asked.min(Duration::from_millis(
+            deadline
+                .saturating_sub(now)
+                .saturating_sub(WAIT_DEADLINE_MARGIN_MS),
+        )),
+        None => asked,
+    }
+}
+
+/// Acquire; while the record is in progress and the request asked to wait, look again whenever
+/// it may have changed (see `wait.rs`) until it completes, is released, or the wait runs out.
+async fn acquire_or_wait(
+    state: &AppState,
+    request: &AcquireRequest,
+) -> Result<AcquireResponse, StorageError> {
+    let first = state.storage.acquire(request, now_ms()).await;
+    let budget = wait_budget(request, now_ms());
+    let service = request.id.service.as_str();
+    if budget.is_zero() || !matches!(first, Ok(AcquireResponse::InProgress { .. })) {
+        return first;
+    }
+    let Some(slot) = state.waiters.enter(&request.id) else {
+        state
+            .metrics
+            .acquire_waits
+            .with_label_values(&[service, "full"])
+            .inc();
+        return first;
+    };
+    state.metrics.acquire_waiters.inc();
+    let wait_end = Instant::now() + budget;
+    let mut answer = first;
+    while let Ok(AcquireResponse::InProgress {
+        lock_remaining_ms, ..
+    }) = &answer
+    {
+        let wait_left = wait_end.saturating_duration_since(Instant::now());
+        if wait_left.is_zero() {
+            break;
+        }
+        let notified = slot.notify().notified();
+        tokio::pin!(notified);
+        notified.as_mut().enable();
+        // A change between the last look and `enable` would be missed by the notification, but
+        // not by this look, which happens after it.
+        let nap = slot.next_look(Duration::from_millis(*lock_remaining_ms), wait_left);
+        let _ = tokio::time::timeout(nap, notified).await;
+        answer = state.storage.acquire(request, now_ms()).await;
+    }
+    state.metrics.acquire_waiters.dec();
+    let outcome = match &answer {
+        Ok(AcquireResponse::Completed { .. }) => "completed",
+        Ok(AcquireResponse::Acquired(_)) => "acquired",
+        Ok(AcquireResponse::InProgress { .. }) => "timed_out",
+        Ok(AcquireResponse::Mismatch) => "mismatch",
+        Err(_) => "error",
+    };
+    state
+        .metrics
+        .acquire_waits
+        .with_label_values(&[service, outcome])
+        .inc();
+    drop(slot);
+    answer
+}
+
+async fn outcome_unknown(
+    State(state): State<AppState>,
+    Json(request): Json<OutcomeUnknownRequest>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    check_identity(&request.id)?;
+    if request.reason.is_empty() || request.reason.len() > 128 {
+        return Err(ApiError::BadRequest("reason must be 1 to 128 bytes".into()));
+    }
+    let started = Instant::now();
+    let result = state.storage.outcome_unknown(&request, now_ms()).await;
+    observe(&state, "outcome_unknown", &request.id.service, started, &result);
+    result?;
+    state
+        .metrics
+        .outcome_unknown
+        .with_label_values(&[request.id.service.as_str(), request.reason.as_str()])
+        .inc();
+    tracing::warn!(
+        service = %request.id.service,
+        record_id = %request.record_id,
+        fencing_token = request.fencing_token,
+        reason = %request.reason,
+        "outcome unknown: the lock is kept until it expires"
+    );
+    Ok(Json(json!({"ok": true})))
+}
+
+async fn abandon(
+    State(state): State<AppState>,
+    Json(request): Json<AbandonRequest>,
+) -> Result<Json<AbandonResponse>, ApiError> {
+    check_identity(&request.id)?;
+    let started = Instant::now();
+    let result = state.storage.abandon(&request, now_ms()).await;
+    observe(&state, "abandon", &request.id.service, started, &result);
+    let released = result?;
+    state
+        .metrics
+        .abandoned
+        .with_label_values(&[
+            request.id.service.as_str(),
+            if released { "true" } else { "false" },
+        ])
+        .inc();
+    if released {
+        state.waiters.wake(&request.id);
+    }
+    Ok(Json(AbandonResponse { released }))
+}
+
 async fn complete(
     State(state): State<AppState>,
     Json(request): Json<CompleteRequest>,
@@ -177,6 +324,7 @@ async fn complete(
     let result = state.storage.complete(&request, now_ms()).await;
     observe(&state, "complete", &request.id.service, started, &result);
     result?;
+    state.waiters.wake(&request.id);
     Ok(Json(json!({"ok": true})))
 }
 
@@ -189,6 +337,7 @@ async fn release(
     let result = state.storage.release(&request, now_ms()).await;
     observe(&state, "release", &request.id.service, started, &result);
     result?;
+    state.waiters.wake(&request.id);
     Ok(Json(json!({"ok": true})))
 }
 

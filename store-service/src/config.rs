@@ -64,6 +64,14 @@ pub struct StoreConfig {
     #[arg(long, env = "STORE_SWEEP_INTERVAL", value_parser = humantime::parse_duration, default_value = "30s")]
     pub sweep_interval: Duration,
 
+    /// Most acquires that may wait at once for an in-progress record (`in_progress_wait` on a
+    /// route); beyond this an acquire answers "in progress" at once instead of waiting.
+    #[arg(long, env = "STORE_MAX_WAITERS", default_value_t = crate::api::DEFAULT_MAX_WAITERS)]
+    pub max_waiters: usize,
+    /// How often a waiting acquire looks at its record again (changes made through this replica
+    /// wake it at once; this bounds how late it sees another replica's).
+    #[arg(long, env = "STORE_WAIT_POLL", value_parser = humantime::parse_duration, default_value = "100ms")]
+    pub wait_poll: Duration,
     /// Log format.
     #[arg(long, env = "STORE_LOG_FORMAT", value_enum, default_value_t = LogFormat::Json)]
     pub log_format: LogFormat,
@@ -86,6 +94,9 @@ impl StoreConfig {
         }
         if self.storage == Backend::Mongodb && self.mongodb_uri.is_none() {
             return Err("--mongodb-uri (MONGODB_URI) is required with --storage mongodb".into());
+        }
+        if self.wait_poll.is_zero() {
+            return Err("--wait-poll must be greater than zero".into());
         }
         if self.sweep_interval.is_zero() {
             return Err("--sweep-interval must be greater than zero".into());

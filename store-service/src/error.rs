@@ -31,6 +31,9 @@ impl ApiError {
             ApiError::Storage(StorageError::StaleToken { .. }) => {
                 (StatusCode::CONFLICT, "stale_fencing_token")
             }
+            ApiError::Storage(StorageError::DeadlinePassed { .. }) => {
+                (StatusCode::REQUEST_TIMEOUT, "deadline_passed")
+            }
             ApiError::Storage(StorageError::Unavailable(_)) => {
                 (StatusCode::SERVICE_UNAVAILABLE, "storage_unavailable")
             }

@@ -9,11 +9,29 @@ pub mod metrics;
 pub mod record;
 pub mod shutdown;
 pub mod storage;
+pub mod wait;
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use crate::storage::Storage;
+
+/// Most records one sweep step deletes; the sweep repeats steps until it is done, and other
+/// operations interleave between steps (each step is its own short write).
+pub const SWEEP_CHUNK: u64 = 1_000;
+
+/// Delete every expired record, one bounded chunk at a time; returns how many.
+pub async fn sweep_all(storage: &dyn Storage, now_ms: u64) -> Result<u64, storage::StorageError> {
+    let mut total = 0;
+    loop {
+        let removed = storage.sweep_expired(now_ms, SWEEP_CHUNK).await?;
+        total += removed;
+        if removed < SWEEP_CHUNK {
+            return Ok(total);
+        }
+        tokio::task::yield_now().await;
+    }
+}
 
 /// Delete expired records every `interval` until the process ends.
 pub async fn sweep_loop(storage: Arc<dyn Storage>, metrics: metrics::Metrics, interval: Duration) {
@@ -21,7 +39,7 @@ pub async fn sweep_loop(storage: Arc<dyn Storage>, metrics: metrics::Metrics, in
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         ticker.tick().await;
-        match storage.sweep_expired(api::now_ms()).await {
+        match sweep_all(storage.as_ref(), api::now_ms()).await {
             Ok(0) => {}
             Ok(removed) => {
                 metrics

@@ -12,6 +12,7 @@ use idempotency_store::storage::embedded::EmbeddedStorage;
 use idempotency_store::storage::mongo::MongoStorage;
 use idempotency_store::storage::Storage;
 use idempotency_store::sweep_loop;
+use idempotency_store::wait::Waiters;
 use tracing_subscriber::EnvFilter;
 
 fn init_logging(format: LogFormat) {
@@ -74,9 +75,8 @@ async fn main() -> ExitCode {
         config.sweep_interval,
     ));
     let state = AppState {
-        storage: storage.clone(),
-        metrics,
-        token: config.token.as_deref().map(Arc::from),
+        waiters: Arc::new(Waiters::new(config.max_waiters, config.wait_poll)),
+        ..AppState::new(storage.clone(), metrics, config.token.as_deref().map(Arc::from))
     };
     let listener = match tokio::net::TcpListener::bind(config.listen).await {
         Ok(l) => l,

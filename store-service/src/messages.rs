@@ -34,6 +34,9 @@ pub fn acquire_request(claim: &ClaimRequest) -> AcquireRequest {
         path: claim.id.topic.clone(),
         lock_timeout_ms: claim.lock_timeout_ms,
         retention_ms: claim.retention_ms,
+        attempt_id: String::new(),
+        deadline_ms: None,
+        wait_ms: 0,
     }
 }
 
@@ -41,22 +44,26 @@ pub fn acquire_request(claim: &ClaimRequest) -> AcquireRequest {
 pub fn claim_response(response: AcquireResponse) -> Result<ClaimResponse, StorageError> {
     match response {
         AcquireResponse::Acquired(lock) => Ok(ClaimResponse::Claimed {
+            record_id: lock.record_id,
             fencing_token: lock.fencing_token,
         }),
         AcquireResponse::Completed { .. } => Ok(ClaimResponse::Duplicate),
-        AcquireResponse::InProgress { lock_remaining_ms } => {
-            Ok(ClaimResponse::InProgress { lock_remaining_ms })
-        }
+        AcquireResponse::InProgress {
+            lock_remaining_ms, ..
+        } => Ok(ClaimResponse::InProgress { lock_remaining_ms }),
         AcquireResponse::Mismatch => Err(StorageError::Corrupt(
             "a message record has a request fingerprint; the key space is shared with HTTP records".into(),
         )),
     }
 }
 
-/// The complete behind a message completion (no response to store).
+/// The complete behind a message completion (no response to store). Without a
+/// `retention_ms` the record keeps the retention its claim asked for: a completion that named
+/// none must never make the dedup record expire at once.
 pub fn complete_request(done: &MessageDoneRequest) -> CompleteRequest {
     CompleteRequest {
         id: record_id(&done.id),
+        record_id: done.record_id.clone(),
         fencing_token: done.fencing_token,
         response: StoredResponse {
             status: 200,
@@ -64,7 +71,7 @@ pub fn complete_request(done: &MessageDoneRequest) -> CompleteRequest {
             body: Vec::new(),
             body_omitted: false,
         },
-        retention_ms: done.retention_ms,
+        retention_ms: done.retention_ms.unwrap_or(0),
     }
 }
 
@@ -72,6 +79,7 @@ pub fn complete_request(done: &MessageDoneRequest) -> CompleteRequest {
 pub fn release_request(done: &MessageDoneRequest) -> ReleaseRequest {
     ReleaseRequest {
         id: record_id(&done.id),
+        record_id: done.record_id.clone(),
         fencing_token: done.fencing_token,
     }
 }
@@ -100,10 +108,12 @@ mod tests {
         let response = AcquireResponse::Completed {
             response: complete_request(&MessageDoneRequest {
                 id: id("t", "g"),
+                record_id: "r".into(),
                 fencing_token: 1,
-                retention_ms: 1,
+                retention_ms: Some(1),
             })
             .response,
+            expires_at_ms: None,
         };
         assert_eq!(claim_response(response).unwrap(), ClaimResponse::Duplicate);
     }

@@ -34,6 +34,14 @@ pub struct Metrics {
     pub message_dedup_hits: IntCounterVec,
     /// Message claims by outcome.
     pub message_claims: IntCounterVec,
+    /// Attempts whose outcome the proxy could not know (lock kept until it expires), by reason.
+    pub outcome_unknown: IntCounterVec,
+    /// Acquires the proxy gave up on, by whether the abandon released a lock.
+    pub abandoned: IntCounterVec,
+    /// Acquires held for an in-progress record (`in_progress_wait`), by how the wait ended.
+    pub acquire_waits: IntCounterVec,
+    /// Acquires waiting right now.
+    pub acquire_waiters: IntGauge,
 }
 
 fn counter(
@@ -67,7 +75,31 @@ impl Metrics {
         let registry = Registry::new();
         let live_records = IntGauge::new("idempotency_store_live_records", "Records currently stored")?;
         registry.register(Box::new(live_records.clone()))?;
+        let acquire_waiters = IntGauge::new(
+            "idempotency_acquire_waiters",
+            "Acquires waiting for an in-progress record right now",
+        )?;
+        registry.register(Box::new(acquire_waiters.clone()))?;
         Ok(Metrics {
+            outcome_unknown: counter(
+                &registry,
+                "idempotency_outcome_unknown_total",
+                "Forwarded attempts whose outcome the proxy could not know; their lock is kept until it expires",
+                &["service", "reason"],
+            )?,
+            abandoned: counter(
+                &registry,
+                "idempotency_abandoned_acquires_total",
+                "Acquires the proxy gave up on, by whether a lock was released",
+                &["service", "released"],
+            )?,
+            acquire_waits: counter(
+                &registry,
+                "idempotency_acquire_waits_total",
+                "Acquires held for an in-progress record, by how the wait ended",
+                &["service", "outcome"],
+            )?,
+            acquire_waiters,
             requests: counter(
                 &registry,
                 "idempotency_store_requests_total",
@@ -152,6 +184,7 @@ impl Metrics {
         for operation in [
             "complete",
             "release",
+            "outcome_unknown",
             "checkpoint",
             "message_complete",
             "message_release",

@@ -5,8 +5,8 @@
 //! shared contract tests in `storage::contract` hold them to it.
 
 use idempotency_wire::{
-    AcquireRequest, AcquireResponse, CheckpointRequest, CompleteRequest, Lock, RecordId, ReleaseRequest,
-    StoredResponse,
+    AbandonRequest, AcquireRequest, AcquireResponse, CheckpointRequest, CompleteRequest, Lock,
+    OutcomeUnknownRequest, PreviousAttempt, RecordId, ReleaseRequest, StoredResponse,
 };
 use serde::{Deserialize, Serialize};
 
@@ -33,6 +33,17 @@ pub struct Checkpoint {
     pub fencing_token: u64,
 }
 
+/// Why the holder could not tell whether the upstream executed the request.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OutcomeUnknown {
+    /// Reason reported by the proxy, e.g. `downstream_disconnect` or `route_timeout`.
+    pub reason: String,
+    /// When it was reported (ms since the Unix epoch).
+    pub at_ms: u64,
+    /// Fencing token of the attempt it concerns.
+    pub fencing_token: u64,
+}
+
 /// One idempotency record.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Record {
@@ -53,6 +64,15 @@ pub struct Record {
     pub fencing_token: u64,
     /// The lock is held until then (ms since the Unix epoch); 0 when released.
     pub locked_until_ms: u64,
+    /// Random id of the attempt that holds (or last held) the lock.
+    #[serde(default)]
+    pub attempt_id: String,
+    /// Set when the current holder forwarded the request but cannot know whether it ran.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub outcome_unknown: Option<OutcomeUnknown>,
+    /// Retention the first acquire asked for (used when a completion names none).
+    #[serde(default)]
+    pub retention_ms: u64,
     /// Phases finished so far, oldest first.
     #[serde(default)]
     pub checkpoints: Vec<Checkpoint>,
@@ -86,6 +106,27 @@ pub struct AcquireDecision {
     pub write: Option<Record>,
 }
 
+/// Refuse an acquire that reached the store after the proxy stopped waiting for it: the proxy
+/// has answered 503 and may already have sent `abandon`, which found nothing to release.
+pub fn check_deadline(request: &AcquireRequest, now_ms: u64) -> Result<(), StorageError> {
+    match request.deadline_ms {
+        Some(deadline) if now_ms >= deadline => Err(StorageError::DeadlinePassed {
+            late_by_ms: now_ms - deadline,
+        }),
+        _ => Ok(()),
+    }
+}
+
+/// What a takeover knows of the attempt before it: a released lock says it did not run (or
+/// failed retryably); an expired one says nothing.
+pub fn previous_attempt(record: &Record) -> PreviousAttempt {
+    if record.locked_until_ms == 0 {
+        PreviousAttempt::Released
+    } else {
+        PreviousAttempt::Unknown
+    }
+}
+
 /// The acquire rule: insert, take over a stale lock, or report completed / in progress / mismatch.
 pub fn decide_acquire(
     existing: Option<Record>,
@@ -110,6 +151,9 @@ pub fn decide_acquire(
             state: RecordState::InProgress,
             fencing_token: first_token,
             locked_until_ms,
+            attempt_id: request.attempt_id.clone(),
+            outcome_unknown: None,
+            retention_ms: request.retention_ms,
             checkpoints: Vec::new(),
             response: None,
             created_ms: now_ms,
@@ -121,6 +165,7 @@ pub fn decide_acquire(
                 fencing_token: record.fencing_token,
                 resumed: false,
                 recovery_point: None,
+                previous_attempt: None,
             }),
             write: Some(record),
         };
@@ -140,26 +185,32 @@ pub fn decide_acquire(
                     body: Vec::new(),
                     body_omitted: true,
                 }),
+                expires_at_ms: Some(record.expires_ms),
             },
             write: None,
         },
         RecordState::InProgress if record.locked_until_ms > now_ms => AcquireDecision {
             response: AcquireResponse::InProgress {
                 lock_remaining_ms: record.locked_until_ms - now_ms,
+                outcome_unknown: record.outcome_unknown.is_some(),
             },
             write: None,
         },
         RecordState::InProgress => {
             // Stale or released lock: take it over, fencing out the previous holder.
+            let previous = previous_attempt(&record);
             record.fencing_token = record.fencing_token.saturating_add(1);
             record.locked_until_ms = locked_until_ms;
             record.expires_ms = record.expires_ms.max(expires_ms);
+            record.attempt_id = request.attempt_id.clone();
+            record.outcome_unknown = None;
             AcquireDecision {
                 response: AcquireResponse::Acquired(Lock {
                     record_id: record.record_id.clone(),
                     fencing_token: record.fencing_token,
                     resumed: true,
                     recovery_point: record.recovery_point(),
+                    previous_attempt: Some(previous),
                 }),
                 write: Some(record),
             }
@@ -167,17 +218,23 @@ pub fn decide_acquire(
     }
 }
 
-/// Check that `token` is the current holder's and the record is still in progress.
+/// Check that (`record_id`, `token`) names the current holder and the record is still in
+/// progress. The record id makes tokens unique per record incarnation: after a purge or expiry
+/// the identity gets a new record id, so an abandoned attempt's token can never match it.
 fn check_holder(
     record: Option<Record>,
     id: &RecordId,
+    record_id: &str,
     token: u64,
     now_ms: u64,
 ) -> Result<Record, StorageError> {
     let record = record
         .filter(|r| !r.is_expired(now_ms))
         .ok_or_else(|| StorageError::NotFound(id.clone()))?;
-    if record.fencing_token != token || record.state != RecordState::InProgress {
+    if record.record_id != record_id
+        || record.fencing_token != token
+        || record.state != RecordState::InProgress
+    {
         return Err(StorageError::StaleToken {
             presented: token,
             current: record.fencing_token,
@@ -192,12 +249,29 @@ pub fn apply_complete(
     request: &CompleteRequest,
     now_ms: u64,
 ) -> Result<Record, StorageError> {
-    let mut record = check_holder(record, &request.id, request.fencing_token, now_ms)?;
+    let mut record = check_holder(
+        record,
+        &request.id,
+        &request.record_id,
+        request.fencing_token,
+        now_ms,
+    )?;
     record.state = RecordState::Completed;
     record.locked_until_ms = 0;
+    record.outcome_unknown = None;
     record.response = Some(request.response.clone());
-    record.expires_ms = now_ms.saturating_add(request.retention_ms);
+    record.expires_ms = completed_expiry(&record, request.retention_ms, now_ms);
     Ok(record)
+}
+
+/// Expiry of a completed record: `retention_ms` from now, or the retention its acquire asked
+/// for when the completion names none (never earlier than the record already lives).
+pub fn completed_expiry(record: &Record, retention_ms: u64, now_ms: u64) -> u64 {
+    match (retention_ms, record.retention_ms) {
+        (0, 0) => record.expires_ms,
+        (0, asked) => now_ms.saturating_add(asked),
+        (given, _) => now_ms.saturating_add(given),
+    }
 }
 
 /// The release rule: the holder gives the lock back; checkpoints stay for the next attempt.
@@ -209,9 +283,51 @@ pub fn apply_release(
     request: &ReleaseRequest,
     now_ms: u64,
 ) -> Result<Record, StorageError> {
-    let mut record = check_holder(record, &request.id, request.fencing_token, now_ms)?;
+    let mut record = check_holder(
+        record,
+        &request.id,
+        &request.record_id,
+        request.fencing_token,
+        now_ms,
+    )?;
     record.locked_until_ms = 0;
     Ok(record)
+}
+
+/// The outcome-unknown rule: the holder says it cannot know whether the upstream ran. The lock
+/// stays until it expires; the record says why.
+pub fn apply_outcome_unknown(
+    record: Option<Record>,
+    request: &OutcomeUnknownRequest,
+    now_ms: u64,
+) -> Result<Record, StorageError> {
+    let mut record = check_holder(
+        record,
+        &request.id,
+        &request.record_id,
+        request.fencing_token,
+        now_ms,
+    )?;
+    record.outcome_unknown = Some(OutcomeUnknown {
+        reason: request.reason.clone(),
+        at_ms: now_ms,
+        fencing_token: request.fencing_token,
+    });
+    Ok(record)
+}
+
+/// The abandon rule: release the lock only if the abandoned attempt holds it right now.
+/// Returns the record to write, or `None` when that attempt holds nothing.
+pub fn apply_abandon(record: Option<Record>, request: &AbandonRequest, now_ms: u64) -> Option<Record> {
+    let mut record = record.filter(|r| {
+        !r.is_expired(now_ms)
+            && r.state == RecordState::InProgress
+            && !request.attempt_id.is_empty()
+            && r.attempt_id == request.attempt_id
+            && r.locked_until_ms > now_ms
+    })?;
+    record.locked_until_ms = 0;
+    Some(record)
 }
 
 /// The checkpoint rule: the holder records a finished phase.
@@ -220,7 +336,13 @@ pub fn apply_checkpoint(
     request: &CheckpointRequest,
     now_ms: u64,
 ) -> Result<Record, StorageError> {
-    let mut record = check_holder(record, &request.id, request.fencing_token, now_ms)?;
+    let mut record = check_holder(
+        record,
+        &request.id,
+        &request.record_id,
+        request.fencing_token,
+        now_ms,
+    )?;
     record.checkpoints.push(Checkpoint {
         phase: request.phase.clone(),
         at_ms: now_ms,

@@ -21,11 +21,11 @@ use tower::ServiceExt;
 const TOKEN: &str = "test-token";
 
 fn state(dir: &tempfile::TempDir) -> AppState {
-    AppState {
-        storage: Arc::new(EmbeddedStorage::open(&dir.path().join("s.redb")).unwrap()),
-        metrics: Metrics::new().unwrap(),
-        token: Some(Arc::from(TOKEN)),
-    }
+    AppState::new(
+        Arc::new(EmbeddedStorage::open(&dir.path().join("s.redb")).unwrap()),
+        Metrics::new().unwrap(),
+        Some(Arc::from(TOKEN)),
+    )
 }
 
 async fn call(
@@ -78,6 +78,7 @@ async fn acquire_complete_then_replay() {
     let token = body["fencing_token"].as_u64().unwrap();
 
     let complete = json!({"service": "orders", "scope": "", "key": "k1", "fencing_token": token,
+        "record_id": body["record_id"],
         "retention_ms": 60000, "response": {"status": 201, "headers": [["content-type", "application/json"]], "body": "e30="}});
     let (status, _) = call(&router, "POST", "/v1/complete", Some(TOKEN), complete.clone()).await;
     assert_eq!(status, StatusCode::OK);
@@ -193,7 +194,8 @@ async fn message_claims_dedupe_and_count_duplicates_per_topic_and_group() {
     assert_eq!(status, StatusCode::OK);
     assert_eq!(body["outcome"], "claimed");
     let done = json!({"service": "orders", "topic": "orders.received", "consumer_group": "order-processor",
-                      "message_id": "evt-1", "fencing_token": body["fencing_token"], "retention_ms": 600000});
+                      "message_id": "evt-1", "fencing_token": body["fencing_token"],
+                      "record_id": body["record_id"], "retention_ms": 600000});
     let (status, _) = call(&router, "POST", "/v1/messages/complete", Some(TOKEN), done).await;
     assert_eq!(status, StatusCode::OK);
     let (_, body) = call(&router, "POST", "/v1/messages/claim", Some(TOKEN), claim.clone()).await;
@@ -217,4 +219,57 @@ async fn message_claims_dedupe_and_count_duplicates_per_topic_and_group() {
         ),
         "{text}"
     );
+}
+
+#[tokio::test]
+async fn a_message_completed_without_retention_keeps_the_claims_retention() {
+    let dir = tempfile::tempdir().unwrap();
+    let router = app(state(&dir));
+    let claim = json!({"service": "orders", "topic": "t", "consumer_group": "g",
+                       "message_id": "evt-2", "lock_timeout_ms": 60000, "retention_ms": 600000});
+    let (_, body) = call(&router, "POST", "/v1/messages/claim", Some(TOKEN), claim.clone()).await;
+    let done = json!({"service": "orders", "topic": "t", "consumer_group": "g", "message_id": "evt-2",
+                      "fencing_token": body["fencing_token"], "record_id": body["record_id"]});
+    let (status, _) = call(&router, "POST", "/v1/messages/complete", Some(TOKEN), done).await;
+    assert_eq!(status, StatusCode::OK);
+    let (_, body) = call(&router, "POST", "/v1/messages/claim", Some(TOKEN), claim).await;
+    assert_eq!(
+        body["outcome"], "duplicate",
+        "the dedup record must not expire at once"
+    );
+}
+
+#[tokio::test]
+async fn a_waiting_acquire_gets_the_replay_as_soon_as_the_holder_completes() {
+    let dir = tempfile::tempdir().unwrap();
+    let router = app(state(&dir));
+    let (_, lock) = call(&router, "POST", "/v1/acquire", Some(TOKEN), acquire_body("w1")).await;
+    let mut waiting = acquire_body("w1");
+    waiting["wait_ms"] = json!(5_000);
+    let started = std::time::Instant::now();
+    let waiter = {
+        let router = router.clone();
+        tokio::spawn(async move { call(&router, "POST", "/v1/acquire", Some(TOKEN), waiting).await })
+    };
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    let complete = json!({"service": "orders", "scope": "", "key": "w1", "fencing_token": lock["fencing_token"],
+        "record_id": lock["record_id"], "retention_ms": 60000,
+        "response": {"status": 201, "headers": [], "body": "e30="}});
+    let (status, _) = call(&router, "POST", "/v1/complete", Some(TOKEN), complete).await;
+    assert_eq!(status, StatusCode::OK);
+    let (status, body) = waiter.await.unwrap();
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(body["outcome"], "completed", "{body}");
+    let waited = started.elapsed();
+    assert!(
+        waited >= std::time::Duration::from_millis(300) && waited < std::time::Duration::from_secs(4),
+        "woken by the completion, not by the end of the wait: {waited:?}"
+    );
+
+    // A wait that runs out answers in progress.
+    let (_, _) = call(&router, "POST", "/v1/acquire", Some(TOKEN), acquire_body("w2")).await;
+    let mut short = acquire_body("w2");
+    short["wait_ms"] = json!(200);
+    let (_, body) = call(&router, "POST", "/v1/acquire", Some(TOKEN), short).await;
+    assert_eq!(body["outcome"], "in_progress");
 }

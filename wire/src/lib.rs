@@ -17,6 +17,10 @@ pub mod paths {
     pub const COMPLETE: &str = "/v1/complete";
     /// Give up the lock without a stored response; a retry may run again.
     pub const RELEASE: &str = "/v1/release";
+    /// The holder cannot know whether the upstream ran: keep the lock until it expires and say why.
+    pub const OUTCOME_UNKNOWN: &str = "/v1/outcome-unknown";
+    /// The proxy gave up on an acquire: release the lock only if that attempt holds it.
+    pub const ABANDON: &str = "/v1/abandon";
     /// Record that a phase of a multi-phase operation is done.
     pub const CHECKPOINT: &str = "/v1/checkpoint";
     /// Admin: read or purge one record (`/v1/records?service=&scope=&key=`).
@@ -47,8 +51,19 @@ pub mod headers {
     pub const SCOPE: &str = "x-idempotency-scope";
     /// The validated, unquoted idempotency key.
     pub const KEY: &str = "x-idempotency-key";
+    /// On a takeover: what is known of the earlier attempt (`unknown`: it may have executed;
+    /// `released`: it did not execute, or failed in a way the upstream said is safe to retry).
+    pub const PREVIOUS_ATTEMPT: &str = "x-idempotency-previous-attempt";
     /// Every internal header the filter sets.
-    pub const ALL: [&str; 6] = [RECORD_ID, FENCING_TOKEN, RECOVERY_POINT, SERVICE, SCOPE, KEY];
+    pub const ALL: [&str; 7] = [
+        RECORD_ID,
+        FENCING_TOKEN,
+        RECOVERY_POINT,
+        SERVICE,
+        SCOPE,
+        KEY,
+        PREVIOUS_ATTEMPT,
+    ];
 }
 
 /// Identity of an idempotency record: which service, which caller scope, which key.
@@ -79,6 +94,23 @@ pub struct AcquireRequest {
     pub lock_timeout_ms: u64,
     /// How long the record is kept.
     pub retention_ms: u64,
+    /// Random id of this attempt, so the proxy can abandon exactly this acquire later.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub attempt_id: String,
+    /// Unix ms after which the proxy no longer waits for the answer. The store refuses an acquire
+    /// that arrives later (the proxy already answered 503 and may have abandoned it), and ends any
+    /// wait before it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub deadline_ms: Option<u64>,
+    /// While the record is in progress, hold the answer up to this long for it to complete (then
+    /// answer `completed`) or be released (then take the lock). 0: answer at once.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub wait_ms: u64,
+}
+
+#[allow(clippy::trivially_copy_pass_by_ref)] // serde's skip_serializing_if passes a reference
+fn is_zero(value: &u64) -> bool {
+    *value == 0
 }
 
 /// Answer to `acquire`.
@@ -91,11 +123,17 @@ pub enum AcquireResponse {
     Completed {
         /// The stored response.
         response: StoredResponse,
+        /// When the record expires (Unix ms); a proxy cache must not keep it longer.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        expires_at_ms: Option<u64>,
     },
     /// Another attempt holds the lock right now.
     InProgress {
         /// Milliseconds until that lock expires.
         lock_remaining_ms: u64,
+        /// The holder could not tell whether the upstream ran; the lock is kept until it expires.
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        outcome_unknown: bool,
     },
     /// The key was used before with different parameters.
     Mismatch,
@@ -114,6 +152,31 @@ pub struct Lock {
     /// Last checkpointed phase of an earlier attempt, if any.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub recovery_point: Option<String>,
+    /// On a takeover: what is known of the earlier attempt.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub previous_attempt: Option<PreviousAttempt>,
+}
+
+/// What a takeover knows of the attempt before it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PreviousAttempt {
+    /// Its lock expired without an answer (client gave up, proxy timed out or died): the
+    /// upstream may have executed it, fully or in part. Reconcile before acting again.
+    Unknown,
+    /// It was released: the upstream answered with a retryable status, or the request provably
+    /// never left the proxy.
+    Released,
+}
+
+impl PreviousAttempt {
+    /// The header value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PreviousAttempt::Unknown => "unknown",
+            PreviousAttempt::Released => "released",
+        }
+    }
 }
 
 /// A response as stored and replayed.
@@ -138,11 +201,14 @@ pub struct CompleteRequest {
     /// Which record.
     #[serde(flatten)]
     pub id: RecordId,
+    /// `record_id` from `acquire`.
+    pub record_id: String,
     /// Token from `acquire`.
     pub fencing_token: u64,
     /// The response to store.
     pub response: StoredResponse,
-    /// How long the completed record is kept (from now).
+    /// How long the completed record is kept (from now); 0: the retention the acquire asked for.
+    #[serde(default)]
     pub retention_ms: u64,
 }
 
@@ -152,8 +218,43 @@ pub struct ReleaseRequest {
     /// Which record.
     #[serde(flatten)]
     pub id: RecordId,
+    /// `record_id` from `acquire`.
+    pub record_id: String,
     /// Token from `acquire`.
     pub fencing_token: u64,
+}
+
+/// `POST /v1/outcome-unknown`: the holder forwarded the request but cannot know whether the
+/// upstream ran. The lock is kept until it expires; the record says why.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OutcomeUnknownRequest {
+    /// Which record.
+    #[serde(flatten)]
+    pub id: RecordId,
+    /// `record_id` from `acquire`.
+    pub record_id: String,
+    /// Token from `acquire`.
+    pub fencing_token: u64,
+    /// Why, e.g. `downstream_disconnect`, `route_timeout`, `upstream_reset`.
+    pub reason: String,
+}
+
+/// `POST /v1/abandon`: the proxy gave up waiting for the acquire of `attempt_id`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AbandonRequest {
+    /// Which record.
+    #[serde(flatten)]
+    pub id: RecordId,
+    /// The attempt the proxy gave up on.
+    pub attempt_id: String,
+}
+
+/// Answer to `abandon`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AbandonResponse {
+    /// True when that attempt held the lock and it was released; false when it did not (never
+    /// arrived, was refused after its deadline, or another attempt holds the record).
+    pub released: bool,
 }
 
 /// `POST /v1/checkpoint`.
@@ -162,6 +263,8 @@ pub struct CheckpointRequest {
     /// Which record.
     #[serde(flatten)]
     pub id: RecordId,
+    /// `record_id` from `acquire` (the `x-idempotency-record-id` header).
+    pub record_id: String,
     /// Token from `acquire` (the `x-idempotency-fencing-token` header).
     pub fencing_token: u64,
     /// Name of the phase just completed.
@@ -199,6 +302,8 @@ pub struct ClaimRequest {
 pub enum ClaimResponse {
     /// Run the handler, then complete (or release on failure) with this token.
     Claimed {
+        /// Record id for complete/release.
+        record_id: String,
         /// Fencing token for complete/release.
         fencing_token: u64,
     },
@@ -217,11 +322,13 @@ pub struct MessageDoneRequest {
     /// Which message.
     #[serde(flatten)]
     pub id: MessageId,
+    /// Record id from the claim.
+    pub record_id: String,
     /// Token from the claim.
     pub fencing_token: u64,
-    /// How long the dedup record is kept (complete only).
-    #[serde(default)]
-    pub retention_ms: u64,
+    /// How long the dedup record is kept (complete only); absent: the claim's `retention_ms`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retention_ms: Option<u64>,
 }
 
 /// Error body of every non-2xx store answer.
@@ -258,6 +365,7 @@ mod tests {
     #[test]
     fn acquire_outcomes_round_trip_with_an_outcome_tag() {
         let completed = AcquireResponse::Completed {
+            expires_at_ms: Some(5),
             response: StoredResponse {
                 status: 201,
                 headers: vec![("content-type".into(), "application/json".into())],
@@ -277,5 +385,47 @@ mod tests {
     fn invalid_base64_body_is_an_error_not_garbage() {
         let text = r#"{"outcome":"completed","response":{"status":200,"body":"!!"}}"#;
         assert!(serde_json::from_str::<AcquireResponse>(text).is_err());
+    }
+}
+
+#[cfg(test)]
+mod compatibility {
+    use super::*;
+
+    #[test]
+    fn optional_acquire_fields_stay_off_the_wire_when_unset() {
+        let request = AcquireRequest {
+            id: RecordId {
+                service: "s".into(),
+                scope: String::new(),
+                key: "k".into(),
+            },
+            fingerprint: "f".into(),
+            method: "POST".into(),
+            path: "/".into(),
+            lock_timeout_ms: 1,
+            retention_ms: 1,
+            attempt_id: String::new(),
+            deadline_ms: None,
+            wait_ms: 0,
+        };
+        let text = serde_json::to_string(&request).unwrap();
+        assert!(
+            !text.contains("attempt_id") && !text.contains("deadline") && !text.contains("wait"),
+            "{text}"
+        );
+        assert_eq!(serde_json::from_str::<AcquireRequest>(&text).unwrap(), request);
+    }
+
+    #[test]
+    fn in_progress_says_when_the_outcome_is_unknown() {
+        let text = r#"{"outcome":"in_progress","lock_remaining_ms":5,"outcome_unknown":true}"#;
+        assert_eq!(
+            serde_json::from_str::<AcquireResponse>(text).unwrap(),
+            AcquireResponse::InProgress {
+                lock_remaining_ms: 5,
+                outcome_unknown: true
+            }
+        );
     }
 }

@@ -5,14 +5,18 @@
 //! Shadow requests (mode `shadow`, or keys outside a rule's enforced percentage) take the same
 //! store path but never pause for the store or change a response: they only count and record
 //! what enforcement would have done (`shadow.rs`).
+//!
+//! Once a request is forwarded, its lock is released only when the upstream's own answer says
+//! so (a status in `release_statuses`) or when Envoy proves the request never left
+//! (`outcome.rs`). Every other ending — the client gone, a route timeout, a reset, a proxy
+//! failure — keeps the lock until `lock_timeout` and tells the store why (`outcome-unknown`).
+//! Holder writes that fail or whose stream ends are retried from the root context
+//! (`background.rs`); an acquire the proxy gives up on is abandoned there too.
 
 use std::rc::Rc;
 use std::time::Duration;
 
-use idempotency_wire::{
-    headers, paths, AcquireRequest, AcquireResponse, CompleteRequest, Lock, RecordId, ReleaseRequest,
-    StoredResponse,
-};
+use idempotency_wire::{headers, paths, AcquireResponse, Lock, RecordId, StoredResponse};
 
 use crate::config::{Config, FailureMode, Mode};
 use crate::fingerprint::{fingerprint, fingerprint_body, is_json_content_type};
@@ -25,14 +29,18 @@ use crate::problem::{ErrorCode, Problem};
 use crate::replay::{replay_headers, storable_headers};
 use crate::scope::resolve_scope;
 
+pub mod calls;
 pub mod shadow;
 
 use std::cell::RefCell;
 
 use shadow::ShadowJob;
 
+use crate::attempt::new_attempt_id;
 use crate::background::{Background, BackgroundCall};
 use crate::cache::ReplayCache;
+use crate::outcome::{classify, ResponseOutcome, UnknownReason};
+use calls::{AcquireParams, HolderWrite};
 
 /// `Retry-After` for 409: most requests finish well within this, whatever the lock timeout.
 pub const CONFLICT_RETRY_AFTER_SECS: u64 = 2;
@@ -61,15 +69,19 @@ struct Pending {
     exclude_fields: Vec<String>,
     /// Shadow: record and count, never block or answer.
     shadow: bool,
+    /// How long the store may hold the acquire while the key is in progress.
+    in_progress_wait: Duration,
 }
 
 /// A request that holds the lock.
 #[derive(Debug, Clone)]
-struct Held {
+pub struct Held {
     id: RecordId,
     lock: Lock,
     /// The request's fingerprint, to cache the completed record under.
     fingerprint: String,
+    /// Host time when the lock expires; holder writes are not retried past it.
+    lock_expires_at: Duration,
 }
 
 /// A completed record to cache once the store acknowledged it.
@@ -78,6 +90,8 @@ struct CacheCandidate {
     id: RecordId,
     fingerprint: String,
     response: Rc<StoredResponse>,
+    /// Host time when the record expires.
+    expires_at: Duration,
 }
 
 #[derive(Debug)]
@@ -92,6 +106,9 @@ enum State {
         started: Duration,
         pending: Pending,
         fingerprint: String,
+        attempt_id: String,
+        /// Host time after which the acquire's answer is no longer awaited.
+        deadline: Duration,
     },
     /// Forwarded upstream while holding the lock.
     Executing(Held),
@@ -101,10 +118,17 @@ enum State {
         status: u16,
         headers: Vec<(String, String)>,
     },
+    /// The response is larger than `max_response_size`: it flows to the client as it arrives,
+    /// and is recorded without its body once it has ended.
+    Streaming {
+        held: Held,
+        status: u16,
+        headers: Vec<(String, String)>,
+    },
     /// `complete` or `release` in flight; the response is held until it is acknowledged.
     Recording {
         token: u32,
-        operation: &'static str,
+        write: HolderWrite,
         cache: Option<CacheCandidate>,
     },
     /// Shadow tracking: the request flows untouched while the store is consulted on the side.
@@ -137,8 +161,19 @@ impl RequestFlow {
         }
     }
 
-    fn remember(&self, host: &dyn Host, id: &RecordId, fingerprint: &str, response: Rc<StoredResponse>) {
-        let expires_at = host.now().saturating_add(self.config.replay_cache_ttl);
+    /// Cache a completed record until the earlier of the cache TTL and the record's own expiry.
+    fn remember(
+        &self,
+        host: &dyn Host,
+        id: &RecordId,
+        fingerprint: &str,
+        response: Rc<StoredResponse>,
+        record_expires_at: Duration,
+    ) {
+        let expires_at = host
+            .now()
+            .saturating_add(self.config.replay_cache_ttl)
+            .min(record_expires_at);
         self.cache
             .borrow_mut()
             .insert(&id.scope, &id.key, fingerprint, response, expires_at);
@@ -300,6 +335,7 @@ impl RequestFlow {
             json,
             exclude_fields,
             shadow,
+            in_progress_wait: policy.in_progress_wait,
         };
         if end_of_stream {
             return self.acquire(host, pending, &[]);
@@ -339,7 +375,7 @@ impl RequestFlow {
         }
     }
 
-    /// Response headers arrived from upstream (or from Envoy on upstream failure).
+    /// Response headers arrived from upstream (or from Envoy itself: a local reply).
     pub fn on_response_headers(&mut self, host: &dyn Host, end_of_stream: bool) -> Verdict {
         if let State::Shadow(job) = &self.state {
             let call = job
@@ -359,29 +395,58 @@ impl RequestFlow {
                     Level::Warn,
                     &format!("idempotency: cannot read response headers: {e}"),
                 );
-                return self.release(host, &held);
+                return self.outcome_unknown(host, &held, UnknownReason::ProxyFailure);
             }
         };
-        let status = response_headers
-            .iter()
-            .find(|(n, _)| n == ":status")
-            .and_then(|(_, v)| v.parse::<u16>().ok());
-        let Some(status) = status.filter(|s| self.config.stores_status(*s)) else {
-            return self.release(host, &held);
+        let header = |wanted: &str| {
+            response_headers
+                .iter()
+                .find(|(n, _)| n == wanted)
+                .map(|(_, v)| v.as_str())
         };
-        let stored_headers = storable_headers(response_headers, &self.config.replay_header_denylist);
-        if end_of_stream {
-            return self.complete(host, &held, status, stored_headers, Vec::new(), false);
+        let Some(status) = header(":status").and_then(|v| v.parse::<u16>().ok()) else {
+            return self.outcome_unknown(host, &held, UnknownReason::ProxyFailure);
+        };
+        let details = host
+            .property(&["response", "code_details"])
+            .map(|bytes| String::from_utf8_lossy(&bytes).into_owned());
+        match classify(status, details.as_deref(), |s| !self.config.stores_status(s)) {
+            ResponseOutcome::Unknown(reason) => {
+                host.log(
+                    Level::Warn,
+                    &format!(
+                        "idempotency: key {}: Envoy answered {status} ({}) after forwarding; outcome unknown, keeping the lock",
+                        key_hash(&held.id.key),
+                        details.as_deref().unwrap_or("no details")
+                    ),
+                );
+                self.outcome_unknown(host, &held, reason)
+            }
+            ResponseOutcome::Release => self.release(host, &held),
+            ResponseOutcome::Store => {
+                let too_big = header("content-length")
+                    .and_then(|v| v.trim().parse::<usize>().ok())
+                    .is_some_and(|length| length > self.config.max_response_size);
+                let stored_headers =
+                    storable_headers(response_headers.clone(), &self.config.replay_header_denylist);
+                if too_big {
+                    return self.stream_through(host, held, status, stored_headers, end_of_stream);
+                }
+                if end_of_stream {
+                    return self.complete(host, &held, status, stored_headers, Vec::new(), false);
+                }
+                self.state = State::AwaitingResponseBody {
+                    held,
+                    status,
+                    headers: stored_headers,
+                };
+                Verdict::Pause
+            }
         }
-        self.state = State::AwaitingResponseBody {
-            held,
-            status,
-            headers: stored_headers,
-        };
-        Verdict::Pause
     }
 
-    /// Response body data arrived (`body_size` is everything buffered so far).
+    /// Response body data arrived (`body_size`: everything buffered so far while paused, or this
+    /// chunk while streaming).
     pub fn on_response_body(&mut self, host: &dyn Host, body_size: usize, end_of_stream: bool) -> Verdict {
         match &self.state {
             State::AwaitingResponseBody {
@@ -391,15 +456,7 @@ impl RequestFlow {
             } => {
                 let (held, status, headers) = (held.clone(), *status, headers.clone());
                 if body_size > self.config.max_response_size {
-                    host.log(
-                        Level::Warn,
-                        &format!(
-                            "idempotency: response of {} over max_response_size ({} bytes); recording it without body",
-                            key_hash(&held.id.key),
-                            self.config.max_response_size
-                        ),
-                    );
-                    return self.complete(host, &held, status, headers, Vec::new(), true);
+                    return self.stream_through(host, held, status, headers, end_of_stream);
                 }
                 if !end_of_stream {
                     return Verdict::Pause;
@@ -411,9 +468,18 @@ impl RequestFlow {
                             Level::Warn,
                             &format!("idempotency: cannot read response body: {e}"),
                         );
-                        self.release(host, &held)
+                        self.outcome_unknown(host, &held, UnknownReason::ProxyFailure)
                     }
                 }
+            }
+            State::Streaming {
+                held,
+                status,
+                headers,
+            } if end_of_stream => {
+                let (held, status, headers) = (held.clone(), *status, headers.clone());
+                self.record_streamed(host, &held, status, headers);
+                Verdict::Continue
             }
             // Keep holding everything until the store acknowledged the record.
             State::Recording { .. } => Verdict::Pause,
@@ -436,28 +502,48 @@ impl RequestFlow {
                 started,
                 pending,
                 fingerprint,
+                attempt_id,
+                deadline,
             } if expected == token => {
                 host.record_acquire_duration(host.now().saturating_sub(started));
-                self.on_acquire_reply(host, pending, fingerprint, reply);
+                self.on_acquire_reply(host, pending, fingerprint, &attempt_id, deadline, reply);
             }
             State::Recording {
                 token: expected,
-                operation,
+                write,
                 cache,
             } if expected == token => {
-                if let (Some(200), Some(candidate)) = (reply.status, cache) {
-                    self.remember(host, &candidate.id, &candidate.fingerprint, candidate.response);
-                }
-                if reply.status != Some(200) {
-                    host.count(Counter::StorageError);
-                    host.log(
-                        Level::Warn,
-                        &format!(
-                            "idempotency: store {operation} failed (status {:?}: {}); delivering the upstream response anyway",
-                            reply.status,
-                            String::from_utf8_lossy(reply.body.get(..200).unwrap_or(&reply.body))
-                        ),
-                    );
+                match reply.status {
+                    Some(200) => {
+                        if let Some(c) = cache {
+                            self.remember(host, &c.id, &c.fingerprint, c.response, c.expires_at);
+                        }
+                    }
+                    // Refused for good (fenced out, record gone): nothing to retry.
+                    Some(400..=407 | 409..=428 | 430..=499) => {
+                        host.count(Counter::StorageError);
+                        host.log(
+                            Level::Warn,
+                            &format!(
+                                "idempotency: store refused {} (status {:?}: {}); delivering the upstream response",
+                                write.operation,
+                                reply.status,
+                                String::from_utf8_lossy(reply.body.get(..200).unwrap_or(&reply.body))
+                            ),
+                        );
+                    }
+                    // Transient: deliver the upstream's answer now, keep trying in the background.
+                    other => {
+                        host.count(Counter::StorageError);
+                        host.log(
+                            Level::Warn,
+                            &format!(
+                                "idempotency: store {} failed (status {other:?}); retrying in the background, delivering the upstream response",
+                                write.operation
+                            ),
+                        );
+                        self.retry_write(host, write);
+                    }
                 }
                 self.state = State::Finished;
                 if let Err(e) = host.resume_response() {
@@ -465,32 +551,46 @@ impl RequestFlow {
                 }
             }
             other => {
-                // A reply for a call we no longer wait for (e.g. a release sent at stream end).
+                // A reply for a call we no longer wait for.
                 self.state = other;
             }
         }
     }
 
-    /// The stream is ending. If we still hold a lock, the upstream never completed: release it
-    /// (from the root context, since this stream's own callouts die with it).
+    /// The stream is ending. Whatever was still owed to the store is handed to the root context
+    /// (this stream's own callouts die with it): an acquire we no longer wait for is abandoned,
+    /// a forwarded request without a complete answer keeps its lock as outcome unknown, and a
+    /// write whose reply had not arrived is sent again.
     pub fn on_stream_done(&mut self, host: &dyn Host) {
-        let held = match std::mem::replace(&mut self.state, State::Finished) {
-            State::Executing(held) | State::AwaitingResponseBody { held, .. } => held,
+        match std::mem::replace(&mut self.state, State::Finished) {
             State::Shadow(job) => {
                 let call = job.borrow_mut().on_stream_done();
                 self.in_background(host, call);
-                return;
             }
-            _ => return,
-        };
-        host.log(
-            Level::Warn,
-            &format!(
-                "idempotency: key {} abandoned before the upstream answered; releasing its lock",
-                key_hash(&held.id.key)
-            ),
-        );
-        self.release_detached(host, &held);
+            State::Acquiring {
+                pending,
+                attempt_id,
+                deadline,
+                ..
+            } => {
+                host.log(
+                    Level::Debug,
+                    &format!(
+                        "idempotency: key {} abandoned while its acquire was pending",
+                        key_hash(&pending.id.key)
+                    ),
+                );
+                self.abandon(host, &pending.id, &attempt_id, deadline.min(host.now()));
+            }
+            State::Executing(held) => {
+                self.outcome_unknown(host, &held, UnknownReason::DownstreamDisconnect);
+            }
+            State::AwaitingResponseBody { held, .. } | State::Streaming { held, .. } => {
+                self.outcome_unknown(host, &held, UnknownReason::ResponseIncomplete);
+            }
+            State::Recording { write, .. } => self.retry_write(host, write),
+            _ => {}
+        }
     }
 
     fn on_acquire_reply(
@@ -498,6 +598,8 @@ impl RequestFlow {
         host: &dyn Host,
         pending: Pending,
         fingerprint: String,
+        attempt_id: &str,
+        deadline: Duration,
         reply: CalloutReply,
     ) {
         let parsed = match reply.status {
@@ -508,17 +610,29 @@ impl RequestFlow {
             )),
         };
         let verdict = match parsed {
-            Err(reason) => self.storage_failure(host, &format!("acquire failed: {reason}")),
+            Err(reason) => {
+                // The acquire may still have landed (a timeout, a reply lost on the way): make
+                // sure no lock is left behind for an attempt we are refusing now. 400/401/403
+                // and 408 (arrived after its deadline) are definite: nothing was taken.
+                if !matches!(reply.status, Some(400 | 401 | 403 | 408)) {
+                    self.abandon(host, &pending.id, attempt_id, deadline.min(host.now()));
+                }
+                self.storage_failure(host, &format!("acquire failed: {reason}"))
+            }
             Ok(AcquireResponse::Acquired(lock)) => {
                 host.count(Counter::Miss);
                 let held = Held {
                     id: pending.id,
                     lock,
                     fingerprint,
+                    lock_expires_at: host.now().saturating_add(self.config.lock_timeout),
                 };
                 if let Err(e) = set_internal_headers(host, &held) {
-                    // We hold the lock but cannot tell the upstream: give it back and fail.
-                    self.release_detached(host, &held);
+                    // We hold the lock but cannot tell the upstream; the request never left.
+                    if let Ok(write) = calls::release(&held) {
+                        host.count(Counter::LockReleased);
+                        self.in_background(host, Some(write.in_background()));
+                    }
                     let verdict = self.storage_failure(host, &e.to_string());
                     if verdict == Verdict::Continue {
                         if let Err(e) = host.resume_request() {
@@ -530,16 +644,20 @@ impl RequestFlow {
                 host.log(
                     Level::Debug,
                     &format!(
-                        "idempotency: key {} acquired (token {}, resumed {})",
+                        "idempotency: key {} acquired (token {}, resumed {}, previous attempt {:?})",
                         key_hash(&held.id.key),
                         held.lock.fencing_token,
-                        held.lock.resumed
+                        held.lock.resumed,
+                        held.lock.previous_attempt
                     ),
                 );
                 self.state = State::Executing(held);
                 Verdict::Continue
             }
-            Ok(AcquireResponse::Completed { response }) => {
+            Ok(AcquireResponse::Completed {
+                response,
+                expires_at_ms,
+            }) => {
                 host.count(Counter::Hit);
                 host.log(
                     Level::Debug,
@@ -553,24 +671,48 @@ impl RequestFlow {
                 if let Err(e) = host.send_response(response.status, &headers, &response.body) {
                     host.log(Level::Warn, &format!("idempotency: cannot send replay: {e}"));
                 }
-                self.remember(host, &pending.id, &fingerprint, Rc::new(response));
+                let record_expires_at = expires_at_ms.map_or(Duration::MAX, Duration::from_millis);
+                self.remember(
+                    host,
+                    &pending.id,
+                    &fingerprint,
+                    Rc::new(response),
+                    record_expires_at,
+                );
                 self.state = State::Finished;
                 Verdict::Pause
             }
-            Ok(AcquireResponse::InProgress { lock_remaining_ms }) => {
+            Ok(AcquireResponse::InProgress {
+                lock_remaining_ms,
+                outcome_unknown,
+            }) => {
                 host.count(Counter::ConcurrentCollision);
+                let remaining_secs = lock_remaining_ms.div_ceil(1000).max(1);
+                // An attempt of unknown outcome holds its lock to the end: nothing can change
+                // before then. A running one usually finishes soon: ask for a quick retry.
+                let retry_after = if outcome_unknown {
+                    remaining_secs
+                } else {
+                    CONFLICT_RETRY_AFTER_SECS.min(remaining_secs)
+                };
                 host.log(
                     Level::Debug,
-                    &format!("idempotency: key {} in progress: 409", key_hash(&pending.id.key)),
+                    &format!(
+                        "idempotency: key {} in progress (outcome unknown: {outcome_unknown}): 409",
+                        key_hash(&pending.id.key)
+                    ),
                 );
-                let retry_after = CONFLICT_RETRY_AFTER_SECS.min(lock_remaining_ms.div_ceil(1000));
+                let message = if outcome_unknown {
+                    "An earlier request with this Idempotency-Key may still be running or may have run; its result is unknown until its lock expires. Retry with the same key after Retry-After"
+                } else {
+                    "A request with this Idempotency-Key is being processed; retry with the same key later"
+                };
                 self.answer(
                     host,
-                    &Problem::new(
-                        ErrorCode::ConcurrentRequest,
-                        "A request with this Idempotency-Key is being processed; retry with the same key later",
-                    )
-                    .retry_after(retry_after),
+                    &Problem::new(ErrorCode::ConcurrentRequest, message)
+                        .retry_after(retry_after)
+                        .detail("lockRemainingMs", lock_remaining_ms)
+                        .detail("outcomeUnknown", outcome_unknown),
                 )
             }
             Ok(AcquireResponse::Mismatch) => {
@@ -715,15 +857,31 @@ impl RequestFlow {
                 );
             }
         }
-        let request = AcquireRequest {
-            id: pending.id.clone(),
-            fingerprint: fingerprint.clone(),
-            method: pending.method.clone(),
-            path: pending.path.clone(),
-            lock_timeout_ms: millis(self.config.lock_timeout),
-            retention_ms: millis(self.config.retention_period),
+        let now = host.now();
+        let attempt_id = new_attempt_id(now, &pending.id.key);
+        let wait = if pending.shadow {
+            Duration::ZERO
+        } else {
+            pending.in_progress_wait
         };
-        let payload = serde_json::to_vec(&request).map_err(|e| format!("cannot encode acquire: {e}"));
+        // The callout waits for the store's wait too; the store ends its wait before the
+        // deadline and refuses the acquire if it only gets there afterwards.
+        let timeout = self.config.store_timeout.saturating_add(wait);
+        let deadline = now.saturating_add(timeout);
+        let payload = calls::acquire(
+            &pending.id,
+            &AcquireParams {
+                fingerprint: &fingerprint,
+                method: &pending.method,
+                path: &pending.path,
+                lock_timeout: self.config.lock_timeout,
+                retention: self.config.retention_period,
+                attempt_id: &attempt_id,
+                deadline,
+                wait,
+            },
+        )
+        .map_err(|e| format!("cannot encode acquire: {e}"));
         if pending.shadow {
             // Shadow never waits for the store: the root context asks it on the side.
             match payload {
@@ -731,11 +889,7 @@ impl RequestFlow {
                     let job = Rc::new(RefCell::new(ShadowJob::new(pending.id, &self.config)));
                     self.in_background(
                         host,
-                        Some(BackgroundCall {
-                            path: paths::ACQUIRE,
-                            body,
-                            job: Some(job.clone()),
-                        }),
+                        Some(BackgroundCall::shadow_acquire(paths::ACQUIRE, body, job.clone())),
                     );
                     self.state = State::Shadow(job);
                 }
@@ -750,6 +904,7 @@ impl RequestFlow {
             host.dispatch(&Callout {
                 path: paths::ACQUIRE,
                 body: &payload,
+                timeout,
             })
             .map_err(|e| e.to_string())
         });
@@ -757,9 +912,11 @@ impl RequestFlow {
             Ok(token) => {
                 self.state = State::Acquiring {
                     token,
-                    started: host.now(),
+                    started: now,
                     pending,
                     fingerprint,
+                    attempt_id,
+                    deadline,
                 };
                 Verdict::Pause
             }
@@ -778,99 +935,166 @@ impl RequestFlow {
         body_omitted: bool,
     ) -> Verdict {
         host.count(Counter::ResponseRecorded);
-        let request = CompleteRequest {
-            id: held.id.clone(),
-            fencing_token: held.lock.fencing_token,
-            response: StoredResponse {
-                status,
-                headers,
-                body,
-                body_omitted,
-            },
-            retention_ms: millis(self.config.retention_period),
+        let response = StoredResponse {
+            status,
+            headers,
+            body,
+            body_omitted,
         };
-        let payload = serde_json::to_vec(&request);
         let cache = CacheCandidate {
-            id: request.id,
+            id: held.id.clone(),
             fingerprint: held.fingerprint.clone(),
-            response: Rc::new(request.response),
+            response: Rc::new(response.clone()),
+            expires_at: host.now().saturating_add(self.config.retention_period),
         };
-        self.record(host, paths::COMPLETE, "complete", payload, Some(cache))
-    }
-
-    /// Give the lock back (retryable status or upstream failure), holding the response until done.
-    fn release(&mut self, host: &dyn Host, held: &Held) -> Verdict {
-        host.count(Counter::LockReleased);
-        let request = ReleaseRequest {
-            id: held.id.clone(),
-            fencing_token: held.lock.fencing_token,
-        };
-        self.record(
-            host,
-            paths::RELEASE,
-            "release",
-            serde_json::to_vec(&request),
-            None,
-        )
-    }
-
-    /// Release without waiting for the answer (nothing is held for it).
-    fn release_detached(&self, host: &dyn Host, held: &Held) {
-        host.count(Counter::LockReleased);
-        let request = ReleaseRequest {
-            id: held.id.clone(),
-            fencing_token: held.lock.fencing_token,
-        };
-        match serde_json::to_vec(&request) {
-            Ok(body) => self.in_background(
-                host,
-                Some(BackgroundCall {
-                    path: paths::RELEASE,
-                    body,
-                    job: None,
-                }),
-            ),
-            Err(e) => host.log(Level::Warn, &format!("idempotency: cannot encode release: {e}")),
+        match calls::complete(held, response, self.config.retention_period) {
+            Ok(write) => self.record(host, write, Some(cache)),
+            Err(e) => self.cannot_encode(host, "complete", &e),
         }
     }
 
-    /// Send `complete`/`release`; on failure deliver the upstream response anyway.
-    ///
-    /// Deliberate: the upstream effect has happened. Replacing its answer with a 503 would invite
-    /// the client to retry, and once the lock expires that retry would execute a second time.
-    /// Delivering it (and counting the storage error) is never worse for exactly-once.
-    fn record(
+    /// The response outgrew `max_response_size`: let it flow to the client as it arrives (never
+    /// into Envoy's buffer limit) and record it without its body once it has ended.
+    fn stream_through(
         &mut self,
         host: &dyn Host,
-        path: &str,
-        operation: &'static str,
-        payload: Result<Vec<u8>, serde_json::Error>,
-        cache: Option<CacheCandidate>,
+        held: Held,
+        status: u16,
+        headers: Vec<(String, String)>,
+        end_of_stream: bool,
     ) -> Verdict {
-        let dispatched = payload.map_err(|e| e.to_string()).and_then(|body| {
-            host.dispatch(&Callout { path, body: &body })
-                .map_err(|e| e.to_string())
+        host.log(
+            Level::Debug,
+            &format!(
+                "idempotency: response of {} over max_response_size ({} bytes); streaming it through, recording it without body",
+                key_hash(&held.id.key),
+                self.config.max_response_size
+            ),
+        );
+        if end_of_stream {
+            self.record_streamed(host, &held, status, headers);
+        } else {
+            self.state = State::Streaming {
+                held,
+                status,
+                headers,
+            };
+        }
+        Verdict::Continue
+    }
+
+    /// A streamed response ended: record it as completed without its body (from the root context,
+    /// since the stream is about to end).
+    fn record_streamed(&mut self, host: &dyn Host, held: &Held, status: u16, headers: Vec<(String, String)>) {
+        host.count(Counter::ResponseRecorded);
+        host.count(Counter::ResponseStreamed);
+        let response = StoredResponse {
+            status,
+            headers,
+            body: Vec::new(),
+            body_omitted: true,
+        };
+        match calls::complete(held, response, self.config.retention_period) {
+            Ok(write) => self.in_background(host, Some(write.in_background())),
+            Err(e) => {
+                self.cannot_encode(host, "complete", &e);
+            }
+        }
+        self.state = State::Finished;
+    }
+
+    /// Give the lock back (the upstream's own retryable answer, or a request that provably never
+    /// left Envoy), holding the response until the store acknowledged.
+    fn release(&mut self, host: &dyn Host, held: &Held) -> Verdict {
+        host.count(Counter::LockReleased);
+        match calls::release(held) {
+            Ok(write) => self.record(host, write, None),
+            Err(e) => self.cannot_encode(host, "release", &e),
+        }
+    }
+
+    /// The upstream may or may not have run the request: keep the lock until it expires and tell
+    /// the store why (from the root context, retried). The response, if any, flows on.
+    fn outcome_unknown(&mut self, host: &dyn Host, held: &Held, reason: UnknownReason) -> Verdict {
+        host.count(Counter::OutcomeUnknown);
+        host.log(
+            Level::Warn,
+            &format!(
+                "idempotency: key {} outcome unknown ({}); its lock is kept for up to {}",
+                key_hash(&held.id.key),
+                reason.as_str(),
+                humantime_secs(self.config.lock_timeout)
+            ),
+        );
+        match calls::outcome_unknown(held, reason) {
+            Ok(write) => self.in_background(host, Some(write.in_background())),
+            Err(e) => {
+                self.cannot_encode(host, "outcome-unknown", &e);
+            }
+        }
+        self.state = State::Finished;
+        Verdict::Continue
+    }
+
+    /// Ask the store (from the root context, retried) to release the lock of an acquire we gave
+    /// up on, if that attempt got it.
+    fn abandon(&self, host: &dyn Host, id: &RecordId, attempt_id: &str, deadline: Duration) {
+        match calls::abandon(id, attempt_id, deadline) {
+            Ok(call) => self.in_background(host, Some(call)),
+            Err(e) => host.log(Level::Warn, &format!("idempotency: cannot encode abandon: {e}")),
+        }
+    }
+
+    /// Hand a holder write to the root context to retry.
+    fn retry_write(&self, host: &dyn Host, write: HolderWrite) {
+        host.count(Counter::WriteRetried);
+        self.in_background(host, Some(write.in_background()));
+    }
+
+    fn cannot_encode(&mut self, host: &dyn Host, operation: &str, error: &serde_json::Error) -> Verdict {
+        host.count(Counter::StorageError);
+        host.log(
+            Level::Warn,
+            &format!("idempotency: cannot encode {operation}: {error}"),
+        );
+        self.state = State::Finished;
+        Verdict::Continue
+    }
+
+    /// Send `complete`/`release` and hold the response until it is acknowledged. Should the
+    /// store fail, the upstream response is delivered anyway and the write retried in the
+    /// background: the effect has happened, and replacing its answer with a 503 would only invite
+    /// a retry.
+    fn record(&mut self, host: &dyn Host, write: HolderWrite, cache: Option<CacheCandidate>) -> Verdict {
+        let dispatched = host.dispatch(&Callout {
+            path: write.path,
+            body: &write.body,
+            timeout: self.config.store_timeout,
         });
         match dispatched {
             Ok(token) => {
-                self.state = State::Recording {
-                    token,
-                    operation,
-                    cache,
-                };
+                self.state = State::Recording { token, write, cache };
                 Verdict::Pause
             }
             Err(e) => {
                 host.count(Counter::StorageError);
                 host.log(
                     Level::Warn,
-                    &format!("idempotency: cannot {operation} record: {e}"),
+                    &format!(
+                        "idempotency: cannot {} record now ({e}); retrying in the background",
+                        write.operation
+                    ),
                 );
+                self.retry_write(host, write);
                 self.state = State::Finished;
                 Verdict::Continue
             }
         }
     }
+}
+
+fn humantime_secs(duration: Duration) -> String {
+    format!("{}s", duration.as_secs())
 }
 
 /// Tell the upstream which record it runs under (and where to resume).
@@ -883,12 +1107,13 @@ fn set_internal_headers(host: &dyn Host, held: &Held) -> Result<(), crate::host:
     if let Some(point) = &held.lock.recovery_point {
         host.set_request_header(headers::RECOVERY_POINT, Some(point))?;
     }
+    if let Some(previous) = held.lock.previous_attempt {
+        host.set_request_header(headers::PREVIOUS_ATTEMPT, Some(previous.as_str()))?;
+    }
     Ok(())
 }
 
-fn millis(duration: Duration) -> u64 {
-    u64::try_from(duration.as_millis()).unwrap_or(u64::MAX)
-}
+pub(crate) use calls::millis;
 
 /// Short, stable, non-reversible name for a key in logs (never log the raw key).
 pub fn key_hash(key: &str) -> String {

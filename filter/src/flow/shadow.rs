@@ -64,7 +64,7 @@ impl ShadowJob {
     pub fn on_acquire_reply(
         &mut self,
         host: &dyn Host,
-        _config: &Config,
+        config: &Config,
         reply: CalloutReply,
     ) -> Option<BackgroundCall> {
         self.acquire_pending = false;
@@ -90,6 +90,7 @@ impl ShadowJob {
                     id: self.id.clone(),
                     lock,
                     fingerprint: String::new(),
+                    lock_expires_at: host.now().saturating_add(config.lock_timeout),
                 });
                 (Counter::ShadowExecuted, "executes (no earlier attempt)")
             }
@@ -166,6 +167,7 @@ impl ShadowJob {
                 Some(status) => {
                     let request = CompleteRequest {
                         id: held.id.clone(),
+                        record_id: held.lock.record_id.clone(),
                         fencing_token: held.lock.fencing_token,
                         response: StoredResponse {
                             status,
@@ -179,23 +181,22 @@ impl ShadowJob {
                 }
                 None => release_call(held),
             },
-            // The stream ended without a whole response: give the lock back.
+            // The stream ended without a whole response: give the lock back. Shadow mode
+            // guarantees nothing (requests flow untracked), so it does not keep locks of
+            // unknown outcome; enforced modes do.
             (None, true) => release_call(held),
             (None, false) => return None,
         };
         self.recorded = true;
         let (path, body) = call;
-        Some(BackgroundCall {
-            path,
-            body: body.ok()?,
-            job: None,
-        })
+        Some(BackgroundCall::once(path, body.ok()?))
     }
 }
 
 fn release_call(held: &Held) -> (&'static str, Result<Vec<u8>, serde_json::Error>) {
     let request = ReleaseRequest {
         id: held.id.clone(),
+        record_id: held.lock.record_id.clone(),
         fencing_token: held.lock.fencing_token,
     };
     (paths::RELEASE, serde_json::to_vec(&request))

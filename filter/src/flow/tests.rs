@@ -61,6 +61,7 @@ fn acquired(token: u64, recovery_point: Option<&str>) -> AcquireResponse {
         fencing_token: token,
         resumed: recovery_point.is_some(),
         recovery_point: recovery_point.map(str::to_owned),
+        previous_attempt: None,
     })
 }
 
@@ -161,25 +162,267 @@ fn server_errors_release_the_lock_instead_of_storing() {
     let token = start_keyed_post(&mut flow, &host);
     flow.on_callout_reply(&host, token, reply(200, &acquired(3, None)));
     host.set_response(503, &[], b"down");
+    host.set_property(&["response", "code_details"], b"via_upstream");
     assert_eq!(flow.on_response_headers(&host, false), Verdict::Pause);
     let (path, release, _) = host.dispatches().pop().unwrap();
     assert_eq!(path, "/v1/release");
     assert_eq!(release["fencing_token"], 3);
+    assert_eq!(release["record_id"], "rec-1");
+}
+
+/// Drive a keyed POST to the point where the upstream (or Envoy) answers `status` with `details`.
+fn answered(
+    status: u16,
+    details: Option<&str>,
+) -> (RequestFlow, Rc<Background>, Rc<Config>, MockHost, Verdict) {
+    let (mut flow, background, config) = flow_with_background("");
+    let host = post("k1", b"{}");
+    let token = start_keyed_post(&mut flow, &host);
+    flow.on_callout_reply(&host, token, reply(200, &acquired(3, None)));
+    host.set_response(status, &[], b"");
+    if let Some(details) = details {
+        host.set_property(&["response", "code_details"], details.as_bytes());
+    }
+    let verdict = flow.on_response_headers(&host, false);
+    (flow, background, config, host, verdict)
+}
+
+#[test]
+fn envoy_timeouts_and_resets_after_forwarding_keep_the_lock() {
+    for (status, details, reason) in [
+        (504, Some("response_timeout"), "upstream_timeout"),
+        (
+            503,
+            Some("upstream_reset_before_response_started{remote_reset}"),
+            "upstream_reset",
+        ),
+        (503, None, "local_reply"),
+    ] {
+        let (_flow, background, config, host, verdict) = answered(status, details);
+        assert_eq!(verdict, Verdict::Continue, "the client gets Envoy's answer");
+        background.drain(&host, &config);
+        let (path, report, _) = host.dispatches().pop().unwrap();
+        assert_eq!(path, "/v1/outcome-unknown", "{details:?}");
+        assert_eq!(report["reason"], reason);
+        assert_eq!(host.counted(Counter::LockReleased), 0);
+    }
+}
+
+#[test]
+fn a_request_that_never_left_envoy_releases_its_lock() {
+    let (_flow, _background, _config, host, verdict) = answered(
+        503,
+        Some("upstream_reset_before_response_started{remote_connection_failure}"),
+    );
+    assert_eq!(verdict, Verdict::Pause, "held until the release is acknowledged");
+    assert_eq!(host.dispatches().pop().unwrap().0, "/v1/release");
+}
+
+#[test]
+fn a_failed_complete_delivers_the_response_and_is_retried_in_the_background() {
+    let (mut flow, background, config) = flow_with_background("");
+    let host = post("k1", b"{}");
+    let token = start_keyed_post(&mut flow, &host);
+    flow.on_callout_reply(&host, token, reply(200, &acquired(3, None)));
+    host.set_response(201, &[], b"{}");
+    host.set_property(&["response", "code_details"], b"via_upstream");
+    assert_eq!(flow.on_response_headers(&host, false), Verdict::Pause);
+    assert_eq!(flow.on_response_body(&host, 2, true), Verdict::Pause);
+    let complete_token = host.last_token();
+    flow.on_callout_reply(
+        &host,
+        complete_token,
+        CalloutReply {
+            status: Some(503),
+            body: vec![],
+        },
+    );
+    assert_eq!(host.calls().last(), Some(&Call::ResumeResponse));
+    assert_eq!(background.queued(), 1);
+    background.drain(&host, &config);
+    let (path, _, retry_token) = host.dispatches().pop().unwrap();
+    assert_eq!(path, "/v1/complete");
+    // Still failing: retried again after a backoff, not at once.
+    background.on_reply(
+        &host,
+        &config,
+        retry_token,
+        CalloutReply {
+            status: None,
+            body: vec![],
+        },
+    );
+    assert_eq!(background.queued(), 1);
+    let before = host.dispatches().len();
+    background.drain(&host, &config);
+    assert_eq!(host.dispatches().len(), before, "waits for its backoff");
+    *host.clock_advance.borrow_mut() = std::time::Duration::from_secs(1);
+    background.drain(&host, &config);
+    let (_, _, third) = host.dispatches().pop().unwrap();
+    // Fenced out (another attempt took over): final, no more tries.
+    background.on_reply(
+        &host,
+        &config,
+        third,
+        CalloutReply {
+            status: Some(409),
+            body: vec![],
+        },
+    );
+    assert_eq!(background.queued(), 0);
+}
+
+#[test]
+fn a_complete_cut_off_by_the_stream_ending_is_sent_again_from_the_root_context() {
+    let (mut flow, background, config) = flow_with_background("");
+    let host = post("k1", b"{}");
+    let token = start_keyed_post(&mut flow, &host);
+    flow.on_callout_reply(&host, token, reply(200, &acquired(3, None)));
+    host.set_response(201, &[], b"{}");
+    host.set_property(&["response", "code_details"], b"via_upstream");
+    flow.on_response_headers(&host, false);
+    flow.on_response_body(&host, 2, true);
+    flow.on_stream_done(&host);
+    background.drain(&host, &config);
+    assert_eq!(host.dispatches().pop().unwrap().0, "/v1/complete");
+}
+
+#[test]
+fn an_acquire_given_up_on_is_abandoned_with_its_attempt_id() {
+    let (mut flow, background, config) = flow_with_background("");
+    let host = post("k1", b"{}");
+    let token = start_keyed_post(&mut flow, &host);
+    let (_, acquire, _) = host.dispatches().remove(0);
+    let attempt_id = acquire["attempt_id"].as_str().unwrap().to_owned();
+    assert_eq!(attempt_id.len(), 32);
+    let now_ms = 1_700_000_000_000u64;
+    assert_eq!(acquire["deadline_ms"], now_ms + 1_000, "store_timeout after now");
+    flow.on_callout_reply(
+        &host,
+        token,
+        CalloutReply {
+            status: None,
+            body: vec![],
+        },
+    );
+    assert_eq!(host.sent_response().unwrap().0, 503);
+    background.drain(&host, &config);
+    let (path, abandon, abandon_token) = host.dispatches().pop().unwrap();
+    assert_eq!(path, "/v1/abandon");
+    assert_eq!(abandon["attempt_id"], attempt_id.as_str());
+    // "Nothing held" right away is not believed: the acquire may still be landing.
+    background.on_reply(
+        &host,
+        &config,
+        abandon_token,
+        CalloutReply {
+            status: Some(200),
+            body: br#"{"released":false}"#.to_vec(),
+        },
+    );
+    assert_eq!(background.queued(), 1);
+    *host.clock_advance.borrow_mut() = std::time::Duration::from_secs(1);
+    background.drain(&host, &config);
+    let (_, _, again) = host.dispatches().pop().unwrap();
+    background.on_reply(
+        &host,
+        &config,
+        again,
+        CalloutReply {
+            status: Some(200),
+            body: br#"{"released":true}"#.to_vec(),
+        },
+    );
+    assert_eq!(background.queued(), 0);
+    assert_eq!(host.counted(Counter::AbandonReleased), 1);
+}
+
+#[test]
+fn a_stream_that_ends_during_its_acquire_abandons_it() {
+    let (mut flow, background, config) = flow_with_background("");
+    let host = post("k1", b"{}");
+    start_keyed_post(&mut flow, &host);
+    flow.on_stream_done(&host);
+    background.drain(&host, &config);
+    assert_eq!(host.dispatches().pop().unwrap().0, "/v1/abandon");
+}
+
+#[test]
+fn in_progress_wait_asks_the_store_to_wait_and_extends_the_callout_timeout() {
+    let mut flow = flow(r#","in_progress_wait":"2s""#);
+    let host = post("k1", b"{}");
+    start_keyed_post(&mut flow, &host);
+    let (_, acquire, _) = host.dispatches().remove(0);
+    assert_eq!(acquire["wait_ms"], 2_000);
+    assert_eq!(
+        *host.last_timeout.borrow(),
+        Some(std::time::Duration::from_secs(3))
+    );
+}
+
+#[test]
+fn retry_after_an_attempt_of_unknown_outcome_is_the_rest_of_its_lock() {
+    let mut flow = flow("");
+    let host = post("k1", b"{}");
+    let token = start_keyed_post(&mut flow, &host);
+    let answer = AcquireResponse::InProgress {
+        lock_remaining_ms: 41_500,
+        outcome_unknown: true,
+    };
+    flow.on_callout_reply(&host, token, reply(200, &answer));
+    let (status, headers, _) = host.sent_response().unwrap();
+    assert_eq!(status, 409);
+    assert!(
+        headers.contains(&("retry-after".into(), "42".into())),
+        "{headers:?}"
+    );
+    assert_eq!(body_json(&host)["details"]["outcomeUnknown"], true);
+}
+
+#[test]
+fn a_takeover_tells_the_upstream_what_is_known_of_the_previous_attempt() {
+    let mut flow = flow("");
+    let host = post("k1", b"{}");
+    let token = start_keyed_post(&mut flow, &host);
+    let mut lock = match acquired(4, None) {
+        AcquireResponse::Acquired(lock) => lock,
+        _ => unreachable!(),
+    };
+    lock.resumed = true;
+    lock.previous_attempt = Some(idempotency_wire::PreviousAttempt::Unknown);
+    flow.on_callout_reply(&host, token, reply(200, &AcquireResponse::Acquired(lock)));
+    assert!(host.calls().contains(&Call::SetRequestHeader(
+        "x-idempotency-previous-attempt".into(),
+        Some("unknown".into())
+    )));
 }
 
 #[test]
 fn oversize_response_is_recorded_without_body() {
-    let mut flow = flow(r#","max_response_size":4"#);
+    let (mut flow, background, config) = flow_with_background(r#","max_response_size":4"#);
     let host = post("k1", b"{}");
     let token = start_keyed_post(&mut flow, &host);
     flow.on_callout_reply(&host, token, reply(200, &acquired(1, None)));
     host.set_response(200, &[], b"0123456789");
     assert_eq!(flow.on_response_headers(&host, false), Verdict::Pause);
-    assert_eq!(flow.on_response_body(&host, 10, false), Verdict::Pause);
+    assert_eq!(
+        flow.on_response_body(&host, 10, false),
+        Verdict::Continue,
+        "over the limit it streams through, never into Envoy's buffer"
+    );
+    assert_eq!(flow.on_response_body(&host, 5, false), Verdict::Continue);
+    assert!(
+        host.dispatches().iter().all(|(p, _, _)| p != "/v1/complete"),
+        "not before the end"
+    );
+    assert_eq!(flow.on_response_body(&host, 5, true), Verdict::Continue);
+    assert_eq!(background.queued(), 1);
+    background.drain(&host, &config);
     let (path, complete, _) = host.dispatches().pop().unwrap();
     assert_eq!(path, "/v1/complete");
     assert_eq!(complete["response"]["body_omitted"], true);
     assert_eq!(complete["response"]["body"], "");
+    assert_eq!(host.counted(Counter::ResponseStreamed), 1);
 }
 
 #[test]
@@ -194,6 +437,7 @@ fn completed_record_is_replayed_with_marker_and_no_upstream() {
             body: br#"{"orderId":"1"}"#.to_vec(),
             body_omitted: false,
         },
+        expires_at_ms: None,
     };
     flow.on_callout_reply(&host, token, reply(200, &stored));
     let (status, headers, body) = host.sent_response().unwrap();
@@ -216,6 +460,7 @@ fn in_progress_gives_409_with_retry_after() {
             200,
             &AcquireResponse::InProgress {
                 lock_remaining_ms: 299_000,
+                outcome_unknown: false,
             },
         ),
     );
@@ -370,8 +615,8 @@ fn body_over_the_limit_is_413_before_any_store_call() {
 }
 
 #[test]
-fn stream_ending_while_holding_the_lock_releases_it_from_the_root_context() {
-    let (mut flow, background, _) = flow_with_background("");
+fn client_gone_after_forwarding_keeps_the_lock_as_outcome_unknown() {
+    let (mut flow, background, config) = flow_with_background("");
     let host = post("k1", b"{}");
     let token = start_keyed_post(&mut flow, &host);
     flow.on_callout_reply(&host, token, reply(200, &acquired(5, None)));
@@ -383,11 +628,17 @@ fn stream_ending_while_holding_the_lock_releases_it_from_the_root_context() {
         "not from the dying stream"
     );
     assert_eq!(background.queued(), 1);
-    assert!(*host.background_wakes.borrow() >= 1);
-    background.drain(&host);
-    let (path, release, _) = host.dispatches().pop().unwrap();
-    assert_eq!(path, "/v1/release");
-    assert_eq!(release["fencing_token"], 5);
+    background.drain(&host, &config);
+    let (path, report, _) = host.dispatches().pop().unwrap();
+    assert_eq!(
+        path, "/v1/outcome-unknown",
+        "never a release: the upstream may be running"
+    );
+    assert_eq!(report["fencing_token"], 5);
+    assert_eq!(report["record_id"], "rec-1");
+    assert_eq!(report["reason"], "downstream_disconnect");
+    assert_eq!(host.counted(Counter::OutcomeUnknown), 1);
+    assert_eq!(host.counted(Counter::LockReleased), 0);
 }
 
 #[test]
@@ -527,7 +778,7 @@ fn shadow_never_blocks_and_records_the_response_on_the_side() {
         host.dispatches().is_empty(),
         "the stream makes no store call itself"
     );
-    background.drain(&host);
+    background.drain(&host, &config);
     let acquire_token = host.last_token();
 
     // The response streams past (and the stream ends) before the store answered.
@@ -553,6 +804,7 @@ fn shadow_counts_what_enforcement_would_have_done() {
         (
             AcquireResponse::InProgress {
                 lock_remaining_ms: 1000,
+                outcome_unknown: false,
             },
             Counter::ShadowWouldConflict,
         ),
@@ -565,6 +817,7 @@ fn shadow_counts_what_enforcement_would_have_done() {
                     body: vec![],
                     body_omitted: false,
                 },
+                expires_at_ms: None,
             },
             Counter::ShadowWouldReplay,
         ),
@@ -572,7 +825,7 @@ fn shadow_counts_what_enforcement_would_have_done() {
         let (mut flow, background, config) = flow_with_background(r#","mode":"shadow""#);
         let host = json_post("k1", "{}", &[]);
         assert_eq!(flow.on_request_headers(&host, true), Verdict::Continue);
-        background.drain(&host);
+        background.drain(&host, &config);
         background.on_reply(&host, &config, host.last_token(), reply(200, &answer));
         assert_eq!(host.counted(counter), 1, "{counter:?}");
         assert!(host.sent_response().is_none());
@@ -585,7 +838,7 @@ fn shadow_store_failure_changes_nothing() {
     let (mut flow, background, config) = flow_with_background(r#","mode":"shadow""#);
     let host = json_post("k1", "{}", &[]);
     assert_eq!(flow.on_request_headers(&host, true), Verdict::Continue);
-    background.drain(&host);
+    background.drain(&host, &config);
     background.on_reply(
         &host,
         &config,

@@ -1,7 +1,7 @@
 //! The storage contract: one test suite every backend must pass (`storage_contract_tests!`).
 
 use idempotency_wire::{
-    AcquireRequest, CheckpointRequest, CompleteRequest, RecordId, ReleaseRequest, StoredResponse,
+    AcquireRequest, CheckpointRequest, CompleteRequest, Lock, RecordId, ReleaseRequest, StoredResponse,
 };
 
 /// An acquire for `key` with a 60 s retention.
@@ -13,6 +13,9 @@ pub fn acquire_request(key: &str, lock_timeout_ms: u64) -> AcquireRequest {
         path: "/api/v1/orders".into(),
         lock_timeout_ms,
         retention_ms: 60_000,
+        attempt_id: String::new(),
+        deadline_ms: None,
+        wait_ms: 0,
     }
 }
 
@@ -25,11 +28,12 @@ pub fn record_id(key: &str) -> RecordId {
     }
 }
 
-/// A complete for `key` with a small JSON body.
-pub fn complete_request(key: &str, fencing_token: u64) -> CompleteRequest {
+/// A complete for `key` by the holder of `lock`, with a small JSON body.
+pub fn complete_request(key: &str, lock: &Lock) -> CompleteRequest {
     CompleteRequest {
         id: record_id(key),
-        fencing_token,
+        record_id: lock.record_id.clone(),
+        fencing_token: lock.fencing_token,
         response: StoredResponse {
             status: 201,
             headers: vec![("content-type".into(), "application/json".into())],
@@ -40,20 +44,33 @@ pub fn complete_request(key: &str, fencing_token: u64) -> CompleteRequest {
     }
 }
 
-/// A release for `key`.
-pub fn release_request(key: &str, fencing_token: u64) -> ReleaseRequest {
+/// A release for `key` by the holder of `lock`.
+pub fn release_request(key: &str, lock: &Lock) -> ReleaseRequest {
     ReleaseRequest {
         id: record_id(key),
-        fencing_token,
+        record_id: lock.record_id.clone(),
+        fencing_token: lock.fencing_token,
     }
 }
 
-/// A checkpoint for `key`.
-pub fn checkpoint_request(key: &str, fencing_token: u64, phase: &str) -> CheckpointRequest {
+/// A checkpoint for `key` by the holder of `lock`.
+pub fn checkpoint_request(key: &str, lock: &Lock, phase: &str) -> CheckpointRequest {
     CheckpointRequest {
         id: record_id(key),
-        fencing_token,
+        record_id: lock.record_id.clone(),
+        fencing_token: lock.fencing_token,
         phase: phase.into(),
+    }
+}
+
+/// A lock as a holder that never held `key` would present it.
+pub fn forged_lock(record_id: &str, fencing_token: u64) -> Lock {
+    Lock {
+        record_id: record_id.into(),
+        fencing_token,
+        resumed: false,
+        recovery_point: None,
+        previous_attempt: None,
     }
 }
 
@@ -96,7 +113,8 @@ macro_rules! storage_contract_tests {
                 assert_eq!(
                     again,
                     AcquireResponse::InProgress {
-                        lock_remaining_ms: 9_000
+                        lock_remaining_ms: 9_000,
+                        outcome_unknown: false,
                     }
                 );
             }
@@ -109,7 +127,7 @@ macro_rules! storage_contract_tests {
                         .await
                         .unwrap(),
                 );
-                s.complete(&complete_request("k2", lock.fencing_token), 1_500)
+                s.complete(&complete_request("k2", &lock), 1_500)
                     .await
                     .unwrap();
                 match s
@@ -117,8 +135,12 @@ macro_rules! storage_contract_tests {
                     .await
                     .unwrap()
                 {
-                    AcquireResponse::Completed { response } => {
-                        assert_eq!(response, complete_request("k2", 1).response);
+                    AcquireResponse::Completed {
+                        response,
+                        expires_at_ms,
+                    } => {
+                        assert_eq!(expires_at_ms, Some(1_500 + 60_000));
+                        assert_eq!(response, complete_request("k2", &lock).response);
                     }
                     other => panic!("expected completed, got {other:?}"),
                 }
@@ -148,14 +170,11 @@ macro_rules! storage_contract_tests {
                         .await
                         .unwrap(),
                 );
+                s.checkpoint(&checkpoint_request("k4", &first, "validated"), 1_200)
+                    .await
+                    .unwrap();
                 s.checkpoint(
-                    &checkpoint_request("k4", first.fencing_token, "validated"),
-                    1_200,
-                )
-                .await
-                .unwrap();
-                s.checkpoint(
-                    &checkpoint_request("k4", first.fencing_token, "inventory_reserved"),
+                    &checkpoint_request("k4", &first, "inventory_reserved"),
                     1_300,
                 )
                 .await
@@ -184,7 +203,7 @@ macro_rules! storage_contract_tests {
                         .await
                         .unwrap(),
                 );
-                let stale = first.fencing_token;
+                let stale = &first;
                 assert!(matches!(
                     s.complete(&complete_request("k5", stale), 2_600).await,
                     Err(StorageError::StaleToken { .. })
@@ -198,13 +217,12 @@ macro_rules! storage_contract_tests {
                         .await,
                     Err(StorageError::StaleToken { .. })
                 ));
-                s.complete(&complete_request("k5", second.fencing_token), 2_700)
+                s.complete(&complete_request("k5", &second), 2_700)
                     .await
                     .unwrap();
                 // Completed records refuse every further holder write too.
                 assert!(matches!(
-                    s.complete(&complete_request("k5", second.fencing_token), 2_800)
-                        .await,
+                    s.complete(&complete_request("k5", &second), 2_800).await,
                     Err(StorageError::StaleToken { .. })
                 ));
             }
@@ -217,13 +235,10 @@ macro_rules! storage_contract_tests {
                         .await
                         .unwrap(),
                 );
-                s.checkpoint(
-                    &checkpoint_request("k6", first.fencing_token, "validated"),
-                    1_100,
-                )
-                .await
-                .unwrap();
-                s.release(&release_request("k6", first.fencing_token), 1_200)
+                s.checkpoint(&checkpoint_request("k6", &first, "validated"), 1_100)
+                    .await
+                    .unwrap();
+                s.release(&release_request("k6", &first), 1_200)
                     .await
                     .unwrap();
                 let second = lock_of(
@@ -239,7 +254,8 @@ macro_rules! storage_contract_tests {
             async fn writes_to_unknown_records_are_not_found() {
                 let (_guard, s) = $open;
                 assert!(matches!(
-                    s.complete(&complete_request("nope", 1), 1_000).await,
+                    s.complete(&complete_request("nope", &forged_lock("r", 1)), 1_000)
+                        .await,
                     Err(StorageError::NotFound(_))
                 ));
             }
@@ -252,13 +268,13 @@ macro_rules! storage_contract_tests {
                         .await
                         .unwrap(),
                 );
-                s.complete(&complete_request("k7", lock.fencing_token), 1_100)
+                s.complete(&complete_request("k7", &lock), 1_100)
                     .await
                     .unwrap();
                 // Retention is 60 s from completion.
                 let after = 1_100 + 60_000;
                 assert!(s.get(&record_id("k7"), after).await.unwrap().is_none());
-                assert!(s.sweep_expired(after).await.unwrap() >= 1);
+                assert!($crate::sweep_all(&s, after).await.unwrap() >= 1);
                 assert!(s.get(&record_id("k7"), after).await.unwrap().is_none());
                 let fresh = lock_of(
                     s.acquire(&acquire_request("k7", 1_000), after + 1)
@@ -274,7 +290,7 @@ macro_rules! storage_contract_tests {
                 s.acquire(&acquire_request("k8", 1_000), 1_000)
                     .await
                     .unwrap();
-                s.sweep_expired(2_000).await.unwrap();
+                $crate::sweep_all(&s, 2_000).await.unwrap();
                 assert!(s.get(&record_id("k8"), 2_000).await.unwrap().is_some());
             }
 
@@ -308,6 +324,191 @@ macro_rules! storage_contract_tests {
                     }
                 }
                 assert_eq!(winners, 1);
+            }
+
+            fn attempt(
+                key: &str,
+                lock_timeout_ms: u64,
+                attempt_id: &str,
+            ) -> idempotency_wire::AcquireRequest {
+                let mut request = acquire_request(key, lock_timeout_ms);
+                request.attempt_id = attempt_id.into();
+                request
+            }
+
+            #[tokio::test]
+            async fn outcome_unknown_keeps_the_lock_and_the_takeover_says_the_previous_attempt_may_have_run()
+            {
+                let (_guard, s) = $open;
+                let first = lock_of(s.acquire(&attempt("u1", 1_000, "a1"), 1_000).await.unwrap());
+                let report = idempotency_wire::OutcomeUnknownRequest {
+                    id: record_id("u1"),
+                    record_id: first.record_id.clone(),
+                    fencing_token: first.fencing_token,
+                    reason: "downstream_disconnect".into(),
+                };
+                s.outcome_unknown(&report, 1_100).await.unwrap();
+                assert_eq!(
+                    s.acquire(&attempt("u1", 1_000, "a2"), 1_200).await.unwrap(),
+                    AcquireResponse::InProgress {
+                        lock_remaining_ms: 800,
+                        outcome_unknown: true
+                    }
+                );
+                let record = s.get(&record_id("u1"), 1_200).await.unwrap().unwrap();
+                assert_eq!(
+                    record.outcome_unknown.unwrap().reason,
+                    "downstream_disconnect"
+                );
+                let second = lock_of(s.acquire(&attempt("u1", 1_000, "a3"), 2_100).await.unwrap());
+                assert_eq!(
+                    second.previous_attempt,
+                    Some(idempotency_wire::PreviousAttempt::Unknown)
+                );
+                let record = s.get(&record_id("u1"), 2_100).await.unwrap().unwrap();
+                assert!(record.outcome_unknown.is_none(), "{record:?}");
+                assert_eq!(record.attempt_id, "a3");
+            }
+
+            #[tokio::test]
+            async fn a_takeover_after_a_release_says_the_previous_attempt_was_released() {
+                let (_guard, s) = $open;
+                let first = lock_of(
+                    s.acquire(&attempt("u2", 60_000, "a1"), 1_000)
+                        .await
+                        .unwrap(),
+                );
+                s.release(&release_request("u2", &first), 1_100)
+                    .await
+                    .unwrap();
+                let second = lock_of(
+                    s.acquire(&attempt("u2", 60_000, "a2"), 1_200)
+                        .await
+                        .unwrap(),
+                );
+                assert_eq!(
+                    second.previous_attempt,
+                    Some(idempotency_wire::PreviousAttempt::Released)
+                );
+            }
+
+            #[tokio::test]
+            async fn abandon_releases_only_the_lock_its_attempt_holds() {
+                let (_guard, s) = $open;
+                let abandon = |attempt_id: &str| idempotency_wire::AbandonRequest {
+                    id: record_id("ab"),
+                    attempt_id: attempt_id.into(),
+                };
+                assert!(
+                    !s.abandon(&abandon("a1"), 900).await.unwrap(),
+                    "nothing to abandon yet"
+                );
+                lock_of(
+                    s.acquire(&attempt("ab", 60_000, "a1"), 1_000)
+                        .await
+                        .unwrap(),
+                );
+                assert!(!s.abandon(&abandon("other"), 1_100).await.unwrap());
+                assert!(matches!(
+                    s.acquire(&attempt("ab", 60_000, "a2"), 1_150)
+                        .await
+                        .unwrap(),
+                    AcquireResponse::InProgress { .. }
+                ));
+                assert!(s.abandon(&abandon("a1"), 1_200).await.unwrap());
+                assert!(
+                    !s.abandon(&abandon("a1"), 1_250).await.unwrap(),
+                    "already released"
+                );
+                let next = lock_of(
+                    s.acquire(&attempt("ab", 60_000, "a2"), 1_300)
+                        .await
+                        .unwrap(),
+                );
+                assert_eq!(
+                    next.previous_attempt,
+                    Some(idempotency_wire::PreviousAttempt::Released)
+                );
+                assert!(
+                    !s.abandon(&abandon("a1"), 1_400).await.unwrap(),
+                    "a2 holds it now"
+                );
+            }
+
+            #[tokio::test]
+            async fn an_acquire_that_arrives_after_its_deadline_is_refused_and_takes_nothing() {
+                let (_guard, s) = $open;
+                let mut late = attempt("dl", 60_000, "a1");
+                late.deadline_ms = Some(1_000);
+                assert!(matches!(
+                    s.acquire(&late, 1_000).await,
+                    Err(StorageError::DeadlinePassed { .. })
+                ));
+                assert!(s.get(&record_id("dl"), 1_000).await.unwrap().is_none());
+                let mut in_time = attempt("dl", 60_000, "a2");
+                in_time.deadline_ms = Some(2_000);
+                lock_of(s.acquire(&in_time, 1_500).await.unwrap());
+            }
+
+            #[tokio::test]
+            async fn a_purged_and_recreated_record_refuses_the_old_holders_writes() {
+                let (_guard, s) = $open;
+                let old = lock_of(
+                    s.acquire(&attempt("pr", 60_000, "a1"), 1_000)
+                        .await
+                        .unwrap(),
+                );
+                assert!(s.purge(&record_id("pr")).await.unwrap());
+                let new = lock_of(
+                    s.acquire(&attempt("pr", 60_000, "a2"), 1_100)
+                        .await
+                        .unwrap(),
+                );
+                assert_eq!(
+                    new.fencing_token, old.fencing_token,
+                    "same number, other record"
+                );
+                assert_ne!(new.record_id, old.record_id);
+                assert!(matches!(
+                    s.complete(&complete_request("pr", &old), 1_200).await,
+                    Err(StorageError::StaleToken { .. })
+                ));
+                assert!(matches!(
+                    s.checkpoint(&checkpoint_request("pr", &old, "x"), 1_200)
+                        .await,
+                    Err(StorageError::StaleToken { .. })
+                ));
+                s.complete(&complete_request("pr", &new), 1_300)
+                    .await
+                    .unwrap();
+            }
+
+            #[tokio::test]
+            async fn a_completion_without_retention_keeps_the_retention_the_acquire_asked_for() {
+                let (_guard, s) = $open;
+                let lock = lock_of(
+                    s.acquire(&acquire_request("rt", 1_000), 1_000)
+                        .await
+                        .unwrap(),
+                );
+                let mut done = complete_request("rt", &lock);
+                done.retention_ms = 0;
+                s.complete(&done, 2_000).await.unwrap();
+                let record = s.get(&record_id("rt"), 2_000).await.unwrap().unwrap();
+                assert_eq!(record.expires_ms, 2_000 + 60_000);
+            }
+
+            #[tokio::test]
+            async fn the_sweep_deletes_in_bounded_chunks_until_done() {
+                let (_guard, s) = $open;
+                for i in 0..25 {
+                    let mut request = acquire_request(&format!("sw{i}"), 1_000);
+                    request.retention_ms = 1_000;
+                    s.acquire(&request, 1_000).await.unwrap();
+                }
+                assert_eq!(s.sweep_expired(10_000, 10).await.unwrap(), 10);
+                assert_eq!($crate::sweep_all(&s, 10_000).await.unwrap(), 15);
+                assert_eq!(s.record_count().await.unwrap(), 0);
             }
         }
     };

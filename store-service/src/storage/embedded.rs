@@ -11,13 +11,17 @@ use std::thread;
 
 use async_trait::async_trait;
 use idempotency_wire::{
-    AcquireRequest, AcquireResponse, CheckpointRequest, CompleteRequest, RecordId, ReleaseRequest,
+    AbandonRequest, AcquireRequest, AcquireResponse, CheckpointRequest, CompleteRequest,
+    OutcomeUnknownRequest, RecordId, ReleaseRequest,
 };
 use redb::{Database, Durability, ReadableTable, ReadableTableMetadata, TableDefinition};
 use tokio::sync::{mpsc, oneshot};
 
 use super::{BackendName, Storage, StorageError};
-use crate::record::{apply_checkpoint, apply_complete, apply_release, decide_acquire, Record};
+use crate::record::{
+    apply_abandon, apply_checkpoint, apply_complete, apply_outcome_unknown, apply_release, check_deadline,
+    decide_acquire, Record,
+};
 
 /// Records by identity key.
 const RECORDS: TableDefinition<&str, &[u8]> = TableDefinition::new("records");
@@ -48,16 +52,25 @@ fn unavailable(e: impl std::fmt::Display) -> StorageError {
 }
 
 enum Op {
+    /// The `Instant` is when the caller read the clock: the writer adds the time the operation
+    /// spent queued before it checks the deadline.
     Acquire(
         AcquireRequest,
         u64,
+        std::time::Instant,
         oneshot::Sender<Result<AcquireResponse, StorageError>>,
     ),
     Complete(CompleteRequest, u64, oneshot::Sender<Result<(), StorageError>>),
     Release(ReleaseRequest, u64, oneshot::Sender<Result<(), StorageError>>),
     Checkpoint(CheckpointRequest, u64, oneshot::Sender<Result<(), StorageError>>),
+    OutcomeUnknown(
+        OutcomeUnknownRequest,
+        u64,
+        oneshot::Sender<Result<(), StorageError>>,
+    ),
+    Abandon(AbandonRequest, u64, oneshot::Sender<Result<bool, StorageError>>),
     Purge(RecordId, oneshot::Sender<Result<bool, StorageError>>),
-    Sweep(u64, oneshot::Sender<Result<u64, StorageError>>),
+    Sweep(u64, u64, oneshot::Sender<Result<u64, StorageError>>),
 }
 
 /// The embedded store.
@@ -182,10 +195,13 @@ fn fail(op: Op) -> Reply {
         })
     }
     match op {
-        Op::Acquire(_, _, tx) => reply_err(tx),
-        Op::Complete(_, _, tx) | Op::Release(_, _, tx) | Op::Checkpoint(_, _, tx) => reply_err(tx),
-        Op::Purge(_, tx) => reply_err(tx),
-        Op::Sweep(_, tx) => reply_err(tx),
+        Op::Acquire(_, _, _, tx) => reply_err(tx),
+        Op::Complete(_, _, tx)
+        | Op::Release(_, _, tx)
+        | Op::Checkpoint(_, _, tx)
+        | Op::OutcomeUnknown(_, _, tx) => reply_err(tx),
+        Op::Purge(_, tx) | Op::Abandon(_, _, tx) => reply_err(tx),
+        Op::Sweep(_, _, tx) => reply_err(tx),
     }
 }
 
@@ -254,17 +270,22 @@ fn update(
 
 fn apply(tables: &mut Tables<'_>, op: Op) -> Reply {
     match op {
-        Op::Acquire(request, now_ms, tx) => {
+        Op::Acquire(request, now_ms, submitted, tx) => {
             let key = identity_key(&request.id);
-            let result = load(tables, &key).and_then(|previous| {
-                let decision = decide_acquire(previous.clone(), &request, now_ms, || {
-                    uuid::Uuid::new_v4().to_string()
+            // The deadline is checked here, where the decision is made: an acquire that queued
+            // behind a slow commit past its deadline must not take the lock.
+            let queued_ms = u64::try_from(submitted.elapsed().as_millis()).unwrap_or(u64::MAX);
+            let result = check_deadline(&request, now_ms.saturating_add(queued_ms))
+                .and_then(|()| load(tables, &key))
+                .and_then(|previous| {
+                    let decision = decide_acquire(previous.clone(), &request, now_ms, || {
+                        uuid::Uuid::new_v4().to_string()
+                    });
+                    if let Some(record) = &decision.write {
+                        save(tables, &key, previous.as_ref(), record)?;
+                    }
+                    Ok(decision.response)
                 });
-                if let Some(record) = &decision.write {
-                    save(tables, &key, previous.as_ref(), record)?;
-                }
-                Ok(decision.response)
-            });
             after_commit(tx, result)
         }
         Op::Complete(request, now_ms, tx) => {
@@ -279,19 +300,36 @@ fn apply(tables: &mut Tables<'_>, op: Op) -> Reply {
             let result = update(tables, &request.id, |r| apply_checkpoint(r, &request, now_ms));
             after_commit(tx, result)
         }
+        Op::OutcomeUnknown(request, now_ms, tx) => {
+            let result = update(tables, &request.id, |r| {
+                apply_outcome_unknown(r, &request, now_ms)
+            });
+            after_commit(tx, result)
+        }
+        Op::Abandon(request, now_ms, tx) => {
+            let key = identity_key(&request.id);
+            let result = load(tables, &key).and_then(|previous| {
+                match apply_abandon(previous.clone(), &request, now_ms) {
+                    Some(record) => save(tables, &key, previous.as_ref(), &record).map(|()| true),
+                    None => Ok(false),
+                }
+            });
+            after_commit(tx, result)
+        }
         Op::Purge(id, tx) => after_commit(tx, remove(tables, &identity_key(&id))),
-        Op::Sweep(now_ms, tx) => after_commit(tx, sweep(tables, now_ms)),
+        Op::Sweep(now_ms, limit, tx) => after_commit(tx, sweep(tables, now_ms, limit)),
     }
 }
 
-fn sweep(tables: &mut Tables<'_>, now_ms: u64) -> Result<u64, StorageError> {
+fn sweep(tables: &mut Tables<'_>, now_ms: u64, limit: u64) -> Result<u64, StorageError> {
+    let limit = usize::try_from(limit).unwrap_or(usize::MAX);
     let expired: Vec<(u64, String)> = {
         let range = tables
             .expiry
             .range((0u64, "")..(now_ms.saturating_add(1), ""))
             .map_err(unavailable)?;
         let mut keys = Vec::new();
-        for entry in range.take(10_000) {
+        for entry in range.take(limit) {
             let (k, _) = entry.map_err(unavailable)?;
             let (at, key) = k.value();
             keys.push((at, key.to_owned()));
@@ -321,7 +359,9 @@ impl Storage for EmbeddedStorage {
 
     async fn acquire(&self, request: &AcquireRequest, now_ms: u64) -> Result<AcquireResponse, StorageError> {
         let request = request.clone();
-        self.submit(|tx| Op::Acquire(request, now_ms, tx)).await
+        let submitted = std::time::Instant::now();
+        self.submit(|tx| Op::Acquire(request, now_ms, submitted, tx))
+            .await
     }
 
     async fn complete(&self, request: &CompleteRequest, now_ms: u64) -> Result<(), StorageError> {
@@ -356,13 +396,27 @@ impl Storage for EmbeddedStorage {
         .await
     }
 
+    async fn outcome_unknown(
+        &self,
+        request: &OutcomeUnknownRequest,
+        now_ms: u64,
+    ) -> Result<(), StorageError> {
+        let request = request.clone();
+        self.submit(|tx| Op::OutcomeUnknown(request, now_ms, tx)).await
+    }
+
+    async fn abandon(&self, request: &AbandonRequest, now_ms: u64) -> Result<bool, StorageError> {
+        let request = request.clone();
+        self.submit(|tx| Op::Abandon(request, now_ms, tx)).await
+    }
+
     async fn purge(&self, id: &RecordId) -> Result<bool, StorageError> {
         let id = id.clone();
         self.submit(|tx| Op::Purge(id, tx)).await
     }
 
-    async fn sweep_expired(&self, now_ms: u64) -> Result<u64, StorageError> {
-        self.submit(|tx| Op::Sweep(now_ms, tx)).await
+    async fn sweep_expired(&self, now_ms: u64, limit: u64) -> Result<u64, StorageError> {
+        self.submit(|tx| Op::Sweep(now_ms, limit, tx)).await
     }
 
     async fn record_count(&self) -> Result<u64, StorageError> {

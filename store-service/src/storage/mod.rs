@@ -2,7 +2,8 @@
 
 use async_trait::async_trait;
 use idempotency_wire::{
-    AcquireRequest, AcquireResponse, CheckpointRequest, CompleteRequest, RecordId, ReleaseRequest,
+    AbandonRequest, AcquireRequest, AcquireResponse, CheckpointRequest, CompleteRequest,
+    OutcomeUnknownRequest, RecordId, ReleaseRequest,
 };
 use thiserror::Error;
 
@@ -31,6 +32,12 @@ pub enum StorageError {
         /// Token of the record now.
         current: u64,
     },
+    /// The acquire arrived after the proxy's deadline for it; the proxy no longer waits.
+    #[error("acquire arrived {late_by_ms} ms after the proxy's deadline; refused")]
+    DeadlinePassed {
+        /// How late it was.
+        late_by_ms: u64,
+    },
     /// The backend could not be reached or failed; the caller may retry.
     #[error("storage unavailable: {0}")]
     Unavailable(String),
@@ -53,14 +60,20 @@ pub trait Storage: Send + Sync + 'static {
     async fn complete(&self, request: &CompleteRequest, now_ms: u64) -> Result<(), StorageError>;
     /// Give the holder's lock back.
     async fn release(&self, request: &ReleaseRequest, now_ms: u64) -> Result<(), StorageError>;
+    /// The holder cannot tell whether the upstream ran: keep the lock, note why.
+    async fn outcome_unknown(&self, request: &OutcomeUnknownRequest, now_ms: u64)
+        -> Result<(), StorageError>;
+    /// Release the lock only if the named attempt holds it; true when it did.
+    async fn abandon(&self, request: &AbandonRequest, now_ms: u64) -> Result<bool, StorageError>;
     /// Record a finished phase.
     async fn checkpoint(&self, request: &CheckpointRequest, now_ms: u64) -> Result<(), StorageError>;
     /// Read a live record (admin).
     async fn get(&self, id: &RecordId, now_ms: u64) -> Result<Option<Record>, StorageError>;
     /// Delete a record (admin); true when one existed.
     async fn purge(&self, id: &RecordId) -> Result<bool, StorageError>;
-    /// Delete records whose retention ran out; returns how many.
-    async fn sweep_expired(&self, now_ms: u64) -> Result<u64, StorageError>;
+    /// Delete records whose retention ran out, at most `limit` of them; returns how many.
+    /// Callers repeat until fewer than `limit` are deleted, so no single step stalls the store.
+    async fn sweep_expired(&self, now_ms: u64, limit: u64) -> Result<u64, StorageError>;
     /// Number of stored records (live or awaiting the sweep).
     async fn record_count(&self) -> Result<u64, StorageError>;
     /// Ok when the backend can serve requests.

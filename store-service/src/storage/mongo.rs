@@ -19,8 +19,8 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use idempotency_wire::{
-    AcquireRequest, AcquireResponse, CheckpointRequest, CompleteRequest, Lock, RecordId, ReleaseRequest,
-    StoredResponse,
+    AbandonRequest, AcquireRequest, AcquireResponse, CheckpointRequest, CompleteRequest, Lock,
+    OutcomeUnknownRequest, RecordId, ReleaseRequest, StoredResponse,
 };
 use mongodb::bson::{self, doc, spec::BinarySubtype, Binary, DateTime, Document};
 use mongodb::error::{ErrorKind, WriteFailure};
@@ -31,7 +31,10 @@ use mongodb::{Client, Collection, Database, IndexModel};
 use serde::{Deserialize, Serialize};
 
 use super::{BackendName, Storage, StorageError};
-use crate::record::{decide_acquire, Checkpoint, Record, RecordState};
+use crate::record::{
+    check_deadline, completed_expiry, decide_acquire, previous_attempt, Checkpoint, OutcomeUnknown, Record,
+    RecordState,
+};
 
 /// Collection of HTTP idempotency records.
 pub const RECORDS_COLLECTION: &str = "idempotency_records";
@@ -69,6 +72,13 @@ struct ResponseDoc {
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
+struct OutcomeUnknownDoc {
+    reason: String,
+    at: DateTime,
+    fencing_token: i64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
 struct CheckpointDoc {
     phase: String,
     at: DateTime,
@@ -88,6 +98,12 @@ struct RecordDoc {
     state: RecordState,
     fencing_token: i64,
     locked_until: DateTime,
+    #[serde(default)]
+    attempt_id: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    outcome_unknown: Option<OutcomeUnknownDoc>,
+    #[serde(default)]
+    retention_ms: i64,
     #[serde(default)]
     checkpoints: Vec<CheckpointDoc>,
     #[serde(default)]
@@ -123,6 +139,13 @@ impl From<&Record> for RecordDoc {
             state: r.state,
             fencing_token: token(r.fencing_token),
             locked_until: datetime(r.locked_until_ms),
+            attempt_id: r.attempt_id.clone(),
+            outcome_unknown: r.outcome_unknown.as_ref().map(|o| OutcomeUnknownDoc {
+                reason: o.reason.clone(),
+                at: datetime(o.at_ms),
+                fencing_token: token(o.fencing_token),
+            }),
+            retention_ms: token(r.retention_ms),
             checkpoints: r
                 .checkpoints
                 .iter()
@@ -167,6 +190,13 @@ impl TryFrom<RecordDoc> for Record {
             state: d.state,
             fencing_token: u64::try_from(d.fencing_token).map_err(corrupt)?,
             locked_until_ms: millis(d.locked_until),
+            attempt_id: d.attempt_id,
+            outcome_unknown: d.outcome_unknown.map(|o| OutcomeUnknown {
+                reason: o.reason,
+                at_ms: millis(o.at),
+                fencing_token: u64::try_from(o.fencing_token).unwrap_or(0),
+            }),
+            retention_ms: u64::try_from(d.retention_ms).unwrap_or(0),
             checkpoints: d
                 .checkpoints
                 .into_iter()
@@ -195,12 +225,13 @@ fn is_duplicate_key(error: &mongodb::error::Error) -> bool {
     }
 }
 
-fn acquired(record: &Record, resumed: bool) -> AcquireResponse {
+fn acquired(record: &Record, previous: Option<idempotency_wire::PreviousAttempt>) -> AcquireResponse {
     AcquireResponse::Acquired(Lock {
         record_id: record.record_id.clone(),
         fencing_token: record.fencing_token,
-        resumed,
+        resumed: previous.is_some(),
         recovery_point: record.recovery_point(),
+        previous_attempt: previous,
     })
 }
 
@@ -282,15 +313,17 @@ impl MongoStorage {
             .transpose()
     }
 
-    /// A holder write: matches only the current token of an in-progress live record.
+    /// A holder write: matches only the current record id and token of an in-progress live record.
     async fn holder_update(
         &self,
         id: &RecordId,
+        record_id: &str,
         presented: u64,
         now_ms: u64,
         update: Document,
     ) -> Result<(), StorageError> {
         let mut filter = identity(id);
+        filter.insert("record_id", record_id);
         filter.insert("fencing_token", token(presented));
         filter.insert("state", "in_progress");
         filter.insert("expires_at", doc! {"$gt": datetime(now_ms)});
@@ -319,6 +352,7 @@ impl Storage for MongoStorage {
     }
 
     async fn acquire(&self, request: &AcquireRequest, now_ms: u64) -> Result<AcquireResponse, StorageError> {
+        check_deadline(request, now_ms)?;
         let new_id = || uuid::Uuid::new_v4().to_string();
         // A few rounds at most: each round ends in a decision unless another replica changed the
         // record between our write attempt and our read.
@@ -350,7 +384,7 @@ impl Storage for MongoStorage {
                     .await
                     .map_err(unavailable)?;
                 if replaced.is_some() {
-                    return Ok(acquired(&fresh, false));
+                    return Ok(acquired(&fresh, None));
                 }
                 continue;
             }
@@ -358,14 +392,21 @@ impl Storage for MongoStorage {
             if decision.write.is_none() {
                 return Ok(decision.response); // completed, in progress, or mismatch
             }
-            // Stale or released lock: take it over only if nobody else did first.
+            // Stale or released lock: take it over only if nobody else did first. Matching the
+            // exact lock time also pins what we tell the new holder of the previous attempt.
+            let previous = previous_attempt(&existing);
             let mut filter = identity(&request.id);
+            filter.insert("record_id", &existing.record_id);
             filter.insert("fencing_token", token(existing.fencing_token));
             filter.insert("state", "in_progress");
-            filter.insert("locked_until", doc! {"$lte": datetime(now_ms)});
+            filter.insert("locked_until", datetime(existing.locked_until_ms));
             let update = doc! {
                 "$inc": {"fencing_token": 1_i64},
-                "$set": {"locked_until": datetime(now_ms.saturating_add(request.lock_timeout_ms))},
+                "$set": {
+                    "locked_until": datetime(now_ms.saturating_add(request.lock_timeout_ms)),
+                    "attempt_id": &request.attempt_id,
+                },
+                "$unset": {"outcome_unknown": ""},
                 "$max": {"expires_at": datetime(now_ms.saturating_add(request.retention_ms.max(request.lock_timeout_ms)))},
             };
             let taken = self
@@ -375,7 +416,7 @@ impl Storage for MongoStorage {
                 .await
                 .map_err(unavailable)?;
             if let Some(doc) = taken {
-                return Ok(acquired(&Record::try_from(doc)?, true));
+                return Ok(acquired(&Record::try_from(doc)?, Some(previous)));
             }
         }
         Err(unavailable(
@@ -385,27 +426,95 @@ impl Storage for MongoStorage {
 
     async fn complete(&self, request: &CompleteRequest, now_ms: u64) -> Result<(), StorageError> {
         let response = bson::to_bson(&ResponseDoc::from(&request.response)).map_err(corrupt)?;
-        let update = doc! {"$set": {
-            "state": "completed",
-            "response": response,
-            "locked_until": datetime(0),
-            "expires_at": datetime(now_ms.saturating_add(request.retention_ms)),
-        }};
-        self.holder_update(&request.id, request.fencing_token, now_ms, update)
-            .await
+        let expires_ms = if request.retention_ms == 0 {
+            // The retention the acquire asked for (immutable once inserted). The update below
+            // is still fenced, so reading it first changes no guarantee.
+            match self.find(&request.id).await? {
+                Some(record) => completed_expiry(&record, 0, now_ms),
+                None => return Err(StorageError::NotFound(request.id.clone())),
+            }
+        } else {
+            now_ms.saturating_add(request.retention_ms)
+        };
+        let update = doc! {
+            "$set": {
+                "state": "completed",
+                "response": response,
+                "locked_until": datetime(0),
+                "expires_at": datetime(expires_ms),
+            },
+            "$unset": {"outcome_unknown": ""},
+        };
+        self.holder_update(
+            &request.id,
+            &request.record_id,
+            request.fencing_token,
+            now_ms,
+            update,
+        )
+        .await
     }
 
     async fn release(&self, request: &ReleaseRequest, now_ms: u64) -> Result<(), StorageError> {
         let update = doc! {"$set": {"locked_until": datetime(0)}};
-        self.holder_update(&request.id, request.fencing_token, now_ms, update)
+        self.holder_update(
+            &request.id,
+            &request.record_id,
+            request.fencing_token,
+            now_ms,
+            update,
+        )
+        .await
+    }
+
+    async fn outcome_unknown(
+        &self,
+        request: &OutcomeUnknownRequest,
+        now_ms: u64,
+    ) -> Result<(), StorageError> {
+        let update = doc! {"$set": {"outcome_unknown": {
+            "reason": &request.reason,
+            "at": datetime(now_ms),
+            "fencing_token": token(request.fencing_token),
+        }}};
+        self.holder_update(
+            &request.id,
+            &request.record_id,
+            request.fencing_token,
+            now_ms,
+            update,
+        )
+        .await
+    }
+
+    async fn abandon(&self, request: &AbandonRequest, now_ms: u64) -> Result<bool, StorageError> {
+        if request.attempt_id.is_empty() {
+            return Ok(false);
+        }
+        let mut filter = identity(&request.id);
+        filter.insert("attempt_id", &request.attempt_id);
+        filter.insert("state", "in_progress");
+        filter.insert("locked_until", doc! {"$gt": datetime(now_ms)});
+        filter.insert("expires_at", doc! {"$gt": datetime(now_ms)});
+        let result = self
+            .records
+            .update_one(filter, doc! {"$set": {"locked_until": datetime(0)}})
             .await
+            .map_err(unavailable)?;
+        Ok(result.matched_count == 1)
     }
 
     async fn checkpoint(&self, request: &CheckpointRequest, now_ms: u64) -> Result<(), StorageError> {
         let checkpoint = doc! {"phase": &request.phase, "at": datetime(now_ms), "fencing_token": token(request.fencing_token)};
         let update = doc! {"$push": {"checkpoints": checkpoint}};
-        self.holder_update(&request.id, request.fencing_token, now_ms, update)
-            .await
+        self.holder_update(
+            &request.id,
+            &request.record_id,
+            request.fencing_token,
+            now_ms,
+            update,
+        )
+        .await
     }
 
     async fn get(&self, id: &RecordId, now_ms: u64) -> Result<Option<Record>, StorageError> {
@@ -417,13 +526,31 @@ impl Storage for MongoStorage {
         Ok(result.deleted_count > 0)
     }
 
-    async fn sweep_expired(&self, now_ms: u64) -> Result<u64, StorageError> {
+    async fn sweep_expired(&self, now_ms: u64, limit: u64) -> Result<u64, StorageError> {
         // The TTL index does this too, but only once a minute; the sweep keeps counts honest.
-        let result = self
-            .records
-            .delete_many(doc! {"expires_at": {"$lte": datetime(now_ms)}})
-            .await
-            .map_err(unavailable)?;
+        // One bounded batch: the ids of up to `limit` expired records, then one delete of those.
+        let expired = doc! {"expires_at": {"$lte": datetime(now_ms)}};
+        let ids: Vec<bson::Bson> = {
+            use futures::TryStreamExt as _;
+            let raw = self.database.collection::<Document>(RECORDS_COLLECTION);
+            raw.find(expired.clone())
+                .projection(doc! {"_id": 1})
+                .limit(i64::try_from(limit).unwrap_or(i64::MAX))
+                .await
+                .map_err(unavailable)?
+                .try_collect::<Vec<Document>>()
+                .await
+                .map_err(unavailable)?
+                .into_iter()
+                .filter_map(|d| d.get("_id").cloned())
+                .collect()
+        };
+        if ids.is_empty() {
+            return Ok(0);
+        }
+        let mut filter = expired;
+        filter.insert("_id", doc! {"$in": ids});
+        let result = self.records.delete_many(filter).await.map_err(unavailable)?;
         Ok(result.deleted_count)
     }
 
@@ -467,9 +594,11 @@ mod tests {
     async fn responses_are_stored_as_bson_binary() {
         let (_server, storage) = open().await;
         let request = crate::storage::contract::acquire_request("bin", 60_000);
-        storage.acquire(&request, 1_000).await.unwrap();
+        let AcquireResponse::Acquired(lock) = storage.acquire(&request, 1_000).await.unwrap() else {
+            panic!("expected the lock");
+        };
         storage
-            .complete(&crate::storage::contract::complete_request("bin", 1), 1_100)
+            .complete(&crate::storage::contract::complete_request("bin", &lock), 1_100)
             .await
             .unwrap();
         let raw = storage
