@@ -118,7 +118,13 @@ pub fn bootstrap_with(ports: &Ports, plugin: &Value, skip_keyless: bool) -> Stri
                         "stat_prefix": "ingress",
                         "route_config": {"name": "local", "virtual_hosts": [{
                             "name": "orders", "domains": ["*"],
-                            "routes": [{"match": {"prefix": "/"}, "route": {"cluster": "orders", "timeout": "30s"}}]
+                            "routes": [
+                                // Tests pick a 300 ms route timeout with `x-e2e-route: short-timeout`.
+                                {"match": {"prefix": "/", "headers": [{"name": "x-e2e-route",
+                                    "string_match": {"exact": "short-timeout"}}]},
+                                 "route": {"cluster": "orders", "timeout": "0.3s"}},
+                                {"match": {"prefix": "/"}, "route": {"cluster": "orders", "timeout": "30s"}}
+                            ]
                         }]},
                         "http_filters": http_filters_with(plugin, skip_keyless)
                     }

@@ -274,6 +274,8 @@ pub struct Stack {
     pub mongo: Option<MongoServer>,
     /// The delaying proxy in front of the store, if any.
     delay_proxy: Option<tokio::task::JoinHandle<()>>,
+    /// Its delay in milliseconds, changeable while the stack runs.
+    pub store_delay_ms: Option<std::sync::Arc<std::sync::atomic::AtomicU64>>,
     envoy_config: String,
     demo_port: u16,
     /// The demo process.
@@ -307,7 +309,10 @@ pub fn spawn_demo(dir: &Path, port: u16, store_port: u16) -> Proc {
         .arg("--store-url")
         .arg(format!("http://127.0.0.1:{store_port}"))
         .arg("--store-token")
-        .arg(STORE_TOKEN);
+        .arg(STORE_TOKEN)
+        // Executions are counted in a file, so the counts survive a restart of the demo.
+        .arg("--executions-log")
+        .arg(dir.join("executions.log"));
     Proc::spawn("demo", command, dir.join("demo.log"))
 }
 
@@ -349,12 +354,12 @@ impl Stack {
             .collect();
         let mut demo = spawn_demo(dir.path(), demo_port, store_ports[0]);
 
-        let (envoy_store_ports, delay_proxy) = match options.store_delay {
+        let (envoy_store_ports, delay_proxy, store_delay_ms) = match options.store_delay {
             Some(delay) => {
-                let (port, task) = delay_proxy(store_ports[0], delay).await;
-                (vec![port], Some(task))
+                let (port, task, handle) = switchable_delay_proxy(store_ports[0], delay).await;
+                (vec![port], Some(task), Some(handle))
             }
-            None => (store_ports.clone(), None),
+            None => (store_ports.clone(), None, None),
         };
         let config = envoy_config::bootstrap(
             &envoy_config::Ports {
@@ -396,6 +401,7 @@ impl Stack {
             stores,
             mongo,
             delay_proxy,
+            store_delay_ms,
             envoy_config: config,
             demo_port,
             demo,
@@ -418,7 +424,7 @@ impl Stack {
         self.demo.kill();
     }
 
-    /// Start the demo service again on the same port (its execution counts start from zero).
+    /// Start the demo service again on the same port (its execution counts carry over).
     pub async fn restart_demo(&mut self) {
         self.demo.kill();
         self.demo = spawn_demo(self.dir.path(), self.demo_port, self.store_ports[0]);
@@ -635,11 +641,31 @@ impl Drop for Stack {
 /// A TCP proxy on a free port to `127.0.0.1:target` that holds every chunk from the client for
 /// `delay` before forwarding it: a slow store, injected outside the code under test.
 pub async fn delay_proxy(target: u16, delay: Duration) -> (u16, tokio::task::JoinHandle<()>) {
+    let (port, task, _) = switchable_delay_proxy(target, delay).await;
+    (port, task)
+}
+
+/// Like [`delay_proxy`], with the delay changeable while it runs (milliseconds, through the
+/// returned handle): a store that is slow, then recovers.
+pub async fn switchable_delay_proxy(
+    target: u16,
+    delay: Duration,
+) -> (
+    u16,
+    tokio::task::JoinHandle<()>,
+    std::sync::Arc<std::sync::atomic::AtomicU64>,
+) {
+    use std::sync::atomic::Ordering;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let delay_ms = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(
+        u64::try_from(delay.as_millis()).unwrap(),
+    ));
+    let handle = delay_ms.clone();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let port = listener.local_addr().unwrap().port();
     let task = tokio::spawn(async move {
         while let Ok((client, _)) = listener.accept().await {
+            let delay_ms = delay_ms.clone();
             tokio::spawn(async move {
                 let Ok(server) = tokio::net::TcpStream::connect(("127.0.0.1", target)).await else {
                     return;
@@ -652,6 +678,7 @@ pub async fn delay_proxy(target: u16, delay: Duration) -> (u16, tokio::task::Joi
                         if n == 0 {
                             break;
                         }
+                        let delay = Duration::from_millis(delay_ms.load(Ordering::Relaxed));
                         tokio::time::sleep(delay).await;
                         if server_write.write_all(&buffer[..n]).await.is_err() {
                             break;
@@ -665,7 +692,7 @@ pub async fn delay_proxy(target: u16, delay: Duration) -> (u16, tokio::task::Joi
             });
         }
     });
-    (port, task)
+    (port, task, handle)
 }
 
 /// When a test fails, keep its processes' logs and print where they are.

@@ -1,0 +1,234 @@
+//! Exactly once when clients give up: an attempt whose outcome is unknown keeps its lock, a
+//! retry meanwhile gets 409 (or waits for the replay), a takeover after expiry says an earlier
+//! attempt may have run, and store calls that must happen, happen. Through real Envoy.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing)]
+
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use e2e::{Stack, StackOptions};
+use serde_json::{json, Value};
+
+/// The client gives up after `timeout` on a request the upstream takes `delay_ms` to run.
+async fn give_up(stack: &Stack, key: &str, delay_ms: u64, timeout: Duration) {
+    let outcome = stack
+        .post_order(Some(key), &json!({}))
+        .header("x-demo-delay-ms", delay_ms.to_string())
+        .timeout(timeout)
+        .send()
+        .await;
+    assert!(outcome.is_err(), "the client was meant to time out: {outcome:?}");
+}
+
+async fn executions(stack: &Stack, key: &str) -> (u64, Value) {
+    let counts = stack.executions().await;
+    (counts["byKey"][key].as_u64().unwrap_or(0), counts["overlaps"].clone())
+}
+
+#[tokio::test]
+async fn client_timeout_then_immediate_retry_gets_409_and_the_service_runs_once() {
+    let stack = Stack::start().await;
+    give_up(&stack, "dc-1", 2_000, Duration::from_secs(1)).await;
+    let retry = stack.post_order(Some("dc-1"), &json!({})).send().await.unwrap();
+    assert_eq!(retry.status(), 409, "the first attempt may still be running");
+    let retry_after: u64 = retry.headers()["retry-after"].to_str().unwrap().parse().unwrap();
+    let body: Value = retry.json().await.unwrap();
+    assert_eq!(body["code"], "IDEMPOTENCY_CONCURRENT_REQUEST");
+    assert_eq!(body["details"]["outcomeUnknown"], true);
+    assert!(retry_after > 200, "Retry-After is the rest of the 5 min lock: {retry_after}");
+
+    // The upstream finished its work after the client left; its answer was lost. Still one run.
+    tokio::time::sleep(Duration::from_millis(1_500)).await;
+    let again = stack.post_order(Some("dc-1"), &json!({})).send().await.unwrap();
+    assert_eq!(again.status(), 409, "never guessed 'not executed' within lock_timeout");
+    assert_eq!(executions(&stack, "dc-1").await, (1, json!({})));
+    let record = stack.record("dc-1").await.unwrap();
+    assert_eq!(record["state"], "in_progress");
+    assert_eq!(record["outcome_unknown"]["reason"], "downstream_disconnect");
+    let proxy = stack.envoy_metrics().await;
+    assert!(e2e::metric_sum(&proxy, "idempotency_outcome_unknown_total") >= 1.0, "{proxy}");
+    let store = stack.store_metrics().await;
+    assert!(
+        store.contains(r#"idempotency_outcome_unknown_total{reason="downstream_disconnect",service="orders"} 1"#),
+        "{store}"
+    );
+}
+
+#[tokio::test]
+async fn a_retry_that_waits_gets_the_replay_of_the_attempt_in_flight() {
+    let stack = Stack::start_with(StackOptions::plugin(json!({"in_progress_wait": "5s"}))).await;
+    let first = {
+        let request = stack
+            .post_order(Some("wait-1"), &json!({"sku": "A"}))
+            .header("x-demo-delay-ms", "1500");
+        tokio::spawn(async move { request.send().await.unwrap() })
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let started = Instant::now();
+    let retry = stack
+        .post_order(Some("wait-1"), &json!({"sku": "A"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(retry.status(), 201);
+    assert_eq!(retry.headers()["idempotent-replayed"], "true");
+    assert!(started.elapsed() < Duration::from_secs(4), "woken by the completion");
+    let replayed: Value = retry.json().await.unwrap();
+    let original: Value = first.await.unwrap().json().await.unwrap();
+    assert_eq!(replayed["orderId"], original["orderId"]);
+    assert_eq!(executions(&stack, "wait-1").await, (1, json!({})));
+}
+
+#[tokio::test]
+async fn an_envoy_route_timeout_keeps_the_lock() {
+    let stack = Stack::start().await;
+    let timed_out = stack
+        .post_order(Some("rt-1"), &json!({}))
+        .header("x-demo-delay-ms", "1500")
+        .header("x-e2e-route", "short-timeout")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(timed_out.status(), 504, "Envoy's own route timeout");
+    let retry = stack.post_order(Some("rt-1"), &json!({})).send().await.unwrap();
+    assert_eq!(retry.status(), 409, "the upstream is still running it");
+    tokio::time::sleep(Duration::from_millis(1_500)).await;
+    assert_eq!(executions(&stack, "rt-1").await, (1, json!({})));
+    let record = stack.record("rt-1").await.unwrap();
+    assert_eq!(record["outcome_unknown"]["reason"], "upstream_timeout");
+}
+
+#[tokio::test]
+async fn an_upstream_sent_503_releases_and_the_retry_runs() {
+    let stack = Stack::start().await;
+    let failed = stack
+        .post_order(Some("u503"), &json!({}))
+        .header("x-demo-fail", "503")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(failed.status(), 503);
+    let retry = stack.post_order(Some("u503"), &json!({})).send().await.unwrap();
+    assert_eq!(retry.status(), 201, "the service itself said: not done, retry");
+    let body: Value = retry.json().await.unwrap();
+    assert_eq!(body["idempotency"]["x-idempotency-previous-attempt"], "released");
+    assert_eq!(executions(&stack, "u503").await, (2, json!({})));
+}
+
+#[tokio::test]
+async fn after_the_lock_expires_the_takeover_says_the_previous_attempt_may_have_run() {
+    let stack = Stack::start_with(StackOptions::plugin(json!({"lock_timeout": "2s"}))).await;
+    give_up(&stack, "exp-1", 500, Duration::from_millis(200)).await;
+    tokio::time::sleep(Duration::from_millis(2_300)).await;
+    let takeover = stack.post_order(Some("exp-1"), &json!({})).send().await.unwrap();
+    assert_eq!(takeover.status(), 201);
+    let body: Value = takeover.json().await.unwrap();
+    assert_eq!(body["idempotency"]["x-idempotency-previous-attempt"], "unknown");
+    assert_eq!(executions(&stack, "exp-1").await, (2, json!({})), "two runs, never at once");
+    let replay = stack.post_order(Some("exp-1"), &json!({})).send().await.unwrap();
+    assert_eq!(replay.headers()["idempotent-replayed"], "true");
+}
+
+#[tokio::test]
+async fn after_a_slow_store_a_retry_once_it_recovers_executes_once() {
+    let stack = Stack::start_with(StackOptions {
+        store_delay: Some(Duration::from_millis(1_500)),
+        ..StackOptions::plugin(json!({"store_timeout": "1s"}))
+    })
+    .await;
+    let slow = stack.post_order(Some("slow-1"), &json!({})).send().await.unwrap();
+    assert_eq!(slow.status(), 503, "the acquire timed out");
+    assert_eq!(executions(&stack, "slow-1").await.0, 0);
+    stack
+        .store_delay_ms
+        .as_ref()
+        .unwrap()
+        .store(0, Ordering::Relaxed);
+    // The late acquire is refused after its deadline, or abandoned: no orphan lock either way.
+    tokio::time::sleep(Duration::from_millis(2_500)).await;
+    let retry = stack.post_order(Some("slow-1"), &json!({})).send().await.unwrap();
+    assert_eq!(retry.status(), 201, "not 409 for the rest of a 5 minute lock");
+    assert_eq!(executions(&stack, "slow-1").await, (1, json!({})));
+}
+
+#[tokio::test]
+async fn a_store_outage_during_complete_is_ridden_out_and_the_next_retry_replays() {
+    let mut stack = Stack::start().await;
+    let first = {
+        let request = stack
+            .post_order(Some("blip-1"), &json!({}))
+            .header("x-demo-delay-ms", "1000");
+        tokio::spawn(async move { request.send().await.unwrap() })
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    stack.kill_store();
+    let answered = first.await.unwrap();
+    assert_eq!(answered.status(), 201, "the client gets the upstream's answer meanwhile");
+    let original: Value = answered.json().await.unwrap();
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    stack.restart_store().await;
+
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let retry = stack.post_order(Some("blip-1"), &json!({})).send().await.unwrap();
+        if retry.status() == 201 {
+            assert_eq!(retry.headers()["idempotent-replayed"], "true");
+            let replayed: Value = retry.json().await.unwrap();
+            assert_eq!(replayed["orderId"], original["orderId"]);
+            break;
+        }
+        assert_eq!(retry.status(), 409, "until the retried complete lands");
+        assert!(Instant::now() < deadline, "the complete never landed");
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    assert_eq!(executions(&stack, "blip-1").await, (1, json!({})));
+}
+
+#[tokio::test]
+async fn a_12_mb_response_streams_through_whole_and_replays_as_body_omitted() {
+    let stack = Stack::start().await;
+    let big = stack
+        .post_order(Some("big-1"), &json!({}))
+        .header("x-demo-response-bytes", "12000000")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(big.status(), 201);
+    let body = big.bytes().await.unwrap();
+    assert!(body.len() > 12_000_000, "whole: {} bytes", body.len());
+    assert!(serde_json::from_slice::<Value>(&body).is_ok(), "and intact");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let replay = loop {
+        let replay = stack.post_order(Some("big-1"), &json!({})).send().await.unwrap();
+        if replay.status() != 409 || Instant::now() > deadline {
+            break replay;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(replay.status(), 201);
+    assert_eq!(replay.headers()["idempotent-body-omitted"], "true");
+    assert_eq!(executions(&stack, "big-1").await, (1, json!({})));
+}
+
+#[tokio::test]
+async fn numbers_are_fingerprinted_exactly_as_written() {
+    let stack = Stack::start().await;
+    let post = |body: &'static str| {
+        stack
+            .client
+            .post(format!("{}/api/v1/orders", stack.url))
+            .header("Idempotency-Key", "num-1")
+            .header("content-type", "application/json")
+            .body(body)
+            .send()
+    };
+    assert_eq!(post(r#"{"amount":0.1}"#).await.unwrap().status(), 201);
+    assert_eq!(
+        post(r#"{"amount":0.1000000000000000055511}"#).await.unwrap().status(),
+        422,
+        "the same double, other parameters"
+    );
+    assert_eq!(post(r#"{ "amount" : 0.1 }"#).await.unwrap().status(), 201, "whitespace still ignored");
+    assert_eq!(post(r#"{"amount":0.1,"amount":0.1}"#).await.unwrap().status(), 422);
+}
