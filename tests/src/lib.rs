@@ -312,7 +312,7 @@ pub fn spawn_demo(dir: &Path, port: u16, store_port: u16) -> Proc {
         .arg(STORE_TOKEN)
         // Executions are counted in a file, so the counts survive a restart of the demo.
         .arg("--executions-log")
-        .arg(dir.join("executions.log"));
+        .arg(dir.join("executions.jsonl"));
     Proc::spawn("demo", command, dir.join("demo.log"))
 }
 

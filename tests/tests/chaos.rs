@@ -364,7 +364,11 @@ async fn upstream_killed_mid_request_keeps_the_lock_until_it_expires_then_the_ta
     assert_eq!(counts["byKey"]["dies-1"], 2, "{counts}");
     assert_eq!(counts["overlaps"], json!({}), "{counts}");
     // Phase counts live in memory (the restart cleared the killed run's): after it, none ran again.
-    assert_eq!(counts["phases"].get("validated"), None, "phase 1 did not run again: {counts}");
+    assert_eq!(
+        counts["phases"].get("validated"),
+        None,
+        "phase 1 did not run again: {counts}"
+    );
     report(
         "upstream_killed",
         json!({"faults": "upstream SIGKILL mid-request (plain and phased)", "overlaps": 0,

@@ -2,7 +2,12 @@
 //! retry meanwhile gets 409 (or waits for the replay), a takeover after expiry says an earlier
 //! attempt may have run, and store calls that must happen, happen. Through real Envoy.
 
-#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing)]
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::indexing_slicing
+)]
 
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
@@ -23,7 +28,10 @@ async fn give_up(stack: &Stack, key: &str, delay_ms: u64, timeout: Duration) {
 
 async fn executions(stack: &Stack, key: &str) -> (u64, Value) {
     let counts = stack.executions().await;
-    (counts["byKey"][key].as_u64().unwrap_or(0), counts["overlaps"].clone())
+    (
+        counts["byKey"][key].as_u64().unwrap_or(0),
+        counts["overlaps"].clone(),
+    )
 }
 
 #[tokio::test]
@@ -32,25 +40,38 @@ async fn client_timeout_then_immediate_retry_gets_409_and_the_service_runs_once(
     give_up(&stack, "dc-1", 2_000, Duration::from_secs(1)).await;
     let retry = stack.post_order(Some("dc-1"), &json!({})).send().await.unwrap();
     assert_eq!(retry.status(), 409, "the first attempt may still be running");
-    let retry_after: u64 = retry.headers()["retry-after"].to_str().unwrap().parse().unwrap();
     let body: Value = retry.json().await.unwrap();
     assert_eq!(body["code"], "IDEMPOTENCY_CONCURRENT_REQUEST");
-    assert_eq!(body["details"]["outcomeUnknown"], true);
-    assert!(retry_after > 200, "Retry-After is the rest of the 5 min lock: {retry_after}");
 
     // The upstream finished its work after the client left; its answer was lost. Still one run.
     tokio::time::sleep(Duration::from_millis(1_500)).await;
     let again = stack.post_order(Some("dc-1"), &json!({})).send().await.unwrap();
-    assert_eq!(again.status(), 409, "never guessed 'not executed' within lock_timeout");
+    assert_eq!(
+        again.status(),
+        409,
+        "never guessed 'not executed' within lock_timeout"
+    );
+    let retry_after: u64 = again.headers()["retry-after"].to_str().unwrap().parse().unwrap();
+    assert!(
+        retry_after > 200,
+        "Retry-After is the rest of the 5 min lock: {retry_after}"
+    );
+    let body: Value = again.json().await.unwrap();
+    assert_eq!(body["details"]["outcomeUnknown"], true);
     assert_eq!(executions(&stack, "dc-1").await, (1, json!({})));
     let record = stack.record("dc-1").await.unwrap();
     assert_eq!(record["state"], "in_progress");
     assert_eq!(record["outcome_unknown"]["reason"], "downstream_disconnect");
     let proxy = stack.envoy_metrics().await;
-    assert!(e2e::metric_sum(&proxy, "idempotency_outcome_unknown_total") >= 1.0, "{proxy}");
+    assert!(
+        e2e::metric_sum(&proxy, "idempotency_outcome_unknown_total") >= 1.0,
+        "{proxy}"
+    );
     let store = stack.store_metrics().await;
     assert!(
-        store.contains(r#"idempotency_outcome_unknown_total{reason="downstream_disconnect",service="orders"} 1"#),
+        store.contains(
+            r#"idempotency_outcome_unknown_total{reason="downstream_disconnect",service="orders"} 1"#
+        ),
         "{store}"
     );
 }
@@ -73,7 +94,10 @@ async fn a_retry_that_waits_gets_the_replay_of_the_attempt_in_flight() {
         .unwrap();
     assert_eq!(retry.status(), 201);
     assert_eq!(retry.headers()["idempotent-replayed"], "true");
-    assert!(started.elapsed() < Duration::from_secs(4), "woken by the completion");
+    assert!(
+        started.elapsed() < Duration::from_secs(4),
+        "woken by the completion"
+    );
     let replayed: Value = retry.json().await.unwrap();
     let original: Value = first.await.unwrap().json().await.unwrap();
     assert_eq!(replayed["orderId"], original["orderId"]);
@@ -125,7 +149,11 @@ async fn after_the_lock_expires_the_takeover_says_the_previous_attempt_may_have_
     assert_eq!(takeover.status(), 201);
     let body: Value = takeover.json().await.unwrap();
     assert_eq!(body["idempotency"]["x-idempotency-previous-attempt"], "unknown");
-    assert_eq!(executions(&stack, "exp-1").await, (2, json!({})), "two runs, never at once");
+    assert_eq!(
+        executions(&stack, "exp-1").await,
+        (2, json!({})),
+        "two runs, never at once"
+    );
     let replay = stack.post_order(Some("exp-1"), &json!({})).send().await.unwrap();
     assert_eq!(replay.headers()["idempotent-replayed"], "true");
 }
@@ -140,11 +168,7 @@ async fn after_a_slow_store_a_retry_once_it_recovers_executes_once() {
     let slow = stack.post_order(Some("slow-1"), &json!({})).send().await.unwrap();
     assert_eq!(slow.status(), 503, "the acquire timed out");
     assert_eq!(executions(&stack, "slow-1").await.0, 0);
-    stack
-        .store_delay_ms
-        .as_ref()
-        .unwrap()
-        .store(0, Ordering::Relaxed);
+    stack.store_delay_ms.as_ref().unwrap().store(0, Ordering::Relaxed);
     // The late acquire is refused after its deadline, or abandoned: no orphan lock either way.
     tokio::time::sleep(Duration::from_millis(2_500)).await;
     let retry = stack.post_order(Some("slow-1"), &json!({})).send().await.unwrap();
@@ -164,7 +188,11 @@ async fn a_store_outage_during_complete_is_ridden_out_and_the_next_retry_replays
     tokio::time::sleep(Duration::from_millis(300)).await;
     stack.kill_store();
     let answered = first.await.unwrap();
-    assert_eq!(answered.status(), 201, "the client gets the upstream's answer meanwhile");
+    assert_eq!(
+        answered.status(),
+        201,
+        "the client gets the upstream's answer meanwhile"
+    );
     let original: Value = answered.json().await.unwrap();
     tokio::time::sleep(Duration::from_millis(700)).await;
     stack.restart_store().await;
@@ -225,10 +253,37 @@ async fn numbers_are_fingerprinted_exactly_as_written() {
     };
     assert_eq!(post(r#"{"amount":0.1}"#).await.unwrap().status(), 201);
     assert_eq!(
-        post(r#"{"amount":0.1000000000000000055511}"#).await.unwrap().status(),
+        post(r#"{"amount":0.1000000000000000055511}"#)
+            .await
+            .unwrap()
+            .status(),
         422,
         "the same double, other parameters"
     );
-    assert_eq!(post(r#"{ "amount" : 0.1 }"#).await.unwrap().status(), 201, "whitespace still ignored");
-    assert_eq!(post(r#"{"amount":0.1,"amount":0.1}"#).await.unwrap().status(), 422);
+    assert_eq!(
+        post(r#"{ "amount" : 0.1 }"#).await.unwrap().status(),
+        201,
+        "whitespace still ignored"
+    );
+    assert_eq!(
+        post(r#"{"amount":0.1,"amount":0.1}"#).await.unwrap().status(),
+        422
+    );
+}
+
+#[tokio::test]
+async fn a_12_mb_response_reaches_the_client_whole_through_the_shipped_envoy_config() {
+    let stack = e2e::ShippedStack::start("envoy.yaml").await;
+    let big = stack
+        .client
+        .post(format!("{}/api/v1/orders", stack.url))
+        .header("Idempotency-Key", "big-shipped")
+        .header("x-demo-response-bytes", "12000000")
+        .json(&json!({}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(big.status(), 201, "not Envoy's 500 for an overflowing buffer");
+    let body = big.bytes().await.unwrap();
+    assert!(body.len() > 12_000_000 && serde_json::from_slice::<Value>(&body).is_ok());
 }

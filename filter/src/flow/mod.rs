@@ -477,9 +477,11 @@ impl RequestFlow {
                 status,
                 headers,
             } if end_of_stream => {
+                // Write-ahead still holds for the end of the response: its last chunk waits
+                // until the store has recorded the (body-less) result.
                 let (held, status, headers) = (held.clone(), *status, headers.clone());
-                self.record_streamed(host, &held, status, headers);
-                Verdict::Continue
+                host.count(Counter::ResponseStreamed);
+                self.complete(host, &held, status, headers, Vec::new(), true)
             }
             // Keep holding everything until the store acknowledged the record.
             State::Recording { .. } => Verdict::Pause,
@@ -954,7 +956,8 @@ impl RequestFlow {
     }
 
     /// The response outgrew `max_response_size`: let it flow to the client as it arrives (never
-    /// into Envoy's buffer limit) and record it without its body once it has ended.
+    /// into Envoy's buffer limit) and record it without its body once it has ended (holding only
+    /// its last chunk until the store acknowledged).
     fn stream_through(
         &mut self,
         host: &dyn Host,

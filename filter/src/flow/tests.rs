@@ -415,10 +415,23 @@ fn oversize_response_is_recorded_without_body() {
         host.dispatches().iter().all(|(p, _, _)| p != "/v1/complete"),
         "not before the end"
     );
-    assert_eq!(flow.on_response_body(&host, 5, true), Verdict::Continue);
-    assert_eq!(background.queued(), 1);
-    background.drain(&host, &config);
-    let (path, complete, _) = host.dispatches().pop().unwrap();
+    assert_eq!(
+        flow.on_response_body(&host, 5, true),
+        Verdict::Pause,
+        "the last chunk waits for the record"
+    );
+    assert_eq!(background.queued(), 0);
+    let _ = config;
+    let (path, complete, token) = host.dispatches().pop().unwrap();
+    flow.on_callout_reply(
+        &host,
+        token,
+        CalloutReply {
+            status: Some(200),
+            body: b"{}".to_vec(),
+        },
+    );
+    assert_eq!(host.calls().last(), Some(&Call::ResumeResponse));
     assert_eq!(path, "/v1/complete");
     assert_eq!(complete["response"]["body_omitted"], true);
     assert_eq!(complete["response"]["body"], "");
