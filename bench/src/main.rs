@@ -435,6 +435,69 @@ async fn main() {
         .map(|(n, p50, p99)| json!({"scenario": n, "p50_us": p50, "p99_us": p99, "added_p50_us": p50.saturating_sub(base_p50)}))
         .collect();
 
+    // Retries of in-flight keys (`in_progress_wait`): the store holds a retry's acquire until the
+    // first attempt completes, then answers with the replay. Measured on its own Envoy: how long a
+    // waiting retry takes, and whether held waiters slow everything else down.
+    let wait_ports = Ports {
+        listener: free_port(),
+        admin: free_port(),
+        upstream: demo_port,
+        stores: vec![store_port],
+    };
+    let mut waiting_envoy = pinned_envoy(
+        dir.path(),
+        &bootstrap_with(
+            &wait_ports,
+            &plugin_config(&json!({"lock_timeout": "5m", "in_progress_wait": "5s"})),
+            true,
+        ),
+        "envoy-wait",
+    );
+    wait_ready(
+        &format!("http://127.0.0.1:{}/ready", wait_ports.admin),
+        &mut waiting_envoy,
+        Duration::from_secs(60),
+    )
+    .await;
+    let in_flight = in_flight_retries(addr(wait_ports.listener), connections, duration).await;
+    let exec = |c: usize, i: u64| {
+        post(
+            "/api/v1/orders",
+            Some(format!("wexec-{}-{c}-{i}", std::process::id())),
+        )
+    };
+    let alone = load(
+        addr(wait_ports.listener),
+        connections,
+        duration,
+        Arc::new(exec),
+        executed,
+    )
+    .await;
+    let holder = tokio::spawn(hold_waiters(
+        addr(wait_ports.listener),
+        16,
+        4,
+        duration + Duration::from_secs(2),
+    ));
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let beside = load(
+        addr(wait_ports.listener),
+        connections,
+        duration,
+        Arc::new(exec),
+        executed,
+    )
+    .await;
+    let held = holder.await.unwrap();
+    let in_flight_retries = json!({
+        "retries": in_flight.0, "replayed": in_flight.1, "retry_p50_ms": in_flight.2, "retry_p99_ms": in_flight.3,
+        "first_attempt_ms": 200,
+        "executes_rps_alone": alone.rps(), "executes_rps_beside_64_waiters": beside.rps(),
+        "ratio": beside.rps() / alone.rps().max(1.0), "waiting_retries_served": held,
+    });
+    drop(waiting_envoy);
+
     let envoy_rss = json!({
         "passthrough_kib": plain.pid().map(rss_kib),
         "with_filter_kib": filtered.pid().map(rss_kib),
@@ -473,6 +536,7 @@ async fn main() {
         "store_alone": {"pairs_per_second": pairs.0 as f64 / pairs.1, "connections": store_connections},
         "store_rss_kib_at_live_records": {"records": filled, "rss_kib": store_rss},
         "wasm_bytes": wasm_bytes,
+        "in_flight_retries": in_flight_retries,
     });
     print_table(&summary);
     let out = e2e::repo_root().join("target/bench");
@@ -483,6 +547,118 @@ async fn main() {
     )
     .unwrap();
     eprintln!("\nwritten to target/bench/results.json");
+}
+
+/// One keyed POST with the upstream taking `delay_ms`; returns (status, replayed, milliseconds).
+async fn keyed(client: &reqwest::Client, addr: SocketAddr, key: &str, delay_ms: u64) -> (u16, bool, f64) {
+    let sent = Instant::now();
+    match client
+        .post(format!("http://{addr}/api/v1/orders"))
+        .header("idempotency-key", key)
+        .header("content-type", "application/json")
+        .header("x-demo-delay-ms", delay_ms.to_string())
+        .body(body_1k())
+        .send()
+        .await
+    {
+        Ok(r) => {
+            let replayed = r.headers().contains_key("idempotent-replayed");
+            let status = r.status().as_u16();
+            let _ = r.bytes().await;
+            (status, replayed, sent.elapsed().as_secs_f64() * 1000.0)
+        }
+        Err(_) => (0, false, sent.elapsed().as_secs_f64() * 1000.0),
+    }
+}
+
+/// `workers` loops: a first attempt that takes the upstream 200 ms, and 4 retries of its key
+/// 20 ms later that wait in the store for it. Returns (retries, replayed, p50 ms, p99 ms).
+async fn in_flight_retries(addr: SocketAddr, workers: usize, duration: Duration) -> (u64, u64, f64, f64) {
+    let client = reqwest::Client::builder()
+        .pool_max_idle_per_host(256)
+        .build()
+        .unwrap();
+    let deadline = Instant::now() + duration;
+    let tasks: Vec<_> = (0..workers)
+        .map(|w| {
+            let client = client.clone();
+            tokio::spawn(async move {
+                let mut latencies = Vec::new();
+                let mut replayed = 0u64;
+                let mut i = 0;
+                while Instant::now() < deadline {
+                    i += 1;
+                    let key = format!("inflight-{}-{w}-{i}", std::process::id());
+                    let first = {
+                        let (client, key) = (client.clone(), key.clone());
+                        tokio::spawn(async move { keyed(&client, addr, &key, 200).await })
+                    };
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                    let retries =
+                        futures::future::join_all((0..4).map(|_| keyed(&client, addr, &key, 0))).await;
+                    let _ = first.await;
+                    for (status, was_replayed, ms) in retries {
+                        latencies.push(ms);
+                        if status == 201 && was_replayed {
+                            replayed += 1;
+                        }
+                    }
+                }
+                (latencies, replayed)
+            })
+        })
+        .collect();
+    let (mut all, mut replayed) = (Vec::new(), 0);
+    for task in tasks {
+        let (latencies, r) = task.await.unwrap();
+        all.extend(latencies);
+        replayed += r;
+    }
+    all.sort_by(f64::total_cmp);
+    let at = |q: f64| {
+        all.get(((all.len() as f64 * q) as usize).min(all.len().saturating_sub(1)))
+            .copied()
+            .unwrap_or(0.0)
+    };
+    (all.len() as u64, replayed, at(0.5), at(0.99))
+}
+
+/// Keep `firsts × retries` acquires waiting in the store for `duration`: first attempts that take
+/// the upstream 1 s, each with `retries` retries waiting for it. Returns retries served.
+async fn hold_waiters(addr: SocketAddr, firsts: usize, retries: usize, duration: Duration) -> u64 {
+    let client = reqwest::Client::builder()
+        .pool_max_idle_per_host(256)
+        .build()
+        .unwrap();
+    let deadline = Instant::now() + duration;
+    let tasks: Vec<_> = (0..firsts)
+        .map(|f| {
+            let client = client.clone();
+            tokio::spawn(async move {
+                let mut served = 0u64;
+                let mut i = 0;
+                while Instant::now() < deadline {
+                    i += 1;
+                    let key = format!("held-{}-{f}-{i}", std::process::id());
+                    let first = {
+                        let (client, key) = (client.clone(), key.clone());
+                        tokio::spawn(async move { keyed(&client, addr, &key, 1000).await })
+                    };
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                    let answers =
+                        futures::future::join_all((0..retries).map(|_| keyed(&client, addr, &key, 0))).await;
+                    let _ = first.await;
+                    served += answers.iter().filter(|(s, r, _)| *s == 201 && *r).count() as u64;
+                }
+                served
+            })
+        })
+        .collect();
+    let mut served = 0;
+    for task in tasks {
+        served += task.await.unwrap();
+    }
+    served
 }
 
 /// Acquire + complete pairs against the store API; returns (pairs, seconds).
@@ -602,5 +778,17 @@ fn print_table(summary: &Value) {
         summary["store_rss_kib_at_live_records"]["rss_kib"]
     );
     println!(".wasm size: {} bytes", summary["wasm_bytes"]);
+    let waits = &summary["in_flight_retries"];
+    println!(
+        "Retries of in-flight keys (in_progress_wait): {} retries, {} replayed after waiting, p50 {:.0} ms / p99 {:.0} ms (first attempt takes {} ms)",
+        waits["retries"], waits["replayed"], waits["retry_p50_ms"].as_f64().unwrap_or(0.0),
+        waits["retry_p99_ms"].as_f64().unwrap_or(0.0), waits["first_attempt_ms"]
+    );
+    println!(
+        "  executing keyed POSTs: {:.0}/s alone, {:.0}/s beside 64 waiting retries (ratio {:.2})",
+        waits["executes_rps_alone"].as_f64().unwrap_or(0.0),
+        waits["executes_rps_beside_64_waiters"].as_f64().unwrap_or(0.0),
+        waits["ratio"].as_f64().unwrap_or(0.0)
+    );
     println!("Machine: {}", summary["machine"]);
 }

@@ -4,8 +4,8 @@
 //! Safe because a completed record never changes: the store refuses every write after
 //! `complete` (fencing), so the cached response is the stored one until retention ends. Entries
 //! are keyed by scope and key (one VM serves one service), carry the record's fingerprint (a
-//! different one is a 422, as the store would say), expire after `replay_cache_ttl` (at most the
-//! retention), and are bounded by entries and bytes per worker, oldest evicted first. An admin
+//! different one is a 422, as the store would say), expire after `replay_cache_ttl` or when the
+//! record itself expires in the store, whichever comes first, and are bounded by entries and bytes per worker, oldest evicted first. An admin
 //! purge in the store is not seen by caches until their entries expire.
 
 use std::collections::{HashMap, VecDeque};

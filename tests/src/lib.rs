@@ -843,3 +843,30 @@ pub async fn ready_store(dir: &Path) -> (Proc, String) {
     wait_ready(&format!("{url}/readyz"), &mut store, Duration::from_secs(30)).await;
     (store, url)
 }
+
+/// The HTTP filters the Istio `EnvoyFilter` (`envoy/istio/envoyfilter.yaml`) patches into a
+/// sidecar, in order, followed by the router; the remote module is swapped for the local build
+/// and the plugin's `store_token`/`store_cluster` for `store_token`/`store_cluster`. Also returns
+/// the plugin configuration as shipped.
+pub fn istio_envoyfilter_filters(store_token: &str, store_cluster: Option<&str>) -> (Vec<Value>, Value) {
+    let text = std::fs::read_to_string(repo_root().join("envoy/istio/envoyfilter.yaml")).unwrap();
+    let doc: serde_yaml::Value = serde_yaml::from_str(&text).unwrap();
+    let patches = doc["spec"]["configPatches"].as_sequence().unwrap();
+    let mut filters: Vec<Value> = patches
+        .iter()
+        .map(|p| serde_json::to_value(&p["patch"]["value"]).unwrap())
+        .collect();
+    let wasm = filters.iter_mut().find(|v| v["name"] == "idempotency").unwrap();
+    let config = &mut wasm["typed_config"]["extension_config"]["typed_config"]["config"];
+    config["vm_config"]["code"] = json!({"local": {"filename": wasm_path().display().to_string()}});
+    let shipped: Value = serde_json::from_str(config["configuration"]["value"].as_str().unwrap()).unwrap();
+    let mut plugin = shipped.clone();
+    plugin["store_token"] = json!(store_token);
+    if let Some(cluster) = store_cluster {
+        plugin["store_cluster"] = json!(cluster);
+    }
+    config["configuration"]["value"] = json!(plugin.to_string());
+    filters.push(json!({"name": "envoy.filters.http.router", "typed_config": {
+        "@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"}}));
+    (filters, shipped)
+}

@@ -420,3 +420,88 @@ async fn envoy_restarted_under_load_keeps_records_and_never_duplicates() {
                "keys_locked_by_the_killed_proxy": after.conflicts, "duplicates": dups}),
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clients_that_time_out_and_retry_at_once_never_cause_a_second_execution() {
+    let _one_at_a_time = ONE_STORM_AT_A_TIME.lock().await;
+    let (n_keys, per_key) = scale();
+    let clients_per_key = per_key.min(8);
+    const ATTEMPTS: usize = 3;
+    let mut stack = Stack::start_with(storm_options()).await;
+    let keys = keys("impatient", n_keys);
+    let client = reqwest::Client::builder()
+        .pool_max_idle_per_host(512)
+        .build()
+        .unwrap();
+    let url = stack.url.clone();
+    // Every client gives up after 150 ms on work that takes the upstream 200 ms to 1.4 s, and
+    // retries with the same key every 300 ms: the retries land while the first attempt still
+    // runs, after it finished with its answer lost, and while the upstream is dead or restarting.
+    let storm = tokio::spawn({
+        let keys = keys.clone();
+        async move {
+            let attempts = keys
+                .iter()
+                .enumerate()
+                .flat_map(|(i, k)| std::iter::repeat_n((i, k.clone()), clients_per_key))
+                .collect::<Vec<_>>();
+            futures::stream::iter(attempts.into_iter().map(|(i, key)| {
+                let (client, url) = (client.clone(), url.clone());
+                let work_ms = 200 + (i % 5) * 300;
+                async move {
+                    let mut seen = Vec::new();
+                    for attempt in 0..ATTEMPTS {
+                        if attempt > 0 {
+                            tokio::time::sleep(Duration::from_millis(300)).await;
+                        }
+                        let outcome = client
+                            .post(format!("{url}/api/v1/orders"))
+                            .header("Idempotency-Key", &key)
+                            .header("x-demo-delay-ms", work_ms.to_string())
+                            .json(&json!({"sku": "IMPATIENT"}))
+                            .timeout(Duration::from_millis(150))
+                            .send()
+                            .await;
+                        seen.push(outcome.map(|r| r.status().as_u16()).unwrap_or(0));
+                    }
+                    seen
+                }
+            }))
+            .buffer_unordered(128)
+            .collect::<Vec<_>>()
+            .await
+        }
+    });
+    // The upstream is SIGKILLed and restarted in the middle: the attempts it was running end in
+    // Envoy resets, whose outcome is unknown.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    stack.kill_demo();
+    stack.restart_demo().await;
+    let outcomes: Vec<u16> = storm.await.unwrap().into_iter().flatten().collect();
+    tokio::time::sleep(Duration::from_millis(1_500)).await; // let the last runs finish
+
+    let counts = stack.executions().await;
+    let executed: Vec<u64> = keys
+        .iter()
+        .map(|k| counts["byKey"][k.as_str()].as_u64().unwrap_or(0))
+        .collect();
+    let dups = executed.iter().filter(|n| **n > 1).count();
+    assert_eq!(dups, 0, "a key ran twice: {counts}");
+    assert_eq!(counts["overlaps"], json!({}), "two runs of one key overlapped");
+    let unexpected: Vec<u16> = outcomes
+        .iter()
+        .copied()
+        .filter(|s| !matches!(s, 0 | 201 | 409 | 503))
+        .collect();
+    assert!(unexpected.is_empty(), "{unexpected:?}");
+    let tally = |wanted: u16| outcomes.iter().filter(|s| **s == wanted).count();
+    report(
+        "impatient_clients",
+        json!({"keys": n_keys, "clients_per_key": clients_per_key, "attempts_per_client": ATTEMPTS,
+               "requests": outcomes.len(), "client_timeouts": tally(0), "answered_201": tally(201),
+               "answered_409": tally(409), "answered_503": tally(503),
+               "keys_executed": executed.iter().filter(|n| **n == 1).count(),
+               "faults": "upstream SIGKILL + restart mid-storm",
+               "duplicates": dups, "overlaps": 0}),
+    );
+}

@@ -13,7 +13,7 @@ use std::collections::BTreeSet;
 use std::process::Command;
 
 use clap::CommandFactory;
-use e2e::{envoy_bin, repo_root, shipped_yaml_files, wasm_path};
+use e2e::{envoy_bin, repo_root, shipped_yaml_files};
 use idempotency_filter::config::Config;
 use idempotency_store::config::StoreConfig;
 use serde::Deserialize;
@@ -97,16 +97,7 @@ fn istio_envoyfilter_patch_is_accepted_by_envoy_and_its_plugin_config_by_the_fil
 
     // The patched filters in an HCM, with the clusters they name, pass `envoy --mode validate`
     // (the remote module is swapped for the local build: validation does not fetch).
-    let mut http_filters = values.clone();
-    let code = &mut http_filters
-        .iter_mut()
-        .find(|v| v["name"] == "idempotency")
-        .unwrap()["typed_config"]["extension_config"]["typed_config"]["config"]["vm_config"]["code"];
-    *code = serde_json::json!({"local": {"filename": wasm_path().display().to_string()}});
-    http_filters.push(
-        serde_json::json!({"name": "envoy.filters.http.router", "typed_config": {
-        "@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"}}),
-    );
+    let (http_filters, _) = e2e::istio_envoyfilter_filters("token", None);
     let cluster = |name: &str| {
         serde_json::json!({"name": name, "type": "STATIC", "connect_timeout": "1s",
             "load_assignment": {"cluster_name": name, "endpoints": [{"lb_endpoints": [{"endpoint": {"address":
@@ -211,5 +202,22 @@ fn compose_store_environment_uses_only_what_the_store_reads() {
     }
     for service in ["mongo", "store", "demo", "envoy"] {
         assert!(!compose["services"][service].is_null(), "{service}");
+    }
+}
+
+#[test]
+fn every_shipped_header_strip_removes_every_internal_header() {
+    for path in shipped_yaml_files() {
+        let text = std::fs::read_to_string(&path).unwrap();
+        if !text.contains("strip-internal-headers") {
+            continue;
+        }
+        for header in idempotency_wire::headers::ALL {
+            assert!(
+                text.contains(&format!("remove: {header}")),
+                "{} does not strip {header}",
+                path.display()
+            );
+        }
     }
 }

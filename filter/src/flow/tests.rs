@@ -963,3 +963,45 @@ fn route_metadata_can_turn_on_a_route_when_the_plugin_default_is_off() {
     );
     assert!(host.dispatches().is_empty());
 }
+
+#[test]
+fn a_cached_replay_never_outlives_its_record() {
+    let cache = Rc::new(std::cell::RefCell::new(crate::cache::ReplayCache::new(
+        100,
+        1 << 20,
+    )));
+    let config = config(r#","replay_cache_max_entries":100,"replay_cache_ttl":"10m""#);
+    let host = post("k1", b"{}");
+    let mut first = RequestFlow::new(config.clone(), Rc::new(Background::default()), cache.clone());
+    let token = start_keyed_post(&mut first, &host);
+    let now_ms = 1_700_000_000_000u64;
+    let stored = AcquireResponse::Completed {
+        response: StoredResponse {
+            status: 201,
+            headers: vec![],
+            body: b"{}".to_vec(),
+            body_omitted: false,
+        },
+        expires_at_ms: Some(now_ms + 30_000),
+    };
+    first.on_callout_reply(&host, token, reply(200, &stored));
+
+    // Within the record's life the cache answers (no callout).
+    let host2 = post("k1", b"{}");
+    let mut second = RequestFlow::new(config.clone(), Rc::new(Background::default()), cache.clone());
+    assert_eq!(second.on_request_headers(&host2, false), Verdict::Pause);
+    assert_eq!(second.on_request_body(&host2, 2, true), Verdict::Pause);
+    assert!(host2.dispatches().is_empty(), "answered from the cache");
+
+    // After the record expired (well within the 10 min TTL) the store is asked again.
+    let host3 = post("k1", b"{}");
+    *host3.clock_advance.borrow_mut() = std::time::Duration::from_secs(31);
+    let mut third = RequestFlow::new(config, Rc::new(Background::default()), cache);
+    third.on_request_headers(&host3, false);
+    third.on_request_body(&host3, 2, true);
+    assert_eq!(
+        host3.dispatches().len(),
+        1,
+        "the expired record is not replayed from memory"
+    );
+}
