@@ -108,3 +108,38 @@ async fn unreachable_mongodb_at_run_time_gives_503_and_never_a_duplicate() {
     let readiness = reqwest::get(format!("{}/readyz", stack.store_url)).await.unwrap();
     assert_eq!(readiness.status(), 503, "readiness reflects the outage");
 }
+
+#[tokio::test]
+async fn retries_waiting_on_either_replica_get_the_replay_of_the_attempt_in_flight() {
+    let stack = Stack::start_with(StackOptions {
+        plugin: json!({"in_progress_wait": "5s"}),
+        ..two_replicas_on_mongodb()
+    })
+    .await;
+    let first = {
+        let request = stack
+            .post_order(Some("mongo-wait-1"), &json!({}))
+            .header("x-demo-delay-ms", "1000");
+        tokio::spawn(async move { request.send().await.unwrap() })
+    };
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    // Several retries: Envoy spreads them over both replicas; a replica that did not see the
+    // completion itself finds it by polling MongoDB.
+    let retries = (0..6).map(|_| stack.post_order(Some("mongo-wait-1"), &json!({})).send());
+    let (first, retries) = tokio::join!(first, futures::future::join_all(retries));
+    let first: Value = first.unwrap().json().await.unwrap();
+    for retry in retries {
+        let retry = retry.unwrap();
+        assert_eq!(retry.status(), 201);
+        assert_eq!(retry.headers()["idempotent-replayed"], "true");
+        let body: Value = retry.json().await.unwrap();
+        assert_eq!(body["orderId"], first["orderId"]);
+    }
+    assert_eq!(stack.executions_of("mongo-wait-1").await, 1);
+    let mut waited = 0.0;
+    for replica in 0..2 {
+        let text = stack.replica_metrics(replica).await;
+        waited += metric_sum(&text, "idempotency_acquire_waits_total");
+    }
+    assert!(waited >= 6.0, "every retry waited in a store: {waited}");
+}

@@ -365,3 +365,59 @@ async fn a_12_mb_response_reaches_the_client_whole_through_the_istio_envoyfilter
         "it was enforced, not shadowed"
     );
 }
+
+#[tokio::test]
+async fn after_a_purge_and_a_new_record_the_abandoned_attempts_result_is_refused() {
+    let stack = Stack::start().await;
+    // Attempt A runs long; an operator purges its record; attempt B re-creates and completes it.
+    let a = {
+        let request = stack
+            .post_order(Some("purge-1"), &json!({}))
+            .header("x-demo-delay-ms", "1500");
+        tokio::spawn(async move { request.send().await.unwrap() })
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let old = stack.record("purge-1").await.unwrap();
+    let purged = stack
+        .client
+        .delete(format!("{}/v1/records", stack.store_url))
+        .query(&[("service", "orders"), ("scope", ""), ("key", "purge-1")])
+        .bearer_auth(e2e::STORE_TOKEN)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(purged.status(), 204);
+    let b = stack
+        .post_order(Some("purge-1"), &json!({}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(b.status(), 201);
+    let b: Value = b.json().await.unwrap();
+    let new = stack.record("purge-1").await.unwrap();
+    assert_eq!(
+        new["fencing_token"], old["fencing_token"],
+        "same token number, other record"
+    );
+    assert_ne!(new["record_id"], old["record_id"]);
+
+    // A finishes later: its client gets A's answer, but the record keeps B's.
+    assert_eq!(a.await.unwrap().status(), 201);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let replay = stack
+        .post_order(Some("purge-1"), &json!({}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(replay.headers()["idempotent-replayed"], "true");
+    let replayed: Value = replay.json().await.unwrap();
+    assert_eq!(
+        replayed["orderId"], b["orderId"],
+        "the abandoned attempt could not overwrite it"
+    );
+    let store = stack.store_metrics().await;
+    assert!(
+        store.contains(r#"idempotency_stale_fencing_tokens_total{operation="complete"} 1"#),
+        "{store}"
+    );
+}
