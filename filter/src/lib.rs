@@ -4,8 +4,10 @@
 //!
 //! Layout: [`config`] (plugin configuration), [`policy`] and [`metadata`] (per-route mode),
 //! [`key`], [`scope`] (caller isolation), [`fingerprint`], [`problem`] (error bodies), [`replay`]
-//! (stored headers), [`flow`] (the per-request state machine, plain Rust behind [`host::Host`]),
-//! and `wasm` (the only module that talks to proxy-wasm).
+//! (stored headers), [`outcome`] (whether a forwarded request's lock may be released),
+//! [`attempt`] (attempt ids), [`flow`] (admission, the per-request state machine and its store
+//! calls, plain Rust behind [`host::Host`]), [`background`] (root-context calls, retried), and
+//! `wasm` (the only module that talks to proxy-wasm).
 
 pub mod attempt;
 pub mod background;

@@ -18,17 +18,15 @@ use std::time::Duration;
 
 use idempotency_wire::{headers, paths, AcquireResponse, Lock, RecordId, StoredResponse};
 
-use crate::config::{Config, FailureMode, Mode};
-use crate::fingerprint::{fingerprint, fingerprint_body, is_json_content_type};
+use crate::config::{Config, FailureMode};
+use crate::fingerprint::{fingerprint, fingerprint_body};
 use crate::host::{Callout, CalloutReply, Host, Level};
-use crate::key::{parse_key, KeyError};
 use crate::metadata::parse_route_overrides;
 use crate::metrics::Counter;
-use crate::policy::{key_is_enforced, route_policy};
 use crate::problem::{ErrorCode, Problem};
 use crate::replay::{replay_headers, storable_headers};
-use crate::scope::resolve_scope;
 
+pub mod admission;
 pub mod calls;
 pub mod shadow;
 
@@ -40,6 +38,7 @@ use crate::attempt::new_attempt_id;
 use crate::background::{Background, BackgroundCall};
 use crate::cache::ReplayCache;
 use crate::outcome::{classify, ResponseOutcome, UnknownReason};
+use admission::{admit, Decision, Pending};
 use calls::{AcquireParams, HolderWrite};
 
 /// `Retry-After` for 409: most requests finish well within this, whatever the lock timeout.
@@ -54,23 +53,6 @@ pub enum Verdict {
     Continue,
     /// Hold the stream (and buffer its body) until the flow resumes or answers it.
     Pause,
-}
-
-/// A request waiting for its body or its acquire.
-#[derive(Debug, Clone)]
-struct Pending {
-    id: RecordId,
-    method: String,
-    path: String,
-    fingerprint_headers: Vec<(String, String)>,
-    /// Canonicalise the body as JSON before hashing.
-    json: bool,
-    /// JSON pointers removed before hashing.
-    exclude_fields: Vec<String>,
-    /// Shadow: record and count, never block or answer.
-    shadow: bool,
-    /// How long the store may hold the acquire while the key is in progress.
-    in_progress_wait: Duration,
 }
 
 /// A request that holds the lock.
@@ -203,29 +185,12 @@ impl RequestFlow {
             }
         }
 
-        let header = |wanted: &str| {
-            request_headers
-                .iter()
-                .find(|(n, _)| n == wanted)
-                .map(|(_, v)| v.as_str())
-        };
-        let method = header(":method").unwrap_or_default().to_owned();
-        let path = header(":path").unwrap_or_default().to_owned();
-        let config = self.config.clone();
-        let candidate = config.acts_on_method(&method)
-            || config
-                .routes
-                .iter()
-                .any(|r| r.methods.as_ref().is_some_and(|m| m.contains(&method)));
-        if !candidate {
-            return Verdict::Continue;
-        }
-        let overrides = host
-            .property(&[
+        let overrides = || {
+            host.property(&[
                 "xds",
                 "route_metadata",
                 "filter_metadata",
-                &config.route_metadata_namespace,
+                &self.config.route_metadata_namespace,
             ])
             .and_then(|bytes| match parse_route_overrides(&bytes) {
                 Ok(o) => Some(o),
@@ -233,115 +198,35 @@ impl RequestFlow {
                     host.log(Level::Warn, &format!("idempotency: ignoring route metadata: {e}"));
                     None
                 }
-            });
-        let Some(policy) = route_policy(&config, &method, &path, overrides.as_ref()) else {
-            return Verdict::Continue;
+            })
         };
-
-        let mut keys = request_headers
-            .iter()
-            .filter(|(n, _)| n == "idempotency-key")
-            .map(|(_, v)| v);
-        let raw_key = match (keys.next(), keys.next()) {
-            (None, _) => {
-                host.count(Counter::KeyMissing);
-                if policy.mode == Mode::Required {
-                    if policy.percentage < 100.0 {
-                        host.count(Counter::ShadowWouldReject);
-                        return Verdict::Continue;
-                    }
-                    host.log(
-                        Level::Debug,
-                        &format!(
-                            "idempotency: {method} {path}: key required but missing (rule {})",
-                            policy.rule
-                        ),
-                    );
-                    return self.answer(
-                        host,
-                        &Problem::new(
-                            ErrorCode::KeyRequired,
-                            format!("{method} requests to this endpoint require an Idempotency-Key header"),
-                        )
-                        .detail("header", "Idempotency-Key"),
-                    );
-                }
-                return Verdict::Continue;
-            }
-            (Some(raw), Some(_)) => Err((KeyError::Repeated, raw.as_str())),
-            (Some(raw), None) => parse_key(raw, config.max_key_length)
-                .map(str::to_owned)
-                .map_err(|e| (e, raw.as_str())),
-        };
-        let key = match raw_key {
-            Ok(key) => key,
-            Err((error, raw)) => {
-                host.count(Counter::KeyInvalid);
-                if policy.mode == Mode::Shadow || !key_is_enforced(raw, policy.percentage) {
-                    host.count(Counter::ShadowWouldReject);
-                    return Verdict::Continue;
-                }
+        let config = self.config.clone();
+        let admission = admit(&config, &request_headers, overrides, |path| host.property(path));
+        for counter in &admission.counters {
+            host.count(*counter);
+        }
+        match admission.decision {
+            Decision::PassThrough => Verdict::Continue,
+            Decision::Refuse(problem) => {
                 host.log(
                     Level::Debug,
-                    &format!("idempotency: {method} {path}: invalid key: {error}"),
+                    &format!(
+                        "idempotency: refused with {}: {}",
+                        problem.status(),
+                        problem.message
+                    ),
                 );
-                return self.answer(
-                    host,
-                    &Problem::new(ErrorCode::KeyInvalid, error.to_string())
-                        .detail("reason", error.reason())
-                        .detail("maxLength", config.max_key_length),
-                );
-            }
-        };
-        let shadow = policy.mode == Mode::Shadow || !key_is_enforced(&key, policy.percentage);
-
-        if let Some(length) = header("content-length").and_then(|v| v.trim().parse::<usize>().ok()) {
-            if length > config.max_request_body {
-                if shadow {
-                    host.count(Counter::ShadowWouldReject);
-                    return Verdict::Continue;
+                if problem.code == ErrorCode::RequestTooLarge {
+                    host.count(Counter::RequestTooLarge);
                 }
-                return self.too_large(host);
+                self.answer(host, &problem)
+            }
+            Decision::Track(pending) if end_of_stream => self.acquire(host, pending, &[]),
+            Decision::Track(pending) => {
+                self.state = State::AwaitingRequestBody(pending);
+                Verdict::Pause
             }
         }
-
-        let scope = resolve_scope(
-            &config.scope_from,
-            &config.jwt_payload_metadata_key,
-            |name| header(name).map(str::to_owned),
-            |path| host.property(path),
-        );
-        let fingerprint_headers = config
-            .fingerprint_headers
-            .iter()
-            .filter_map(|name| header(name).map(|v| (name.clone(), v.to_owned())))
-            .collect();
-        let json = config.json_canonical && header("content-type").is_some_and(is_json_content_type);
-        let exclude_fields = config
-            .exclude_fields
-            .iter()
-            .chain(policy.exclude_fields.iter())
-            .cloned()
-            .collect();
-        let pending = Pending {
-            id: RecordId {
-                service: config.service_name.clone(),
-                scope,
-                key,
-            },
-            method,
-            path,
-            fingerprint_headers,
-            json,
-            exclude_fields,
-            shadow,
-            in_progress_wait: policy.in_progress_wait,
-        };
-        if end_of_stream {
-            return self.acquire(host, pending, &[]);
-        }
-        self.state = State::AwaitingRequestBody(pending);
-        Verdict::Pause
     }
 
     /// Request body data arrived (`body_size` is everything buffered so far).
@@ -793,15 +678,7 @@ impl RequestFlow {
 
     fn too_large(&mut self, host: &dyn Host) -> Verdict {
         host.count(Counter::RequestTooLarge);
-        let limit = self.config.max_request_body;
-        self.answer(
-            host,
-            &Problem::new(
-                ErrorCode::RequestTooLarge,
-                format!("The request body is larger than {limit} bytes, the most this endpoint fingerprints"),
-            )
-            .detail("maxBytes", limit),
-        )
+        self.answer(host, &admission::too_large(self.config.max_request_body))
     }
 
     /// The store (or the host) failed before we held a lock: refuse (closed) or forward

@@ -1,0 +1,284 @@
+//! The admission step: from the request head alone, decide whether the filter acts on a request
+//! (pass through, refuse with 400/413, or track it) — pure, no host calls but the two lookups it
+//! is handed, so every rule is testable without the mock host.
+
+use std::time::Duration;
+
+use idempotency_wire::RecordId;
+
+use crate::config::{Config, Mode};
+use crate::fingerprint::is_json_content_type;
+use crate::key::{parse_key, KeyError};
+use crate::metadata::RouteOverrides;
+use crate::metrics::Counter;
+use crate::policy::{key_is_enforced, route_policy};
+use crate::problem::{ErrorCode, Problem};
+use crate::scope::resolve_scope;
+
+/// A keyed request the filter tracks: everything needed to fingerprint and acquire it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Pending {
+    /// The record identity.
+    pub id: RecordId,
+    /// Request method.
+    pub method: String,
+    /// Request path with query.
+    pub path: String,
+    /// The configured fingerprint headers present on the request.
+    pub fingerprint_headers: Vec<(String, String)>,
+    /// Canonicalise the body as JSON before hashing.
+    pub json: bool,
+    /// JSON pointers removed before hashing.
+    pub exclude_fields: Vec<String>,
+    /// Shadow: record and count, never block or answer.
+    pub shadow: bool,
+    /// How long the store may hold the acquire while the key is in progress.
+    pub in_progress_wait: Duration,
+}
+
+/// What to do with a request.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Decision {
+    /// Not ours, or shadowed without a key: let it through untouched.
+    PassThrough,
+    /// Answer with this error; the upstream is never called.
+    Refuse(Problem),
+    /// Track it: buffer the body, fingerprint, acquire.
+    Track(Pending),
+}
+
+/// A decision and the counters it moves.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Admission {
+    /// Counters to add one to.
+    pub counters: Vec<Counter>,
+    /// The decision.
+    pub decision: Decision,
+}
+
+impl Admission {
+    fn pass(counters: Vec<Counter>) -> Admission {
+        Admission {
+            counters,
+            decision: Decision::PassThrough,
+        }
+    }
+
+    fn refuse(counters: Vec<Counter>, problem: Problem) -> Admission {
+        Admission {
+            counters,
+            decision: Decision::Refuse(problem),
+        }
+    }
+}
+
+/// Decide for a request with `headers` (pseudo-headers included, names lower case).
+/// `overrides` reads the route's metadata and `property` an Envoy property; both are called only
+/// when needed (a non-mutating request costs neither).
+pub fn admit(
+    config: &Config,
+    headers: &[(String, String)],
+    overrides: impl FnOnce() -> Option<RouteOverrides>,
+    property: impl Fn(&[&str]) -> Option<Vec<u8>>,
+) -> Admission {
+    let header = |wanted: &str| headers.iter().find(|(n, _)| n == wanted).map(|(_, v)| v.as_str());
+    let method = header(":method").unwrap_or_default();
+    let path = header(":path").unwrap_or_default();
+    let candidate = config.acts_on_method(method)
+        || config
+            .routes
+            .iter()
+            .any(|r| r.methods.as_ref().is_some_and(|m| m.contains(method)));
+    if !candidate {
+        return Admission::pass(Vec::new());
+    }
+    // No shortcut for `mode: off`: Envoy route metadata may still turn a route on.
+    let overrides = overrides();
+    let Some(policy) = route_policy(config, method, path, overrides.as_ref()) else {
+        return Admission::pass(Vec::new());
+    };
+
+    let mut keys = headers
+        .iter()
+        .filter(|(n, _)| n == "idempotency-key")
+        .map(|(_, v)| v.as_str());
+    let parsed = match (keys.next(), keys.next()) {
+        (None, _) => {
+            return match policy.mode {
+                Mode::Required if policy.percentage < 100.0 => {
+                    Admission::pass(vec![Counter::KeyMissing, Counter::ShadowWouldReject])
+                }
+                Mode::Required => Admission::refuse(
+                    vec![Counter::KeyMissing],
+                    Problem::new(
+                        ErrorCode::KeyRequired,
+                        format!("{method} requests to this endpoint require an Idempotency-Key header"),
+                    )
+                    .detail("header", "Idempotency-Key"),
+                ),
+                _ => Admission::pass(vec![Counter::KeyMissing]),
+            };
+        }
+        (Some(raw), Some(_)) => Err((KeyError::Repeated, raw)),
+        (Some(raw), None) => parse_key(raw, config.max_key_length).map_err(|e| (e, raw)),
+    };
+    let key = match parsed {
+        Ok(key) => key.to_owned(),
+        Err((error, raw)) => {
+            if policy.mode == Mode::Shadow || !key_is_enforced(raw, policy.percentage) {
+                return Admission::pass(vec![Counter::KeyInvalid, Counter::ShadowWouldReject]);
+            }
+            return Admission::refuse(
+                vec![Counter::KeyInvalid],
+                Problem::new(ErrorCode::KeyInvalid, error.to_string())
+                    .detail("reason", error.reason())
+                    .detail("maxLength", config.max_key_length),
+            );
+        }
+    };
+    let shadow = policy.mode == Mode::Shadow || !key_is_enforced(&key, policy.percentage);
+
+    let declared_length = header("content-length").and_then(|v| v.trim().parse::<usize>().ok());
+    if declared_length.is_some_and(|length| length > config.max_request_body) {
+        if shadow {
+            return Admission::pass(vec![Counter::ShadowWouldReject]);
+        }
+        return Admission::refuse(Vec::new(), too_large(config.max_request_body));
+    }
+
+    let scope = resolve_scope(
+        &config.scope_from,
+        &config.jwt_payload_metadata_key,
+        |name| header(name).map(str::to_owned),
+        property,
+    );
+    let fingerprint_headers = config
+        .fingerprint_headers
+        .iter()
+        .filter_map(|name| header(name).map(|v| (name.clone(), v.to_owned())))
+        .collect();
+    let json = config.json_canonical && header("content-type").is_some_and(is_json_content_type);
+    let exclude_fields = config
+        .exclude_fields
+        .iter()
+        .chain(policy.exclude_fields.iter())
+        .cloned()
+        .collect();
+    Admission {
+        counters: Vec::new(),
+        decision: Decision::Track(Pending {
+            id: RecordId {
+                service: config.service_name.clone(),
+                scope,
+                key,
+            },
+            method: method.to_owned(),
+            path: path.to_owned(),
+            fingerprint_headers,
+            json,
+            exclude_fields,
+            shadow,
+            in_progress_wait: policy.in_progress_wait,
+        }),
+    }
+}
+
+/// The 413 for a body over `limit` bytes.
+pub fn too_large(limit: usize) -> Problem {
+    Problem::new(
+        ErrorCode::RequestTooLarge,
+        format!("The request body is larger than {limit} bytes, the most this endpoint fingerprints"),
+    )
+    .detail("maxBytes", limit)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(extra: &str) -> Config {
+        Config::parse(format!(r#"{{"service_name":"orders"{extra}}}"#).as_bytes()).unwrap()
+    }
+
+    fn head(method: &str, pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+        let mut headers = vec![
+            (":method".to_owned(), method.to_owned()),
+            (":path".to_owned(), "/api/v1/orders".to_owned()),
+        ];
+        headers.extend(pairs.iter().map(|(n, v)| ((*n).to_owned(), (*v).to_owned())));
+        headers
+    }
+
+    fn decide(config: &Config, headers: &[(String, String)]) -> Admission {
+        admit(config, headers, || None, |_| None)
+    }
+
+    #[test]
+    fn reads_neither_metadata_nor_properties_for_requests_it_does_not_act_on() {
+        let config = config("");
+        let admission = admit(
+            &config,
+            &head("GET", &[("idempotency-key", "k")]),
+            || panic!("no metadata lookup"),
+            |_| panic!("no property lookup"),
+        );
+        assert_eq!(admission, Admission::pass(Vec::new()));
+    }
+
+    #[test]
+    fn a_valid_key_is_tracked_with_its_identity_and_wait() {
+        let config = config(r#","in_progress_wait":"2s","scope_from":["header:x-tenant"]"#);
+        let admission = decide(
+            &config,
+            &head(
+                "POST",
+                &[
+                    ("idempotency-key", "\"k-1\""),
+                    ("x-tenant", "acme"),
+                    ("content-type", "application/json"),
+                ],
+            ),
+        );
+        let Decision::Track(pending) = admission.decision else {
+            panic!("{admission:?}")
+        };
+        assert_eq!(pending.id.key, "k-1");
+        assert_eq!(pending.id.scope, "header:acme");
+        assert!(pending.json && !pending.shadow);
+        assert_eq!(pending.in_progress_wait, Duration::from_secs(2));
+    }
+
+    #[test]
+    fn missing_and_invalid_keys_by_mode() {
+        let required = config(r#","mode":"required""#);
+        let missing = decide(&required, &head("POST", &[]));
+        assert_eq!(missing.counters, vec![Counter::KeyMissing]);
+        assert!(matches!(missing.decision, Decision::Refuse(ref p) if p.code == ErrorCode::KeyRequired));
+
+        let optional = config(r#","mode":"optional""#);
+        assert_eq!(
+            decide(&optional, &head("POST", &[])),
+            Admission::pass(vec![Counter::KeyMissing])
+        );
+        let invalid = decide(&optional, &head("POST", &[("idempotency-key", "bad key!")]));
+        assert!(matches!(invalid.decision, Decision::Refuse(ref p) if p.code == ErrorCode::KeyInvalid));
+
+        let shadow = config(r#","mode":"shadow""#);
+        assert_eq!(
+            decide(&shadow, &head("POST", &[("idempotency-key", "bad key!")])),
+            Admission::pass(vec![Counter::KeyInvalid, Counter::ShadowWouldReject])
+        );
+    }
+
+    #[test]
+    fn a_declared_body_over_the_limit_is_refused_before_any_store_call() {
+        let config = config(r#","max_request_body":10"#);
+        let admission = decide(
+            &config,
+            &head("POST", &[("idempotency-key", "k"), ("content-length", "11")]),
+        );
+        assert!(
+            matches!(admission.decision, Decision::Refuse(ref p) if p.code == ErrorCode::RequestTooLarge)
+        );
+    }
+}
