@@ -149,6 +149,7 @@ mod tests {
             headers: vec![],
             body: vec![b'x'; bytes],
             body_omitted: false,
+            trailers: Vec::new(),
         })
     }
 

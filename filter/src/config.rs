@@ -145,6 +145,8 @@ pub struct Config {
     pub fingerprint_headers: Vec<String>,
     /// Statuses that release the lock instead of being stored.
     pub release_statuses: Vec<StatusMatcher>,
+    /// gRPC statuses that release the lock instead of being stored (`release_grpc_statuses`).
+    pub release_grpc_statuses: Vec<u32>,
     /// Response headers (lower case) never stored or replayed, besides hop-by-hop ones.
     pub replay_header_denylist: BTreeSet<String>,
     /// Per-route rules, first match wins; unmatched requests use `mode`.
@@ -196,6 +198,11 @@ impl Config {
     /// True when a response with this status is stored (otherwise the lock is released).
     pub fn stores_status(&self, status: u16) -> bool {
         !self.release_statuses.iter().any(|m| m.matches(status))
+    }
+
+    /// True when a gRPC response with this `grpc-status` is stored (otherwise released).
+    pub fn stores_grpc_status(&self, status: u32) -> bool {
+        !self.release_grpc_statuses.contains(&status)
     }
 
     /// True when the filter acts on this method.
@@ -255,6 +262,7 @@ struct RawConfig {
     #[serde(default)]
     fingerprint_headers: Vec<String>,
     release_statuses: Option<Vec<String>>,
+    release_grpc_statuses: Option<Vec<String>>,
     replay_header_denylist: Option<Vec<String>>,
     #[serde(default)]
     routes: Vec<RawRouteRule>,
@@ -636,6 +644,22 @@ impl Config {
                 .map(|s| parse_status_matcher(s))
                 .collect::<Result<_, _>>()?,
         };
+        let release_grpc_statuses = match raw.release_grpc_statuses {
+            None => crate::grpc::DEFAULT_RELEASE_STATUSES.to_vec(),
+            Some(list) => list
+                .iter()
+                .map(|s| {
+                    crate::grpc::parse_code(s).ok_or_else(|| {
+                        field_error(
+                            "release_grpc_statuses",
+                            format!(
+                                "{s:?} is not a gRPC status (a name like \"UNAVAILABLE\" or a number 0-16)"
+                            ),
+                        )
+                    })
+                })
+                .collect::<Result<_, _>>()?,
+        };
         let replay_header_denylist = match raw.replay_header_denylist {
             None => DEFAULT_REPLAY_DENYLIST.iter().map(|h| (*h).to_owned()).collect(),
             Some(list) => header_names("replay_header_denylist", list)?
@@ -685,6 +709,7 @@ impl Config {
             store_timeout,
             fingerprint_headers,
             release_statuses,
+            release_grpc_statuses,
             replay_header_denylist,
             routes,
             scope_from,
@@ -857,6 +882,17 @@ mod tests {
             tagged.stat_name("idempotency_hits_total"),
             "idempotency_hits_total.service.orders_v2"
         );
+    }
+
+    #[test]
+    fn release_grpc_statuses_default_to_the_retryable_ones_and_bad_names_are_refused() {
+        let config = parse(r#"{"service_name":"o"}"#).unwrap();
+        assert!(!config.stores_grpc_status(14) && !config.stores_grpc_status(4));
+        assert!(config.stores_grpc_status(0) && config.stores_grpc_status(3) && config.stores_grpc_status(6));
+        let custom = parse(r#"{"service_name":"o","release_grpc_statuses":["UNAVAILABLE","10"]}"#).unwrap();
+        assert_eq!(custom.release_grpc_statuses, vec![14, 10]);
+        let err = parse(r#"{"service_name":"o","release_grpc_statuses":["SOMETIMES"]}"#).unwrap_err();
+        assert!(err.to_string().contains("`release_grpc_statuses`"), "{err}");
     }
 
     #[test]

@@ -60,12 +60,23 @@ pub trait Host {
     fn response_headers(&self) -> Result<Vec<(String, String)>, HostError>;
     /// The buffered response body.
     fn response_body(&self, size: usize) -> Result<Vec<u8>, HostError>;
+    /// All response trailers.
+    fn response_trailers(&self) -> Result<Vec<(String, String)>, HostError>;
     /// Start a call to the store; the reply arrives later under the returned token.
     fn dispatch(&self, callout: &Callout<'_>) -> Result<u32, HostError>;
     /// Read the reply of the callout being delivered.
     fn callout_reply(&self, body_size: usize) -> CalloutReply;
     /// Answer the client directly; the upstream is not called.
     fn send_response(&self, status: u16, headers: &[(String, String)], body: &[u8]) -> Result<(), HostError>;
+    /// Answer a gRPC client directly with a status (trailers-only); the upstream is not called.
+    fn send_grpc_response(
+        &self,
+        status: u32,
+        message: &str,
+        metadata: &[(String, String)],
+    ) -> Result<(), HostError>;
+    /// Make Envoy pick the route again (after request headers changed).
+    fn clear_route_cache(&self) -> Result<(), HostError>;
     /// Continue a paused request.
     fn resume_request(&self) -> Result<(), HostError>;
     /// Continue a paused response.

@@ -15,6 +15,7 @@ pub mod cache;
 pub mod config;
 pub mod fingerprint;
 pub mod flow;
+pub mod grpc;
 pub mod host;
 pub mod key;
 pub mod metadata;

@@ -53,11 +53,36 @@ pub enum Counter {
     ResponseStreamed,
     /// A `complete`/`release`/`outcome-unknown` write was handed to the root context to retry.
     WriteRetried,
+    /// A gRPC response (or refusal) with this `grpc-status` (0..=16).
+    GrpcStatus(u32),
+    /// A gRPC replay was routed to the store's `/v1/replay`.
+    GrpcReplayRouted,
 }
+
+/// Names of the per-status gRPC counters, index = `grpc-status`.
+const GRPC_STATUS_NAMES: [&str; 17] = [
+    "idempotency_grpc_status_ok_total",
+    "idempotency_grpc_status_cancelled_total",
+    "idempotency_grpc_status_unknown_total",
+    "idempotency_grpc_status_invalid_argument_total",
+    "idempotency_grpc_status_deadline_exceeded_total",
+    "idempotency_grpc_status_not_found_total",
+    "idempotency_grpc_status_already_exists_total",
+    "idempotency_grpc_status_permission_denied_total",
+    "idempotency_grpc_status_resource_exhausted_total",
+    "idempotency_grpc_status_failed_precondition_total",
+    "idempotency_grpc_status_aborted_total",
+    "idempotency_grpc_status_out_of_range_total",
+    "idempotency_grpc_status_unimplemented_total",
+    "idempotency_grpc_status_internal_total",
+    "idempotency_grpc_status_unavailable_total",
+    "idempotency_grpc_status_data_loss_total",
+    "idempotency_grpc_status_unauthenticated_total",
+];
 
 impl Counter {
     /// Every counter, for defining them at start-up.
-    pub const ALL: [Counter; 21] = [
+    pub const ALL: [Counter; 39] = [
         Counter::Hit,
         Counter::Miss,
         Counter::ParameterMismatch,
@@ -79,6 +104,24 @@ impl Counter {
         Counter::AbandonReleased,
         Counter::ResponseStreamed,
         Counter::WriteRetried,
+        Counter::GrpcReplayRouted,
+        Counter::GrpcStatus(0),
+        Counter::GrpcStatus(1),
+        Counter::GrpcStatus(2),
+        Counter::GrpcStatus(3),
+        Counter::GrpcStatus(4),
+        Counter::GrpcStatus(5),
+        Counter::GrpcStatus(6),
+        Counter::GrpcStatus(7),
+        Counter::GrpcStatus(8),
+        Counter::GrpcStatus(9),
+        Counter::GrpcStatus(10),
+        Counter::GrpcStatus(11),
+        Counter::GrpcStatus(12),
+        Counter::GrpcStatus(13),
+        Counter::GrpcStatus(14),
+        Counter::GrpcStatus(15),
+        Counter::GrpcStatus(16),
     ];
 
     /// The stat name.
@@ -105,6 +148,12 @@ impl Counter {
             Counter::AbandonReleased => "idempotency_abandoned_acquires_total",
             Counter::ResponseStreamed => "idempotency_responses_streamed_total",
             Counter::WriteRetried => "idempotency_store_writes_retried_total",
+            Counter::GrpcReplayRouted => "idempotency_grpc_replays_routed_total",
+            Counter::GrpcStatus(code) => usize::try_from(code)
+                .ok()
+                .and_then(|i| GRPC_STATUS_NAMES.get(i))
+                .copied()
+                .unwrap_or("idempotency_grpc_status_unknown_total"),
         }
     }
 }

@@ -20,6 +20,12 @@ pub enum Call {
         headers: Vec<(String, String)>,
         body: String,
     },
+    SendGrpc {
+        status: u32,
+        message: String,
+        metadata: Vec<(String, String)>,
+    },
+    ClearRouteCache,
     ResumeRequest,
     ResumeResponse,
 }
@@ -39,6 +45,8 @@ pub struct MockHost {
     pub fail_dispatch: RefCell<bool>,
     pub background_wakes: RefCell<usize>,
     pub properties: RefCell<std::collections::HashMap<Vec<String>, Vec<u8>>>,
+    /// Response trailers the next read returns.
+    pub response_trailers: RefCell<Vec<(String, String)>>,
     /// How far the clock has been moved past its start.
     pub clock_advance: RefCell<Duration>,
     /// Timeout of the last dispatched callout.
@@ -136,6 +144,29 @@ impl Host for MockHost {
 
     fn response_body(&self, size: usize) -> Result<Vec<u8>, HostError> {
         Ok(self.response_body.borrow().iter().take(size).copied().collect())
+    }
+
+    fn response_trailers(&self) -> Result<Vec<(String, String)>, HostError> {
+        Ok(self.response_trailers.borrow().clone())
+    }
+
+    fn send_grpc_response(
+        &self,
+        status: u32,
+        message: &str,
+        metadata: &[(String, String)],
+    ) -> Result<(), HostError> {
+        self.calls.borrow_mut().push(Call::SendGrpc {
+            status,
+            message: message.to_owned(),
+            metadata: metadata.to_vec(),
+        });
+        Ok(())
+    }
+
+    fn clear_route_cache(&self) -> Result<(), HostError> {
+        self.calls.borrow_mut().push(Call::ClearRouteCache);
+        Ok(())
     }
 
     fn dispatch(&self, callout: &Callout<'_>) -> Result<u32, HostError> {

@@ -37,6 +37,9 @@ pub enum UnknownReason {
     ResponseIncomplete,
     /// The proxy could not read the response (a host call failed).
     ProxyFailure,
+    /// A gRPC response outgrew `max_response_size`: it streamed through and cannot be replayed,
+    /// so its record is kept locked rather than stored without its messages.
+    ResponseTooLargeToReplay,
 }
 
 impl UnknownReason {
@@ -49,6 +52,7 @@ impl UnknownReason {
             UnknownReason::LocalReply => "local_reply",
             UnknownReason::ResponseIncomplete => "response_incomplete",
             UnknownReason::ProxyFailure => "proxy_failure",
+            UnknownReason::ResponseTooLargeToReplay => "response_too_large_to_replay",
         }
     }
 }

@@ -120,6 +120,7 @@ mod tests {
             headers: pairs(&[("content-type", "text/plain")]),
             body: Vec::new(),
             body_omitted: true,
+            trailers: Vec::new(),
         };
         let headers = replay_headers(&response, &BTreeSet::new());
         assert!(headers.contains(&(REPLAYED_HEADER.to_owned(), "true".to_owned())));

@@ -218,11 +218,48 @@ impl HttpContext for Stream {
         }
     }
 
+    fn on_http_request_trailers(&mut self, _num_trailers: usize) -> Action {
+        match self.flow.as_mut() {
+            Some(flow) => to_action(flow.on_request_trailers(&self.host)),
+            None => Action::Continue,
+        }
+    }
+
+    fn on_http_response_trailers(&mut self, _num_trailers: usize) -> Action {
+        match self.flow.as_mut() {
+            Some(flow) => to_action(flow.on_response_trailers(&self.host)),
+            None => Action::Continue,
+        }
+    }
+
     fn on_http_response_body(&mut self, body_size: usize, end_of_stream: bool) -> Action {
         match self.flow.as_mut() {
             Some(flow) => to_action(flow.on_response_body(&self.host, body_size, end_of_stream)),
             None => Action::Continue,
         }
+    }
+}
+
+fn grpc_status_code(status: u32) -> proxy_wasm::types::GrpcStatusCode {
+    use proxy_wasm::types::GrpcStatusCode as C;
+    match status {
+        0 => C::Ok,
+        1 => C::Cancelled,
+        3 => C::InvalidArgument,
+        4 => C::DeadlineExceeded,
+        5 => C::NotFound,
+        6 => C::AlreadyExists,
+        7 => C::PermissionDenied,
+        8 => C::ResourceExhausted,
+        9 => C::FailedPrecondition,
+        10 => C::Aborted,
+        11 => C::OutOfRange,
+        12 => C::Unimplemented,
+        13 => C::Internal,
+        14 => C::Unavailable,
+        15 => C::DataLoss,
+        16 => C::Unauthenticated,
+        _ => C::Unknown,
     }
 }
 
@@ -279,6 +316,31 @@ impl Host for WasmHost {
         hostcalls::get_buffer(BufferType::HttpResponseBody, 0, size)
             .map(Option::unwrap_or_default)
             .map_err(host_error("get_response_body"))
+    }
+
+    fn response_trailers(&self) -> Result<Vec<(String, String)>, HostError> {
+        hostcalls::get_map_bytes(MapType::HttpResponseTrailers)
+            .map(string_pairs)
+            .map_err(host_error("get_response_trailers"))
+    }
+
+    fn send_grpc_response(
+        &self,
+        status: u32,
+        message: &str,
+        metadata: &[(String, String)],
+    ) -> Result<(), HostError> {
+        let pairs: Vec<(&str, &[u8])> = metadata.iter().map(|(n, v)| (n.as_str(), v.as_bytes())).collect();
+        let status = grpc_status_code(status);
+        hostcalls::send_grpc_response(status, Some(message), pairs).map_err(host_error("send_grpc_response"))
+    }
+
+    fn clear_route_cache(&self) -> Result<(), HostError> {
+        // Envoy's foreign function; Envoy also clears the route cache itself when a filter
+        // changes request headers, this makes it explicit.
+        hostcalls::call_foreign_function("clear_route_cache", Some(&[]))
+            .map(|_| ())
+            .map_err(host_error("clear_route_cache"))
     }
 
     fn dispatch(&self, callout: &Callout<'_>) -> Result<u32, HostError> {

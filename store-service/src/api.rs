@@ -20,6 +20,7 @@ use crate::error::ApiError;
 use crate::messages;
 use crate::metrics::Metrics;
 use crate::record::Record;
+use crate::replay::ReplayTickets;
 use crate::storage::{Storage, StorageError};
 use crate::wait::Waiters;
 
@@ -48,6 +49,8 @@ pub struct AppState {
     pub token: Option<Arc<str>>,
     /// Acquires waiting for in-progress records.
     pub waiters: Arc<Waiters>,
+    /// Replay tickets for gRPC replays (`/v1/replay`).
+    pub tickets: Arc<ReplayTickets>,
 }
 
 impl AppState {
@@ -56,6 +59,9 @@ impl AppState {
         AppState {
             storage,
             metrics,
+            tickets: Arc::new(ReplayTickets::new(
+                token.as_deref().map(str::as_bytes).unwrap_or_default(),
+            )),
             token,
             waiters: Arc::new(Waiters::new(DEFAULT_MAX_WAITERS, DEFAULT_WAIT_POLL)),
         }
@@ -86,6 +92,8 @@ pub fn app(state: AppState) -> Router {
         .route_layer(middleware::from_fn_with_state(state.clone(), require_token));
     Router::new()
         .merge(v1)
+        // Authenticated by its ticket, not the bearer token: Envoy routes client requests here.
+        .route(paths::REPLAY, post(replay))
         .route("/healthz", get(|| async { "ok" }))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
@@ -185,7 +193,12 @@ async fn acquire(
     m.lock_acquisition_seconds
         .with_label_values(&[service])
         .observe(started.elapsed().as_secs_f64());
-    let response = result?;
+    let mut response = result?;
+    if request.replay_ticket {
+        if let AcquireResponse::Completed { replay_ticket, .. } = &mut response {
+            *replay_ticket = Some(state.tickets.issue(&request.id, now_ms()));
+        }
+    }
     match &response {
         AcquireResponse::Acquired(_) => m.misses.with_label_values(&[service]).inc(),
         AcquireResponse::Completed { .. } => m.hits.with_label_values(&[service]).inc(),
@@ -263,6 +276,46 @@ async fn acquire_or_wait(
         .inc();
     drop(slot);
     answer
+}
+
+/// Serve a completed record's stored response to the holder of a replay ticket (gRPC replays).
+async fn replay(State(state): State<AppState>, headers: axum::http::HeaderMap) -> Response {
+    let ticket = headers
+        .get(idempotency_wire::headers::REPLAY_TICKET)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default();
+    let count = |outcome: &str| {
+        state.metrics.replays_served.with_label_values(&[outcome]).inc();
+    };
+    let id = match state.tickets.verify(ticket, now_ms()) {
+        Ok(id) => id,
+        Err(e) => {
+            count("refused");
+            tracing::warn!(error = %e, "replay refused");
+            return crate::replay::grpc_unavailable(&format!("{e}; retry with the same key"));
+        }
+    };
+    match state.storage.get(&id, now_ms()).await {
+        Ok(Some(record)) => match record.response {
+            Some(stored) if record.state == crate::record::RecordState::Completed => {
+                count("served");
+                crate::replay::stored_response(stored)
+            }
+            _ => {
+                count("not_completed");
+                crate::replay::grpc_unavailable("the record is not completed; retry with the same key")
+            }
+        },
+        Ok(None) => {
+            count("gone");
+            crate::replay::grpc_unavailable("the record expired; retry with the same key")
+        }
+        Err(e) => {
+            count("error");
+            tracing::warn!(error = %e, "replay failed");
+            crate::replay::grpc_unavailable("idempotency storage unavailable; retry with the same key")
+        }
+    }
 }
 
 async fn outcome_unknown(

@@ -72,6 +72,10 @@ pub struct StoreConfig {
     /// wake it at once; this bounds how late it sees another replica's).
     #[arg(long, env = "STORE_WAIT_POLL", value_parser = humantime::parse_duration, default_value = "100ms")]
     pub wait_poll: Duration,
+    /// Key for signing replay tickets (gRPC replays); every replica must use the same one.
+    /// Defaults to one derived from --token.
+    #[arg(long, env = "STORE_REPLAY_SECRET", hide_env_values = true)]
+    pub replay_secret: Option<String>,
     /// Log format.
     #[arg(long, env = "STORE_LOG_FORMAT", value_enum, default_value_t = LogFormat::Json)]
     pub log_format: LogFormat,

@@ -7,6 +7,7 @@ pub mod error;
 pub mod messages;
 pub mod metrics;
 pub mod record;
+pub mod replay;
 pub mod shutdown;
 pub mod storage;
 pub mod wait;

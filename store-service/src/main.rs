@@ -7,6 +7,7 @@ use clap::Parser;
 use idempotency_store::api::{app, AppState};
 use idempotency_store::config::{Backend, LogFormat, StoreConfig};
 use idempotency_store::metrics::Metrics;
+use idempotency_store::replay::ReplayTickets;
 use idempotency_store::shutdown::shutdown_signal;
 use idempotency_store::storage::embedded::EmbeddedStorage;
 use idempotency_store::storage::mongo::MongoStorage;
@@ -74,7 +75,16 @@ async fn main() -> ExitCode {
         metrics.clone(),
         config.sweep_interval,
     ));
+    let replay_secret = match (&config.replay_secret, &config.token) {
+        (Some(secret), _) => secret.clone().into_bytes(),
+        (None, Some(token)) => token.clone().into_bytes(),
+        (None, None) => {
+            tracing::warn!("no --replay-secret and no --token: replay tickets use a per-process key (set --replay-secret when running several replicas)");
+            uuid::Uuid::new_v4().as_bytes().to_vec()
+        }
+    };
     let state = AppState {
+        tickets: Arc::new(ReplayTickets::new(&replay_secret)),
         waiters: Arc::new(Waiters::new(config.max_waiters, config.wait_poll)),
         ..AppState::new(storage.clone(), metrics, config.token.as_deref().map(Arc::from))
     };

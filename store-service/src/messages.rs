@@ -37,6 +37,7 @@ pub fn acquire_request(claim: &ClaimRequest) -> AcquireRequest {
         attempt_id: String::new(),
         deadline_ms: None,
         wait_ms: 0,
+        replay_ticket: false,
     }
 }
 
@@ -70,6 +71,7 @@ pub fn complete_request(done: &MessageDoneRequest) -> CompleteRequest {
             headers: Vec::new(),
             body: Vec::new(),
             body_omitted: false,
+            trailers: Vec::new(),
         },
         retention_ms: done.retention_ms.unwrap_or(0),
     }
@@ -114,6 +116,7 @@ mod tests {
             })
             .response,
             expires_at_ms: None,
+            replay_ticket: None,
         };
         assert_eq!(claim_response(response).unwrap(), ClaimResponse::Duplicate);
     }

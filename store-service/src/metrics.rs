@@ -42,6 +42,8 @@ pub struct Metrics {
     pub acquire_waits: IntCounterVec,
     /// Acquires waiting right now.
     pub acquire_waiters: IntGauge,
+    /// `/v1/replay` answers by outcome (served, refused, gone, not_completed, error).
+    pub replays_served: IntCounterVec,
 }
 
 fn counter(
@@ -100,6 +102,12 @@ impl Metrics {
                 &["service", "outcome"],
             )?,
             acquire_waiters,
+            replays_served: counter(
+                &registry,
+                "idempotency_replays_served_total",
+                "Stored responses served to replay tickets (gRPC replays), by outcome",
+                &["outcome"],
+            )?,
             requests: counter(
                 &registry,
                 "idempotency_store_requests_total",

@@ -21,6 +21,10 @@ pub mod paths {
     pub const OUTCOME_UNKNOWN: &str = "/v1/outcome-unknown";
     /// The proxy gave up on an acquire: release the lock only if that attempt holds it.
     pub const ABANDON: &str = "/v1/abandon";
+    /// Serve a completed record's stored response (status, headers, body, trailers) to the
+    /// holder of a replay ticket: how gRPC replays reach stock gRPC clients (Envoy's local
+    /// replies cannot carry a gRPC message). Authenticated by the ticket, not a bearer token.
+    pub const REPLAY: &str = "/v1/replay";
     /// Record that a phase of a multi-phase operation is done.
     pub const CHECKPOINT: &str = "/v1/checkpoint";
     /// Admin: read or purge one record (`/v1/records?service=&scope=&key=`).
@@ -54,8 +58,11 @@ pub mod headers {
     /// On a takeover: what is known of the earlier attempt (`unknown`: it may have executed;
     /// `released`: it did not execute, or failed in a way the upstream said is safe to retry).
     pub const PREVIOUS_ATTEMPT: &str = "x-idempotency-previous-attempt";
+    /// Replay ticket the filter sets on a gRPC replay it routes to the store (`/v1/replay`);
+    /// the route to the store matches on this header.
+    pub const REPLAY_TICKET: &str = "x-idempotency-replay-ticket";
     /// Every internal header the filter sets.
-    pub const ALL: [&str; 7] = [
+    pub const ALL: [&str; 8] = [
         RECORD_ID,
         FENCING_TOKEN,
         RECOVERY_POINT,
@@ -63,6 +70,7 @@ pub mod headers {
         SCOPE,
         KEY,
         PREVIOUS_ATTEMPT,
+        REPLAY_TICKET,
     ];
 }
 
@@ -106,6 +114,10 @@ pub struct AcquireRequest {
     /// answer `completed`) or be released (then take the lock). 0: answer at once.
     #[serde(default, skip_serializing_if = "is_zero")]
     pub wait_ms: u64,
+    /// Answer a completed record with a replay ticket too (gRPC requests: the replay is served
+    /// by the store through a route, see [`paths::REPLAY`]).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub replay_ticket: bool,
 }
 
 #[allow(clippy::trivially_copy_pass_by_ref)] // serde's skip_serializing_if passes a reference
@@ -126,6 +138,9 @@ pub enum AcquireResponse {
         /// When the record expires (Unix ms); a proxy cache must not keep it longer.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         expires_at_ms: Option<u64>,
+        /// A short-lived ticket for `/v1/replay`, when the acquire asked for one.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        replay_ticket: Option<String>,
     },
     /// Another attempt holds the lock right now.
     InProgress {
@@ -193,6 +208,9 @@ pub struct StoredResponse {
     /// True when the body was larger than `max_response_size` and was not stored.
     #[serde(default)]
     pub body_omitted: bool,
+    /// Trailers (HTTP/2; gRPC's `grpc-status` and trailing metadata), replayed after the body.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub trailers: Vec<(String, String)>,
 }
 
 /// `POST /v1/complete`.
@@ -366,11 +384,13 @@ mod tests {
     fn acquire_outcomes_round_trip_with_an_outcome_tag() {
         let completed = AcquireResponse::Completed {
             expires_at_ms: Some(5),
+            replay_ticket: None,
             response: StoredResponse {
                 status: 201,
                 headers: vec![("content-type".into(), "application/json".into())],
                 body: b"{\"orderId\":\"1\"}".to_vec(),
                 body_omitted: false,
+                trailers: Vec::new(),
             },
         };
         let text = serde_json::to_string(&completed).unwrap();
@@ -408,6 +428,7 @@ mod compatibility {
             attempt_id: String::new(),
             deadline_ms: None,
             wait_ms: 0,
+            replay_ticket: false,
         };
         let text = serde_json::to_string(&request).unwrap();
         assert!(

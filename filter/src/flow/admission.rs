@@ -34,6 +34,8 @@ pub struct Pending {
     pub shadow: bool,
     /// How long the store may hold the acquire while the key is in progress.
     pub in_progress_wait: Duration,
+    /// A gRPC request (`application/grpc*`).
+    pub grpc: bool,
 }
 
 /// What to do with a request.
@@ -179,6 +181,7 @@ pub fn admit(
             exclude_fields,
             shadow,
             in_progress_wait: policy.in_progress_wait,
+            grpc: crate::grpc::is_grpc(header("content-type")),
         }),
     }
 }

@@ -57,6 +57,8 @@ pub struct AcquireParams<'a> {
     /// Host time (since the Unix epoch) after which the proxy no longer waits.
     pub deadline: Duration,
     pub wait: Duration,
+    /// gRPC: ask for a replay ticket, should the record be completed.
+    pub replay_ticket: bool,
 }
 
 /// The acquire body.
@@ -71,6 +73,7 @@ pub fn acquire(id: &RecordId, params: &AcquireParams<'_>) -> Result<Vec<u8>, ser
         attempt_id: params.attempt_id.to_owned(),
         deadline_ms: Some(millis(params.deadline)),
         wait_ms: millis(params.wait),
+        replay_ticket: params.replay_ticket,
     })
 }
 

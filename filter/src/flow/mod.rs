@@ -64,6 +64,8 @@ pub struct Held {
     fingerprint: String,
     /// Host time when the lock expires; holder writes are not retried past it.
     lock_expires_at: Duration,
+    /// A gRPC request: its `grpc-status` decides store vs release.
+    grpc: bool,
 }
 
 /// A completed record to cache once the store acknowledged it.
@@ -94,11 +96,13 @@ enum State {
     },
     /// Forwarded upstream while holding the lock.
     Executing(Held),
-    /// Upstream answered with a status to store; collecting its body.
+    /// Upstream answered with a status to store; collecting its body (and trailers).
     AwaitingResponseBody {
         held: Held,
         status: u16,
         headers: Vec<(String, String)>,
+        /// Bytes buffered so far.
+        body_size: usize,
     },
     /// The response is larger than `max_response_size`: it flows to the client as it arrives,
     /// and is recorded without its body once it has ended.
@@ -113,6 +117,8 @@ enum State {
         write: HolderWrite,
         cache: Option<CacheCandidate>,
     },
+    /// A gRPC replay routed to the store's `/v1/replay`; its answer flows to the client.
+    Replaying,
     /// Shadow tracking: the request flows untouched while the store is consulted on the side.
     Shadow(Rc<RefCell<ShadowJob>>),
     /// We answered the client ourselves, or everything is done.
@@ -126,6 +132,10 @@ pub struct RequestFlow {
     background: Rc<Background>,
     cache: Rc<RefCell<ReplayCache>>,
     state: State,
+    /// A gRPC request: refusals are gRPC statuses, replays go through the store's route.
+    grpc: bool,
+    /// Request body bytes buffered so far (read again when request trailers end the body).
+    request_body_size: usize,
 }
 
 impl RequestFlow {
@@ -140,6 +150,8 @@ impl RequestFlow {
             background,
             cache,
             state: State::PassThrough,
+            grpc: false,
+            request_body_size: 0,
         }
     }
 
@@ -208,6 +220,12 @@ impl RequestFlow {
         match admission.decision {
             Decision::PassThrough => Verdict::Continue,
             Decision::Refuse(problem) => {
+                self.grpc = crate::grpc::is_grpc(
+                    request_headers
+                        .iter()
+                        .find(|(n, _)| n == "content-type")
+                        .map(|(_, v)| v.as_str()),
+                );
                 host.log(
                     Level::Debug,
                     &format!(
@@ -221,8 +239,12 @@ impl RequestFlow {
                 }
                 self.answer(host, &problem)
             }
-            Decision::Track(pending) if end_of_stream => self.acquire(host, pending, &[]),
+            Decision::Track(pending) if end_of_stream => {
+                self.grpc = pending.grpc;
+                self.acquire(host, pending, &[])
+            }
             Decision::Track(pending) => {
+                self.grpc = pending.grpc;
                 self.state = State::AwaitingRequestBody(pending);
                 Verdict::Pause
             }
@@ -234,6 +256,7 @@ impl RequestFlow {
         let State::AwaitingRequestBody(pending) = &self.state else {
             return Verdict::Continue;
         };
+        self.request_body_size = body_size;
         if body_size > self.config.max_request_body {
             if pending.shadow {
                 host.count(Counter::ShadowWouldReject);
@@ -260,6 +283,86 @@ impl RequestFlow {
         }
     }
 
+    /// Request trailers arrived (HTTP/2): they end the request body, so acquire now and hold the
+    /// trailers until the lock is taken (or the request answered).
+    pub fn on_request_trailers(&mut self, host: &dyn Host) -> Verdict {
+        let State::AwaitingRequestBody(pending) = &self.state else {
+            return Verdict::Continue;
+        };
+        let pending = pending.clone();
+        match host.request_body(self.request_body_size) {
+            Ok(body) => self.acquire(host, pending, &body),
+            Err(e) if pending.shadow => {
+                host.log(
+                    Level::Warn,
+                    &format!("idempotency shadow: cannot read request body: {e}"),
+                );
+                self.state = State::PassThrough;
+                Verdict::Continue
+            }
+            Err(e) => self.storage_failure(host, &e.to_string()),
+        }
+    }
+
+    /// Response trailers arrived: the response is complete. For gRPC they carry the final
+    /// status, which decides store vs release; they are recorded with the response and held
+    /// until the store acknowledged.
+    pub fn on_response_trailers(&mut self, host: &dyn Host) -> Verdict {
+        let (held, status, headers, streamed, body_size) = match &self.state {
+            State::AwaitingResponseBody {
+                held,
+                status,
+                headers,
+                body_size,
+            } => (held.clone(), *status, headers.clone(), false, *body_size),
+            State::Streaming {
+                held,
+                status,
+                headers,
+            } => (held.clone(), *status, headers.clone(), true, 0),
+            State::Recording { .. } => return Verdict::Pause,
+            _ => return Verdict::Continue,
+        };
+        let trailers = match host.response_trailers() {
+            Ok(trailers) => storable_headers(trailers, &self.config.replay_header_denylist),
+            Err(e) => {
+                host.log(
+                    Level::Warn,
+                    &format!("idempotency: cannot read response trailers: {e}"),
+                );
+                return self.outcome_unknown(host, &held, UnknownReason::ProxyFailure);
+            }
+        };
+        if held.grpc {
+            let Some(grpc_status) = crate::grpc::status_of(&trailers) else {
+                // A gRPC response must end with a status; without one nothing is known.
+                return self.outcome_unknown(host, &held, UnknownReason::ResponseIncomplete);
+            };
+            host.count(Counter::GrpcStatus(grpc_status));
+            if !self.config.stores_grpc_status(grpc_status) {
+                return self.release(host, &held);
+            }
+            if streamed {
+                // Its messages were not kept, and a gRPC client cannot use a body-less replay.
+                return self.outcome_unknown(host, &held, UnknownReason::ResponseTooLargeToReplay);
+            }
+        }
+        if streamed {
+            host.count(Counter::ResponseStreamed);
+            return self.complete_with_trailers(host, &held, status, headers, Vec::new(), true, trailers);
+        }
+        match host.response_body(body_size) {
+            Ok(body) => self.complete_with_trailers(host, &held, status, headers, body, false, trailers),
+            Err(e) => {
+                host.log(
+                    Level::Warn,
+                    &format!("idempotency: cannot read response body: {e}"),
+                );
+                self.outcome_unknown(host, &held, UnknownReason::ProxyFailure)
+            }
+        }
+    }
+
     /// Response headers arrived from upstream (or from Envoy itself: a local reply).
     pub fn on_response_headers(&mut self, host: &dyn Host, end_of_stream: bool) -> Verdict {
         if let State::Shadow(job) = &self.state {
@@ -268,6 +371,9 @@ impl RequestFlow {
                 .on_response_headers(host, &self.config, end_of_stream);
             self.in_background(host, call);
             return Verdict::Continue;
+        }
+        if let State::Replaying = &self.state {
+            return self.on_replay_headers(host);
         }
         let State::Executing(held) = &self.state else {
             return Verdict::Continue;
@@ -308,6 +414,31 @@ impl RequestFlow {
                 self.outcome_unknown(host, &held, reason)
             }
             ResponseOutcome::Release => self.release(host, &held),
+            ResponseOutcome::Store if held.grpc => {
+                let stored_headers =
+                    storable_headers(response_headers.clone(), &self.config.replay_header_denylist);
+                match crate::grpc::status_of(&response_headers) {
+                    // Trailers-only: the headers carry the final status.
+                    Some(grpc_status) => {
+                        host.count(Counter::GrpcStatus(grpc_status));
+                        if self.config.stores_grpc_status(grpc_status) {
+                            self.complete(host, &held, status, stored_headers, Vec::new(), false)
+                        } else {
+                            self.release(host, &held)
+                        }
+                    }
+                    None => {
+                        // Messages and then trailers with the status: hold it all.
+                        self.state = State::AwaitingResponseBody {
+                            held,
+                            status,
+                            headers: stored_headers,
+                            body_size: 0,
+                        };
+                        Verdict::Pause
+                    }
+                }
+            }
             ResponseOutcome::Store => {
                 let too_big = header("content-length")
                     .and_then(|v| v.trim().parse::<usize>().ok())
@@ -324,10 +455,27 @@ impl RequestFlow {
                     held,
                     status,
                     headers: stored_headers,
+                    body_size: 0,
                 };
                 Verdict::Pause
             }
         }
+    }
+
+    /// The store's answer to a routed gRPC replay: pass it on (it carries `Idempotent-Replayed`).
+    fn on_replay_headers(&mut self, host: &dyn Host) -> Verdict {
+        let from_store = host
+            .response_headers()
+            .map(|h| h.iter().any(|(n, _)| n == crate::replay::REPLAYED_HEADER))
+            .unwrap_or(false);
+        if !from_store {
+            host.log(
+                Level::Error,
+                "idempotency: a gRPC replay was not answered by the store: the route for x-idempotency-replay-ticket is missing (see README)",
+            );
+        }
+        self.state = State::Finished;
+        Verdict::Continue
     }
 
     /// Response body data arrived (`body_size`: everything buffered so far while paused, or this
@@ -338,13 +486,24 @@ impl RequestFlow {
                 held,
                 status,
                 headers,
+                ..
             } => {
                 let (held, status, headers) = (held.clone(), *status, headers.clone());
                 if body_size > self.config.max_response_size {
                     return self.stream_through(host, held, status, headers, end_of_stream);
                 }
                 if !end_of_stream {
+                    self.state = State::AwaitingResponseBody {
+                        held,
+                        status,
+                        headers,
+                        body_size,
+                    };
                     return Verdict::Pause;
+                }
+                if held.grpc {
+                    // The body ended without trailers: no final gRPC status was sent.
+                    return self.outcome_unknown(host, &held, UnknownReason::ResponseIncomplete);
                 }
                 match host.response_body(body_size) {
                     Ok(body) => self.complete(host, &held, status, headers, body, false),
@@ -365,6 +524,9 @@ impl RequestFlow {
                 // Write-ahead still holds for the end of the response: its last chunk waits
                 // until the store has recorded the (body-less) result.
                 let (held, status, headers) = (held.clone(), *status, headers.clone());
+                if held.grpc {
+                    return self.outcome_unknown(host, &held, UnknownReason::ResponseIncomplete);
+                }
                 host.count(Counter::ResponseStreamed);
                 self.complete(host, &held, status, headers, Vec::new(), true)
             }
@@ -513,6 +675,7 @@ impl RequestFlow {
                     lock,
                     fingerprint,
                     lock_expires_at: host.now().saturating_add(self.config.lock_timeout),
+                    grpc: self.grpc,
                 };
                 if let Err(e) = set_internal_headers(host, &held) {
                     // We hold the lock but cannot tell the upstream; the request never left.
@@ -542,8 +705,13 @@ impl RequestFlow {
                 Verdict::Continue
             }
             Ok(AcquireResponse::Completed {
+                replay_ticket: Some(ticket),
+                ..
+            }) if self.grpc => self.route_replay_to_store(host, &pending, &ticket),
+            Ok(AcquireResponse::Completed {
                 response,
                 expires_at_ms,
+                ..
             }) => {
                 host.count(Counter::Hit);
                 host.log(
@@ -627,6 +795,32 @@ impl RequestFlow {
         }
     }
 
+    /// A completed gRPC call: Envoy's local replies cannot carry its message, so the request is
+    /// routed to the store's `/v1/replay` (by the `x-idempotency-replay-ticket` route), which
+    /// answers with the stored headers, messages and trailers. The ticket is short-lived, bound
+    /// to this record, and the only credential the store accepts there: no store token travels.
+    fn route_replay_to_store(&mut self, host: &dyn Host, pending: &Pending, ticket: &str) -> Verdict {
+        host.count(Counter::Hit);
+        host.count(Counter::GrpcReplayRouted);
+        host.log(
+            Level::Debug,
+            &format!(
+                "idempotency: key {} replayed through the store (gRPC)",
+                key_hash(&pending.id.key)
+            ),
+        );
+        let routed = host
+            .set_request_header(headers::REPLAY_TICKET, Some(ticket))
+            .and_then(|()| host.set_request_header(":path", Some(paths::REPLAY)))
+            .and_then(|()| host.set_request_header(":authority", Some(&self.config.store_authority)))
+            .and_then(|()| host.clear_route_cache());
+        if let Err(e) = routed {
+            return self.storage_failure(host, &format!("cannot route the gRPC replay: {e}"));
+        }
+        self.state = State::Replaying;
+        Verdict::Continue
+    }
+
     /// Answer from the proxy-local cache of completed records: replay, or 422 when the key was
     /// completed with other parameters. No callout, no upstream.
     fn answer_from_cache(
@@ -667,6 +861,17 @@ impl RequestFlow {
     /// Answer the client with an error; the upstream is never called.
     fn answer(&mut self, host: &dyn Host, problem: &Problem) -> Verdict {
         self.state = State::Finished;
+        if self.grpc {
+            let refusal = crate::grpc::refusal(problem);
+            host.count(Counter::GrpcStatus(refusal.status));
+            if let Err(e) = host.send_grpc_response(refusal.status, &refusal.message, &refusal.metadata) {
+                host.log(
+                    Level::Warn,
+                    &format!("idempotency: cannot send {}: {e}", problem.code.code()),
+                );
+            }
+            return Verdict::Pause;
+        }
         if let Err(e) = host.send_response(problem.status(), &problem.headers(), &problem.body()) {
             host.log(
                 Level::Warn,
@@ -721,7 +926,7 @@ impl RequestFlow {
             &pending.fingerprint_headers,
             &body,
         );
-        if !pending.shadow {
+        if !pending.shadow && !pending.grpc {
             let cached = self
                 .cache
                 .borrow_mut()
@@ -758,6 +963,7 @@ impl RequestFlow {
                 attempt_id: &attempt_id,
                 deadline,
                 wait,
+                replay_ticket: pending.grpc,
             },
         )
         .map_err(|e| format!("cannot encode acquire: {e}"));
@@ -813,12 +1019,28 @@ impl RequestFlow {
         body: Vec<u8>,
         body_omitted: bool,
     ) -> Verdict {
+        self.complete_with_trailers(host, held, status, headers, body, body_omitted, Vec::new())
+    }
+
+    /// [`Self::complete`] for a response that ended with trailers.
+    #[allow(clippy::too_many_arguments)] // one record's parts
+    fn complete_with_trailers(
+        &mut self,
+        host: &dyn Host,
+        held: &Held,
+        status: u16,
+        headers: Vec<(String, String)>,
+        body: Vec<u8>,
+        body_omitted: bool,
+        trailers: Vec<(String, String)>,
+    ) -> Verdict {
         host.count(Counter::ResponseRecorded);
         let response = StoredResponse {
             status,
             headers,
             body,
             body_omitted,
+            trailers,
         };
         let cache = CacheCandidate {
             id: held.id.clone(),
@@ -873,6 +1095,7 @@ impl RequestFlow {
             headers,
             body: Vec::new(),
             body_omitted: true,
+            trailers: Vec::new(),
         };
         match calls::complete(held, response, self.config.retention_period) {
             Ok(write) => self.in_background(host, Some(write.in_background())),

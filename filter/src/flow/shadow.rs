@@ -91,6 +91,7 @@ impl ShadowJob {
                     lock,
                     fingerprint: String::new(),
                     lock_expires_at: host.now().saturating_add(config.lock_timeout),
+                    grpc: false,
                 });
                 (Counter::ShadowExecuted, "executes (no earlier attempt)")
             }
@@ -174,6 +175,7 @@ impl ShadowJob {
                             headers: captured.headers.clone(),
                             body: captured.body.clone(),
                             body_omitted: captured.body_omitted,
+                            trailers: Vec::new(),
                         },
                         retention_ms: self.retention_ms,
                     };

@@ -449,8 +449,10 @@ fn completed_record_is_replayed_with_marker_and_no_upstream() {
             headers: vec![("content-type".into(), "application/json".into())],
             body: br#"{"orderId":"1"}"#.to_vec(),
             body_omitted: false,
+            trailers: Vec::new(),
         },
         expires_at_ms: None,
+        replay_ticket: None,
     };
     flow.on_callout_reply(&host, token, reply(200, &stored));
     let (status, headers, body) = host.sent_response().unwrap();
@@ -829,8 +831,10 @@ fn shadow_counts_what_enforcement_would_have_done() {
                     headers: vec![],
                     body: vec![],
                     body_omitted: false,
+                    trailers: Vec::new(),
                 },
                 expires_at_ms: None,
+                replay_ticket: None,
             },
             Counter::ShadowWouldReplay,
         ),
@@ -981,8 +985,10 @@ fn a_cached_replay_never_outlives_its_record() {
             headers: vec![],
             body: b"{}".to_vec(),
             body_omitted: false,
+            trailers: Vec::new(),
         },
         expires_at_ms: Some(now_ms + 30_000),
+        replay_ticket: None,
     };
     first.on_callout_reply(&host, token, reply(200, &stored));
 
@@ -1004,4 +1010,207 @@ fn a_cached_replay_never_outlives_its_record() {
         1,
         "the expired record is not replayed from memory"
     );
+}
+
+fn grpc_call(key: &str) -> MockHost {
+    MockHost::with_request(
+        "POST",
+        "/demo.Orders/Create",
+        &[
+            ("idempotency-key", key),
+            ("content-type", "application/grpc"),
+            ("te", "trailers"),
+        ],
+        b"\0\0\0\0\x02\x0a\x00",
+    )
+}
+
+/// A gRPC call forwarded with the lock held; returns the flow and host.
+fn forwarded_grpc_call() -> (RequestFlow, Rc<Background>, Rc<Config>, MockHost) {
+    let (mut flow, background, config) = flow_with_background("");
+    let host = grpc_call("g1");
+    let token = start_keyed_post(&mut flow, &host);
+    let (_, acquire, _) = host.dispatches().remove(0);
+    assert_eq!(
+        acquire["replay_ticket"], true,
+        "gRPC acquires ask for a replay ticket"
+    );
+    flow.on_callout_reply(&host, token, reply(200, &acquired(2, None)));
+    host.set_property(&["response", "code_details"], b"via_upstream");
+    (flow, background, config, host)
+}
+
+#[test]
+fn a_grpc_success_is_recorded_with_its_messages_and_trailers_before_the_trailers_pass() {
+    let (mut flow, _background, _config, host) = forwarded_grpc_call();
+    host.set_response(
+        200,
+        &[("content-type", "application/grpc")],
+        b"\0\0\0\0\x03\x0a\x01x",
+    );
+    assert_eq!(flow.on_response_headers(&host, false), Verdict::Pause);
+    assert_eq!(flow.on_response_body(&host, 8, false), Verdict::Pause);
+    *host.response_trailers.borrow_mut() =
+        vec![("grpc-status".into(), "0".into()), ("x-meta".into(), "m".into())];
+    assert_eq!(
+        flow.on_response_trailers(&host),
+        Verdict::Pause,
+        "trailers wait for the record"
+    );
+    let (path, complete, token) = host.dispatches().pop().unwrap();
+    assert_eq!(path, "/v1/complete");
+    assert_eq!(
+        complete["response"]["trailers"],
+        serde_json::json!([["grpc-status", "0"], ["x-meta", "m"]])
+    );
+    assert_eq!(complete["response"]["body"], "AAAAAAMKAXg=");
+    flow.on_callout_reply(
+        &host,
+        token,
+        CalloutReply {
+            status: Some(200),
+            body: b"{}".to_vec(),
+        },
+    );
+    assert_eq!(host.calls().last(), Some(&Call::ResumeResponse));
+    assert_eq!(host.counted(Counter::GrpcStatus(0)), 1);
+}
+
+#[test]
+fn grpc_unavailable_releases_whatever_the_framing() {
+    // Trailers-only (status in the headers).
+    let (mut flow, _b, _c, host) = forwarded_grpc_call();
+    host.set_response(
+        200,
+        &[("content-type", "application/grpc"), ("grpc-status", "14")],
+        b"",
+    );
+    assert_eq!(flow.on_response_headers(&host, true), Verdict::Pause);
+    assert_eq!(host.dispatches().pop().unwrap().0, "/v1/release");
+    // In the trailers, after messages.
+    let (mut flow, _b, _c, host) = forwarded_grpc_call();
+    host.set_response(200, &[("content-type", "application/grpc")], b"");
+    assert_eq!(flow.on_response_headers(&host, false), Verdict::Pause);
+    *host.response_trailers.borrow_mut() = vec![("grpc-status".into(), "14".into())];
+    assert_eq!(flow.on_response_trailers(&host), Verdict::Pause);
+    assert_eq!(host.dispatches().pop().unwrap().0, "/v1/release");
+}
+
+#[test]
+fn deterministic_grpc_errors_are_stored_whatever_the_framing() {
+    let (mut flow, _b, _c, host) = forwarded_grpc_call();
+    host.set_response(
+        200,
+        &[
+            ("content-type", "application/grpc"),
+            ("grpc-status", "3"),
+            ("grpc-message", "bad sku"),
+        ],
+        b"",
+    );
+    assert_eq!(flow.on_response_headers(&host, true), Verdict::Pause);
+    let (path, complete, _) = host.dispatches().pop().unwrap();
+    assert_eq!(path, "/v1/complete");
+    assert!(complete["response"]["headers"].to_string().contains("bad sku"));
+    let (mut flow, _b, _c, host) = forwarded_grpc_call();
+    host.set_response(200, &[("content-type", "application/grpc")], b"");
+    flow.on_response_headers(&host, false);
+    *host.response_trailers.borrow_mut() = vec![("grpc-status".into(), "3".into())];
+    flow.on_response_trailers(&host);
+    assert_eq!(host.dispatches().pop().unwrap().0, "/v1/complete");
+}
+
+#[test]
+fn a_grpc_body_ending_without_a_status_keeps_the_lock() {
+    let (mut flow, background, config, host) = forwarded_grpc_call();
+    host.set_response(200, &[("content-type", "application/grpc")], b"");
+    flow.on_response_headers(&host, false);
+    assert_eq!(flow.on_response_body(&host, 0, true), Verdict::Continue);
+    background.drain(&host, &config);
+    assert_eq!(host.dispatches().pop().unwrap().0, "/v1/outcome-unknown");
+}
+
+#[test]
+fn grpc_refusals_are_grpc_statuses() {
+    let mut flow = flow("");
+    let host = grpc_call("g1");
+    let token = start_keyed_post(&mut flow, &host);
+    let busy = AcquireResponse::InProgress {
+        lock_remaining_ms: 1_500,
+        outcome_unknown: false,
+    };
+    flow.on_callout_reply(&host, token, reply(200, &busy));
+    let sent = host.calls().into_iter().find_map(|c| match c {
+        Call::SendGrpc {
+            status,
+            message,
+            metadata,
+        } => Some((status, message, metadata)),
+        _ => None,
+    });
+    let (status, message, metadata) = sent.expect("a gRPC status, not an HTTP error body");
+    assert_eq!(status, crate::grpc::code::ABORTED);
+    assert!(message.contains("IDEMPOTENCY_CONCURRENT_REQUEST"), "{message}");
+    assert!(
+        metadata.contains(&("grpc-retry-pushback-ms".into(), "2000".into())),
+        "{metadata:?}"
+    );
+    assert!(host.sent_response().is_none());
+
+    let mut required = make_flow(r#","mode":"required""#);
+    let keyless = MockHost::with_request(
+        "POST",
+        "/demo.Orders/Create",
+        &[("content-type", "application/grpc")],
+        b"",
+    );
+    assert_eq!(required.on_request_headers(&keyless, false), Verdict::Pause);
+    assert!(keyless
+        .calls()
+        .iter()
+        .any(|c| matches!(c, Call::SendGrpc { status: 3, .. })));
+}
+
+#[test]
+fn a_completed_grpc_call_is_routed_to_the_stores_replay_with_its_ticket() {
+    let mut flow = flow("");
+    let host = grpc_call("g1");
+    let token = start_keyed_post(&mut flow, &host);
+    let done = AcquireResponse::Completed {
+        response: StoredResponse {
+            status: 200,
+            headers: vec![("content-type".into(), "application/grpc".into())],
+            body: vec![],
+            body_omitted: false,
+            trailers: vec![("grpc-status".into(), "0".into())],
+        },
+        expires_at_ms: None,
+        replay_ticket: Some("ticket-1".into()),
+    };
+    flow.on_callout_reply(&host, token, reply(200, &done));
+    let calls = host.calls();
+    assert!(calls.contains(&Call::SetRequestHeader(
+        "x-idempotency-replay-ticket".into(),
+        Some("ticket-1".into())
+    )));
+    assert!(calls.contains(&Call::SetRequestHeader(":path".into(), Some("/v1/replay".into()))));
+    assert!(calls.contains(&Call::ClearRouteCache));
+    assert_eq!(
+        calls.last(),
+        Some(&Call::ResumeRequest),
+        "forwarded, to the store"
+    );
+    assert!(host.sent_response().is_none());
+    assert_eq!(host.counted(Counter::GrpcReplayRouted), 1);
+}
+
+#[test]
+fn request_trailers_end_the_body_and_the_acquire_holds_them() {
+    let mut flow = flow("");
+    let host = grpc_call("g1");
+    assert_eq!(flow.on_request_headers(&host, false), Verdict::Pause);
+    assert_eq!(flow.on_request_body(&host, 7, false), Verdict::Pause);
+    assert!(host.dispatches().is_empty());
+    assert_eq!(flow.on_request_trailers(&host), Verdict::Pause);
+    assert_eq!(host.dispatches().len(), 1, "acquired at the trailers");
 }

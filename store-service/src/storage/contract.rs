@@ -16,6 +16,7 @@ pub fn acquire_request(key: &str, lock_timeout_ms: u64) -> AcquireRequest {
         attempt_id: String::new(),
         deadline_ms: None,
         wait_ms: 0,
+        replay_ticket: false,
     }
 }
 
@@ -39,6 +40,11 @@ pub fn complete_request(key: &str, lock: &Lock) -> CompleteRequest {
             headers: vec![("content-type".into(), "application/json".into())],
             body: br#"{"orderId":"1"}"#.to_vec(),
             body_omitted: false,
+            // Trailers round-trip on every backend (gRPC status and trailing metadata).
+            trailers: vec![
+                ("grpc-status".into(), "0".into()),
+                ("x-trace".into(), "t1".into()),
+            ],
         },
         retention_ms: 60_000,
     }
@@ -138,6 +144,7 @@ macro_rules! storage_contract_tests {
                     AcquireResponse::Completed {
                         response,
                         expires_at_ms,
+                        ..
                     } => {
                         assert_eq!(expires_at_ms, Some(1_500 + 60_000));
                         assert_eq!(response, complete_request("k2", &lock).response);

@@ -69,6 +69,8 @@ struct ResponseDoc {
     headers: Vec<(String, String)>,
     body: Binary,
     body_omitted: bool,
+    #[serde(default)]
+    trailers: Vec<(String, String)>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -122,6 +124,7 @@ impl From<&StoredResponse> for ResponseDoc {
                 bytes: r.body.clone(),
             },
             body_omitted: r.body_omitted,
+            trailers: r.trailers.clone(),
         }
     }
 }
@@ -174,6 +177,7 @@ impl TryFrom<RecordDoc> for Record {
                     headers: r.headers,
                     body: r.body.bytes,
                     body_omitted: r.body_omitted,
+                    trailers: r.trailers,
                 })
             })
             .transpose()?;
