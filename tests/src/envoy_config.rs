@@ -119,6 +119,10 @@ pub fn bootstrap_with(ports: &Ports, plugin: &Value, skip_keyless: bool) -> Stri
                         "route_config": {"name": "local", "virtual_hosts": [{
                             "name": "orders", "domains": ["*"],
                             "routes": [
+                                // gRPC replays go to the store (the filter sets the ticket).
+                                {"match": {"prefix": "/", "headers": [{"name": "x-idempotency-replay-ticket",
+                                    "present_match": true}]},
+                                 "route": {"cluster": "idempotency_store", "timeout": "5s"}},
                                 // Tests pick a 300 ms route timeout with `x-e2e-route: short-timeout`.
                                 {"match": {"prefix": "/", "headers": [{"name": "x-e2e-route",
                                     "string_match": {"exact": "short-timeout"}}]},

@@ -20,6 +20,7 @@ use std::time::{Duration, Instant};
 use serde_json::{json, Value};
 
 pub mod envoy_config;
+pub mod grpc;
 
 /// Token shared by the store and the filter in tests.
 pub const STORE_TOKEN: &str = "e2e-token";
@@ -696,7 +697,7 @@ pub async fn switchable_delay_proxy(
 }
 
 /// When a test fails, keep its processes' logs and print where they are.
-fn keep_logs_if_panicking(dir: &tempfile::TempDir) {
+pub(crate) fn keep_logs_if_panicking(dir: &tempfile::TempDir) {
     if std::thread::panicking() {
         let kept = std::env::temp_dir().join(format!("e2e-logs-{}", uuid::Uuid::new_v4()));
         if copy_dir(dir.path(), &kept).is_ok() {

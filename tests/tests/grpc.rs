@@ -1,0 +1,292 @@
+//! gRPC through Envoy with h2c on both sides, a stock tonic server and a stock tonic client:
+//! successes recorded and replayed (message, status, metadata), retryable statuses released in
+//! either framing, deterministic ones replayed, refusals as gRPC statuses, request trailers,
+//! server streams, and keyless calls untouched.
+
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::indexing_slicing
+)]
+
+use std::time::Duration;
+
+use e2e::grpc::pb::{CreateRequest, EventsRequest};
+use e2e::grpc::{keyed, GrpcStack};
+use e2e::metric_sum;
+use serde_json::json;
+use tonic::Code;
+
+fn create(sku: &str) -> CreateRequest {
+    CreateRequest {
+        sku: sku.into(),
+        ..CreateRequest::default()
+    }
+}
+
+#[tokio::test]
+async fn a_success_is_recorded_and_a_retry_gets_the_same_message_without_executing() {
+    let stack = GrpcStack::start(json!({})).await;
+    let mut client = stack.client().await;
+    let first = client.create(keyed("g-ok", create("A"))).await.unwrap();
+    assert_eq!(first.metadata().get("x-order-meta").unwrap(), "m1");
+    let first = first.into_inner();
+    let again = client.create(keyed("g-ok", create("A"))).await.unwrap();
+    assert_eq!(again.metadata().get("idempotent-replayed").unwrap(), "true");
+    assert_eq!(
+        again.metadata().get("x-order-meta").unwrap(),
+        "m1",
+        "metadata replayed"
+    );
+    assert_eq!(again.into_inner(), first, "the same message");
+    assert_eq!(stack.executions_of("g-ok"), 1);
+
+    let stats = stack.envoy_metrics().await;
+    assert_eq!(
+        metric_sum(&stats, "idempotency_responses_recorded_total"),
+        1.0,
+        "recorded, not released"
+    );
+    assert_eq!(metric_sum(&stats, "idempotency_locks_released_total"), 0.0);
+    assert_eq!(metric_sum(&stats, "idempotency_grpc_status_ok_total"), 1.0);
+    assert!(
+        !stack.envoy_log().contains("outcome unknown"),
+        "no warning per call"
+    );
+}
+
+#[tokio::test]
+async fn unavailable_releases_the_lock_in_either_framing_and_the_retry_recovers() {
+    let stack = GrpcStack::start(json!({})).await;
+    let mut client = stack.client().await;
+    // Trailers-only (the usual way a server fails).
+    let failing = CreateRequest {
+        sku: "A".into(),
+        fail_code: Code::Unavailable as i32,
+        fail_once: true,
+        ..CreateRequest::default()
+    };
+    let first = client
+        .create(keyed("g-unavail", failing.clone()))
+        .await
+        .unwrap_err();
+    assert_eq!(first.code(), Code::Unavailable);
+    let retry = client.create(keyed("g-unavail", failing)).await.unwrap();
+    assert_eq!(
+        retry.into_inner().execution,
+        2,
+        "the retry ran: UNAVAILABLE was not stored"
+    );
+    // In the trailers, after a message (a server stream that fails).
+    let stream_failing = EventsRequest {
+        count: 1,
+        padding_bytes: 0,
+        fail_code: Code::Unavailable as i32,
+    };
+    let mut events = client
+        .events(keyed("g-unavail-stream", stream_failing))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(events.message().await.unwrap().is_some());
+    assert_eq!(events.message().await.unwrap_err().code(), Code::Unavailable);
+    let mut again = client
+        .events(keyed("g-unavail-stream", stream_failing))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(again.message().await.unwrap().is_some());
+    assert_eq!(
+        stack.executions_of("g-unavail-stream"),
+        2,
+        "released, so it ran again"
+    );
+}
+
+#[tokio::test]
+async fn deterministic_errors_are_replayed_in_either_framing() {
+    let stack = GrpcStack::start(json!({})).await;
+    let mut client = stack.client().await;
+    let invalid = CreateRequest {
+        sku: "A".into(),
+        fail_code: Code::InvalidArgument as i32,
+        ..CreateRequest::default()
+    };
+    let first = client
+        .create(keyed("g-invalid", invalid.clone()))
+        .await
+        .unwrap_err();
+    let again = client.create(keyed("g-invalid", invalid)).await.unwrap_err();
+    assert_eq!(
+        (first.code(), again.code()),
+        (Code::InvalidArgument, Code::InvalidArgument)
+    );
+    assert_eq!(again.message(), first.message());
+    assert_eq!(stack.executions_of("g-invalid"), 1, "replayed, not executed");
+
+    let events = EventsRequest {
+        count: 2,
+        padding_bytes: 0,
+        fail_code: Code::InvalidArgument as i32,
+    };
+    let read = |mut stream: tonic::Streaming<e2e::grpc::pb::Event>| async move {
+        let mut seen = Vec::new();
+        loop {
+            match stream.message().await {
+                Ok(Some(event)) => seen.push(event),
+                Ok(None) => return (seen, Code::Ok),
+                Err(status) => return (seen, status.code()),
+            }
+        }
+    };
+    let first = read(
+        client
+            .events(keyed("g-invalid-stream", events))
+            .await
+            .unwrap()
+            .into_inner(),
+    )
+    .await;
+    let again = read(
+        client
+            .events(keyed("g-invalid-stream", events))
+            .await
+            .unwrap()
+            .into_inner(),
+    )
+    .await;
+    assert_eq!(first.1, Code::InvalidArgument);
+    assert_eq!(again, first, "the same messages and status");
+    assert_eq!(stack.executions_of("g-invalid-stream"), 1);
+}
+
+#[tokio::test]
+async fn a_concurrent_call_with_the_same_key_is_aborted_with_pushback_and_runs_once() {
+    let stack = GrpcStack::start(json!({})).await;
+    let request = CreateRequest {
+        sku: "A".into(),
+        delay_ms: 1_000,
+        ..CreateRequest::default()
+    };
+    let mut slow = stack.client().await;
+    let first = tokio::spawn({
+        let request = request.clone();
+        async move { slow.create(keyed("g-busy", request)).await }
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let mut client = stack.client().await;
+    let busy = client.create(keyed("g-busy", request)).await.unwrap_err();
+    assert_eq!(busy.code(), Code::Aborted);
+    assert!(
+        busy.message().contains("IDEMPOTENCY_CONCURRENT_REQUEST"),
+        "{}",
+        busy.message()
+    );
+    assert!(
+        busy.metadata().get("grpc-retry-pushback-ms").is_some(),
+        "{:?}",
+        busy.metadata()
+    );
+    assert!(first.await.unwrap().is_ok());
+    assert_eq!(stack.executions_of("g-busy"), 1);
+}
+
+#[tokio::test]
+async fn refusals_map_to_grpc_statuses() {
+    let mut stack = GrpcStack::start(json!({"max_request_body": 64})).await;
+    let mut client = stack.client().await;
+    // 422 → FAILED_PRECONDITION
+    client.create(keyed("g-map", create("A"))).await.unwrap();
+    let mismatch = client.create(keyed("g-map", create("B"))).await.unwrap_err();
+    assert_eq!(mismatch.code(), Code::FailedPrecondition);
+    assert!(mismatch.message().contains("IDEMPOTENCY_PARAMETER_MISMATCH"));
+    // 400 → INVALID_ARGUMENT
+    let invalid = client.create(keyed("bad.key", create("A"))).await.unwrap_err();
+    assert_eq!(invalid.code(), Code::InvalidArgument);
+    assert!(invalid.message().contains("IDEMPOTENCY_KEY_INVALID"));
+    // 413 → RESOURCE_EXHAUSTED
+    let large = client
+        .create(keyed("g-large", create(&"x".repeat(200))))
+        .await
+        .unwrap_err();
+    assert_eq!(large.code(), Code::ResourceExhausted);
+    assert_eq!(stack.executions_of("g-large"), 0);
+    // 503 → UNAVAILABLE
+    stack.kill_store();
+    let down = client.create(keyed("g-down", create("A"))).await.unwrap_err();
+    assert_eq!(down.code(), Code::Unavailable);
+    assert!(down.message().contains("IDEMPOTENCY_STORAGE_UNAVAILABLE"));
+    assert_eq!(stack.executions_of("g-down"), 0);
+}
+
+#[tokio::test]
+async fn a_server_stream_is_recorded_whole_and_replayed() {
+    let stack = GrpcStack::start(json!({})).await;
+    let mut client = stack.client().await;
+    let request = EventsRequest {
+        count: 3,
+        padding_bytes: 10,
+        fail_code: 0,
+    };
+    let collect = |mut stream: tonic::Streaming<e2e::grpc::pb::Event>| async move {
+        let mut seen = Vec::new();
+        while let Some(event) = stream.message().await.unwrap() {
+            seen.push(event);
+        }
+        seen
+    };
+    let first = collect(
+        client
+            .events(keyed("g-stream", request))
+            .await
+            .unwrap()
+            .into_inner(),
+    )
+    .await;
+    let again = client.events(keyed("g-stream", request)).await.unwrap();
+    assert_eq!(again.metadata().get("idempotent-replayed").unwrap(), "true");
+    let again = collect(again.into_inner()).await;
+    assert_eq!(first.len(), 3);
+    assert_eq!(again, first);
+    assert_eq!(stack.executions_of("g-stream"), 1);
+}
+
+#[tokio::test]
+async fn a_stream_over_the_limit_reaches_the_client_whole_and_keeps_its_lock() {
+    let stack = GrpcStack::start(json!({"max_response_size": 65536})).await;
+    let mut client = stack.client().await;
+    let request = EventsRequest {
+        count: 20,
+        padding_bytes: 10_000,
+        fail_code: 0,
+    };
+    let mut stream = client
+        .events(keyed("g-big", request))
+        .await
+        .unwrap()
+        .into_inner();
+    let mut count = 0;
+    while let Some(event) = stream.message().await.unwrap() {
+        assert_eq!(event.padding.len(), 10_000);
+        count += 1;
+    }
+    assert_eq!(count, 20, "whole, with its OK status");
+    // Not replayable without its messages, never a body-less OK: the lock is kept.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let retry = client.events(keyed("g-big", request)).await.unwrap_err();
+    assert_eq!(retry.code(), Code::Aborted);
+    assert_eq!(stack.executions_of("g-big"), 1);
+}
+
+#[tokio::test]
+async fn keyless_calls_pass_untouched() {
+    let stack = GrpcStack::start(json!({})).await;
+    let mut client = stack.client().await;
+    for _ in 0..2 {
+        client.create(tonic::Request::new(create("A"))).await.unwrap();
+    }
+    assert_eq!(stack.executions_of(""), 2);
+    let stats = stack.envoy_metrics().await;
+    assert_eq!(metric_sum(&stats, "idempotency_misses_total"), 0.0);
+}
