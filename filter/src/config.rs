@@ -92,6 +92,10 @@ pub struct RouteRule {
     pub exclude_fields: Vec<String>,
     /// `in_progress_wait` on this route, overriding the plugin-wide value.
     pub in_progress_wait: Option<Duration>,
+    /// Track the client- and bidi-streaming gRPC methods (`streaming_methods`) this rule matches
+    /// (the request is buffered whole first: only for client-streaming methods whose client
+    /// closes its side before expecting answers).
+    pub track_streaming: bool,
 }
 
 /// Where the record scope (caller isolation) comes from; the first source present wins.
@@ -147,6 +151,9 @@ pub struct Config {
     pub release_statuses: Vec<StatusMatcher>,
     /// gRPC statuses that release the lock instead of being stored (`release_grpc_statuses`).
     pub release_grpc_statuses: Vec<u32>,
+    /// Paths (`/package.Service/Method`) of client- and bidi-streaming gRPC methods: passed
+    /// through untracked (counted) unless a route rule sets `track_streaming`.
+    pub streaming_methods: BTreeSet<String>,
     /// Response headers (lower case) never stored or replayed, besides hop-by-hop ones.
     pub replay_header_denylist: BTreeSet<String>,
     /// Per-route rules, first match wins; unmatched requests use `mode`.
@@ -263,6 +270,8 @@ struct RawConfig {
     fingerprint_headers: Vec<String>,
     release_statuses: Option<Vec<String>>,
     release_grpc_statuses: Option<Vec<String>>,
+    #[serde(default)]
+    streaming_methods: Vec<String>,
     replay_header_denylist: Option<Vec<String>>,
     #[serde(default)]
     routes: Vec<RawRouteRule>,
@@ -304,6 +313,8 @@ struct RawRouteRule {
     #[serde(default)]
     exclude_fields: Vec<String>,
     in_progress_wait: Option<String>,
+    #[serde(default)]
+    track_streaming: bool,
 }
 
 fn default_true() -> bool {
@@ -471,6 +482,7 @@ fn parse_route(index: usize, raw: RawRouteRule) -> Result<RouteRule, ConfigError
         percentage,
         exclude_fields: json_pointers("routes", raw.exclude_fields)?,
         in_progress_wait,
+        track_streaming: raw.track_streaming,
     })
 }
 
@@ -710,6 +722,20 @@ impl Config {
             fingerprint_headers,
             release_statuses,
             release_grpc_statuses,
+            streaming_methods: raw
+                .streaming_methods
+                .into_iter()
+                .map(|path| {
+                    if path.starts_with('/') && path.matches('/').count() == 2 {
+                        Ok(path)
+                    } else {
+                        Err(field_error(
+                            "streaming_methods",
+                            format!("{path:?} is not a gRPC method path like \"/package.Service/Method\""),
+                        ))
+                    }
+                })
+                .collect::<Result<_, _>>()?,
             replay_header_denylist,
             routes,
             scope_from,

@@ -57,6 +57,8 @@ pub enum Counter {
     GrpcStatus(u32),
     /// A gRPC replay was routed to the store's `/v1/replay`.
     GrpcReplayRouted,
+    /// A keyed client- or bidi-streaming gRPC call passed through untracked.
+    GrpcStreamingUntracked,
 }
 
 /// Names of the per-status gRPC counters, index = `grpc-status`.
@@ -82,7 +84,7 @@ const GRPC_STATUS_NAMES: [&str; 17] = [
 
 impl Counter {
     /// Every counter, for defining them at start-up.
-    pub const ALL: [Counter; 39] = [
+    pub const ALL: [Counter; 40] = [
         Counter::Hit,
         Counter::Miss,
         Counter::ParameterMismatch,
@@ -105,6 +107,7 @@ impl Counter {
         Counter::ResponseStreamed,
         Counter::WriteRetried,
         Counter::GrpcReplayRouted,
+        Counter::GrpcStreamingUntracked,
         Counter::GrpcStatus(0),
         Counter::GrpcStatus(1),
         Counter::GrpcStatus(2),
@@ -149,6 +152,7 @@ impl Counter {
             Counter::ResponseStreamed => "idempotency_responses_streamed_total",
             Counter::WriteRetried => "idempotency_store_writes_retried_total",
             Counter::GrpcReplayRouted => "idempotency_grpc_replays_routed_total",
+            Counter::GrpcStreamingUntracked => "idempotency_grpc_streaming_untracked_total",
             Counter::GrpcStatus(code) => usize::try_from(code)
                 .ok()
                 .and_then(|i| GRPC_STATUS_NAMES.get(i))

@@ -19,6 +19,8 @@ pub struct RoutePolicy<'a> {
     pub exclude_fields: &'a [String],
     /// How long a retry of an in-progress key may wait for the first attempt.
     pub in_progress_wait: std::time::Duration,
+    /// The matching rule opts client- and bidi-streaming gRPC methods in.
+    pub track_streaming: bool,
 }
 
 /// The policy for `method` and `path` (query string ignored), or `None` when the filter does not
@@ -44,6 +46,7 @@ pub fn route_policy<'a>(
             rule: &rule.name,
             exclude_fields: &rule.exclude_fields,
             in_progress_wait: rule.in_progress_wait.unwrap_or(config.in_progress_wait),
+            track_streaming: rule.track_streaming,
         },
         None if config.acts_on_method(method) => RoutePolicy {
             mode: config.mode,
@@ -51,6 +54,7 @@ pub fn route_policy<'a>(
             rule: "default",
             exclude_fields: &[],
             in_progress_wait: config.in_progress_wait,
+            track_streaming: false,
         },
         None => return None,
     };

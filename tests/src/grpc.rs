@@ -19,7 +19,7 @@ pub mod pb {
 }
 
 use pb::orders_server::{Orders, OrdersServer};
-use pb::{CreateReply, CreateRequest, Event, EventsRequest};
+use pb::{ChatMessage, CreateReply, CreateRequest, Event, EventsRequest};
 
 /// Executions per idempotency key, shared with the test.
 pub type Executions = Arc<Mutex<HashMap<String, u64>>>;
@@ -48,6 +48,8 @@ impl OrdersService {
         *n
     }
 }
+
+type ChatStream = std::pin::Pin<Box<dyn tokio_stream::Stream<Item = Result<ChatMessage, Status>> + Send>>;
 
 type EventStream = std::pin::Pin<Box<dyn tokio_stream::Stream<Item = Result<Event, Status>> + Send>>;
 
@@ -99,6 +101,28 @@ impl Orders for OrdersService {
             )));
         }
         Ok(Response::new(Box::pin(tokio_stream::iter(items))))
+    }
+
+    type ChatStream = ChatStream;
+
+    async fn chat(
+        &self,
+        request: Request<tonic::Streaming<ChatMessage>>,
+    ) -> Result<Response<ChatStream>, Status> {
+        let key = key_of(&request);
+        self.count(&key);
+        let mut incoming = request.into_inner();
+        // Echo each message as it arrives (the answer to one comes before the next is sent).
+        let (tx, rx) = tokio::sync::mpsc::channel(4);
+        tokio::spawn(async move {
+            while let Ok(Some(message)) = incoming.message().await {
+                if tx.send(Ok(message)).await.is_err() {
+                    break;
+                }
+            }
+        });
+        let echoes: ChatStream = Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx));
+        Ok(Response::new(echoes))
     }
 }
 

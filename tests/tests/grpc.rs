@@ -261,11 +261,7 @@ async fn a_stream_over_the_limit_reaches_the_client_whole_and_keeps_its_lock() {
         padding_bytes: 10_000,
         fail_code: 0,
     };
-    let mut stream = client
-        .events(keyed("g-big", request))
-        .await
-        .unwrap()
-        .into_inner();
+    let mut stream = client.events(keyed("g-big", request)).await.unwrap().into_inner();
     let mut count = 0;
     while let Some(event) = stream.message().await.unwrap() {
         assert_eq!(event.padding.len(), 10_000);
@@ -288,5 +284,96 @@ async fn keyless_calls_pass_untouched() {
     }
     assert_eq!(stack.executions_of(""), 2);
     let stats = stack.envoy_metrics().await;
+    assert_eq!(metric_sum(&stats, "idempotency_misses_total"), 0.0);
+}
+
+/// One gRPC call over raw HTTP/2 whose request ends with trailers; returns (headers, trailers).
+async fn call_with_request_trailers(url: &str, key: &str) -> (http::HeaderMap, http::HeaderMap) {
+    use bytes::Bytes;
+    use http_body_util::BodyExt;
+    use hyper::body::Frame;
+    use prost::Message;
+
+    let message = create("A").encode_to_vec();
+    let mut framed = vec![0u8];
+    framed.extend((message.len() as u32).to_be_bytes());
+    framed.extend(message);
+    let mut trailers = http::HeaderMap::new();
+    trailers.insert("x-client-trailer", "t".parse().unwrap());
+    let frames: Vec<Result<Frame<Bytes>, std::convert::Infallible>> = vec![
+        Ok(Frame::data(Bytes::from(framed))),
+        Ok(Frame::trailers(trailers)),
+    ];
+    let body = http_body_util::StreamBody::new(futures::stream::iter(frames));
+    let request = http::Request::post(format!("{url}/demo.Orders/Create"))
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .header("idempotency-key", key)
+        .body(body)
+        .unwrap();
+    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .http2_only(true)
+        .build_http();
+    let response = client.request(request).await.unwrap();
+    let headers = response.headers().clone();
+    let collected = response.into_body().collect().await.unwrap();
+    let trailers = collected.trailers().cloned().unwrap_or_default();
+    (headers, trailers)
+}
+
+#[tokio::test]
+async fn an_http2_request_with_trailers_is_enforced() {
+    let stack = GrpcStack::start(json!({})).await;
+    let (headers, trailers) = call_with_request_trailers(&stack.url, "g-req-trailers").await;
+    assert_eq!(
+        trailers.get("grpc-status").map(|v| v.to_str().unwrap()),
+        Some("0"),
+        "{headers:?}"
+    );
+    assert_eq!(stack.executions_of("g-req-trailers"), 1);
+    let (replayed, trailers) = call_with_request_trailers(&stack.url, "g-req-trailers").await;
+    assert_eq!(
+        replayed.get("idempotent-replayed").unwrap(),
+        "true",
+        "acquired, recorded, replayed"
+    );
+    assert_eq!(
+        trailers.get("grpc-status").map(|v| v.to_str().unwrap()),
+        Some("0")
+    );
+    assert_eq!(stack.executions_of("g-req-trailers"), 1);
+}
+
+#[tokio::test]
+async fn a_keyed_bidi_stream_listed_in_streaming_methods_flows_untracked() {
+    let stack = GrpcStack::start(json!({"streaming_methods": ["/demo.Orders/Chat"]})).await;
+    let mut client = stack.client().await;
+    for _ in 0..2 {
+        let (tx, rx) = tokio::sync::mpsc::channel(4);
+        let outgoing = tokio_stream::wrappers::ReceiverStream::new(rx);
+        tx.send(e2e::grpc::pb::ChatMessage { text: "hello".into() })
+            .await
+            .unwrap();
+        let mut answers =
+            tokio::time::timeout(Duration::from_secs(5), client.chat(keyed("g-chat", outgoing)))
+                .await
+                .expect("not held back waiting for the request to end")
+                .unwrap()
+                .into_inner();
+        // The answer arrives while the client's side is still open: nothing buffers the call.
+        let echo = tokio::time::timeout(Duration::from_secs(5), answers.message())
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(echo.unwrap().text, "hello");
+        drop(tx);
+        while answers.message().await.unwrap().is_some() {}
+    }
+    assert_eq!(stack.executions_of("g-chat"), 2, "untracked: each call runs");
+    let stats = stack.envoy_metrics().await;
+    assert_eq!(
+        metric_sum(&stats, "idempotency_grpc_streaming_untracked_total"),
+        2.0
+    );
     assert_eq!(metric_sum(&stats, "idempotency_misses_total"), 0.0);
 }

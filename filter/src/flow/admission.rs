@@ -99,6 +99,11 @@ pub fn admit(
     let Some(policy) = route_policy(config, method, path, overrides.as_ref()) else {
         return Admission::pass(Vec::new());
     };
+    let grpc = crate::grpc::is_grpc(header("content-type"));
+    if grpc && !policy.track_streaming && config.streaming_methods.contains(path) {
+        // Buffering a bidi stream's request would deadlock it: untracked unless opted in.
+        return Admission::pass(vec![Counter::GrpcStreamingUntracked]);
+    }
 
     let mut keys = headers
         .iter()
@@ -181,7 +186,7 @@ pub fn admit(
             exclude_fields,
             shadow,
             in_progress_wait: policy.in_progress_wait,
-            grpc: crate::grpc::is_grpc(header("content-type")),
+            grpc,
         }),
     }
 }
@@ -271,6 +276,34 @@ mod tests {
             decide(&shadow, &head("POST", &[("idempotency-key", "bad key!")])),
             Admission::pass(vec![Counter::KeyInvalid, Counter::ShadowWouldReject])
         );
+    }
+
+    #[test]
+    fn streaming_grpc_methods_pass_untracked_unless_a_rule_opts_in() {
+        let grpc_head = |path: &str| {
+            vec![
+                (":method".to_owned(), "POST".to_owned()),
+                (":path".to_owned(), path.to_owned()),
+                ("content-type".to_owned(), "application/grpc".to_owned()),
+                ("idempotency-key".to_owned(), "k".to_owned()),
+            ]
+        };
+        let listed = config(r#","streaming_methods":["/demo.Orders/Chat"]"#);
+        assert_eq!(
+            decide(&listed, &grpc_head("/demo.Orders/Chat")),
+            Admission::pass(vec![Counter::GrpcStreamingUntracked])
+        );
+        assert!(matches!(
+            decide(&listed, &grpc_head("/demo.Orders/Create")).decision,
+            Decision::Track(_)
+        ));
+        let opted_in = config(
+            r#","streaming_methods":["/demo.Orders/Upload"],"routes":[{"path_exact":"/demo.Orders/Upload","mode":"optional","track_streaming":true}]"#,
+        );
+        assert!(matches!(
+            decide(&opted_in, &grpc_head("/demo.Orders/Upload")).decision,
+            Decision::Track(_)
+        ));
     }
 
     #[test]
