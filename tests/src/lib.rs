@@ -850,13 +850,28 @@ pub async fn ready_store(dir: &Path) -> (Proc, String) {
 /// and the plugin's `store_token`/`store_cluster` for `store_token`/`store_cluster`. Also returns
 /// the plugin configuration as shipped.
 pub fn istio_envoyfilter_filters(store_token: &str, store_cluster: Option<&str>) -> (Vec<Value>, Value) {
-    let text = std::fs::read_to_string(repo_root().join("envoy/istio/envoyfilter.yaml")).unwrap();
+    istio_envoyfilter_parts("envoy/istio/envoyfilter.yaml", store_token, store_cluster).0
+}
+
+/// The HTTP filters (as [`istio_envoyfilter_filters`]) and the routes an Istio `EnvoyFilter`
+/// file patches in: `((filters, shipped plugin configuration), routes)`.
+pub fn istio_envoyfilter_parts(
+    file: &str,
+    store_token: &str,
+    store_cluster: Option<&str>,
+) -> ((Vec<Value>, Value), Vec<Value>) {
+    let text = std::fs::read_to_string(repo_root().join(file)).unwrap();
     let doc: serde_yaml::Value = serde_yaml::from_str(&text).unwrap();
     let patches = doc["spec"]["configPatches"].as_sequence().unwrap();
-    let mut filters: Vec<Value> = patches
-        .iter()
-        .map(|p| serde_json::to_value(&p["patch"]["value"]).unwrap())
-        .collect();
+    let of = |kind: &str| -> Vec<Value> {
+        patches
+            .iter()
+            .filter(|p| p["applyTo"].as_str() == Some(kind))
+            .map(|p| serde_json::to_value(&p["patch"]["value"]).unwrap())
+            .collect()
+    };
+    let routes = of("HTTP_ROUTE");
+    let mut filters = of("HTTP_FILTER");
     let wasm = filters.iter_mut().find(|v| v["name"] == "idempotency").unwrap();
     let config = &mut wasm["typed_config"]["extension_config"]["typed_config"]["config"];
     config["vm_config"]["code"] = json!({"local": {"filename": wasm_path().display().to_string()}});
@@ -869,5 +884,5 @@ pub fn istio_envoyfilter_filters(store_token: &str, store_cluster: Option<&str>)
     config["configuration"]["value"] = json!(plugin.to_string());
     filters.push(json!({"name": "envoy.filters.http.router", "typed_config": {
         "@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"}}));
-    (filters, shipped)
+    ((filters, shipped), routes)
 }

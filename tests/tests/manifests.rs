@@ -221,3 +221,51 @@ fn every_shipped_header_strip_removes_every_internal_header() {
         }
     }
 }
+
+#[test]
+fn istio_envoyfilter_for_grpc_adds_the_replay_route_first_and_envoy_accepts_it() {
+    let ((filters, shipped), routes) =
+        e2e::istio_envoyfilter_parts("envoy/istio/envoyfilter-grpc.yaml", "token", None);
+    let config = Config::parse(shipped.to_string().as_bytes()).unwrap();
+    assert!(!config.streaming_methods.is_empty());
+    assert_eq!(routes.len(), 1);
+    assert_eq!(
+        routes[0]["match"]["headers"][0]["name"],
+        idempotency_wire::headers::REPLAY_TICKET
+    );
+    let store_cluster = routes[0]["route"]["cluster"].as_str().unwrap().to_owned();
+    assert_eq!(
+        store_cluster, config.store_cluster,
+        "the replay goes to the store the filter calls"
+    );
+    let cluster = |name: &str| {
+        serde_json::json!({"name": name, "type": "STATIC", "connect_timeout": "1s",
+            "load_assignment": {"cluster_name": name, "endpoints": [{"lb_endpoints": [{"endpoint": {"address":
+                {"socket_address": {"address": "127.0.0.1", "port_value": 1}}}}]}]}})
+    };
+    let mut all_routes = routes.clone();
+    all_routes.push(serde_json::json!({"match": {"prefix": "/"}, "route": {"cluster": "app"}}));
+    let bootstrap = serde_json::json!({"static_resources": {
+        "listeners": [{"name": "inbound", "address": {"socket_address": {"address": "127.0.0.1", "port_value": 1}},
+            "filter_chains": [{"filters": [{"name": "envoy.filters.network.http_connection_manager", "typed_config": {
+                "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
+                "stat_prefix": "inbound",
+                "route_config": {"virtual_hosts": [{"name": "inbound|http|50051", "domains": ["*"], "routes": all_routes}]},
+                "http_filters": filters}}]}]}],
+        "clusters": [cluster("app"), cluster(&store_cluster)]}});
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("envoyfilter-grpc-bootstrap.json");
+    std::fs::write(&path, bootstrap.to_string()).unwrap();
+    let output = Command::new(envoy_bin())
+        .arg("--mode")
+        .arg("validate")
+        .arg("-c")
+        .arg(&path)
+        .output()
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+}
