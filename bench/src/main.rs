@@ -498,6 +498,59 @@ async fn main() {
     });
     drop(waiting_envoy);
 
+    // gRPC: a replayed unary call (routed through the store's /v1/replay) against the same call
+    // executed through pass-through Envoy, with a stock tonic client and server.
+    let grpc_port = e2e::grpc::start_server(e2e::grpc::OrdersService::default()).await;
+    let (grpc_plain_ports, grpc_filter_ports) = (
+        Ports {
+            listener: free_port(),
+            admin: free_port(),
+            upstream: demo_port,
+            stores: vec![store_port],
+        },
+        Ports {
+            listener: free_port(),
+            admin: free_port(),
+            upstream: demo_port,
+            stores: vec![store_port],
+        },
+    );
+    let mut grpc_plain = pinned_envoy(
+        dir.path(),
+        &e2e::grpc::grpc_passthrough_bootstrap(&grpc_plain_ports, grpc_port),
+        "envoy-grpc-passthrough",
+    );
+    let mut grpc_filtered = pinned_envoy(
+        dir.path(),
+        &e2e::grpc::grpc_bootstrap(
+            &grpc_filter_ports,
+            grpc_port,
+            &plugin_config(&json!({"lock_timeout": "5m"})),
+        ),
+        "envoy-grpc-filter",
+    );
+    for (ports, envoy) in [
+        (&grpc_plain_ports, &mut grpc_plain),
+        (&grpc_filter_ports, &mut grpc_filtered),
+    ] {
+        wait_ready(
+            &format!("http://127.0.0.1:{}/ready", ports.admin),
+            envoy,
+            Duration::from_secs(60),
+        )
+        .await;
+    }
+    let grpc_pass = grpc_load(grpc_plain_ports.listener, connections, duration, false).await;
+    let grpc_replay = grpc_load(grpc_filter_ports.listener, connections, duration, true).await;
+    let grpc = json!({
+        "passthrough_unary": {"rps": grpc_pass.rps(), "p50_us": grpc_pass.p50_us(), "p99_us": grpc_pass.p99_us(), "errors": grpc_pass.errors},
+        "replay_unary": {"rps": grpc_replay.rps(), "p50_us": grpc_replay.p50_us(), "p99_us": grpc_replay.p99_us(),
+                         "errors": grpc_replay.errors, "not_replayed": grpc_replay.unexpected},
+        "ratio": grpc_replay.rps() / grpc_pass.rps().max(1.0),
+    });
+    drop(grpc_plain);
+    drop(grpc_filtered);
+
     let envoy_rss = json!({
         "passthrough_kib": plain.pid().map(rss_kib),
         "with_filter_kib": filtered.pid().map(rss_kib),
@@ -537,6 +590,7 @@ async fn main() {
         "store_rss_kib_at_live_records": {"records": filled, "rss_kib": store_rss},
         "wasm_bytes": wasm_bytes,
         "in_flight_retries": in_flight_retries,
+        "grpc": grpc,
     });
     print_table(&summary);
     let out = e2e::repo_root().join("target/bench");
@@ -547,6 +601,72 @@ async fn main() {
     )
     .unwrap();
     eprintln!("\nwritten to target/bench/results.json");
+}
+
+/// Closed-loop unary gRPC calls through Envoy on `port`: `replay` sends one seeded key per
+/// connection (every call after the first is a replay), otherwise keyless calls that execute.
+async fn grpc_load(port: u16, connections: usize, duration: Duration, replay: bool) -> Stats {
+    use e2e::grpc::pb::{orders_client::OrdersClient, CreateRequest};
+    let url = format!("http://127.0.0.1:{port}");
+    let started = Instant::now();
+    let deadline = started + duration;
+    let tasks: Vec<_> = (0..connections)
+        .map(|c| {
+            let url = url.clone();
+            tokio::spawn(async move {
+                let mut client = OrdersClient::connect(url).await.unwrap();
+                let mut latency = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).unwrap();
+                let (mut requests, mut errors, mut unexpected) = (0u64, 0u64, 0u64);
+                let key = format!("grpc-replay-{}-{c}", std::process::id());
+                let message = CreateRequest {
+                    sku: "BENCH".into(),
+                    ..CreateRequest::default()
+                };
+                let call = |client: &mut OrdersClient<tonic::transport::Channel>| {
+                    let request = if replay {
+                        e2e::grpc::keyed(&key, message.clone())
+                    } else {
+                        tonic::Request::new(message.clone())
+                    };
+                    let mut client = client.clone();
+                    async move { client.create(request).await }
+                };
+                if replay {
+                    let _ = call(&mut client).await; // seed the record
+                }
+                while Instant::now() < deadline {
+                    let sent = Instant::now();
+                    match call(&mut client).await {
+                        Ok(response) => {
+                            latency.record(sent.elapsed().as_micros().max(1) as u64).unwrap();
+                            requests += 1;
+                            if replay && response.metadata().get("idempotent-replayed").is_none() {
+                                unexpected += 1;
+                            }
+                        }
+                        Err(_) => errors += 1,
+                    }
+                }
+                (latency, requests, errors, unexpected)
+            })
+        })
+        .collect();
+    let mut stats = Stats {
+        requests: 0,
+        errors: 0,
+        unexpected: 0,
+        seconds: 0.0,
+        latency: Histogram::new_with_bounds(1, 60_000_000, 3).unwrap(),
+    };
+    for task in tasks {
+        let (latency, requests, errors, unexpected) = task.await.unwrap();
+        stats.latency.add(latency).unwrap();
+        stats.requests += requests;
+        stats.errors += errors;
+        stats.unexpected += unexpected;
+    }
+    stats.seconds = started.elapsed().as_secs_f64();
+    stats
 }
 
 /// One keyed POST with the upstream taking `delay_ms`; returns (status, replayed, milliseconds).
@@ -789,6 +909,13 @@ fn print_table(summary: &Value) {
         waits["executes_rps_alone"].as_f64().unwrap_or(0.0),
         waits["executes_rps_beside_64_waiters"].as_f64().unwrap_or(0.0),
         waits["ratio"].as_f64().unwrap_or(0.0)
+    );
+    let grpc = &summary["grpc"];
+    println!(
+        "gRPC unary: pass-through {:.0}/s (p50 {} µs); replay via the store route {:.0}/s (p50 {} µs, p99 {} µs), ratio {:.2}; not replayed: {}",
+        grpc["passthrough_unary"]["rps"].as_f64().unwrap_or(0.0), grpc["passthrough_unary"]["p50_us"],
+        grpc["replay_unary"]["rps"].as_f64().unwrap_or(0.0), grpc["replay_unary"]["p50_us"],
+        grpc["replay_unary"]["p99_us"], grpc["ratio"].as_f64().unwrap_or(0.0), grpc["replay_unary"]["not_replayed"]
     );
     println!("Machine: {}", summary["machine"]);
 }

@@ -150,7 +150,18 @@ pub async fn start_server(service: OrdersService) -> u16 {
 /// replay route (matched by `x-idempotency-replay-ticket`) to the store, `/demo.Orders/` to the
 /// gRPC service over HTTP/2.
 pub fn grpc_bootstrap(ports: &Ports, grpc_port: u16, plugin: &Value) -> String {
-    let mut config: Value = serde_json::from_str(&bootstrap(ports, plugin)).unwrap();
+    with_grpc_service(&bootstrap(ports, plugin), grpc_port)
+}
+
+/// Pass-through Envoy (router only) with the gRPC route and cluster: the baseline of the gRPC
+/// benchmark.
+pub fn grpc_passthrough_bootstrap(ports: &Ports, grpc_port: u16) -> String {
+    with_grpc_service(&crate::envoy_config::passthrough_bootstrap(ports), grpc_port)
+}
+
+/// Add the `/demo.Orders/` route (first) and the HTTP/2 `grpc` cluster to a bootstrap.
+fn with_grpc_service(base: &str, grpc_port: u16) -> String {
+    let mut config: Value = serde_json::from_str(base).unwrap();
     let routes = config
         .pointer_mut(
             "/static_resources/listeners/0/filter_chains/0/filters/0/typed_config/route_config/virtual_hosts/0/routes",
