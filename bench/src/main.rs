@@ -103,6 +103,14 @@ async fn load(
             })
         })
         .collect();
+    gather(tasks, started).await
+}
+
+/// What one connection of a closed loop measured.
+type ConnectionStats = (Histogram<u64>, u64, u64, u64);
+
+/// Sum the connections' figures into one [`Stats`].
+async fn gather(tasks: Vec<tokio::task::JoinHandle<ConnectionStats>>, started: Instant) -> Stats {
     let mut stats = Stats {
         requests: 0,
         errors: 0,
@@ -651,22 +659,7 @@ async fn grpc_load(port: u16, connections: usize, duration: Duration, replay: bo
             })
         })
         .collect();
-    let mut stats = Stats {
-        requests: 0,
-        errors: 0,
-        unexpected: 0,
-        seconds: 0.0,
-        latency: Histogram::new_with_bounds(1, 60_000_000, 3).unwrap(),
-    };
-    for task in tasks {
-        let (latency, requests, errors, unexpected) = task.await.unwrap();
-        stats.latency.add(latency).unwrap();
-        stats.requests += requests;
-        stats.errors += errors;
-        stats.unexpected += unexpected;
-    }
-    stats.seconds = started.elapsed().as_secs_f64();
-    stats
+    gather(tasks, started).await
 }
 
 /// One keyed POST with the upstream taking `delay_ms`; returns (status, replayed, milliseconds).

@@ -85,6 +85,19 @@ pub struct Record {
     pub expires_ms: u64,
 }
 
+/// A record identity as one string, length-prefixed so no service/scope/key can collide with
+/// another (storage keys, per-key wake-ups).
+pub fn identity_key(id: &RecordId) -> String {
+    format!(
+        "{}:{}|{}:{}|{}",
+        id.service.len(),
+        id.service,
+        id.scope.len(),
+        id.scope,
+        id.key
+    )
+}
+
 impl Record {
     /// Last finished phase, passed upstream as the recovery point.
     pub fn recovery_point(&self) -> Option<String> {
@@ -220,16 +233,38 @@ pub fn decide_acquire(
     }
 }
 
-/// Check that (`record_id`, `token`) names the current holder and the record is still in
-/// progress. The record id makes tokens unique per record incarnation: after a purge or expiry
-/// the identity gets a new record id, so an abandoned attempt's token can never match it.
+/// A write that only the lock's holder may make: it names the record and proves the holding.
+pub trait HolderWrite {
+    /// (identity, record id, fencing token) as presented.
+    fn holder(&self) -> (&RecordId, &str, u64);
+}
+
+macro_rules! holder_write {
+    ($($request:ty),*) => {$(
+        impl HolderWrite for $request {
+            fn holder(&self) -> (&RecordId, &str, u64) {
+                (&self.id, &self.record_id, self.fencing_token)
+            }
+        }
+    )*};
+}
+
+holder_write!(
+    CompleteRequest,
+    ReleaseRequest,
+    OutcomeUnknownRequest,
+    CheckpointRequest
+);
+
+/// Check that the request's (`record_id`, `token`) names the current holder and the record is
+/// still in progress. The record id makes tokens unique per record incarnation: after a purge or
+/// expiry the identity gets a new record id, so an abandoned attempt's token can never match it.
 fn check_holder(
     record: Option<Record>,
-    id: &RecordId,
-    record_id: &str,
-    token: u64,
+    request: &impl HolderWrite,
     now_ms: u64,
 ) -> Result<Record, StorageError> {
+    let (id, record_id, token) = request.holder();
     let record = record
         .filter(|r| !r.is_expired(now_ms))
         .ok_or_else(|| StorageError::NotFound(id.clone()))?;
@@ -251,13 +286,7 @@ pub fn apply_complete(
     request: &CompleteRequest,
     now_ms: u64,
 ) -> Result<Record, StorageError> {
-    let mut record = check_holder(
-        record,
-        &request.id,
-        &request.record_id,
-        request.fencing_token,
-        now_ms,
-    )?;
+    let mut record = check_holder(record, request, now_ms)?;
     record.state = RecordState::Completed;
     record.locked_until_ms = 0;
     record.outcome_unknown = None;
@@ -285,13 +314,7 @@ pub fn apply_release(
     request: &ReleaseRequest,
     now_ms: u64,
 ) -> Result<Record, StorageError> {
-    let mut record = check_holder(
-        record,
-        &request.id,
-        &request.record_id,
-        request.fencing_token,
-        now_ms,
-    )?;
+    let mut record = check_holder(record, request, now_ms)?;
     record.locked_until_ms = 0;
     Ok(record)
 }
@@ -303,13 +326,7 @@ pub fn apply_outcome_unknown(
     request: &OutcomeUnknownRequest,
     now_ms: u64,
 ) -> Result<Record, StorageError> {
-    let mut record = check_holder(
-        record,
-        &request.id,
-        &request.record_id,
-        request.fencing_token,
-        now_ms,
-    )?;
+    let mut record = check_holder(record, request, now_ms)?;
     record.outcome_unknown = Some(OutcomeUnknown {
         reason: request.reason.clone(),
         at_ms: now_ms,
@@ -338,13 +355,7 @@ pub fn apply_checkpoint(
     request: &CheckpointRequest,
     now_ms: u64,
 ) -> Result<Record, StorageError> {
-    let mut record = check_holder(
-        record,
-        &request.id,
-        &request.record_id,
-        request.fencing_token,
-        now_ms,
-    )?;
+    let mut record = check_holder(record, request, now_ms)?;
     record.checkpoints.push(Checkpoint {
         phase: request.phase.clone(),
         at_ms: now_ms,

@@ -61,17 +61,6 @@ impl Drop for WaitSlot<'_> {
     }
 }
 
-fn wait_key(id: &RecordId) -> String {
-    format!(
-        "{}:{}|{}:{}|{}",
-        id.service.len(),
-        id.service,
-        id.scope.len(),
-        id.scope,
-        id.key
-    )
-}
-
 impl Waiters {
     /// At most `max` acquires wait at once; each looks again at least every `poll`.
     pub fn new(max: usize, poll: Duration) -> Waiters {
@@ -93,7 +82,7 @@ impl Waiters {
         if taken.is_err() {
             return None;
         }
-        let key = wait_key(id);
+        let key = crate::record::identity_key(id);
         let notify = match self.keys.lock() {
             Ok(mut keys) => keys.entry(key.clone()).or_default().clone(),
             Err(_) => Arc::new(Notify::new()),
@@ -111,7 +100,7 @@ impl Waiters {
             .keys
             .lock()
             .ok()
-            .and_then(|keys| keys.get(&wait_key(id)).cloned());
+            .and_then(|keys| keys.get(&crate::record::identity_key(id)).cloned());
         if let Some(notify) = notify {
             notify.notify_waiters();
         }

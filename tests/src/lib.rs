@@ -735,22 +735,10 @@ impl ShippedStack {
         let mut store_proc = spawn_store(dir.path(), store, &dir.path().join("s.redb"), &[], "store.log");
         let mut demo_proc = spawn_demo(dir.path(), demo, store);
         let mut envoy = start_envoy(dir.path(), &text, "envoy.log");
-        wait_ready(
-            &format!("http://127.0.0.1:{store}/readyz"),
-            &mut store_proc,
-            Duration::from_secs(30),
-        )
-        .await;
-        wait_ready(
-            &format!("http://127.0.0.1:{demo}/healthz"),
-            &mut demo_proc,
-            Duration::from_secs(30),
-        )
-        .await;
-        wait_ready(
-            &format!("http://127.0.0.1:{admin}/ready"),
-            &mut envoy,
-            Duration::from_secs(60),
+        wait_all_ready(
+            (store, &mut store_proc),
+            (demo, &mut demo_proc),
+            (admin, &mut envoy),
         )
         .await;
         ShippedStack {
@@ -885,4 +873,58 @@ pub fn istio_envoyfilter_parts(
     filters.push(json!({"name": "envoy.filters.http.router", "typed_config": {
         "@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"}}));
     ((filters, shipped), routes)
+}
+
+/// Wait until a store, a demo service and an Envoy (admin port) all answer ready.
+pub async fn wait_all_ready(store: (u16, &mut Proc), demo: (u16, &mut Proc), envoy_admin: (u16, &mut Proc)) {
+    wait_ready(
+        &format!("http://127.0.0.1:{}/readyz", store.0),
+        store.1,
+        Duration::from_secs(30),
+    )
+    .await;
+    wait_ready(
+        &format!("http://127.0.0.1:{}/healthz", demo.0),
+        demo.1,
+        Duration::from_secs(30),
+    )
+    .await;
+    wait_ready(
+        &format!("http://127.0.0.1:{}/ready", envoy_admin.0),
+        envoy_admin.1,
+        Duration::from_secs(60),
+    )
+    .await;
+}
+
+/// A STATIC cluster to `127.0.0.1:port`.
+pub fn static_cluster(name: &str, port: u16) -> Value {
+    json!({"name": name, "type": "STATIC", "connect_timeout": "1s",
+        "load_assignment": {"cluster_name": name, "endpoints": [{"lb_endpoints": [{"endpoint": {"address":
+            {"socket_address": {"address": "127.0.0.1", "port_value": port}}}}]}]}})
+}
+
+/// A sidecar-like inbound bootstrap: one listener with `filters` and `routes` (virtual host
+/// `vhost`), the given clusters, and an admin port if any. Envoy's default buffer limits.
+pub fn inbound_bootstrap(
+    listener: u16,
+    admin: Option<u16>,
+    vhost: &str,
+    routes: Vec<Value>,
+    filters: Vec<Value>,
+    clusters: Vec<Value>,
+) -> Value {
+    let mut bootstrap = json!({"static_resources": {
+        "listeners": [{"name": "inbound", "address": {"socket_address": {"address": "127.0.0.1", "port_value": listener}},
+            "filter_chains": [{"filters": [{"name": "envoy.filters.network.http_connection_manager", "typed_config": {
+                "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
+                "stat_prefix": "inbound",
+                "route_config": {"virtual_hosts": [{"name": vhost, "domains": ["*"], "routes": routes}]},
+                "http_filters": filters}}]}]}],
+        "clusters": clusters}});
+    if let Some(admin) = admin {
+        bootstrap["admin"] =
+            json!({"address": {"socket_address": {"address": "127.0.0.1", "port_value": admin}}});
+    }
+    bootstrap
 }

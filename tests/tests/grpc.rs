@@ -18,6 +18,18 @@ use e2e::metric_sum;
 use serde_json::json;
 use tonic::Code;
 
+/// Every message of a server stream, and how it ended.
+async fn read(mut stream: tonic::Streaming<e2e::grpc::pb::Event>) -> (Vec<e2e::grpc::pb::Event>, Code) {
+    let mut seen = Vec::new();
+    loop {
+        match stream.message().await {
+            Ok(Some(event)) => seen.push(event),
+            Ok(None) => return (seen, Code::Ok),
+            Err(status) => return (seen, status.code()),
+        }
+    }
+}
+
 fn create(sku: &str) -> CreateRequest {
     CreateRequest {
         sku: sku.into(),
@@ -130,16 +142,6 @@ async fn deterministic_errors_are_replayed_in_either_framing() {
         padding_bytes: 0,
         fail_code: Code::InvalidArgument as i32,
     };
-    let read = |mut stream: tonic::Streaming<e2e::grpc::pb::Event>| async move {
-        let mut seen = Vec::new();
-        loop {
-            match stream.message().await {
-                Ok(Some(event)) => seen.push(event),
-                Ok(None) => return (seen, Code::Ok),
-                Err(status) => return (seen, status.code()),
-            }
-        }
-    };
     let first = read(
         client
             .events(keyed("g-invalid-stream", events))
@@ -229,14 +231,7 @@ async fn a_server_stream_is_recorded_whole_and_replayed() {
         padding_bytes: 10,
         fail_code: 0,
     };
-    let collect = |mut stream: tonic::Streaming<e2e::grpc::pb::Event>| async move {
-        let mut seen = Vec::new();
-        while let Some(event) = stream.message().await.unwrap() {
-            seen.push(event);
-        }
-        seen
-    };
-    let first = collect(
+    let (first, _) = read(
         client
             .events(keyed("g-stream", request))
             .await
@@ -246,7 +241,8 @@ async fn a_server_stream_is_recorded_whole_and_replayed() {
     .await;
     let again = client.events(keyed("g-stream", request)).await.unwrap();
     assert_eq!(again.metadata().get("idempotent-replayed").unwrap(), "true");
-    let again = collect(again.into_inner()).await;
+    let (again, status) = read(again.into_inner()).await;
+    assert_eq!(status, Code::Ok);
     assert_eq!(first.len(), 3);
     assert_eq!(again, first);
     assert_eq!(stack.executions_of("g-stream"), 1);

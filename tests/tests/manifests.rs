@@ -98,35 +98,18 @@ fn istio_envoyfilter_patch_is_accepted_by_envoy_and_its_plugin_config_by_the_fil
     // The patched filters in an HCM, with the clusters they name, pass `envoy --mode validate`
     // (the remote module is swapped for the local build: validation does not fetch).
     let (http_filters, _) = e2e::istio_envoyfilter_filters("token", None);
-    let cluster = |name: &str| {
-        serde_json::json!({"name": name, "type": "STATIC", "connect_timeout": "1s",
-            "load_assignment": {"cluster_name": name, "endpoints": [{"lb_endpoints": [{"endpoint": {"address":
-                {"socket_address": {"address": "127.0.0.1", "port_value": 1}}}}]}]}})
-    };
-    let bootstrap = serde_json::json!({"static_resources": {
-        "listeners": [{"name": "inbound", "address": {"socket_address": {"address": "127.0.0.1", "port_value": 1}},
-            "filter_chains": [{"filters": [{"name": "envoy.filters.network.http_connection_manager", "typed_config": {
-                "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
-                "stat_prefix": "inbound",
-                "route_config": {"virtual_hosts": [{"name": "app", "domains": ["*"],
-                    "routes": [{"match": {"prefix": "/"}, "route": {"cluster": "app"}}]}]},
-                "http_filters": http_filters}}]}]}],
-        "clusters": [cluster("app"), cluster(&store_cluster)]}});
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("envoyfilter-bootstrap.json");
-    std::fs::write(&path, bootstrap.to_string()).unwrap();
-    let output = Command::new(envoy_bin())
-        .arg("--mode")
-        .arg("validate")
-        .arg("-c")
-        .arg(&path)
-        .output()
-        .unwrap();
-    assert!(
-        output.status.success(),
-        "{}",
-        String::from_utf8_lossy(&output.stderr)
+    let bootstrap = e2e::inbound_bootstrap(
+        1,
+        None,
+        "app",
+        vec![serde_json::json!({"match": {"prefix": "/"}, "route": {"cluster": "app"}})],
+        http_filters,
+        vec![
+            e2e::static_cluster("app", 1),
+            e2e::static_cluster(&store_cluster, 1),
+        ],
     );
+    envoy_accepts(&bootstrap, "envoyfilter-bootstrap.json");
 }
 
 #[test]
@@ -238,23 +221,26 @@ fn istio_envoyfilter_for_grpc_adds_the_replay_route_first_and_envoy_accepts_it()
         store_cluster, config.store_cluster,
         "the replay goes to the store the filter calls"
     );
-    let cluster = |name: &str| {
-        serde_json::json!({"name": name, "type": "STATIC", "connect_timeout": "1s",
-            "load_assignment": {"cluster_name": name, "endpoints": [{"lb_endpoints": [{"endpoint": {"address":
-                {"socket_address": {"address": "127.0.0.1", "port_value": 1}}}}]}]}})
-    };
     let mut all_routes = routes.clone();
     all_routes.push(serde_json::json!({"match": {"prefix": "/"}, "route": {"cluster": "app"}}));
-    let bootstrap = serde_json::json!({"static_resources": {
-        "listeners": [{"name": "inbound", "address": {"socket_address": {"address": "127.0.0.1", "port_value": 1}},
-            "filter_chains": [{"filters": [{"name": "envoy.filters.network.http_connection_manager", "typed_config": {
-                "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
-                "stat_prefix": "inbound",
-                "route_config": {"virtual_hosts": [{"name": "inbound|http|50051", "domains": ["*"], "routes": all_routes}]},
-                "http_filters": filters}}]}]}],
-        "clusters": [cluster("app"), cluster(&store_cluster)]}});
+    let bootstrap = e2e::inbound_bootstrap(
+        1,
+        None,
+        "inbound|http|50051",
+        all_routes,
+        filters,
+        vec![
+            e2e::static_cluster("app", 1),
+            e2e::static_cluster(&store_cluster, 1),
+        ],
+    );
+    envoy_accepts(&bootstrap, "envoyfilter-grpc-bootstrap.json");
+}
+
+/// `envoy --mode validate` passes for `bootstrap`.
+fn envoy_accepts(bootstrap: &serde_json::Value, name: &str) {
     let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("envoyfilter-grpc-bootstrap.json");
+    let path = dir.path().join(name);
     std::fs::write(&path, bootstrap.to_string()).unwrap();
     let output = Command::new(envoy_bin())
         .arg("--mode")
@@ -265,7 +251,7 @@ fn istio_envoyfilter_for_grpc_adds_the_replay_route_first_and_envoy_accepts_it()
         .unwrap();
     assert!(
         output.status.success(),
-        "{}",
+        "{name}: {}",
         String::from_utf8_lossy(&output.stderr)
     );
 }

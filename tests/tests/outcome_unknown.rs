@@ -12,7 +12,7 @@
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use e2e::{free_port, spawn_demo, spawn_store, start_envoy, wait_ready, Stack, StackOptions, STORE_TOKEN};
+use e2e::{free_port, spawn_demo, spawn_store, start_envoy, Stack, StackOptions, STORE_TOKEN};
 use serde_json::{json, Value};
 
 /// The client gives up after `timeout` on a request the upstream takes `delay_ms` to run.
@@ -304,39 +304,22 @@ async fn a_12_mb_response_reaches_the_client_whole_through_the_istio_envoyfilter
     let mut demo = spawn_demo(dir.path(), demo_port, store_port);
     let (filters, shipped) = e2e::istio_envoyfilter_filters(STORE_TOKEN, Some("store"));
     assert_eq!(shipped["max_response_size"], 1_048_576);
-    let cluster = |name: &str, port: u16| {
-        json!({"name": name, "type": "STATIC", "connect_timeout": "1s",
-            "load_assignment": {"cluster_name": name, "endpoints": [{"lb_endpoints": [{"endpoint": {"address":
-                {"socket_address": {"address": "127.0.0.1", "port_value": port}}}}]}]}})
-    };
-    let bootstrap = json!({
-        "admin": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": admin}}},
-        "static_resources": {
-        "listeners": [{"name": "inbound", "address": {"socket_address": {"address": "127.0.0.1", "port_value": listener}},
-            "filter_chains": [{"filters": [{"name": "envoy.filters.network.http_connection_manager", "typed_config": {
-                "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
-                "stat_prefix": "inbound",
-                "route_config": {"virtual_hosts": [{"name": "app", "domains": ["*"],
-                    "routes": [{"match": {"prefix": "/"}, "route": {"cluster": "app"}}]}]},
-                "http_filters": filters}}]}]}],
-        "clusters": [cluster("app", demo_port), cluster("store", store_port)]}});
+    let bootstrap = e2e::inbound_bootstrap(
+        listener,
+        Some(admin),
+        "app",
+        vec![json!({"match": {"prefix": "/"}, "route": {"cluster": "app"}})],
+        filters,
+        vec![
+            e2e::static_cluster("app", demo_port),
+            e2e::static_cluster("store", store_port),
+        ],
+    );
     let mut envoy = start_envoy(dir.path(), &bootstrap.to_string(), "envoy.log");
-    wait_ready(
-        &format!("http://127.0.0.1:{store_port}/readyz"),
-        &mut store,
-        Duration::from_secs(30),
-    )
-    .await;
-    wait_ready(
-        &format!("http://127.0.0.1:{demo_port}/healthz"),
-        &mut demo,
-        Duration::from_secs(30),
-    )
-    .await;
-    wait_ready(
-        &format!("http://127.0.0.1:{admin}/ready"),
-        &mut envoy,
-        Duration::from_secs(60),
+    e2e::wait_all_ready(
+        (store_port, &mut store),
+        (demo_port, &mut demo),
+        (admin, &mut envoy),
     )
     .await;
 

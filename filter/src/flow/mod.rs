@@ -269,6 +269,11 @@ impl RequestFlow {
             return Verdict::Pause;
         }
         let pending = pending.clone();
+        self.acquire_with_body(host, pending, body_size)
+    }
+
+    /// The whole request body is in: read it, fingerprint it and acquire.
+    fn acquire_with_body(&mut self, host: &dyn Host, pending: Pending, body_size: usize) -> Verdict {
         match host.request_body(body_size) {
             Ok(body) => self.acquire(host, pending, &body),
             Err(e) if pending.shadow => {
@@ -290,18 +295,7 @@ impl RequestFlow {
             return Verdict::Continue;
         };
         let pending = pending.clone();
-        match host.request_body(self.request_body_size) {
-            Ok(body) => self.acquire(host, pending, &body),
-            Err(e) if pending.shadow => {
-                host.log(
-                    Level::Warn,
-                    &format!("idempotency shadow: cannot read request body: {e}"),
-                );
-                self.state = State::PassThrough;
-                Verdict::Continue
-            }
-            Err(e) => self.storage_failure(host, &e.to_string()),
-        }
+        self.acquire_with_body(host, pending, self.request_body_size)
     }
 
     /// Response trailers arrived: the response is complete. For gRPC they carry the final

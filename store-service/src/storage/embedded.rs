@@ -20,7 +20,7 @@ use tokio::sync::{mpsc, oneshot};
 use super::{BackendName, Storage, StorageError};
 use crate::record::{
     apply_abandon, apply_checkpoint, apply_complete, apply_outcome_unknown, apply_release, check_deadline,
-    decide_acquire, Record,
+    decide_acquire, identity_key, Record,
 };
 
 /// Records by identity key.
@@ -34,18 +34,6 @@ pub const DEFAULT_CACHE_BYTES: usize = 32 * 1024 * 1024;
 
 /// Most operations committed together.
 const MAX_BATCH: usize = 512;
-
-/// Length-prefixed identity, so no service/scope/key can collide with another.
-fn identity_key(id: &RecordId) -> String {
-    format!(
-        "{}:{}|{}:{}|{}",
-        id.service.len(),
-        id.service,
-        id.scope.len(),
-        id.scope,
-        id.key
-    )
-}
 
 fn unavailable(e: impl std::fmt::Display) -> StorageError {
     StorageError::Unavailable(e.to_string())
