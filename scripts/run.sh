@@ -43,7 +43,7 @@ esac
 
 target/release/idempotency-store "${store_args[@]}" >"$LOG_DIR/store.log" 2>&1 &
 pids+=($!)
-target/release/demo-orders --listen 127.0.0.1:8080 >"$LOG_DIR/demo.log" 2>&1 &
+target/release/demo-orders --listen 127.0.0.1:8080 --executions-log data/executions.jsonl >"$LOG_DIR/demo.log" 2>&1 &
 pids+=($!)
 "$ENVOY" -c envoy/envoy.yaml --concurrency 1 --disable-hot-restart --log-level warn \
   --component-log-level wasm:info >"$LOG_DIR/envoy.log" 2>&1 &
