@@ -170,3 +170,85 @@ pub enum HandleError<E> {
     #[error(transparent)]
     Store(ClientError),
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Arc;
+
+    use axum::http::StatusCode;
+    use axum::routing::post;
+    use axum::{Json, Router};
+    use cloudevents::EventBuilder as _;
+    use serde_json::{json, Value};
+
+    use super::*;
+
+    /// A store that grants every claim and fails the first `failures` completions with 503.
+    async fn flaky_store(failures: usize) -> (String, Arc<AtomicUsize>) {
+        let completes = Arc::new(AtomicUsize::new(0));
+        let seen = completes.clone();
+        let app = Router::new()
+            .route(
+                "/v1/messages/claim",
+                post(|| async { Json(json!({"outcome": "claimed", "record_id": "r1", "fencing_token": 1})) }),
+            )
+            .route(
+                "/v1/messages/complete",
+                post(move |Json(_): Json<Value>| {
+                    let n = seen.fetch_add(1, Ordering::SeqCst);
+                    async move {
+                        if n < failures {
+                            (
+                                StatusCode::SERVICE_UNAVAILABLE,
+                                Json(json!({"error": "storage_unavailable"})),
+                            )
+                        } else {
+                            (StatusCode::OK, Json(json!({"ok": true})))
+                        }
+                    }
+                }),
+            );
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+        (url, completes)
+    }
+
+    fn handler(url: String) -> DeduplicatingHandler<impl Fn(Event) -> std::future::Ready<Result<(), ()>>> {
+        let config = ConsumerConfig {
+            service_name: "orders".into(),
+            topic: "t".into(),
+            consumer_group: "g".into(),
+            lock_timeout: Duration::from_secs(60),
+            retention_period: Duration::from_secs(600),
+        };
+        DeduplicatingHandler::new(StoreClient::new(url, None).unwrap(), config, |_| {
+            std::future::ready(Ok(()))
+        })
+    }
+
+    fn event() -> Event {
+        cloudevents::EventBuilderV10::new()
+            .id("e1")
+            .source("urn:test")
+            .ty("t")
+            .build()
+            .unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_store_blip_during_completion_is_ridden_out() {
+        let (url, completes) = flaky_store(2).await;
+        assert_eq!(handler(url).handle(event()).await.unwrap(), Outcome::Processed);
+        assert_eq!(completes.load(Ordering::SeqCst), 3, "two failures, then success");
+    }
+
+    #[tokio::test]
+    async fn a_lasting_outage_gives_up_after_the_backoff_and_says_so() {
+        let (url, completes) = flaky_store(usize::MAX).await;
+        let result = handler(url).handle(event()).await;
+        assert!(matches!(result, Err(HandleError::Store(_))), "{result:?}");
+        assert_eq!(completes.load(Ordering::SeqCst), COMPLETE_RETRY_BACKOFF.len() + 1);
+    }
+}

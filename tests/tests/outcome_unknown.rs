@@ -404,3 +404,23 @@ async fn after_a_purge_and_a_new_record_the_abandoned_attempts_result_is_refused
         "{store}"
     );
 }
+
+#[tokio::test]
+async fn a_request_that_never_reached_the_upstream_releases_its_lock() {
+    let mut stack = Stack::start().await;
+    stack.kill_demo();
+    let refused = stack.post_order(Some("nc-1"), &json!({})).send().await.unwrap();
+    assert_eq!(refused.status(), 503, "Envoy could not connect to the upstream");
+    let record = stack.record("nc-1").await.unwrap();
+    assert!(record["outcome_unknown"].is_null(), "{record}");
+    stack.restart_demo().await;
+    let retry = stack.post_order(Some("nc-1"), &json!({})).send().await.unwrap();
+    assert_eq!(
+        retry.status(),
+        201,
+        "released: the request provably never left Envoy"
+    );
+    let body: Value = retry.json().await.unwrap();
+    assert_eq!(body["idempotency"]["x-idempotency-previous-attempt"], "released");
+    assert_eq!(executions(&stack, "nc-1").await, (1, json!({})));
+}

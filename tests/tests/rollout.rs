@@ -120,6 +120,25 @@ async fn route_metadata_sets_modes_per_route_in_the_shipped_two_route_bootstrap(
         (1..=14).contains(&enforced),
         "{enforced} of 24 keys enforced at 25%"
     );
+    // `mode: off` written unquoted (YAML boolean false) turns the legacy route off.
+    for _ in 0..2 {
+        let legacy = stack
+            .client
+            .put(format!("{}/api/v1/orders/legacy", stack.url))
+            .header("Idempotency-Key", "legacy")
+            .json(&json!({"qty": 1}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(legacy.status(), 200);
+        assert!(!legacy.headers().contains_key("idempotent-replayed"));
+    }
+    assert_eq!(
+        stack.executions_of("legacy").await,
+        2,
+        "untracked on the `off` route"
+    );
+
     let name = "idempotency_shadow_would_replay_total";
     let expected = f64::from(24 - enforced);
     let stats = wait_for_metric(
