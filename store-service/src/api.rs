@@ -1,4 +1,5 @@
-//! HTTP API: `/v1/*` operations (bearer token), `/healthz`, `/readyz`, `/metrics`.
+//! HTTP API: `/v1/*` operations (bearer tokens with roles, `auth.rs`), `/healthz`, `/readyz`,
+//! `/metrics`.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -8,14 +9,14 @@ use axum::http::{header, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
-use axum::{Json, Router};
+use axum::{Extension, Json, Router};
 use idempotency_wire::{
     paths, AbandonRequest, AbandonResponse, AcquireRequest, AcquireResponse, CheckpointRequest, ClaimRequest,
     ClaimResponse, CompleteRequest, MessageDoneRequest, OutcomeUnknownRequest, RecordId, ReleaseRequest,
 };
 use serde_json::json;
-use subtle::ConstantTimeEq;
 
+use crate::auth::{Authenticator, Permission, Principal};
 use crate::error::ApiError;
 use crate::messages;
 use crate::metrics::Metrics;
@@ -45,8 +46,8 @@ pub struct AppState {
     pub storage: Arc<dyn Storage>,
     /// Metrics registry.
     pub metrics: Metrics,
-    /// Bearer token required on `/v1`, if any.
-    pub token: Option<Arc<str>>,
+    /// Credentials required on `/v1`; `None` serves without authentication.
+    pub auth: Option<Arc<Authenticator>>,
     /// Acquires waiting for in-progress records.
     pub waiters: Arc<Waiters>,
     /// Replay tickets for gRPC replays (`/v1/replay`).
@@ -62,7 +63,11 @@ impl AppState {
             tickets: Arc::new(ReplayTickets::new(
                 token.as_deref().map(str::as_bytes).unwrap_or_default(),
             )),
-            token,
+            auth: token.as_deref().map(|t| {
+                Arc::new(
+                    Authenticator::new(None, Some(t.to_owned())).unwrap_or_else(|_| empty_authenticator()),
+                )
+            }),
             waiters: Arc::new(Waiters::new(DEFAULT_MAX_WAITERS, DEFAULT_WAIT_POLL)),
         }
     }
@@ -101,24 +106,96 @@ pub fn app(state: AppState) -> Router {
         .with_state(state)
 }
 
-async fn require_token(State(state): State<AppState>, request: Request, next: Next) -> Response {
-    if let Some(expected) = &state.token {
-        let presented = request
-            .headers()
-            .get(header::AUTHORIZATION)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "))
-            .unwrap_or("");
-        if !bool::from(presented.as_bytes().ct_eq(expected.as_bytes())) {
-            state
-                .metrics
-                .requests
-                .with_label_values(&["auth", "unauthorized"])
-                .inc();
-            return ApiError::Unauthorized.into_response();
-        }
+fn empty_authenticator() -> Authenticator {
+    // Without a file nothing can fail to load; this is the (unreachable) fallback of `new`.
+    Authenticator::new(None, None).unwrap_or_else(|_| empty_authenticator())
+}
+
+/// What a `/v1` call needs, by method and path.
+fn permission_for(method: &axum::http::Method, path: &str) -> Permission {
+    match path {
+        p if p == paths::CHECKPOINT => Permission::Checkpoint,
+        p if p.starts_with("/v1/messages/") => Permission::Messages,
+        p if p.starts_with(paths::RECORDS) && method == axum::http::Method::DELETE => Permission::AdminPurge,
+        p if p.starts_with(paths::RECORDS) => Permission::AdminRead,
+        _ => Permission::ProxyCalls,
     }
+}
+
+/// Authenticate the bearer token and check the role the path needs; the caller travels on as
+/// a request extension for service-bound checks and audit lines.
+async fn require_token(State(state): State<AppState>, mut request: Request, next: Next) -> Response {
+    let principal = match &state.auth {
+        None => Arc::new(Principal::all_roles("unauthenticated")),
+        Some(auth) => {
+            let presented = request
+                .headers()
+                .get(header::AUTHORIZATION)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.strip_prefix("Bearer "))
+                .unwrap_or("");
+            match auth.authenticate(presented) {
+                Some(principal) => principal,
+                None => {
+                    state
+                        .metrics
+                        .requests
+                        .with_label_values(&["auth", "unauthorized"])
+                        .inc();
+                    return ApiError::Unauthorized.into_response();
+                }
+            }
+        }
+    };
+    let permission = permission_for(request.method(), request.uri().path());
+    if !principal.may(permission) {
+        state
+            .metrics
+            .requests
+            .with_label_values(&["auth", "forbidden"])
+            .inc();
+        return ApiError::Forbidden {
+            credential: principal.name.clone(),
+            permission: permission.name(),
+            service: None,
+        }
+        .into_response();
+    }
+    request.extensions_mut().insert(principal);
     next.run(request).await
+}
+
+/// A `service` credential may act only for its own services.
+fn check_service(principal: &Principal, service: &str, permission: Permission) -> Result<(), ApiError> {
+    if principal.may_act_for(service) {
+        Ok(())
+    } else {
+        Err(ApiError::Forbidden {
+            credential: principal.name.clone(),
+            permission: permission.name(),
+            service: Some(service.to_owned()),
+        })
+    }
+}
+
+/// One structured line per admin action: who (credential name, never the token), what, which.
+fn audit(principal: &Principal, action: &str, id: &RecordId, found: bool) {
+    use sha2::Digest as _;
+    let key_hash = hex::encode(
+        sha2::Sha256::digest(id.key.as_bytes())
+            .get(..6)
+            .unwrap_or_default(),
+    );
+    tracing::info!(
+        audit = true,
+        credential = %principal.name,
+        action,
+        service = %id.service,
+        scope = %id.scope,
+        key_hash,
+        found,
+        "admin action"
+    );
 }
 
 fn check_identity(id: &RecordId) -> Result<(), ApiError> {
@@ -396,9 +473,11 @@ async fn release(
 
 async fn checkpoint(
     State(state): State<AppState>,
+    Extension(principal): Extension<Arc<Principal>>,
     Json(request): Json<CheckpointRequest>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
     check_identity(&request.id)?;
+    check_service(&principal, &request.id.service, Permission::Checkpoint)?;
     if request.phase.is_empty() || request.phase.len() > 256 {
         return Err(ApiError::BadRequest("phase must be 1 to 256 bytes".into()));
     }
@@ -411,12 +490,14 @@ async fn checkpoint(
 
 async fn get_record(
     State(state): State<AppState>,
+    Extension(principal): Extension<Arc<Principal>>,
     Query(id): Query<RecordId>,
 ) -> Result<Json<Record>, ApiError> {
     check_identity(&id)?;
     let started = Instant::now();
     let result = state.storage.get(&id, now_ms()).await;
     observe(&state, "get", &id.service, started, &result);
+    audit(&principal, "get", &id, matches!(result, Ok(Some(_))));
     result?
         .map(Json)
         .ok_or(ApiError::Storage(StorageError::NotFound(id)))
@@ -424,12 +505,14 @@ async fn get_record(
 
 async fn purge_record(
     State(state): State<AppState>,
+    Extension(principal): Extension<Arc<Principal>>,
     Query(id): Query<RecordId>,
 ) -> Result<StatusCode, ApiError> {
     check_identity(&id)?;
     let started = Instant::now();
     let result = state.storage.purge(&id).await;
     observe(&state, "purge", &id.service, started, &result);
+    audit(&principal, "purge", &id, matches!(result, Ok(true)));
     if result? {
         Ok(StatusCode::NO_CONTENT)
     } else {
@@ -439,10 +522,12 @@ async fn purge_record(
 
 async fn claim_message(
     State(state): State<AppState>,
+    Extension(principal): Extension<Arc<Principal>>,
     Json(claim): Json<ClaimRequest>,
 ) -> Result<Json<ClaimResponse>, ApiError> {
     let acquire = messages::acquire_request(&claim);
     check_identity(&acquire.id)?;
+    check_service(&principal, &claim.id.service, Permission::Messages)?;
     if claim.id.topic.is_empty() || claim.id.consumer_group.is_empty() || claim.lock_timeout_ms == 0 {
         return Err(ApiError::BadRequest(
             "topic, consumer_group and lock_timeout_ms must be set".into(),
@@ -475,10 +560,12 @@ async fn claim_message(
 
 async fn complete_message(
     State(state): State<AppState>,
+    Extension(principal): Extension<Arc<Principal>>,
     Json(done): Json<MessageDoneRequest>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
     let request = messages::complete_request(&done);
     check_identity(&request.id)?;
+    check_service(&principal, &done.id.service, Permission::Messages)?;
     let started = Instant::now();
     let result = state.storage.complete(&request, now_ms()).await;
     observe(&state, "message_complete", &done.id.service, started, &result);
@@ -488,10 +575,12 @@ async fn complete_message(
 
 async fn release_message(
     State(state): State<AppState>,
+    Extension(principal): Extension<Arc<Principal>>,
     Json(done): Json<MessageDoneRequest>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
     let request = messages::release_request(&done);
     check_identity(&request.id)?;
+    check_service(&principal, &done.id.service, Permission::Messages)?;
     let started = Instant::now();
     let result = state.storage.release(&request, now_ms()).await;
     observe(&state, "message_release", &done.id.service, started, &result);

@@ -52,9 +52,14 @@ pub struct StoreConfig {
     #[arg(long, env = "MONGODB_DATABASE", default_value = "idempotency")]
     pub mongodb_database: String,
 
-    /// Bearer token every `/v1` call must present. Required unless --allow-unauthenticated.
+    /// A single bearer token with every role (proxy, service, admin): the shortcut for local
+    /// runs. In production use --credentials.
     #[arg(long, env = "STORE_TOKEN", hide_env_values = true)]
     pub token: Option<String>,
+    /// YAML file of credentials with roles (`proxy`, `service` bound to service names, `admin`),
+    /// several tokens each; reloaded on SIGHUP and when the file changes.
+    #[arg(long, env = "STORE_CREDENTIALS")]
+    pub credentials: Option<PathBuf>,
 
     /// Serve `/v1` without a token (only behind mesh mTLS with an authorization policy).
     #[arg(long, env = "STORE_ALLOW_UNAUTHENTICATED", default_value_t = false)]
@@ -73,7 +78,7 @@ pub struct StoreConfig {
     #[arg(long, env = "STORE_WAIT_POLL", value_parser = humantime::parse_duration, default_value = "100ms")]
     pub wait_poll: Duration,
     /// Key for signing replay tickets (gRPC replays); every replica must use the same one.
-    /// Defaults to one derived from --token.
+    /// Defaults to one derived from --token, else from the credentials file.
     #[arg(long, env = "STORE_REPLAY_SECRET", hide_env_values = true)]
     pub replay_secret: Option<String>,
     /// Log format.
@@ -85,9 +90,9 @@ impl StoreConfig {
     /// Cross-field checks clap cannot express; the message names the flag.
     pub fn validate(&self) -> Result<(), String> {
         match (&self.token, self.allow_unauthenticated) {
-            (None, false) => {
+            (None, false) if self.credentials.is_none() => {
                 return Err(
-                    "--token (STORE_TOKEN) is required; pass --allow-unauthenticated to run without one"
+                    "--credentials (STORE_CREDENTIALS) or --token (STORE_TOKEN) is required; pass --allow-unauthenticated to run without either"
                         .into(),
                 )
             }

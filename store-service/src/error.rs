@@ -14,6 +14,16 @@ pub enum ApiError {
     /// Missing or wrong bearer token (401).
     #[error("missing or invalid bearer token")]
     Unauthorized,
+    /// The credential is valid but lacks the permission (403).
+    #[error("credential {credential:?} lacks permission {permission:?}{}", service.as_ref().map(|s| format!(" for service {s:?}")).unwrap_or_default())]
+    Forbidden {
+        /// Credential name.
+        credential: String,
+        /// The missing permission.
+        permission: &'static str,
+        /// The service it asked to act for, for service-bound calls.
+        service: Option<String>,
+    },
     /// The request is well-formed JSON but not acceptable (400).
     #[error("{0}")]
     BadRequest(String),
@@ -27,6 +37,7 @@ impl ApiError {
         match self {
             ApiError::Unauthorized => (StatusCode::UNAUTHORIZED, "unauthorized"),
             ApiError::BadRequest(_) => (StatusCode::BAD_REQUEST, "bad_request"),
+            ApiError::Forbidden { .. } => (StatusCode::FORBIDDEN, "forbidden"),
             ApiError::Storage(StorageError::NotFound(_)) => (StatusCode::NOT_FOUND, "not_found"),
             ApiError::Storage(StorageError::StaleToken { .. }) => {
                 (StatusCode::CONFLICT, "stale_fencing_token")

@@ -2,6 +2,7 @@
 //! phase checkpoints) behind an authenticated HTTP/JSON API, over embedded or MongoDB storage.
 
 pub mod api;
+pub mod auth;
 pub mod config;
 pub mod error;
 pub mod messages;

@@ -5,6 +5,7 @@ use std::sync::Arc;
 
 use clap::Parser;
 use idempotency_store::api::{app, AppState};
+use idempotency_store::auth::Authenticator;
 use idempotency_store::config::{Backend, LogFormat, StoreConfig};
 use idempotency_store::metrics::Metrics;
 use idempotency_store::replay::ReplayTickets;
@@ -15,6 +16,9 @@ use idempotency_store::storage::Storage;
 use idempotency_store::sweep_loop;
 use idempotency_store::wait::Waiters;
 use tracing_subscriber::EnvFilter;
+
+/// How often the credentials file is checked for changes (SIGHUP reloads at once).
+const CREDENTIALS_POLL: std::time::Duration = std::time::Duration::from_secs(2);
 
 fn init_logging(format: LogFormat) {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
@@ -67,26 +71,46 @@ async fn main() -> ExitCode {
         }
     };
     metrics.initialize(storage.name());
-    if config.token.is_none() {
-        tracing::warn!("serving /v1 WITHOUT authentication (--allow-unauthenticated)");
-    }
     let sweeper = tokio::spawn(sweep_loop(
         storage.clone(),
         metrics.clone(),
         config.sweep_interval,
     ));
-    let replay_secret = match (&config.replay_secret, &config.token) {
-        (Some(secret), _) => secret.clone().into_bytes(),
-        (None, Some(token)) => token.clone().into_bytes(),
-        (None, None) => {
-            tracing::warn!("no --replay-secret and no --token: replay tickets use a per-process key (set --replay-secret when running several replicas)");
+    let auth = if config.token.is_none() && config.credentials.is_none() {
+        tracing::warn!("serving /v1 WITHOUT authentication (--allow-unauthenticated)");
+        None
+    } else {
+        match Authenticator::new(config.credentials.clone(), config.token.clone()) {
+            Ok(auth) => Some(Arc::new(auth)),
+            Err(e) => {
+                tracing::error!("invalid configuration: --credentials: {e}");
+                return ExitCode::from(2);
+            }
+        }
+    };
+    if config.token.is_some() {
+        tracing::warn!(
+            "--token grants every role (proxy, service, admin); use --credentials with roles in production"
+        );
+    }
+    if let Some(auth) = &auth {
+        tokio::spawn(idempotency_store::auth::watch(auth.clone(), CREDENTIALS_POLL));
+    }
+    // Replay tickets must verify on every replica: derive their key from what replicas share.
+    let replay_secret = match (&config.replay_secret, &config.token, &config.credentials) {
+        (Some(secret), _, _) => secret.clone().into_bytes(),
+        (None, Some(token), _) => token.clone().into_bytes(),
+        (None, None, Some(path)) => std::fs::read(path).unwrap_or_default(),
+        (None, None, None) => {
+            tracing::warn!("no --replay-secret: replay tickets use a per-process key (set --replay-secret when running several replicas)");
             uuid::Uuid::new_v4().as_bytes().to_vec()
         }
     };
     let state = AppState {
         tickets: Arc::new(ReplayTickets::new(&replay_secret)),
         waiters: Arc::new(Waiters::new(config.max_waiters, config.wait_poll)),
-        ..AppState::new(storage.clone(), metrics, config.token.as_deref().map(Arc::from))
+        auth,
+        ..AppState::new(storage.clone(), metrics, None)
     };
     let listener = match tokio::net::TcpListener::bind(config.listen).await {
         Ok(l) => l,
