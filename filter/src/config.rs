@@ -160,6 +160,8 @@ pub struct Config {
     pub routes: Vec<RouteRule>,
     /// Where the record scope comes from, in order.
     pub scope_from: Vec<ScopeSource>,
+    /// Key of the HMAC over credentials for `scope_from: authorization` (required with it).
+    pub scope_secret: Option<String>,
     /// `jwt_authn`'s `payload_in_metadata` name, for `jwt_claim:` scopes.
     pub jwt_payload_metadata_key: String,
     /// Fingerprint JSON bodies canonically (key order and whitespace insensitive).
@@ -277,6 +279,7 @@ struct RawConfig {
     routes: Vec<RawRouteRule>,
     #[serde(default)]
     scope_from: Vec<String>,
+    scope_secret: Option<String>,
     jwt_payload_metadata_key: Option<String>,
     #[serde(default = "default_true")]
     json_canonical: bool,
@@ -690,6 +693,20 @@ impl Config {
             .iter()
             .map(|s| parse_scope_source(s))
             .collect::<Result<Vec<_>, _>>()?;
+        let scope_secret = raw.scope_secret.filter(|secret| !secret.is_empty());
+        let keyed = scope_from.contains(&ScopeSource::AuthorizationHash);
+        match &scope_secret {
+            None if keyed => {
+                return Err(field_error(
+                    "scope_secret",
+                    "is required with `scope_from: authorization` (the scope is an HMAC of the credential; an unkeyed hash of a password can be guessed offline)",
+                ))
+            }
+            Some(secret) if secret.len() < 16 => {
+                return Err(field_error("scope_secret", "must be at least 16 characters"))
+            }
+            _ => {}
+        }
         let jwt_payload_metadata_key = raw
             .jwt_payload_metadata_key
             .unwrap_or_else(|| "jwt_payload".to_owned());
@@ -739,6 +756,7 @@ impl Config {
             replay_header_denylist,
             routes,
             scope_from,
+            scope_secret,
             jwt_payload_metadata_key,
             json_canonical: raw.json_canonical,
             exclude_fields: json_pointers("exclude_fields", raw.exclude_fields)?,
@@ -880,7 +898,8 @@ mod tests {
     #[test]
     fn scope_sources_parse_and_bad_ones_name_the_field() {
         let config = parse(
-            r#"{"service_name":"o","scope_from":["header:X-Tenant-Id","jwt_claim:sub","peer_principal","authorization"]}"#,
+            r#"{"service_name":"o","scope_from":["header:X-Tenant-Id","jwt_claim:sub","peer_principal","authorization"],
+                "scope_secret":"a-secret-of-16-chars"}"#,
         )
         .unwrap();
         assert_eq!(
@@ -894,6 +913,11 @@ mod tests {
         );
         let err = parse(r#"{"service_name":"o","scope_from":["cookie"]}"#).unwrap_err();
         assert!(err.to_string().contains("`scope_from`"), "{err}");
+        let err = parse(r#"{"service_name":"o","scope_from":["authorization"]}"#).unwrap_err();
+        assert!(err.to_string().contains("`scope_secret`"), "{err}");
+        let err = parse(r#"{"service_name":"o","scope_from":["authorization"],"scope_secret":"short"}"#)
+            .unwrap_err();
+        assert!(err.to_string().contains("`scope_secret`"), "{err}");
     }
 
     #[test]

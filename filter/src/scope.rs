@@ -2,6 +2,8 @@
 //! response for the same key. The first configured source that is present wins; each value is
 //! prefixed with its source, so no header value can impersonate another source's scope.
 
+use hmac::digest::KeyInit;
+use hmac::{Hmac, Mac};
 use sha2::{Digest, Sha256};
 
 use crate::config::ScopeSource;
@@ -14,6 +16,19 @@ pub const PEER_PRINCIPAL_PROPERTY: [&str; 2] = ["connection", "uri_san_peer_cert
 
 fn hashed(bytes: &[u8]) -> String {
     hex::encode(Sha256::digest(bytes).get(..16).unwrap_or_default())
+}
+
+/// A keyed hash of a credential: without `scope_secret` nobody can test guesses against a stored
+/// or forwarded scope (an unkeyed hash of a Basic-auth header is an offline-guessable password).
+fn keyed_hash(secret: &[u8], bytes: &[u8]) -> String {
+    let mut key = [0u8; 64];
+    let digest = Sha256::digest(secret);
+    if let Some(first) = key.get_mut(..32) {
+        first.copy_from_slice(&digest);
+    }
+    let mut mac = <Hmac<Sha256> as KeyInit>::new(&key.into());
+    mac.update(bytes);
+    hex::encode(mac.finalize().into_bytes().get(..16).unwrap_or_default())
 }
 
 fn bounded(prefix: &str, value: &str) -> String {
@@ -29,6 +44,7 @@ fn bounded(prefix: &str, value: &str) -> String {
 pub fn resolve_scope(
     sources: &[ScopeSource],
     jwt_payload_key: &str,
+    scope_secret: &[u8],
     header: impl Fn(&str) -> Option<String>,
     property: impl Fn(&[&str]) -> Option<Vec<u8>>,
 ) -> String {
@@ -40,7 +56,7 @@ pub fn resolve_scope(
                 .map(|v| bounded("header", &v)),
             ScopeSource::AuthorizationHash => header("authorization")
                 .filter(|v| !v.trim().is_empty())
-                .map(|v| format!("auth:{}", hashed(v.as_bytes()))),
+                .map(|v| format!("auth:{}", keyed_hash(scope_secret, v.as_bytes()))),
             ScopeSource::PeerPrincipal => property(&PEER_PRINCIPAL_PROPERTY)
                 .and_then(|b| String::from_utf8(b).ok())
                 .filter(|v| !v.is_empty())
@@ -86,12 +102,14 @@ mod tests {
         let a = resolve_scope(
             &sources,
             "jwt_payload",
+            b"test-secret",
             headers(&[("x-tenant-id", "acme")]),
             no_properties,
         );
         let b = resolve_scope(
             &sources,
             "jwt_payload",
+            b"test-secret",
             headers(&[("x-tenant-id", "globex")]),
             no_properties,
         );
@@ -104,6 +122,7 @@ mod tests {
         let scope = resolve_scope(
             &[ScopeSource::AuthorizationHash],
             "jwt_payload",
+            b"test-secret",
             headers(&[("authorization", "Bearer secret-token")]),
             no_properties,
         );
@@ -121,20 +140,33 @@ mod tests {
             (path == PEER_PRINCIPAL_PROPERTY).then(|| b"spiffe://cluster.local/ns/shop/sa/web".to_vec())
         };
         assert_eq!(
-            resolve_scope(&sources, "jwt_payload", headers(&[("x-tenant-id", "acme")]), peer),
+            resolve_scope(
+                &sources,
+                "jwt_payload",
+                b"test-secret",
+                headers(&[("x-tenant-id", "acme")]),
+                peer
+            ),
             "peer:spiffe://cluster.local/ns/shop/sa/web"
         );
         assert_eq!(
             resolve_scope(
                 &sources,
                 "jwt_payload",
+                b"test-secret",
                 headers(&[("x-tenant-id", "acme")]),
                 no_properties
             ),
             "header:acme"
         );
         assert_eq!(
-            resolve_scope(&sources, "jwt_payload", headers(&[]), no_properties),
+            resolve_scope(
+                &sources,
+                "jwt_payload",
+                b"test-secret",
+                headers(&[]),
+                no_properties
+            ),
             ""
         );
     }
@@ -155,6 +187,7 @@ mod tests {
         let scope = resolve_scope(
             &[ScopeSource::JwtClaim("sub".into())],
             "jwt_payload",
+            b"test-secret",
             headers(&[]),
             jwt,
         );
@@ -166,6 +199,7 @@ mod tests {
         let forged = resolve_scope(
             &[ScopeSource::Header("x-tenant-id".into())],
             "jwt_payload",
+            b"test-secret",
             headers(&[("x-tenant-id", "jwt:user-42")]),
             no_properties,
         );
@@ -180,9 +214,41 @@ mod tests {
         let scope = resolve_scope(
             &[ScopeSource::Header("x-tenant-id".into())],
             "jwt_payload",
+            b"test-secret",
             headers(pairs),
             no_properties,
         );
         assert!(scope.len() < 100, "{scope}");
+    }
+
+    #[test]
+    fn credential_scopes_are_keyed_stable_per_secret_and_different_across_secrets() {
+        let sources = vec![ScopeSource::AuthorizationHash];
+        let auth = headers(&[("authorization", "Basic dXNlcjpwYXNzd29yZA==")]);
+        let a = resolve_scope(
+            &sources,
+            "jwt_payload",
+            b"secret-one-16chars",
+            &auth,
+            no_properties,
+        );
+        let again = resolve_scope(
+            &sources,
+            "jwt_payload",
+            b"secret-one-16chars",
+            &auth,
+            no_properties,
+        );
+        let other = resolve_scope(
+            &sources,
+            "jwt_payload",
+            b"secret-two-16chars",
+            &auth,
+            no_properties,
+        );
+        assert_eq!(a, again, "stable for one credential and secret");
+        assert_ne!(a, other, "a different secret gives a different scope");
+        let unkeyed = hex::encode(Sha256::digest(b"Basic dXNlcjpwYXNzd29yZA==").get(..16).unwrap());
+        assert!(!a.contains(&unkeyed), "not the plain, guessable hash");
     }
 }

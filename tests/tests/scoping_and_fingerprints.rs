@@ -42,7 +42,10 @@ async fn a_caller_never_receives_another_callers_response_for_the_same_key() {
 
 #[tokio::test]
 async fn authorization_scoping_isolates_credentials() {
-    let stack = Stack::start_with(StackOptions::plugin(json!({"scope_from": ["authorization"]}))).await;
+    let stack = Stack::start_with(StackOptions::plugin(
+        json!({"scope_from": ["authorization"], "scope_secret": "e2e-scope-secret-0001"}),
+    ))
+    .await;
     let order = json!({"sku": "A"});
     for token in ["Bearer alice", "Bearer mallory"] {
         let response = stack

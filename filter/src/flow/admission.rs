@@ -156,6 +156,11 @@ pub fn admit(
     let scope = resolve_scope(
         &config.scope_from,
         &config.jwt_payload_metadata_key,
+        config
+            .scope_secret
+            .as_deref()
+            .map(str::as_bytes)
+            .unwrap_or_default(),
         |name| header(name).map(str::to_owned),
         property,
     );
