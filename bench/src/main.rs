@@ -803,6 +803,7 @@ async fn store_pairs(addr: SocketAddr, connections: usize, duration: Duration) -
                     let Ok(response) = sender.send_request(request).await else { break };
                     let reply: Value = serde_json::from_slice(&response.into_body().collect().await.unwrap().to_bytes()).unwrap_or_default();
                     let complete = json!({"service": "bench", "scope": "", "key": key, "fencing_token": reply["fencing_token"],
+                        "record_id": reply["record_id"], "attempt_id": reply["attempt_id"],
                         "retention_ms": 3_600_000, "response": {"status": 201, "headers": [["content-type", "application/json"]], "body": body}});
                     let request = Request::post("/v1/complete")
                         .header("host", "store")
@@ -811,7 +812,10 @@ async fn store_pairs(addr: SocketAddr, connections: usize, duration: Duration) -
                         .body(Full::new(Bytes::from(complete.to_string())))
                         .unwrap();
                     let Ok(response) = sender.send_request(request).await else { break };
+                    let acknowledged = response.status() == 200;
                     let _ = response.into_body().collect().await;
+                    // Only acknowledged pairs count: a refused complete costs the store nothing.
+                    assert!(acknowledged, "the store refused a complete: the benchmark would measure nothing");
                     done += 1;
                 }
                 done

@@ -105,7 +105,7 @@ where
             })
             .await
             .map_err(HandleError::Store)?;
-        let fencing_token = match claim {
+        let done = match claim {
             ClaimResponse::Duplicate => {
                 tracing::debug!(topic = %self.config.topic, "duplicate event skipped");
                 return Ok(Outcome::Duplicate);
@@ -114,13 +114,14 @@ where
             ClaimResponse::Claimed {
                 record_id,
                 fencing_token,
-            } => (record_id, fencing_token),
-        };
-        let done = MessageDoneRequest {
-            id,
-            record_id: fencing_token.0,
-            fencing_token: fencing_token.1,
-            retention_ms: Some(millis(self.config.retention_period)),
+                attempt_id,
+            } => MessageDoneRequest {
+                id,
+                record_id,
+                fencing_token,
+                attempt_id,
+                retention_ms: Some(millis(self.config.retention_period)),
+            },
         };
         match (self.handler)(event).await {
             Ok(()) => {
@@ -191,7 +192,9 @@ mod tests {
         let app = Router::new()
             .route(
                 "/v1/messages/claim",
-                post(|| async { Json(json!({"outcome": "claimed", "record_id": "r1", "fencing_token": 1})) }),
+                post(|| async {
+                    Json(json!({"outcome": "claimed", "record_id": "r1", "fencing_token": 1, "attempt_id": "a1"}))
+                }),
             )
             .route(
                 "/v1/messages/complete",

@@ -24,6 +24,7 @@ pub struct PhaseManager {
     id: RecordId,
     record_id: String,
     fencing_token: u64,
+    attempt_id: String,
     previous_attempt: Option<PreviousAttempt>,
     phases: Vec<String>,
     /// Index in `phases` of the last finished phase, if any.
@@ -65,6 +66,7 @@ impl PhaseManager {
             key: required(headers::KEY)?,
         };
         let record_id = required(headers::RECORD_ID)?;
+        let attempt_id = required(headers::ATTEMPT_ID)?;
         let previous_attempt = match header(headers, headers::PREVIOUS_ATTEMPT)? {
             None => None,
             Some("unknown") => Some(PreviousAttempt::Unknown),
@@ -90,6 +92,7 @@ impl PhaseManager {
             id,
             record_id,
             fencing_token,
+            attempt_id,
             previous_attempt,
             phases,
             done_through,
@@ -129,6 +132,7 @@ impl PhaseManager {
                 id: self.id.clone(),
                 record_id: self.record_id.clone(),
                 fencing_token: self.fencing_token,
+                attempt_id: self.attempt_id.clone(),
                 phase: phase.to_owned(),
             })
             .await
@@ -170,6 +174,7 @@ mod tests {
         let map = headers(&[
             (headers::FENCING_TOKEN, "2"),
             (headers::RECORD_ID, "r1"),
+            (headers::ATTEMPT_ID, "a1"),
             (headers::PREVIOUS_ATTEMPT, "unknown"),
             (headers::SERVICE, "orders"),
             (headers::KEY, "k1"),
@@ -189,6 +194,7 @@ mod tests {
         let map = headers(&[
             (headers::FENCING_TOKEN, "1"),
             (headers::RECORD_ID, "r1"),
+            (headers::ATTEMPT_ID, "a1"),
             (headers::SERVICE, "orders"),
             (headers::KEY, "k1"),
         ]);
@@ -211,6 +217,7 @@ mod tests {
         let map = headers(&[
             (headers::FENCING_TOKEN, "1"),
             (headers::RECORD_ID, "r1"),
+            (headers::ATTEMPT_ID, "a1"),
             (headers::SERVICE, "orders"),
             (headers::KEY, "k1"),
             (headers::RECOVERY_POINT, "teleported"),

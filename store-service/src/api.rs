@@ -254,9 +254,13 @@ fn observe<T>(
 
 async fn acquire(
     State(state): State<AppState>,
-    Json(request): Json<AcquireRequest>,
+    Json(mut request): Json<AcquireRequest>,
 ) -> Result<Json<AcquireResponse>, ApiError> {
     check_identity(&request.id)?;
+    if request.attempt_id.is_empty() {
+        // Every lock gets a secret holder proof, even for callers that send no attempt id.
+        request.attempt_id = uuid::Uuid::new_v4().simple().to_string();
+    }
     if request.lock_timeout_ms == 0 || request.fingerprint.is_empty() {
         return Err(ApiError::BadRequest(
             "lock_timeout_ms must be positive and fingerprint non-empty".into(),

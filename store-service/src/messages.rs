@@ -34,7 +34,8 @@ pub fn acquire_request(claim: &ClaimRequest) -> AcquireRequest {
         path: claim.id.topic.clone(),
         lock_timeout_ms: claim.lock_timeout_ms,
         retention_ms: claim.retention_ms,
-        attempt_id: String::new(),
+        // The claim's holder proof: random, returned only to this claimant.
+        attempt_id: uuid::Uuid::new_v4().simple().to_string(),
         deadline_ms: None,
         wait_ms: 0,
         replay_ticket: false,
@@ -47,6 +48,7 @@ pub fn claim_response(response: AcquireResponse) -> Result<ClaimResponse, Storag
         AcquireResponse::Acquired(lock) => Ok(ClaimResponse::Claimed {
             record_id: lock.record_id,
             fencing_token: lock.fencing_token,
+            attempt_id: lock.attempt_id,
         }),
         AcquireResponse::Completed { .. } => Ok(ClaimResponse::Duplicate),
         AcquireResponse::InProgress {
@@ -66,6 +68,7 @@ pub fn complete_request(done: &MessageDoneRequest) -> CompleteRequest {
         id: record_id(&done.id),
         record_id: done.record_id.clone(),
         fencing_token: done.fencing_token,
+        attempt_id: done.attempt_id.clone(),
         response: StoredResponse {
             status: 200,
             headers: Vec::new(),
@@ -83,6 +86,7 @@ pub fn release_request(done: &MessageDoneRequest) -> ReleaseRequest {
         id: record_id(&done.id),
         record_id: done.record_id.clone(),
         fencing_token: done.fencing_token,
+        attempt_id: done.attempt_id.clone(),
     }
 }
 
@@ -112,6 +116,7 @@ mod tests {
                 id: id("t", "g"),
                 record_id: "r".into(),
                 fencing_token: 1,
+                attempt_id: "a".into(),
                 retention_ms: Some(1),
             })
             .response,

@@ -176,6 +176,7 @@ pub fn decide_acquire(
             response: AcquireResponse::Acquired(Lock {
                 record_id: record.record_id.clone(),
                 fencing_token: record.fencing_token,
+                attempt_id: record.attempt_id.clone(),
                 resumed: false,
                 recovery_point: None,
                 previous_attempt: None,
@@ -223,6 +224,7 @@ pub fn decide_acquire(
                 response: AcquireResponse::Acquired(Lock {
                     record_id: record.record_id.clone(),
                     fencing_token: record.fencing_token,
+                    attempt_id: record.attempt_id.clone(),
                     resumed: true,
                     recovery_point: record.recovery_point(),
                     previous_attempt: Some(previous),
@@ -235,15 +237,15 @@ pub fn decide_acquire(
 
 /// A write that only the lock's holder may make: it names the record and proves the holding.
 pub trait HolderWrite {
-    /// (identity, record id, fencing token) as presented.
-    fn holder(&self) -> (&RecordId, &str, u64);
+    /// (identity, record id, fencing token, attempt id) as presented.
+    fn holder(&self) -> (&RecordId, &str, u64, &str);
 }
 
 macro_rules! holder_write {
     ($($request:ty),*) => {$(
         impl HolderWrite for $request {
-            fn holder(&self) -> (&RecordId, &str, u64) {
-                (&self.id, &self.record_id, self.fencing_token)
+            fn holder(&self) -> (&RecordId, &str, u64, &str) {
+                (&self.id, &self.record_id, self.fencing_token, &self.attempt_id)
             }
         }
     )*};
@@ -264,12 +266,18 @@ fn check_holder(
     request: &impl HolderWrite,
     now_ms: u64,
 ) -> Result<Record, StorageError> {
-    let (id, record_id, token) = request.holder();
+    let (id, record_id, token, attempt_id) = request.holder();
     let record = record
         .filter(|r| !r.is_expired(now_ms))
         .ok_or_else(|| StorageError::NotFound(id.clone()))?;
+    // The attempt id is random and only ever given to the attempt that acquired: record id and
+    // token can be known or guessed (tokens are sequential), the attempt id cannot.
     if record.record_id != record_id
         || record.fencing_token != token
+        || !bool::from(subtle::ConstantTimeEq::ct_eq(
+            record.attempt_id.as_bytes(),
+            attempt_id.as_bytes(),
+        ))
         || record.state != RecordState::InProgress
     {
         return Err(StorageError::StaleToken {

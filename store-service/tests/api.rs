@@ -78,7 +78,7 @@ async fn acquire_complete_then_replay() {
     let token = body["fencing_token"].as_u64().unwrap();
 
     let complete = json!({"service": "orders", "scope": "", "key": "k1", "fencing_token": token,
-        "record_id": body["record_id"],
+        "record_id": body["record_id"], "attempt_id": body["attempt_id"],
         "retention_ms": 60000, "response": {"status": 201, "headers": [["content-type", "application/json"]], "body": "e30="}});
     let (status, _) = call(&router, "POST", "/v1/complete", Some(TOKEN), complete.clone()).await;
     assert_eq!(status, StatusCode::OK);
@@ -195,7 +195,7 @@ async fn message_claims_dedupe_and_count_duplicates_per_topic_and_group() {
     assert_eq!(body["outcome"], "claimed");
     let done = json!({"service": "orders", "topic": "orders.received", "consumer_group": "order-processor",
                       "message_id": "evt-1", "fencing_token": body["fencing_token"],
-                      "record_id": body["record_id"], "retention_ms": 600000});
+                      "record_id": body["record_id"], "attempt_id": body["attempt_id"], "retention_ms": 600000});
     let (status, _) = call(&router, "POST", "/v1/messages/complete", Some(TOKEN), done).await;
     assert_eq!(status, StatusCode::OK);
     let (_, body) = call(&router, "POST", "/v1/messages/claim", Some(TOKEN), claim.clone()).await;
@@ -229,7 +229,7 @@ async fn a_message_completed_without_retention_keeps_the_claims_retention() {
                        "message_id": "evt-2", "lock_timeout_ms": 60000, "retention_ms": 600000});
     let (_, body) = call(&router, "POST", "/v1/messages/claim", Some(TOKEN), claim.clone()).await;
     let done = json!({"service": "orders", "topic": "t", "consumer_group": "g", "message_id": "evt-2",
-                      "fencing_token": body["fencing_token"], "record_id": body["record_id"]});
+                      "fencing_token": body["fencing_token"], "record_id": body["record_id"], "attempt_id": body["attempt_id"]});
     let (status, _) = call(&router, "POST", "/v1/messages/complete", Some(TOKEN), done).await;
     assert_eq!(status, StatusCode::OK);
     let (_, body) = call(&router, "POST", "/v1/messages/claim", Some(TOKEN), claim).await;
@@ -253,7 +253,7 @@ async fn a_waiting_acquire_gets_the_replay_as_soon_as_the_holder_completes() {
     };
     tokio::time::sleep(std::time::Duration::from_millis(300)).await;
     let complete = json!({"service": "orders", "scope": "", "key": "w1", "fencing_token": lock["fencing_token"],
-        "record_id": lock["record_id"], "retention_ms": 60000,
+        "record_id": lock["record_id"], "attempt_id": lock["attempt_id"], "retention_ms": 60000,
         "response": {"status": 201, "headers": [], "body": "e30="}});
     let (status, _) = call(&router, "POST", "/v1/complete", Some(TOKEN), complete).await;
     assert_eq!(status, StatusCode::OK);

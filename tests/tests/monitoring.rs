@@ -77,6 +77,7 @@ async fn claim(client: &reqwest::Client, store: &str, message_id: &str) -> Value
         let mut done = body.clone();
         done["fencing_token"] = response["fencing_token"].clone();
         done["record_id"] = response["record_id"].clone();
+        done["attempt_id"] = response["attempt_id"].clone();
         client
             .post(format!("{store}/v1/messages/complete"))
             .bearer_auth(STORE_TOKEN)

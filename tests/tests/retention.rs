@@ -61,7 +61,7 @@ async fn with_short_retention_under_steady_load_the_live_record_count_levels_off
                         .await
                         .unwrap();
                     let complete = json!({"service": "orders", "scope": "", "key": key,
-                        "record_id": lock["record_id"], "fencing_token": lock["fencing_token"],
+                        "record_id": lock["record_id"], "attempt_id": lock["attempt_id"], "fencing_token": lock["fencing_token"],
                         "retention_ms": 300, "response": {"status": 201, "headers": [], "body": ""}});
                     let done = client
                         .post(format!("{url}/v1/complete"))

@@ -58,11 +58,14 @@ pub mod headers {
     /// On a takeover: what is known of the earlier attempt (`unknown`: it may have executed;
     /// `released`: it did not execute, or failed in a way the upstream said is safe to retry).
     pub const PREVIOUS_ATTEMPT: &str = "x-idempotency-previous-attempt";
+    /// The holder's attempt id: presented with checkpoints, it proves this request holds the lock
+    /// (record id and fencing token alone are not secret enough: tokens are sequential).
+    pub const ATTEMPT_ID: &str = "x-idempotency-attempt-id";
     /// Replay ticket the filter sets on a gRPC replay it routes to the store (`/v1/replay`);
     /// the route to the store matches on this header.
     pub const REPLAY_TICKET: &str = "x-idempotency-replay-ticket";
     /// Every internal header the filter sets.
-    pub const ALL: [&str; 8] = [
+    pub const ALL: [&str; 9] = [
         RECORD_ID,
         FENCING_TOKEN,
         RECOVERY_POINT,
@@ -71,6 +74,7 @@ pub mod headers {
         KEY,
         PREVIOUS_ATTEMPT,
         REPLAY_TICKET,
+        ATTEMPT_ID,
     ];
 }
 
@@ -161,6 +165,10 @@ pub struct Lock {
     pub record_id: String,
     /// Increases on every acquire or takeover; later writes must present it.
     pub fencing_token: u64,
+    /// This attempt's random id (the acquire's, or one the store chose): later writes must
+    /// present it too, so only this attempt can write, whatever else a caller knows.
+    #[serde(default)]
+    pub attempt_id: String,
     /// True when this attempt takes over an earlier one (expired or released lock).
     #[serde(default)]
     pub resumed: bool,
@@ -223,6 +231,9 @@ pub struct CompleteRequest {
     pub record_id: String,
     /// Token from `acquire`.
     pub fencing_token: u64,
+    /// The attempt id from the acquire (or claim): proof of holding.
+    #[serde(default)]
+    pub attempt_id: String,
     /// The response to store.
     pub response: StoredResponse,
     /// How long the completed record is kept (from now); 0: the retention the acquire asked for.
@@ -240,6 +251,9 @@ pub struct ReleaseRequest {
     pub record_id: String,
     /// Token from `acquire`.
     pub fencing_token: u64,
+    /// The attempt id from the acquire (or claim): proof of holding.
+    #[serde(default)]
+    pub attempt_id: String,
 }
 
 /// `POST /v1/outcome-unknown`: the holder forwarded the request but cannot know whether the
@@ -253,6 +267,9 @@ pub struct OutcomeUnknownRequest {
     pub record_id: String,
     /// Token from `acquire`.
     pub fencing_token: u64,
+    /// The attempt id from the acquire (or claim): proof of holding.
+    #[serde(default)]
+    pub attempt_id: String,
     /// Why, e.g. `downstream_disconnect`, `route_timeout`, `upstream_reset`.
     pub reason: String,
 }
@@ -285,6 +302,9 @@ pub struct CheckpointRequest {
     pub record_id: String,
     /// Token from `acquire` (the `x-idempotency-fencing-token` header).
     pub fencing_token: u64,
+    /// The attempt id from the acquire (or claim): proof of holding.
+    #[serde(default)]
+    pub attempt_id: String,
     /// Name of the phase just completed.
     pub phase: String,
 }
@@ -324,6 +344,9 @@ pub enum ClaimResponse {
         record_id: String,
         /// Fencing token for complete/release.
         fencing_token: u64,
+        /// Attempt id for complete/release.
+        #[serde(default)]
+        attempt_id: String,
     },
     /// Already handled: skip it (and acknowledge it to the broker).
     Duplicate,
@@ -344,6 +367,9 @@ pub struct MessageDoneRequest {
     pub record_id: String,
     /// Token from the claim.
     pub fencing_token: u64,
+    /// The attempt id from the acquire (or claim): proof of holding.
+    #[serde(default)]
+    pub attempt_id: String,
     /// How long the dedup record is kept (complete only); absent: the claim's `retention_ms`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub retention_ms: Option<u64>,

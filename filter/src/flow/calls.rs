@@ -87,6 +87,7 @@ pub fn complete(
         id: held.id.clone(),
         record_id: held.lock.record_id.clone(),
         fencing_token: held.lock.fencing_token,
+        attempt_id: held.lock.attempt_id.clone(),
         response,
         retention_ms: millis(retention),
     })?;
@@ -104,6 +105,7 @@ pub fn release(held: &Held) -> Result<HolderWrite, serde_json::Error> {
         id: held.id.clone(),
         record_id: held.lock.record_id.clone(),
         fencing_token: held.lock.fencing_token,
+        attempt_id: held.lock.attempt_id.clone(),
     })?;
     Ok(HolderWrite {
         path: paths::RELEASE,
@@ -119,6 +121,7 @@ pub fn outcome_unknown(held: &Held, reason: UnknownReason) -> Result<HolderWrite
         id: held.id.clone(),
         record_id: held.lock.record_id.clone(),
         fencing_token: held.lock.fencing_token,
+        attempt_id: held.lock.attempt_id.clone(),
         reason: reason.as_str().to_owned(),
     })?;
     Ok(HolderWrite {

@@ -1198,6 +1198,7 @@ fn humantime_secs(duration: Duration) -> String {
 fn set_internal_headers(host: &dyn Host, held: &Held) -> Result<(), crate::host::HostError> {
     host.set_request_header(headers::RECORD_ID, Some(&held.lock.record_id))?;
     host.set_request_header(headers::FENCING_TOKEN, Some(&held.lock.fencing_token.to_string()))?;
+    host.set_request_header(headers::ATTEMPT_ID, Some(&held.lock.attempt_id))?;
     host.set_request_header(headers::SERVICE, Some(&held.id.service))?;
     host.set_request_header(headers::SCOPE, Some(&held.id.scope))?;
     host.set_request_header(headers::KEY, Some(&held.id.key))?;

@@ -170,6 +170,7 @@ impl ShadowJob {
                         id: held.id.clone(),
                         record_id: held.lock.record_id.clone(),
                         fencing_token: held.lock.fencing_token,
+                        attempt_id: held.lock.attempt_id.clone(),
                         response: StoredResponse {
                             status,
                             headers: captured.headers.clone(),
@@ -200,6 +201,7 @@ fn release_call(held: &Held) -> (&'static str, Result<Vec<u8>, serde_json::Error
         id: held.id.clone(),
         record_id: held.lock.record_id.clone(),
         fencing_token: held.lock.fencing_token,
+        attempt_id: held.lock.attempt_id.clone(),
     };
     (paths::RELEASE, serde_json::to_vec(&request))
 }

@@ -59,6 +59,7 @@ fn acquired(token: u64, recovery_point: Option<&str>) -> AcquireResponse {
     AcquireResponse::Acquired(Lock {
         record_id: "rec-1".into(),
         fencing_token: token,
+        attempt_id: "att-1".into(),
         resumed: recovery_point.is_some(),
         recovery_point: recovery_point.map(str::to_owned),
         previous_attempt: None,

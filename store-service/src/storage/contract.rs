@@ -35,6 +35,7 @@ pub fn complete_request(key: &str, lock: &Lock) -> CompleteRequest {
         id: record_id(key),
         record_id: lock.record_id.clone(),
         fencing_token: lock.fencing_token,
+        attempt_id: lock.attempt_id.clone(),
         response: StoredResponse {
             status: 201,
             headers: vec![("content-type".into(), "application/json".into())],
@@ -56,6 +57,7 @@ pub fn release_request(key: &str, lock: &Lock) -> ReleaseRequest {
         id: record_id(key),
         record_id: lock.record_id.clone(),
         fencing_token: lock.fencing_token,
+        attempt_id: lock.attempt_id.clone(),
     }
 }
 
@@ -65,6 +67,7 @@ pub fn checkpoint_request(key: &str, lock: &Lock, phase: &str) -> CheckpointRequ
         id: record_id(key),
         record_id: lock.record_id.clone(),
         fencing_token: lock.fencing_token,
+        attempt_id: lock.attempt_id.clone(),
         phase: phase.into(),
     }
 }
@@ -74,6 +77,7 @@ pub fn forged_lock(record_id: &str, fencing_token: u64) -> Lock {
     Lock {
         record_id: record_id.into(),
         fencing_token,
+        attempt_id: String::new(),
         resumed: false,
         recovery_point: None,
         previous_attempt: None,
@@ -352,6 +356,7 @@ macro_rules! storage_contract_tests {
                     id: record_id("u1"),
                     record_id: first.record_id.clone(),
                     fencing_token: first.fencing_token,
+                    attempt_id: first.attempt_id.clone(),
                     reason: "downstream_disconnect".into(),
                 };
                 s.outcome_unknown(&report, 1_100).await.unwrap();
@@ -486,6 +491,38 @@ macro_rules! storage_contract_tests {
                     Err(StorageError::StaleToken { .. })
                 ));
                 s.complete(&complete_request("pr", &new), 1_300)
+                    .await
+                    .unwrap();
+            }
+
+            #[tokio::test]
+            async fn a_writer_that_knows_the_record_and_token_but_not_the_attempt_is_refused() {
+                let (_guard, s) = $open;
+                let first = lock_of(
+                    s.acquire(&attempt("ga", 1_000, "secret-attempt-1"), 1_000)
+                        .await
+                        .unwrap(),
+                );
+                let second = lock_of(
+                    s.acquire(&attempt("ga", 1_000, "secret-attempt-2"), 2_100)
+                        .await
+                        .unwrap(),
+                );
+                assert_eq!(second.attempt_id, "secret-attempt-2");
+                // The first holder guesses the takeover's token: record id and token match.
+                let mut guess = complete_request("ga", &first);
+                guess.fencing_token = second.fencing_token;
+                assert!(matches!(
+                    s.complete(&guess, 2_200).await,
+                    Err(StorageError::StaleToken { .. })
+                ));
+                let mut checkpoint = checkpoint_request("ga", &first, "x");
+                checkpoint.fencing_token = second.fencing_token;
+                assert!(matches!(
+                    s.checkpoint(&checkpoint, 2_200).await,
+                    Err(StorageError::StaleToken { .. })
+                ));
+                s.complete(&complete_request("ga", &second), 2_300)
                     .await
                     .unwrap();
             }

@@ -32,8 +32,8 @@ use serde::{Deserialize, Serialize};
 
 use super::{BackendName, Storage, StorageError};
 use crate::record::{
-    check_deadline, completed_expiry, decide_acquire, previous_attempt, Checkpoint, OutcomeUnknown, Record,
-    RecordState,
+    check_deadline, completed_expiry, decide_acquire, previous_attempt, Checkpoint, HolderWrite,
+    OutcomeUnknown, Record, RecordState,
 };
 
 /// Collection of HTTP idempotency records.
@@ -233,6 +233,7 @@ fn acquired(record: &Record, previous: Option<idempotency_wire::PreviousAttempt>
     AcquireResponse::Acquired(Lock {
         record_id: record.record_id.clone(),
         fencing_token: record.fencing_token,
+        attempt_id: record.attempt_id.clone(),
         resumed: previous.is_some(),
         recovery_point: record.recovery_point(),
         previous_attempt: previous,
@@ -320,14 +321,14 @@ impl MongoStorage {
     /// A holder write: matches only the current record id and token of an in-progress live record.
     async fn holder_update(
         &self,
-        id: &RecordId,
-        record_id: &str,
-        presented: u64,
+        request: &impl HolderWrite,
         now_ms: u64,
         update: Document,
     ) -> Result<(), StorageError> {
+        let (id, record_id, presented, attempt_id) = request.holder();
         let mut filter = identity(id);
         filter.insert("record_id", record_id);
+        filter.insert("attempt_id", attempt_id);
         filter.insert("fencing_token", token(presented));
         filter.insert("state", "in_progress");
         filter.insert("expires_at", doc! {"$gt": datetime(now_ms)});
@@ -449,26 +450,12 @@ impl Storage for MongoStorage {
             },
             "$unset": {"outcome_unknown": ""},
         };
-        self.holder_update(
-            &request.id,
-            &request.record_id,
-            request.fencing_token,
-            now_ms,
-            update,
-        )
-        .await
+        self.holder_update(request, now_ms, update).await
     }
 
     async fn release(&self, request: &ReleaseRequest, now_ms: u64) -> Result<(), StorageError> {
         let update = doc! {"$set": {"locked_until": datetime(0)}};
-        self.holder_update(
-            &request.id,
-            &request.record_id,
-            request.fencing_token,
-            now_ms,
-            update,
-        )
-        .await
+        self.holder_update(request, now_ms, update).await
     }
 
     async fn outcome_unknown(
@@ -481,14 +468,7 @@ impl Storage for MongoStorage {
             "at": datetime(now_ms),
             "fencing_token": token(request.fencing_token),
         }}};
-        self.holder_update(
-            &request.id,
-            &request.record_id,
-            request.fencing_token,
-            now_ms,
-            update,
-        )
-        .await
+        self.holder_update(request, now_ms, update).await
     }
 
     async fn abandon(&self, request: &AbandonRequest, now_ms: u64) -> Result<bool, StorageError> {
@@ -511,14 +491,7 @@ impl Storage for MongoStorage {
     async fn checkpoint(&self, request: &CheckpointRequest, now_ms: u64) -> Result<(), StorageError> {
         let checkpoint = doc! {"phase": &request.phase, "at": datetime(now_ms), "fencing_token": token(request.fencing_token)};
         let update = doc! {"$push": {"checkpoints": checkpoint}};
-        self.holder_update(
-            &request.id,
-            &request.record_id,
-            request.fencing_token,
-            now_ms,
-            update,
-        )
-        .await
+        self.holder_update(request, now_ms, update).await
     }
 
     async fn get(&self, id: &RecordId, now_ms: u64) -> Result<Option<Record>, StorageError> {
