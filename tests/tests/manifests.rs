@@ -161,9 +161,20 @@ fn kubernetes_store_deployment_uses_only_what_the_store_reads() {
         }
         names.insert(name.to_owned());
     }
-    for required in ["MONGODB_URI", "STORE_TOKEN"] {
+    for required in ["MONGODB_URI", "STORE_CREDENTIALS", "STORE_REPLAY_SECRET"] {
         assert!(names.contains(required), "{required} must be set");
     }
+    assert!(
+        !names.contains("STORE_TOKEN"),
+        "production uses roles, not the all-roles token"
+    );
+    // The mounted credentials file is the Secret's, and the store's own parser accepts it.
+    let file = secret["stringData"]["credentials.yaml"].as_str().unwrap();
+    idempotency_store::auth::Credentials::from_yaml(file).unwrap();
+    assert_eq!(
+        get(deployment, &["spec", "template", "spec", "volumes"])[0]["secret"]["items"][0]["key"],
+        "credentials.yaml"
+    );
     assert_eq!(container["readinessProbe"]["httpGet"]["path"], "/readyz");
     assert_eq!(container["livenessProbe"]["httpGet"]["path"], "/healthz");
     assert!(!container["resources"]["requests"].is_null() && !container["resources"]["limits"].is_null());
@@ -254,4 +265,29 @@ fn envoy_accepts(bootstrap: &serde_json::Value, name: &str) {
         "{name}: {}",
         String::from_utf8_lossy(&output.stderr)
     );
+}
+
+#[test]
+fn compose_tokens_match_the_roles_in_its_credentials_file() {
+    let credentials = std::fs::read_to_string(repo_root().join("envoy/compose/credentials.yaml")).unwrap();
+    let credentials = idempotency_store::auth::Credentials::from_yaml(&credentials).unwrap();
+    let envoy = std::fs::read_to_string(repo_root().join("envoy/compose/envoy.yaml")).unwrap();
+    let proxy_token = envoy
+        .split("\"store_token\": \"")
+        .nth(1)
+        .and_then(|rest| rest.split('"').next())
+        .unwrap();
+    let proxy = credentials
+        .authenticate(proxy_token)
+        .expect("Envoy's store_token is a known token");
+    assert!(proxy.may(idempotency_store::auth::Permission::ProxyCalls));
+    let compose = &documents("envoy/compose/docker-compose.yaml")[0];
+    let demo_token = compose["services"]["demo"]["environment"]["DEMO_STORE_TOKEN"]
+        .as_str()
+        .unwrap();
+    let demo = credentials
+        .authenticate(demo_token)
+        .expect("the demo's token is a known token");
+    assert!(demo.may(idempotency_store::auth::Permission::Checkpoint) && demo.may_act_for("orders"));
+    assert!(!demo.may(idempotency_store::auth::Permission::ProxyCalls));
 }
