@@ -45,6 +45,11 @@ fn bin(name: &str) -> PathBuf {
     path
 }
 
+/// The store service binary.
+pub fn store_bin() -> PathBuf {
+    bin("idempotency-store")
+}
+
 /// The Envoy binary.
 pub fn envoy_bin() -> PathBuf {
     let path =
