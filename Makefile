@@ -38,7 +38,7 @@ wasm:
 	$(CARGO) build --locked -p idempotency-filter --target wasm32-wasip1 --profile wasm-release
 
 binaries:
-	$(CARGO) build --locked --release -p idempotency-store -p demo-orders
+	$(CARGO) build --locked --release -p idempotency-store -p demo-orders -p idempotencyctl
 
 run: build ## Start store + demo orders service + Envoy (127.0.0.1:10000); Ctrl-C stops all
 	STORE=$(STORE) MONGODB_URI=$(MONGODB_URI) ENVOY=$(ENVOY) scripts/run.sh

@@ -91,6 +91,7 @@ pub fn app(state: AppState) -> Router {
         .route(paths::ABANDON, post(abandon))
         .route(paths::CHECKPOINT, post(checkpoint))
         .route(paths::RECORDS, get(get_record).delete(purge_record))
+        .route(paths::RECORDS_IN_PROGRESS, get(list_in_progress))
         .route(paths::MESSAGE_CLAIM, post(claim_message))
         .route(paths::MESSAGE_COMPLETE, post(complete_message))
         .route(paths::MESSAGE_RELEASE, post(release_message))
@@ -505,6 +506,60 @@ async fn get_record(
     result?
         .map(Json)
         .ok_or(ApiError::Storage(StorageError::NotFound(id)))
+}
+
+/// Query of `GET /v1/records/in-progress`.
+#[derive(Debug, serde::Deserialize)]
+struct ListQuery {
+    service: String,
+    /// Only records created at least this long ago (stuck locks).
+    #[serde(default)]
+    older_than_ms: u64,
+    #[serde(default = "default_page")]
+    limit: usize,
+    cursor: Option<String>,
+}
+
+fn default_page() -> usize {
+    100
+}
+
+/// Largest page of the listing.
+pub const MAX_PAGE: usize = 1_000;
+
+async fn list_in_progress(
+    State(state): State<AppState>,
+    Extension(principal): Extension<Arc<Principal>>,
+    Query(query): Query<ListQuery>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    if query.service.is_empty() || query.limit == 0 || query.limit > MAX_PAGE {
+        return Err(ApiError::BadRequest(format!(
+            "service must be set and limit between 1 and {MAX_PAGE}"
+        )));
+    }
+    let now = now_ms();
+    let started = Instant::now();
+    let result = state
+        .storage
+        .list_in_progress(
+            &query.service,
+            now.saturating_sub(query.older_than_ms),
+            query.limit,
+            query.cursor.as_deref(),
+            now,
+        )
+        .await;
+    observe(&state, "list", &query.service, started, &result);
+    let (records, next) = result?;
+    tracing::info!(
+        audit = true,
+        credential = %principal.name,
+        action = "list_in_progress",
+        service = %query.service,
+        found = records.len(),
+        "admin action"
+    );
+    Ok(Json(json!({"records": records, "next": next, "now_ms": now})))
 }
 
 async fn purge_record(

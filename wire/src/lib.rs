@@ -29,6 +29,9 @@ pub mod paths {
     pub const CHECKPOINT: &str = "/v1/checkpoint";
     /// Admin: read or purge one record (`/v1/records?service=&scope=&key=`).
     pub const RECORDS: &str = "/v1/records";
+    /// Admin: in-progress records of a service, in pages
+    /// (`?service=&older_than_ms=&limit=&cursor=`), for finding stuck locks.
+    pub const RECORDS_IN_PROGRESS: &str = "/v1/records/in-progress";
     /// Consumer deduplication: claim a message before handling it.
     pub const MESSAGE_CLAIM: &str = "/v1/messages/claim";
     /// Consumer deduplication: the handler succeeded; later claims are duplicates.

@@ -528,6 +528,51 @@ macro_rules! storage_contract_tests {
             }
 
             #[tokio::test]
+            async fn in_progress_records_are_listed_per_service_in_pages() {
+                let (_guard, s) = $open;
+                for i in 0..5 {
+                    s.acquire(&acquire_request(&format!("list-{i}"), 60_000), 1_000)
+                        .await
+                        .unwrap();
+                }
+                let done = lock_of(
+                    s.acquire(&acquire_request("list-done", 60_000), 1_000)
+                        .await
+                        .unwrap(),
+                );
+                s.complete(&complete_request("list-done", &done), 1_100)
+                    .await
+                    .unwrap();
+                let mut other = acquire_request("list-other", 60_000);
+                other.id.service = "payments".into();
+                s.acquire(&other, 1_000).await.unwrap();
+                s.acquire(&acquire_request("list-young", 60_000), 5_000)
+                    .await
+                    .unwrap();
+
+                let mut seen = Vec::new();
+                let mut cursor: Option<String> = None;
+                for _ in 0..10 {
+                    let (page, next) = s
+                        .list_in_progress("orders", 2_000, 2, cursor.as_deref(), 6_000)
+                        .await
+                        .unwrap();
+                    assert!(page.len() <= 2);
+                    seen.extend(page.into_iter().map(|r| r.id.key));
+                    cursor = next;
+                    if cursor.is_none() {
+                        break;
+                    }
+                }
+                seen.sort();
+                assert_eq!(
+                    seen,
+                    (0..5).map(|i| format!("list-{i}")).collect::<Vec<_>>(),
+                    "in progress, old enough, this service, each once"
+                );
+            }
+
+            #[tokio::test]
             async fn a_completion_without_retention_keeps_the_retention_the_acquire_asked_for() {
                 let (_guard, s) = $open;
                 let lock = lock_of(

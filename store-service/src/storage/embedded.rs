@@ -130,6 +130,11 @@ impl EmbeddedStorage {
     }
 }
 
+/// The cursor itself, when paging resumes after it (not at the range's start).
+fn cursor_key<'a>(start: &'a str, prefix: &str) -> Option<&'a str> {
+    (start != prefix).then_some(start)
+}
+
 /// How to answer one operation once its batch has committed (or failed).
 type Reply = Box<dyn FnOnce(Result<(), StorageError>) + Send>;
 
@@ -396,6 +401,49 @@ impl Storage for EmbeddedStorage {
     async fn abandon(&self, request: &AbandonRequest, now_ms: u64) -> Result<bool, StorageError> {
         let request = request.clone();
         self.submit(|tx| Op::Abandon(request, now_ms, tx)).await
+    }
+
+    async fn list_in_progress(
+        &self,
+        service: &str,
+        created_before_ms: u64,
+        limit: usize,
+        cursor: Option<&str>,
+        now_ms: u64,
+    ) -> Result<(Vec<Record>, Option<String>), StorageError> {
+        // Identity keys start with the length-prefixed service, so one service is one key range.
+        let prefix = format!("{}:{}|", service.len(), service);
+        let start = cursor.map(str::to_owned).unwrap_or_else(|| prefix.clone());
+        self.read(move |db| {
+            let txn = db.begin_read().map_err(unavailable)?;
+            let table = txn.open_table(RECORDS).map_err(unavailable)?;
+            let mut page = Vec::new();
+            let mut next = None;
+            for entry in table.range(start.as_str()..).map_err(unavailable)? {
+                let (key, value) = entry.map_err(unavailable)?;
+                let key = key.value();
+                if !key.starts_with(&prefix) {
+                    break;
+                }
+                if Some(key) == cursor_key(&start, &prefix) {
+                    continue; // the cursor is the last record of the previous page
+                }
+                let record = decode(value.value())?;
+                if record.state != crate::record::RecordState::InProgress
+                    || record.is_expired(now_ms)
+                    || record.created_ms > created_before_ms
+                {
+                    continue;
+                }
+                if page.len() == limit {
+                    next = page.last().map(|r: &Record| identity_key(&r.id));
+                    break;
+                }
+                page.push(record);
+            }
+            Ok((page, next))
+        })
+        .await
     }
 
     async fn purge(&self, id: &RecordId) -> Result<bool, StorageError> {

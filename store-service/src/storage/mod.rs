@@ -69,6 +69,17 @@ pub trait Storage: Send + Sync + 'static {
     async fn checkpoint(&self, request: &CheckpointRequest, now_ms: u64) -> Result<(), StorageError>;
     /// Read a live record (admin).
     async fn get(&self, id: &RecordId, now_ms: u64) -> Result<Option<Record>, StorageError>;
+    /// Admin: live in-progress records of `service` created at or before `created_before_ms`,
+    /// at most `limit`, after the opaque `cursor` of an earlier page; returns the page and the
+    /// cursor of the next one (`None` at the end).
+    async fn list_in_progress(
+        &self,
+        service: &str,
+        created_before_ms: u64,
+        limit: usize,
+        cursor: Option<&str>,
+        now_ms: u64,
+    ) -> Result<(Vec<Record>, Option<String>), StorageError>;
     /// Delete a record (admin); true when one existed.
     async fn purge(&self, id: &RecordId) -> Result<bool, StorageError>;
     /// Delete records whose retention ran out, at most `limit` of them; returns how many.

@@ -498,6 +498,48 @@ impl Storage for MongoStorage {
         Ok(self.find(id).await?.filter(|r| !r.is_expired(now_ms)))
     }
 
+    async fn list_in_progress(
+        &self,
+        service: &str,
+        created_before_ms: u64,
+        limit: usize,
+        cursor: Option<&str>,
+        now_ms: u64,
+    ) -> Result<(Vec<Record>, Option<String>), StorageError> {
+        use futures::TryStreamExt as _;
+        // Paged by record id: unique and the same whichever replica answers.
+        let mut filter = doc! {
+            "service": service,
+            "state": "in_progress",
+            "created_at": {"$lte": datetime(created_before_ms)},
+            "expires_at": {"$gt": datetime(now_ms)},
+        };
+        if let Some(after) = cursor {
+            filter.insert("record_id", doc! {"$gt": after});
+        }
+        let docs: Vec<RecordDoc> = self
+            .records
+            .find(filter)
+            .sort(doc! {"record_id": 1})
+            .limit(i64::try_from(limit.saturating_add(1)).unwrap_or(i64::MAX))
+            .await
+            .map_err(unavailable)?
+            .try_collect()
+            .await
+            .map_err(unavailable)?;
+        let mut page = docs
+            .into_iter()
+            .map(Record::try_from)
+            .collect::<Result<Vec<_>, _>>()?;
+        let next = if page.len() > limit {
+            page.truncate(limit);
+            page.last().map(|r| r.record_id.clone())
+        } else {
+            None
+        };
+        Ok((page, next))
+    }
+
     async fn purge(&self, id: &RecordId) -> Result<bool, StorageError> {
         let result = self.records.delete_one(identity(id)).await.map_err(unavailable)?;
         Ok(result.deleted_count > 0)
