@@ -37,31 +37,41 @@ struct Cli {
     command: Command,
 }
 
+/// Which record.
+#[derive(Debug, clap::Args)]
+struct RecordArgs {
+    /// Service name.
+    #[arg(long)]
+    service: String,
+    /// Caller scope (empty when unscoped).
+    #[arg(long, default_value = "")]
+    scope: String,
+    /// Idempotency key.
+    #[arg(long)]
+    key: String,
+}
+
+impl RecordArgs {
+    fn query(&self) -> [(&'static str, &str); 3] {
+        [
+            ("service", &self.service),
+            ("scope", &self.scope),
+            ("key", &self.key),
+        ]
+    }
+}
+
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Show one record: state, fingerprint, lock, checkpoints, stored response.
     Get {
-        /// Service name.
-        #[arg(long)]
-        service: String,
-        /// Caller scope (empty when unscoped).
-        #[arg(long, default_value = "")]
-        scope: String,
-        /// Idempotency key.
-        #[arg(long)]
-        key: String,
+        #[command(flatten)]
+        record: RecordArgs,
     },
     /// Delete one record (asks first unless --yes).
     Purge {
-        /// Service name.
-        #[arg(long)]
-        service: String,
-        /// Caller scope.
-        #[arg(long, default_value = "")]
-        scope: String,
-        /// Idempotency key.
-        #[arg(long)]
-        key: String,
+        #[command(flatten)]
+        record: RecordArgs,
         /// Do not ask for confirmation.
         #[arg(long)]
         yes: bool,
@@ -156,14 +166,6 @@ impl Store {
     fn url(&self, path: &str) -> String {
         format!("{}{path}", self.base)
     }
-}
-
-fn identity(service: &str, scope: &str, key: &str) -> [(&'static str, String); 3] {
-    [
-        ("service", service.to_owned()),
-        ("scope", scope.to_owned()),
-        ("key", key.to_owned()),
-    ]
 }
 
 fn now_ms() -> u64 {
@@ -317,14 +319,9 @@ async fn run(cli: Cli) -> Result<(), CtlError> {
             .map_err(|e| CtlError::Other(e.to_string()))?,
     };
     match cli.command {
-        Command::Get { service, scope, key } => {
+        Command::Get { record } => {
             let record = store
-                .json(
-                    store
-                        .http
-                        .get(store.url(paths::RECORDS))
-                        .query(&identity(&service, &scope, &key)),
-                )
+                .json(store.http.get(store.url(paths::RECORDS)).query(&record.query()))
                 .await?;
             if cli.json {
                 println!("{record}");
@@ -332,12 +329,8 @@ async fn run(cli: Cli) -> Result<(), CtlError> {
                 print_record(&record);
             }
         }
-        Command::Purge {
-            service,
-            scope,
-            key,
-            yes,
-        } => {
+        Command::Purge { record, yes } => {
+            let RecordArgs { service, scope, key } = &record;
             if !yes
                 && !confirm(&format!(
                     "purge the record of key {key:?} (service {service}, scope {scope:?})?"
@@ -350,7 +343,7 @@ async fn run(cli: Cli) -> Result<(), CtlError> {
                     store
                         .http
                         .delete(store.url(paths::RECORDS))
-                        .query(&identity(&service, &scope, &key)),
+                        .query(&record.query()),
                 )
                 .await?;
             if cli.json {
