@@ -204,20 +204,36 @@ struct Scenario {
     expect: fn(u16, bool) -> bool,
 }
 
+/// `make bench`: the filter's cost next to pass-through Envoy (interleaved rounds, closed loop),
+/// retries of in-flight keys, gRPC replays, and the store alone (throughput, per-operation
+/// latency at one connection, memory at 100k records). Prints a table and writes
+/// `target/bench/results.json` (every round, plus a `summary` per scenario). Needs `make build`
+/// first; run it through `make bench`, which pins it with `taskset`.
+#[derive(Debug, clap::Parser)]
+#[command(name = "idempotency-bench", about, long_about = None)]
+struct Settings {
+    /// Seconds per scenario and round.
+    #[arg(long, env = "BENCH_SECONDS", default_value_t = 4.0)]
+    seconds: f64,
+    /// Interleaved rounds (filter and pass-through alternate within each).
+    #[arg(long, env = "BENCH_ROUNDS", default_value_t = 2)]
+    rounds: usize,
+    /// Keep-alive connections of the load generator.
+    #[arg(long, env = "BENCH_CONNECTIONS", default_value_t = 16)]
+    connections: usize,
+    /// Connections for the store-alone throughput run.
+    #[arg(long, env = "BENCH_STORE_CONNECTIONS", default_value_t = 64)]
+    store_connections: usize,
+}
+
 #[tokio::main(flavor = "multi_thread", worker_threads = 1)]
 async fn main() {
-    let seconds: f64 = std::env::var("BENCH_SECONDS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(4.0);
-    let rounds: usize = std::env::var("BENCH_ROUNDS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(2);
-    let connections: usize = std::env::var("BENCH_CONNECTIONS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(16);
+    let Settings {
+        seconds,
+        rounds,
+        connections,
+        store_connections,
+    } = <Settings as clap::Parser>::parse();
     let duration = Duration::from_secs_f64(seconds);
     let dir = tempfile::tempdir().unwrap();
 
@@ -572,13 +588,16 @@ async fn main() {
             .output();
     }
     let store_addr = addr(store_port);
-    let store_connections: usize = std::env::var("BENCH_STORE_CONNECTIONS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(64);
+    // Per durable operation at one connection (acquire and complete, each one group commit).
+    let single = store_pairs(store_addr, 1, duration).await;
+    let store_latency = json!({
+        "operations": single.2.len(),
+        "p50_us": single.2.value_at_quantile(0.5),
+        "p99_us": single.2.value_at_quantile(0.99),
+    });
     let pairs = store_pairs(store_addr, store_connections, duration).await;
     // Fill to 100k live records, then measure the store's memory.
-    let mut filled = pairs.0;
+    let mut filled = pairs.0 + single.0;
     while filled < 100_000 {
         filled += store_pairs(store_addr, store_connections, Duration::from_secs(2))
             .await
@@ -587,14 +606,17 @@ async fn main() {
     let store_rss = store.pid().map(rss_kib);
     let wasm_bytes = std::fs::metadata(wasm_path()).map(|m| m.len()).unwrap_or(0);
 
+    let per_scenario = summarize(&results);
     let summary = json!({
+        "summary": per_scenario,
         "machine": machine(),
         "settings": {"seconds_per_scenario": seconds, "rounds": rounds, "connections": connections,
                      "body_bytes": 1024, "envoy_concurrency": 1},
         "rounds": results,
         "one_connection": added,
         "envoy_rss": envoy_rss,
-        "store_alone": {"pairs_per_second": pairs.0 as f64 / pairs.1, "connections": store_connections},
+        "store_alone": {"pairs_per_second": pairs.0 as f64 / pairs.1, "connections": store_connections,
+                        "one_connection_per_operation": store_latency},
         "store_rss_kib_at_live_records": {"records": filled, "rss_kib": store_rss},
         "wasm_bytes": wasm_bytes,
         "in_flight_retries": in_flight_retries,
@@ -775,7 +797,9 @@ async fn hold_waiters(addr: SocketAddr, firsts: usize, retries: usize, duration:
 }
 
 /// Acquire + complete pairs against the store API; returns (pairs, seconds).
-async fn store_pairs(addr: SocketAddr, connections: usize, duration: Duration) -> (u64, f64) {
+/// Acquire + complete pairs against the store API; returns (pairs, seconds, latency of each
+/// operation in µs).
+async fn store_pairs(addr: SocketAddr, connections: usize, duration: Duration) -> (u64, f64, Histogram<u64>) {
     let started = Instant::now();
     let deadline = started + duration;
     let run = std::process::id();
@@ -789,6 +813,7 @@ async fn store_pairs(addr: SocketAddr, connections: usize, duration: Duration) -
                 tokio::spawn(connection);
                 let body = "e".repeat(1024);
                 let mut done = 0u64;
+                let mut latency = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).unwrap();
                 let nonce = Instant::now().elapsed().as_nanos();
                 while Instant::now() < deadline {
                     let key = format!("pair-{run}-{nonce}-{c}-{done}");
@@ -800,6 +825,7 @@ async fn store_pairs(addr: SocketAddr, connections: usize, duration: Duration) -
                         .header("content-type", "application/json")
                         .body(Full::new(Bytes::from(acquire.to_string())))
                         .unwrap();
+                    let sent = Instant::now();
                     let Ok(response) = sender.send_request(request).await else { break };
                     let reply: Value = serde_json::from_slice(&response.into_body().collect().await.unwrap().to_bytes()).unwrap_or_default();
                     let complete = json!({"service": "bench", "scope": "", "key": key, "fencing_token": reply["fencing_token"],
@@ -811,22 +837,67 @@ async fn store_pairs(addr: SocketAddr, connections: usize, duration: Duration) -
                         .header("content-type", "application/json")
                         .body(Full::new(Bytes::from(complete.to_string())))
                         .unwrap();
+                    latency.record(sent.elapsed().as_micros().max(1) as u64).unwrap();
+                    let sent = Instant::now();
                     let Ok(response) = sender.send_request(request).await else { break };
                     let acknowledged = response.status() == 200;
                     let _ = response.into_body().collect().await;
+                    latency.record(sent.elapsed().as_micros().max(1) as u64).unwrap();
                     // Only acknowledged pairs count: a refused complete costs the store nothing.
                     assert!(acknowledged, "the store refused a complete: the benchmark would measure nothing");
                     done += 1;
                 }
-                done
+                (done, latency)
             })
         })
         .collect();
     let mut total = 0;
+    let mut latency = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).unwrap();
     for task in tasks {
-        total += task.await.unwrap_or(0);
+        if let Ok((done, part)) = task.await {
+            total += done;
+            latency.add(part).unwrap();
+        }
     }
-    (total, started.elapsed().as_secs_f64())
+    (total, started.elapsed().as_secs_f64(), latency)
+}
+
+/// Per scenario over the rounds: the median ratio to pass-through, median Envoy µs/request and
+/// median p50/p99 — the figures the README's table quotes.
+fn summarize(rounds: &[Value]) -> Value {
+    fn median(mut values: Vec<f64>) -> Option<f64> {
+        values.retain(|v| v.is_finite());
+        values.sort_by(f64::total_cmp);
+        let n = values.len();
+        match n {
+            0 => None,
+            _ if n % 2 == 1 => values.get(n / 2).copied(),
+            _ => Some((values[n / 2 - 1] + values[n / 2]) / 2.0),
+        }
+    }
+    let mut names: Vec<&str> = rounds.iter().filter_map(|r| r["scenario"].as_str()).collect();
+    names.dedup();
+    let mut summary = serde_json::Map::new();
+    for name in names {
+        let of = |field: &str| -> Vec<f64> {
+            rounds
+                .iter()
+                .filter(|r| r["scenario"] == name)
+                .filter_map(|r| r[field].as_f64())
+                .collect()
+        };
+        summary.insert(
+            name.to_owned(),
+            json!({
+                "median_ratio_to_passthrough": median(of("ratio_to_passthrough")),
+                "median_envoy_cpu_us_per_request": median(of("envoy_cpu_us_per_request")),
+                "median_rps": median(of("rps")),
+                "median_p50_us": median(of("p50_us")),
+                "median_p99_us": median(of("p99_us")),
+            }),
+        );
+    }
+    Value::Object(summary)
 }
 
 fn machine() -> Value {
@@ -886,8 +957,10 @@ fn print_table(summary: &Value) {
         summary["envoy_rss"]["passthrough_kib"], summary["envoy_rss"]["with_filter_kib"]
     );
     println!(
-        "Store alone: {:.0} acquire+complete pairs/s (embedded, durable)",
-        summary["store_alone"]["pairs_per_second"].as_f64().unwrap_or(0.0)
+        "Store alone: {:.0} acquire+complete pairs/s (embedded, durable); one connection: p50 {} µs, p99 {} µs per durable operation",
+        summary["store_alone"]["pairs_per_second"].as_f64().unwrap_or(0.0),
+        summary["store_alone"]["one_connection_per_operation"]["p50_us"],
+        summary["store_alone"]["one_connection_per_operation"]["p99_us"]
     );
     println!(
         "Store RSS with {} live records: {} KiB",
