@@ -1,0 +1,115 @@
+//! Unit tests of `admission.rs` (test code: unwrap and panic are the assertions here).
+
+use super::*;
+
+fn config(extra: &str) -> Config {
+    Config::parse(format!(r#"{{"service_name":"orders"{extra}}}"#).as_bytes()).unwrap()
+}
+
+fn head(method: &str, pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+    let mut headers = vec![
+        (":method".to_owned(), method.to_owned()),
+        (":path".to_owned(), "/api/v1/orders".to_owned()),
+    ];
+    headers.extend(pairs.iter().map(|(n, v)| ((*n).to_owned(), (*v).to_owned())));
+    headers
+}
+
+fn decide(config: &Config, headers: &[(String, String)]) -> Admission {
+    admit(config, headers, || None, |_| None)
+}
+
+#[test]
+fn reads_neither_metadata_nor_properties_for_requests_it_does_not_act_on() {
+    let config = config("");
+    let admission = admit(
+        &config,
+        &head("GET", &[("idempotency-key", "k")]),
+        || panic!("no metadata lookup"),
+        |_| panic!("no property lookup"),
+    );
+    assert_eq!(admission, Admission::pass(Vec::new()));
+}
+
+#[test]
+fn a_valid_key_is_tracked_with_its_identity_and_wait() {
+    let config = config(r#","in_progress_wait":"2s","scope_from":["header:x-tenant"]"#);
+    let admission = decide(
+        &config,
+        &head(
+            "POST",
+            &[
+                ("idempotency-key", "\"k-1\""),
+                ("x-tenant", "acme"),
+                ("content-type", "application/json"),
+            ],
+        ),
+    );
+    let Decision::Track(pending) = admission.decision else {
+        panic!("{admission:?}")
+    };
+    assert_eq!(pending.id.key, "k-1");
+    assert_eq!(pending.id.scope, "header:acme");
+    assert!(pending.json && !pending.shadow);
+    assert_eq!(pending.in_progress_wait, Duration::from_secs(2));
+}
+
+#[test]
+fn missing_and_invalid_keys_by_mode() {
+    let required = config(r#","mode":"required""#);
+    let missing = decide(&required, &head("POST", &[]));
+    assert_eq!(missing.counters, vec![Counter::KeyMissing]);
+    assert!(matches!(missing.decision, Decision::Refuse(ref p) if p.code == ErrorCode::KeyRequired));
+
+    let optional = config(r#","mode":"optional""#);
+    assert_eq!(
+        decide(&optional, &head("POST", &[])),
+        Admission::pass(vec![Counter::KeyMissing])
+    );
+    let invalid = decide(&optional, &head("POST", &[("idempotency-key", "bad key!")]));
+    assert!(matches!(invalid.decision, Decision::Refuse(ref p) if p.code == ErrorCode::KeyInvalid));
+
+    let shadow = config(r#","mode":"shadow""#);
+    assert_eq!(
+        decide(&shadow, &head("POST", &[("idempotency-key", "bad key!")])),
+        Admission::pass(vec![Counter::KeyInvalid, Counter::ShadowWouldReject])
+    );
+}
+
+#[test]
+fn streaming_grpc_methods_pass_untracked_unless_a_rule_opts_in() {
+    let grpc_head = |path: &str| {
+        vec![
+            (":method".to_owned(), "POST".to_owned()),
+            (":path".to_owned(), path.to_owned()),
+            ("content-type".to_owned(), "application/grpc".to_owned()),
+            ("idempotency-key".to_owned(), "k".to_owned()),
+        ]
+    };
+    let listed = config(r#","streaming_methods":["/demo.Orders/Chat"]"#);
+    assert_eq!(
+        decide(&listed, &grpc_head("/demo.Orders/Chat")),
+        Admission::pass(vec![Counter::GrpcStreamingUntracked])
+    );
+    assert!(matches!(
+        decide(&listed, &grpc_head("/demo.Orders/Create")).decision,
+        Decision::Track(_)
+    ));
+    let opted_in = config(
+        r#","streaming_methods":["/demo.Orders/Upload"],"routes":[{"path_exact":"/demo.Orders/Upload","mode":"optional","track_streaming":true}]"#,
+    );
+    assert!(matches!(
+        decide(&opted_in, &grpc_head("/demo.Orders/Upload")).decision,
+        Decision::Track(_)
+    ));
+}
+
+#[test]
+fn a_declared_body_over_the_limit_is_refused_before_any_store_call() {
+    let config = config(r#","max_request_body":10"#);
+    let admission = decide(
+        &config,
+        &head("POST", &[("idempotency-key", "k"), ("content-length", "11")]),
+    );
+    assert!(matches!(admission.decision, Decision::Refuse(ref p) if p.code == ErrorCode::RequestTooLarge));
+}
