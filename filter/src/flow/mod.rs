@@ -408,43 +408,33 @@ impl RequestFlow {
                 self.outcome_unknown(host, &held, reason)
             }
             ResponseOutcome::Release => self.release(host, &held),
-            ResponseOutcome::Store if held.grpc => {
-                let stored_headers =
-                    storable_headers(response_headers.clone(), &self.config.replay_header_denylist);
-                match crate::grpc::status_of(&response_headers) {
-                    // Trailers-only: the headers carry the final status.
-                    Some(grpc_status) => {
-                        host.count(Counter::GrpcStatus(grpc_status));
-                        if self.config.stores_grpc_status(grpc_status) {
-                            self.complete(host, &held, status, stored_headers, Vec::new(), false)
-                        } else {
-                            self.release(host, &held)
-                        }
-                    }
-                    None => {
-                        // Messages and then trailers with the status: hold it all.
-                        self.state = State::AwaitingResponseBody {
-                            held,
-                            status,
-                            headers: stored_headers,
-                            body_size: 0,
-                        };
-                        Verdict::Pause
-                    }
-                }
-            }
             ResponseOutcome::Store => {
-                let too_big = header("content-length")
-                    .and_then(|v| v.trim().parse::<usize>().ok())
-                    .is_some_and(|length| length > self.config.max_response_size);
-                let stored_headers =
-                    storable_headers(response_headers.clone(), &self.config.replay_header_denylist);
+                // Read what decides before the headers move into the record (no copy).
+                let grpc_status = if held.grpc {
+                    crate::grpc::status_of(&response_headers)
+                } else {
+                    None
+                };
+                let too_big = !held.grpc
+                    && header("content-length")
+                        .and_then(|v| v.trim().parse::<usize>().ok())
+                        .is_some_and(|length| length > self.config.max_response_size);
+                let stored_headers = storable_headers(response_headers, &self.config.replay_header_denylist);
+                if let Some(grpc_status) = grpc_status {
+                    // Trailers-only gRPC: the headers carry the final status.
+                    host.count(Counter::GrpcStatus(grpc_status));
+                    if !self.config.stores_grpc_status(grpc_status) {
+                        return self.release(host, &held);
+                    }
+                    return self.complete(host, &held, status, stored_headers, Vec::new(), false);
+                }
                 if too_big {
                     return self.stream_through(host, held, status, stored_headers, end_of_stream);
                 }
-                if end_of_stream {
+                if end_of_stream && !held.grpc {
                     return self.complete(host, &held, status, stored_headers, Vec::new(), false);
                 }
+                // The body follows (for gRPC: messages, then trailers with the status).
                 self.state = State::AwaitingResponseBody {
                     held,
                     status,
