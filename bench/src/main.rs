@@ -706,9 +706,17 @@ async fn keyed(client: &reqwest::Client, addr: SocketAddr, key: &str, delay_ms: 
     }
 }
 
-/// `workers` loops: a first attempt that takes the upstream 200 ms, and 4 retries of its key
-/// 20 ms later that wait in the store for it. Returns (retries, replayed, p50 ms, p99 ms).
-async fn in_flight_retries(addr: SocketAddr, workers: usize, duration: Duration) -> (u64, u64, f64, f64) {
+/// `workers` loops, each: a first attempt of a fresh key that takes the upstream `first_ms`, then
+/// `retries` retries of that key 20 ms later, which wait in the store for it. Returns every
+/// retry's (replayed with 201, milliseconds).
+async fn retries_of_in_flight_keys(
+    addr: SocketAddr,
+    label: &'static str,
+    workers: usize,
+    first_ms: u64,
+    retries: usize,
+    duration: Duration,
+) -> Vec<(bool, f64)> {
     let client = reqwest::Client::builder()
         .pool_max_idle_per_host(256)
         .build()
@@ -718,82 +726,56 @@ async fn in_flight_retries(addr: SocketAddr, workers: usize, duration: Duration)
         .map(|w| {
             let client = client.clone();
             tokio::spawn(async move {
-                let mut latencies = Vec::new();
-                let mut replayed = 0u64;
+                let mut answers = Vec::new();
                 let mut i = 0;
                 while Instant::now() < deadline {
                     i += 1;
-                    let key = format!("inflight-{}-{w}-{i}", std::process::id());
+                    let key = format!("{label}-{}-{w}-{i}", std::process::id());
                     let first = {
                         let (client, key) = (client.clone(), key.clone());
-                        tokio::spawn(async move { keyed(&client, addr, &key, 200).await })
+                        tokio::spawn(async move { keyed(&client, addr, &key, first_ms).await })
                     };
                     tokio::time::sleep(Duration::from_millis(20)).await;
-                    let retries =
-                        futures::future::join_all((0..4).map(|_| keyed(&client, addr, &key, 0))).await;
+                    let waited =
+                        futures::future::join_all((0..retries).map(|_| keyed(&client, addr, &key, 0))).await;
                     let _ = first.await;
-                    for (status, was_replayed, ms) in retries {
-                        latencies.push(ms);
-                        if status == 201 && was_replayed {
-                            replayed += 1;
-                        }
-                    }
+                    answers.extend(
+                        waited
+                            .into_iter()
+                            .map(|(status, replayed, ms)| (status == 201 && replayed, ms)),
+                    );
                 }
-                (latencies, replayed)
+                answers
             })
         })
         .collect();
-    let (mut all, mut replayed) = (Vec::new(), 0);
+    let mut all = Vec::new();
     for task in tasks {
-        let (latencies, r) = task.await.unwrap();
-        all.extend(latencies);
-        replayed += r;
+        all.extend(task.await.unwrap());
     }
-    all.sort_by(f64::total_cmp);
+    all
+}
+
+/// Retries waiting for a 200 ms first attempt: (retries, replayed, p50 ms, p99 ms).
+async fn in_flight_retries(addr: SocketAddr, workers: usize, duration: Duration) -> (u64, u64, f64, f64) {
+    let answers = retries_of_in_flight_keys(addr, "inflight", workers, 200, 4, duration).await;
+    let replayed = answers.iter().filter(|(replayed, _)| *replayed).count() as u64;
+    let mut latencies: Vec<f64> = answers.into_iter().map(|(_, ms)| ms).collect();
+    latencies.sort_by(f64::total_cmp);
     let at = |q: f64| {
-        all.get(((all.len() as f64 * q) as usize).min(all.len().saturating_sub(1)))
+        latencies
+            .get(((latencies.len() as f64 * q) as usize).min(latencies.len().saturating_sub(1)))
             .copied()
             .unwrap_or(0.0)
     };
-    (all.len() as u64, replayed, at(0.5), at(0.99))
+    (latencies.len() as u64, replayed, at(0.5), at(0.99))
 }
 
-/// Keep `firsts × retries` acquires waiting in the store for `duration`: first attempts that take
-/// the upstream 1 s, each with `retries` retries waiting for it. Returns retries served.
+/// Keep `firsts × retries` acquires waiting in the store for `duration` (first attempts that
+/// take the upstream 1 s); returns the retries served with a replay.
 async fn hold_waiters(addr: SocketAddr, firsts: usize, retries: usize, duration: Duration) -> u64 {
-    let client = reqwest::Client::builder()
-        .pool_max_idle_per_host(256)
-        .build()
-        .unwrap();
-    let deadline = Instant::now() + duration;
-    let tasks: Vec<_> = (0..firsts)
-        .map(|f| {
-            let client = client.clone();
-            tokio::spawn(async move {
-                let mut served = 0u64;
-                let mut i = 0;
-                while Instant::now() < deadline {
-                    i += 1;
-                    let key = format!("held-{}-{f}-{i}", std::process::id());
-                    let first = {
-                        let (client, key) = (client.clone(), key.clone());
-                        tokio::spawn(async move { keyed(&client, addr, &key, 1000).await })
-                    };
-                    tokio::time::sleep(Duration::from_millis(20)).await;
-                    let answers =
-                        futures::future::join_all((0..retries).map(|_| keyed(&client, addr, &key, 0))).await;
-                    let _ = first.await;
-                    served += answers.iter().filter(|(s, r, _)| *s == 201 && *r).count() as u64;
-                }
-                served
-            })
-        })
-        .collect();
-    let mut served = 0;
-    for task in tasks {
-        served += task.await.unwrap();
-    }
-    served
+    let answers = retries_of_in_flight_keys(addr, "held", firsts, 1_000, retries, duration).await;
+    answers.iter().filter(|(replayed, _)| *replayed).count() as u64
 }
 
 /// Acquire + complete pairs against the store API; returns (pairs, seconds).
