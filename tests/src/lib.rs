@@ -933,3 +933,24 @@ pub fn inbound_bootstrap(
     }
     bootstrap
 }
+
+/// Assert that `envoy --mode validate` accepts `config` (YAML or JSON text); `name` labels the
+/// failure. Runs from the repository root, so relative paths in shipped configs resolve.
+pub fn assert_envoy_accepts(config: &str, name: &str) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("config.yaml");
+    std::fs::write(&path, config).unwrap();
+    let output = Command::new(envoy_bin())
+        .arg("--mode")
+        .arg("validate")
+        .arg("-c")
+        .arg(&path)
+        .current_dir(repo_root())
+        .output()
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "{name}: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+}

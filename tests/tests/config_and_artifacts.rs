@@ -7,11 +7,10 @@
     clippy::indexing_slicing
 )] // test code
 
-use std::process::Command;
 use std::time::Duration;
 
 use e2e::envoy_config::{bootstrap, Ports};
-use e2e::{envoy_bin, free_port, plugin_config, repo_root, start_envoy};
+use e2e::{free_port, plugin_config, start_envoy};
 use serde_json::json;
 
 fn plugin_value_of_shipped_bootstrap(text: &str) -> String {
@@ -50,22 +49,7 @@ fn envoy_validates(text: &str, name: &str) {
             "filename: /etc/envoy/idempotency_filter.wasm",
             &format!("filename: {wasm}"),
         );
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("config.yaml");
-    std::fs::write(&path, text).unwrap();
-    let output = Command::new(envoy_bin())
-        .arg("--mode")
-        .arg("validate")
-        .arg("-c")
-        .arg(&path)
-        .current_dir(repo_root())
-        .output()
-        .unwrap();
-    assert!(
-        output.status.success(),
-        "{name}: {}",
-        String::from_utf8_lossy(&output.stderr)
-    );
+    e2e::assert_envoy_accepts(&text, name);
 }
 
 #[test]

@@ -10,10 +10,9 @@
 )] // test code
 
 use std::collections::BTreeSet;
-use std::process::Command;
 
 use clap::CommandFactory;
-use e2e::{envoy_bin, repo_root, shipped_yaml_files};
+use e2e::{repo_root, shipped_yaml_files};
 use idempotency_filter::config::Config;
 use idempotency_store::config::StoreConfig;
 use serde::Deserialize;
@@ -109,7 +108,7 @@ fn istio_envoyfilter_patch_is_accepted_by_envoy_and_its_plugin_config_by_the_fil
             e2e::static_cluster(&store_cluster, 1),
         ],
     );
-    envoy_accepts(&bootstrap, "envoyfilter-bootstrap.json");
+    e2e::assert_envoy_accepts(&bootstrap.to_string(), "envoyfilter-bootstrap.json");
 }
 
 #[test]
@@ -245,26 +244,7 @@ fn istio_envoyfilter_for_grpc_adds_the_replay_route_first_and_envoy_accepts_it()
             e2e::static_cluster(&store_cluster, 1),
         ],
     );
-    envoy_accepts(&bootstrap, "envoyfilter-grpc-bootstrap.json");
-}
-
-/// `envoy --mode validate` passes for `bootstrap`.
-fn envoy_accepts(bootstrap: &serde_json::Value, name: &str) {
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join(name);
-    std::fs::write(&path, bootstrap.to_string()).unwrap();
-    let output = Command::new(envoy_bin())
-        .arg("--mode")
-        .arg("validate")
-        .arg("-c")
-        .arg(&path)
-        .output()
-        .unwrap();
-    assert!(
-        output.status.success(),
-        "{name}: {}",
-        String::from_utf8_lossy(&output.stderr)
-    );
+    e2e::assert_envoy_accepts(&bootstrap.to_string(), "envoyfilter-grpc-bootstrap.json");
 }
 
 #[test]
