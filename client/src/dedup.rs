@@ -65,8 +65,13 @@ fn millis(d: Duration) -> u64 {
 
 /// The message id of an event: `source` and `id`, length-prefixed so no pair collides.
 pub fn event_message_id(event: &Event) -> String {
-    let source = event.source().to_string();
-    format!("{}:{}{}", source.len(), source, event.id())
+    cloudevent_identity(&event.source().to_string(), event.id())
+}
+
+/// The store's message id for a CloudEvent's `source` and `id` (whatever carried them: NATS,
+/// Kafka binary or structured mode), so one event has one identity on every transport.
+pub(crate) fn cloudevent_identity(source: &str, id: &str) -> String {
+    format!("{}:{}{}", source.len(), source, id)
 }
 
 impl<H, F, E> DeduplicatingHandler<H>
@@ -96,67 +101,96 @@ where
     /// redeliver it on `Ok(InProgress)` and on any error (handler or store failure).
     pub async fn handle(&self, event: Event) -> Result<Outcome, HandleError<E>> {
         let id = self.message(&event);
-        let claim = self
-            .store
-            .claim(&ClaimRequest {
-                id: id.clone(),
-                lock_timeout_ms: millis(self.config.lock_timeout),
-                retention_ms: millis(self.config.retention_period),
-            })
-            .await
-            .map_err(HandleError::Store)?;
-        let done = match claim {
-            ClaimResponse::Duplicate => {
-                tracing::debug!(topic = %self.config.topic, "duplicate event skipped");
-                return Ok(Outcome::Duplicate);
-            }
-            ClaimResponse::InProgress { .. } => return Ok(Outcome::InProgress),
-            ClaimResponse::Claimed {
-                record_id,
-                fencing_token,
-                attempt_id,
-            } => MessageDoneRequest {
-                id,
-                record_id,
-                fencing_token,
-                attempt_id,
-                retention_ms: Some(millis(self.config.retention_period)),
-            },
-        };
-        match (self.handler)(event).await {
-            Ok(()) => {
-                self.complete_with_retries(&done)
-                    .await
-                    .map_err(HandleError::Store)?;
-                Ok(Outcome::Processed)
-            }
-            Err(error) => {
-                if let Err(release) = self.store.release_message(&done).await {
-                    tracing::warn!(error = %release, "cannot release claim; it expires after the lock timeout");
-                }
-                Err(HandleError::HandlerFailed(error))
-            }
+        let limits = ClaimLimits::new(self.config.lock_timeout, self.config.retention_period);
+        handle_once(&self.store, id, limits, || (self.handler)(event)).await
+    }
+}
+
+/// How long a claim holds and how long a handled message is remembered, in the store's units.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct ClaimLimits {
+    pub(crate) lock_timeout_ms: u64,
+    pub(crate) retention_ms: u64,
+}
+
+impl ClaimLimits {
+    pub(crate) fn new(lock_timeout: Duration, retention_period: Duration) -> ClaimLimits {
+        ClaimLimits {
+            lock_timeout_ms: millis(lock_timeout),
+            retention_ms: millis(retention_period),
         }
     }
 }
 
-impl<H> DeduplicatingHandler<H> {
-    /// Complete the claim, retrying transient store failures with backoff. A lost claim
-    /// (another consumer took it over after it expired) is final: retrying cannot help.
-    async fn complete_with_retries(&self, done: &MessageDoneRequest) -> Result<(), ClientError> {
-        let mut pauses = COMPLETE_RETRY_BACKOFF.iter();
-        loop {
-            match self.store.complete_message(done).await {
-                Ok(()) => return Ok(()),
-                Err(ClientError::LostLock) => return Err(ClientError::LostLock),
-                Err(error) => match pauses.next() {
-                    Some(pause) => {
-                        tracing::warn!(%error, "cannot complete claim; retrying");
-                        tokio::time::sleep(*pause).await;
-                    }
-                    None => return Err(error),
-                },
+/// The deduplication step every consumer integration shares: claim `id`, run the handler only
+/// for a successful claim, complete the claim on success (with retries), release it on failure.
+pub(crate) async fn handle_once<R, F, E>(
+    store: &StoreClient,
+    id: MessageId,
+    limits: ClaimLimits,
+    run: R,
+) -> Result<Outcome, HandleError<E>>
+where
+    R: FnOnce() -> F,
+    F: Future<Output = Result<(), E>>,
+{
+    let claim = store
+        .claim(&ClaimRequest {
+            id: id.clone(),
+            lock_timeout_ms: limits.lock_timeout_ms,
+            retention_ms: limits.retention_ms,
+        })
+        .await
+        .map_err(HandleError::Store)?;
+    let done = match claim {
+        ClaimResponse::Duplicate => {
+            tracing::debug!(topic = %id.topic, "duplicate message skipped");
+            return Ok(Outcome::Duplicate);
+        }
+        ClaimResponse::InProgress { .. } => return Ok(Outcome::InProgress),
+        ClaimResponse::Claimed {
+            record_id,
+            fencing_token,
+            attempt_id,
+        } => MessageDoneRequest {
+            id,
+            record_id,
+            fencing_token,
+            attempt_id,
+            retention_ms: Some(limits.retention_ms),
+        },
+    };
+    match run().await {
+        Ok(()) => {
+            complete_with_retries(store, &done)
+                .await
+                .map_err(HandleError::Store)?;
+            Ok(Outcome::Processed)
+        }
+        Err(error) => {
+            if let Err(release) = store.release_message(&done).await {
+                tracing::warn!(error = %release, "cannot release claim; it expires after the lock timeout");
             }
+            Err(HandleError::HandlerFailed(error))
+        }
+    }
+}
+
+/// Complete the claim, retrying transient store failures with backoff. A lost claim (another
+/// consumer took it over after it expired) is final: retrying cannot help.
+async fn complete_with_retries(store: &StoreClient, done: &MessageDoneRequest) -> Result<(), ClientError> {
+    let mut pauses = COMPLETE_RETRY_BACKOFF.iter();
+    loop {
+        match store.complete_message(done).await {
+            Ok(()) => return Ok(()),
+            Err(ClientError::LostLock) => return Err(ClientError::LostLock),
+            Err(error) => match pauses.next() {
+                Some(pause) => {
+                    tracing::warn!(%error, "cannot complete claim; retrying");
+                    tokio::time::sleep(*pause).await;
+                }
+                None => return Err(error),
+            },
         }
     }
 }
