@@ -6,6 +6,7 @@ SHELL := /bin/bash
 
 ENVOY_VERSION ?= 1.40.0
 SECANTUS_VERSION ?= 0.7.0b3
+TANSU_VERSION ?= 0.6.0
 VENV          := .venv
 ENVOY         := $(VENV)/bin/envoy
 WASM          := target/wasm32-wasip1/wasm-release/idempotency_filter.wasm
@@ -13,7 +14,7 @@ STORE         ?= embedded
 MONGODB_URI   ?=
 CARGO         ?= cargo
 
-.PHONY: help setup build wasm binaries run test lint unit e2e chaos fuzz audit bench clean
+.PHONY: help setup kafka-broker build wasm binaries run test lint unit e2e chaos fuzz audit bench clean
 
 help: ## List targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-8s %s\n", $$1, $$2}'
@@ -31,6 +32,12 @@ $(ENVOY):
 # MongoDB wire-protocol server for the MongoDB backend's tests (no mongod is installable here).
 $(SECANTUSD): $(ENVOY)
 	$(VENV)/bin/pip install --quiet --disable-pip-version-check "secantusdb==$(SECANTUS_VERSION)"
+
+# Kafka-protocol broker for the Kafka consumer tests: tansu from crates.io with in-memory storage.
+# Built once per machine into ~/.cargo/bin (about 10 minutes on 2 cores); skipped when present.
+kafka-broker: ## Install tansu, a Kafka-protocol broker, for the Kafka tests (once per machine, ~10 min)
+	@command -v tansu >/dev/null 2>&1 || [ -x "$$HOME/.cargo/bin/tansu" ] || \
+	  $(CARGO) install --locked tansu --version $(TANSU_VERSION) --features dynostore
 
 build: setup wasm binaries ## Build the filter (.wasm) and the release binaries
 
@@ -51,10 +58,10 @@ lint: ## rustfmt and clippy (warnings are errors)
 unit: ## Unit and handler tests only (no Envoy)
 	$(CARGO) test --locked --workspace --exclude e2e
 
-e2e: build ## End-to-end tests through real Envoy with the built .wasm
+e2e: build kafka-broker ## End-to-end tests through real Envoy with the built .wasm
 	$(CARGO) test --locked -p e2e
 
-test: build lint ## Everything: lint, unit, end-to-end
+test: build kafka-broker lint ## Everything: lint, unit, end-to-end
 	$(CARGO) test --locked --workspace --no-fail-fast
 
 chaos: build ## Long fault-injection run: 1000 keys x 64 concurrent requests per key; figures in target/chaos/
