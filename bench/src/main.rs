@@ -205,7 +205,7 @@ struct Scenario {
 }
 
 /// `make bench`: the filter's cost next to pass-through Envoy (interleaved rounds, closed loop),
-/// retries of in-flight keys, gRPC replays, and the store alone (throughput, per-operation
+/// retries of in-flight keys, gRPC replays, consumer deduplication per message, and the store alone (throughput, per-operation
 /// latency at one connection, memory at 100k records). Prints a table and writes
 /// `target/bench/results.json` (every round, plus a `summary` per scenario). Needs `make build`
 /// first; run it through `make bench`, which pins it with `taskset`.
@@ -596,6 +596,7 @@ async fn main() {
         "p99_us": single.2.value_at_quantile(0.99),
     });
     let pairs = store_pairs(store_addr, store_connections, duration).await;
+    let consumer_dedup = consumer_dedup_cost(&format!("http://{store_addr}"), duration).await;
     // Fill to 100k live records, then measure the store's memory.
     let mut filled = pairs.0 + single.0;
     while filled < 100_000 {
@@ -621,6 +622,7 @@ async fn main() {
         "wasm_bytes": wasm_bytes,
         "in_flight_retries": in_flight_retries,
         "grpc": grpc,
+        "consumer_dedup": consumer_dedup,
     });
     print_table(&summary);
     let out = e2e::repo_root().join("target/bench");
@@ -778,13 +780,15 @@ async fn hold_waiters(addr: SocketAddr, firsts: usize, retries: usize, duration:
     answers.iter().filter(|(replayed, _)| *replayed).count() as u64
 }
 
-/// Acquire + complete pairs against the store API; returns (pairs, seconds).
 /// Acquire + complete pairs against the store API; returns (pairs, seconds, latency of each
 /// operation in µs).
 async fn store_pairs(addr: SocketAddr, connections: usize, duration: Duration) -> (u64, f64, Histogram<u64>) {
     let started = Instant::now();
     let deadline = started + duration;
+    // Every call uses fresh keys: a reused key would be a replay, not a pair of durable writes.
+    static CALLS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
     let run = std::process::id();
+    let nonce = CALLS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let tasks: Vec<_> = (0..connections)
         .map(|c| {
             tokio::spawn(async move {
@@ -796,7 +800,6 @@ async fn store_pairs(addr: SocketAddr, connections: usize, duration: Duration) -
                 let body = "e".repeat(1024);
                 let mut done = 0u64;
                 let mut latency = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).unwrap();
-                let nonce = Instant::now().elapsed().as_nanos();
                 while Instant::now() < deadline {
                     let key = format!("pair-{run}-{nonce}-{c}-{done}");
                     let acquire = json!({"service": "bench", "scope": "", "key": key, "fingerprint": "f", "method": "POST",
@@ -836,12 +839,64 @@ async fn store_pairs(addr: SocketAddr, connections: usize, duration: Duration) -
     let mut total = 0;
     let mut latency = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).unwrap();
     for task in tasks {
-        if let Ok((done, part)) = task.await {
-            total += done;
-            latency.add(part).unwrap();
-        }
+        // A connection that failed its checks fails the benchmark: its figures would be wrong.
+        let (done, part) = task.await.unwrap();
+        total += done;
+        latency.add(part).unwrap();
     }
     (total, started.elapsed().as_secs_f64(), latency)
+}
+
+/// What deduplication adds per consumed message, through the client library a consumer uses
+/// (`DeduplicatingHandler`, the same claim/complete the Kafka loop makes): one consumer, one
+/// message at a time, a handler that does nothing. New messages cost a claim and a complete (two
+/// durable writes); a duplicate costs one claim (a read).
+async fn consumer_dedup_cost(store_url: &str, duration: Duration) -> Value {
+    use cloudevents::EventBuilder as _;
+    use idempotency_client::{ConsumerConfig, DeduplicatingHandler, Outcome, StoreClient};
+
+    let store = StoreClient::new(store_url, Some(STORE_TOKEN.to_owned())).unwrap();
+    let config = ConsumerConfig {
+        service_name: "bench".into(),
+        topic: "orders.received".into(),
+        consumer_group: "bench".into(),
+        lock_timeout: Duration::from_secs(30),
+        retention_period: Duration::from_secs(3600),
+    };
+    let handler = DeduplicatingHandler::new(store, config, |_event| async { Ok::<(), ()>(()) });
+    let event = |n: u64| {
+        cloudevents::EventBuilderV10::new()
+            .id(format!("m-{}-{n}", std::process::id()))
+            .source("/bench")
+            .ty("bench")
+            .build()
+            .unwrap()
+    };
+    let mut new_message = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).unwrap();
+    let started = Instant::now();
+    let mut n = 0u64;
+    while started.elapsed() < duration {
+        let sent = Instant::now();
+        assert_eq!(handler.handle(event(n)).await.unwrap(), Outcome::Processed);
+        new_message
+            .record(sent.elapsed().as_micros().max(1) as u64)
+            .unwrap();
+        n += 1;
+    }
+    let seconds = started.elapsed().as_secs_f64();
+    let mut duplicate = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).unwrap();
+    for m in 0..n.min(2000) {
+        let sent = Instant::now();
+        assert_eq!(handler.handle(event(m)).await.unwrap(), Outcome::Duplicate);
+        duplicate
+            .record(sent.elapsed().as_micros().max(1) as u64)
+            .unwrap();
+    }
+    json!({
+        "new_messages_per_second": n as f64 / seconds,
+        "new_message": {"messages": n, "p50_us": new_message.value_at_quantile(0.5), "p99_us": new_message.value_at_quantile(0.99)},
+        "duplicate": {"messages": duplicate.len(), "p50_us": duplicate.value_at_quantile(0.5), "p99_us": duplicate.value_at_quantile(0.99)},
+    })
 }
 
 /// Per scenario over the rounds: the median ratio to pass-through, median Envoy µs/request and
@@ -968,6 +1023,12 @@ fn print_table(summary: &Value) {
         grpc["passthrough_unary"]["rps"].as_f64().unwrap_or(0.0), grpc["passthrough_unary"]["p50_us"],
         grpc["replay_unary"]["rps"].as_f64().unwrap_or(0.0), grpc["replay_unary"]["p50_us"],
         grpc["replay_unary"]["p99_us"], grpc["ratio"].as_f64().unwrap_or(0.0), grpc["replay_unary"]["not_replayed"]
+    );
+    let dedup = &summary["consumer_dedup"];
+    println!(
+        "Consumer dedup (claim + complete per new message, one consumer): {:.0} msg/s, p50 {} µs, p99 {} µs; duplicate skipped (one claim): p50 {} µs",
+        dedup["new_messages_per_second"].as_f64().unwrap_or(0.0), dedup["new_message"]["p50_us"],
+        dedup["new_message"]["p99_us"], dedup["duplicate"]["p50_us"]
     );
     println!("Machine: {}", summary["machine"]);
 }
