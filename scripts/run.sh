@@ -31,7 +31,7 @@ trap cleanup EXIT
 
 store_args=(--listen 127.0.0.1:8081 --token "$STORE_TOKEN" --log-format text)
 case "$STORE" in
-  embedded) store_args+=(--storage embedded --data-path data/idempotency.redb) ;;
+  embedded) store_args+=(--storage embedded --data-path data/idempotency) ;;
   mongodb)
     if [ -z "${MONGODB_URI:-}" ]; then
       echo "error: STORE=mongodb needs MONGODB_URI, e.g. make run STORE=mongodb MONGODB_URI=mongodb://127.0.0.1:27017" >&2

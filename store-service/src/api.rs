@@ -44,8 +44,8 @@ pub const DEFAULT_WAIT_POLL: Duration = Duration::from_millis(100);
 pub struct AppState {
     /// The storage backend.
     pub storage: Arc<dyn Storage>,
-    /// Metrics registry.
-    pub metrics: Metrics,
+    /// Metrics registry (shared: the state is cloned for every request).
+    pub metrics: Arc<Metrics>,
     /// Credentials required on `/v1`; `None` serves without authentication.
     pub auth: Option<Arc<Authenticator>>,
     /// Acquires waiting for in-progress records.
@@ -59,7 +59,7 @@ impl AppState {
     pub fn new(storage: Arc<dyn Storage>, metrics: Metrics, token: Option<Arc<str>>) -> AppState {
         AppState {
             storage,
-            metrics,
+            metrics: Arc::new(metrics),
             tickets: Arc::new(ReplayTickets::new(
                 token.as_deref().map(str::as_bytes).unwrap_or_default(),
             )),

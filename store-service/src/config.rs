@@ -6,10 +6,12 @@ use std::time::Duration;
 
 use clap::{Parser, ValueEnum};
 
+pub use crate::storage::embedded::EngineKind;
+
 /// Which storage backend to use.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum Backend {
-    /// redb file on local disk; no server needed (default).
+    /// Local disk, no server needed (default); see --embedded-engine.
     Embedded,
     /// MongoDB replica set, shared by many store replicas (production).
     Mongodb,
@@ -36,11 +38,17 @@ pub struct StoreConfig {
     #[arg(long, env = "STORE_BACKEND", value_enum, default_value_t = Backend::Embedded)]
     pub storage: Backend,
 
-    /// Database file of the embedded backend.
-    #[arg(long, env = "STORE_DATA_PATH", default_value = "data/idempotency.redb")]
-    pub data_path: PathBuf,
+    /// Engine of the embedded backend: `fjall` (default; a journal fdatasync'd once per batch of
+    /// operations) or `redb` (a B-tree file; for data written by earlier versions).
+    #[arg(long, env = "STORE_EMBEDDED_ENGINE", value_enum, default_value_t = EngineKind::Fjall)]
+    pub embedded_engine: EngineKind,
 
-    /// Page cache of the embedded database, in MiB (bounds the store's memory).
+    /// Where the embedded backend keeps its data: a directory for `fjall`, a file for `redb`.
+    /// Default: `data/idempotency` (fjall) or `data/idempotency.redb` (redb).
+    #[arg(long, env = "STORE_DATA_PATH")]
+    pub data_path: Option<PathBuf>,
+
+    /// Cache of the embedded engine, in MiB (bounds the store's memory).
     #[arg(long, env = "STORE_CACHE_MB", default_value_t = 32)]
     pub cache_mb: usize,
 
@@ -87,6 +95,16 @@ pub struct StoreConfig {
 }
 
 impl StoreConfig {
+    /// The embedded backend's data path: as configured, or the engine's default.
+    pub fn data_path(&self) -> PathBuf {
+        self.data_path
+            .clone()
+            .unwrap_or_else(|| match self.embedded_engine {
+                EngineKind::Fjall => PathBuf::from("data/idempotency"),
+                EngineKind::Redb => PathBuf::from("data/idempotency.redb"),
+            })
+    }
+
     /// Cross-field checks clap cannot express; the message names the flag.
     pub fn validate(&self) -> Result<(), String> {
         match (&self.token, self.allow_unauthenticated) {

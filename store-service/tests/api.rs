@@ -22,7 +22,7 @@ const TOKEN: &str = "test-token";
 
 fn state(dir: &tempfile::TempDir) -> AppState {
     AppState::new(
-        Arc::new(EmbeddedStorage::open(&dir.path().join("s.redb")).unwrap()),
+        Arc::new(EmbeddedStorage::open(&dir.path().join("store-data")).unwrap()),
         Metrics::new().unwrap(),
         Some(Arc::from(TOKEN)),
     )

@@ -36,7 +36,7 @@ fn router(dir: &tempfile::TempDir) -> axum::Router {
     let state = AppState {
         auth: Some(Arc::new(Authenticator::new(Some(path), None).unwrap())),
         ..AppState::new(
-            Arc::new(EmbeddedStorage::open(&dir.path().join("s.redb")).unwrap()),
+            Arc::new(EmbeddedStorage::open(&dir.path().join("store-data")).unwrap()),
             Metrics::new().unwrap(),
             None,
         )

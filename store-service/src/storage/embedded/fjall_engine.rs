@@ -1,0 +1,195 @@
+//! The `fjall` engine: an LSM tree whose write-ahead journal is appended in memory per operation and written and fdatasync'd once per batch.
+
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+
+use fjall::{Database, Keyspace, KeyspaceCreateOptions, PersistMode};
+
+use super::{unavailable, BatchTables, Engine, Visitor};
+use crate::storage::StorageError;
+
+/// A fjall database directory with two keyspaces: records by identity key, and the expiry
+/// index keyed by big-endian expiry time then identity key (so a range scan finds what is due).
+pub(super) struct FjallEngine {
+    db: Database,
+    records: Keyspace,
+    expiry: Keyspace,
+    /// Stored records, kept exact by the writer (fjall's own length is a full scan).
+    live: AtomicU64,
+    /// Set when a journal sync failed: what is in memory may not be on disk, so the store stops
+    /// answering until restarted (and recovered from the journal).
+    failed: AtomicBool,
+}
+
+/// Write buffer of the records keyspace before it is flushed to a table file.
+const RECORDS_MEMTABLE_BYTES: u64 = 8 * 1024 * 1024;
+/// Write buffer of the expiry index (small entries).
+const EXPIRY_MEMTABLE_BYTES: u64 = 4 * 1024 * 1024;
+
+fn expiry_key(at: u64, key: &str) -> Vec<u8> {
+    let mut bytes = Vec::with_capacity(8 + key.len());
+    bytes.extend_from_slice(&at.to_be_bytes());
+    bytes.extend_from_slice(key.as_bytes());
+    bytes
+}
+
+impl FjallEngine {
+    pub(super) fn open(path: &Path, cache_bytes: usize) -> Result<FjallEngine, StorageError> {
+        let db = Database::builder(path)
+            .cache_size(u64::try_from(cache_bytes).unwrap_or(u64::MAX))
+            // The writer decides when the journal reaches the disk: once per batch.
+            .manual_journal_persist(true)
+            .open()
+            .map_err(|e| unavailable(format!("cannot open {}: {e}", path.display())))?;
+        // Memtables bound the memory between flushes (fjall's default is 64 MiB each).
+        let records = db
+            .keyspace("records", || {
+                KeyspaceCreateOptions::default().max_memtable_size(RECORDS_MEMTABLE_BYTES)
+            })
+            .map_err(unavailable)?;
+        let expiry = db
+            .keyspace("expiry", || {
+                KeyspaceCreateOptions::default().max_memtable_size(EXPIRY_MEMTABLE_BYTES)
+            })
+            .map_err(unavailable)?;
+        let live = records.len().map_err(unavailable)?;
+        Ok(FjallEngine {
+            db,
+            records,
+            expiry,
+            live: AtomicU64::new(u64::try_from(live).unwrap_or(u64::MAX)),
+            failed: AtomicBool::new(false),
+        })
+    }
+
+    fn check(&self) -> Result<(), StorageError> {
+        if self.failed.load(Ordering::Acquire) {
+            return Err(unavailable(
+                "a journal sync failed earlier; restart the store to recover from the journal",
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// One batch's view: writes are applied at once (later operations of the batch read them) and
+/// reach the disk when the batch persists.
+struct Tables<'e> {
+    engine: &'e FjallEngine,
+    wrote: bool,
+}
+
+impl BatchTables for Tables<'_> {
+    fn get(&self, key: &str) -> Result<Option<Vec<u8>>, StorageError> {
+        let value = self.engine.records.get(key).map_err(unavailable)?;
+        Ok(value.map(|v| v.to_vec()))
+    }
+
+    fn put(
+        &mut self,
+        key: &str,
+        bytes: &[u8],
+        expires_ms: u64,
+        previous_expiry: Option<u64>,
+    ) -> Result<(), StorageError> {
+        self.wrote = true;
+        let engine = self.engine;
+        // Record and expiry entry in one atomic journal entry.
+        let mut batch = engine.db.batch();
+        batch.insert(&engine.records, key, bytes);
+        if let Some(old) = previous_expiry.filter(|old| *old != expires_ms) {
+            batch.remove(&engine.expiry, expiry_key(old, key));
+        }
+        batch.insert(&engine.expiry, expiry_key(expires_ms, key), b"".as_slice());
+        batch.commit().map_err(unavailable)?;
+        if previous_expiry.is_none() {
+            engine.live.fetch_add(1, Ordering::AcqRel);
+        }
+        Ok(())
+    }
+
+    fn delete(&mut self, key: &str, expires_ms: u64) -> Result<(), StorageError> {
+        self.wrote = true;
+        let engine = self.engine;
+        let mut batch = engine.db.batch();
+        batch.remove(&engine.records, key);
+        batch.remove(&engine.expiry, expiry_key(expires_ms, key));
+        batch.commit().map_err(unavailable)?;
+        let _ = engine
+            .live
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| Some(n.saturating_sub(1)));
+        Ok(())
+    }
+
+    fn due(&self, now_ms: u64, limit: usize) -> Result<Vec<(u64, String)>, StorageError> {
+        let end = now_ms.saturating_add(1).to_be_bytes();
+        let mut keys = Vec::new();
+        for entry in self.engine.expiry.range(..end.as_slice()).take(limit) {
+            let key = entry.key().map_err(unavailable)?;
+            let (at, identity) = key
+                .split_at_checked(8)
+                .ok_or_else(|| StorageError::Corrupt("short expiry key".into()))?;
+            let at = u64::from_be_bytes(
+                at.try_into()
+                    .map_err(|_| StorageError::Corrupt("short expiry key".into()))?,
+            );
+            let identity = std::str::from_utf8(identity).map_err(|e| StorageError::Corrupt(e.to_string()))?;
+            keys.push((at, identity.to_owned()));
+        }
+        Ok(keys)
+    }
+
+    fn forget_expiry(&mut self, at: u64, key: &str) -> Result<(), StorageError> {
+        self.wrote = true;
+        self.engine
+            .expiry
+            .remove(expiry_key(at, key))
+            .map_err(unavailable)
+    }
+}
+
+impl Engine for FjallEngine {
+    fn write_batch(&self, apply: &mut dyn FnMut(&mut dyn BatchTables)) -> Result<(), String> {
+        self.check().map_err(|e| e.to_string())?;
+        let mut tables = Tables {
+            engine: self,
+            wrote: false,
+        };
+        apply(&mut tables);
+        if !tables.wrote {
+            return Ok(()); // nothing to make durable
+        }
+        self.db.persist(PersistMode::SyncData).map_err(|e| {
+            self.failed.store(true, Ordering::Release);
+            tracing::error!(error = %e, "journal sync failed; the store stops answering until restarted");
+            e.to_string()
+        })
+    }
+
+    fn read(&self, key: &str) -> Result<Option<Vec<u8>>, StorageError> {
+        self.check()?;
+        let value = self.records.get(key).map_err(unavailable)?;
+        Ok(value.map(|v| v.to_vec()))
+    }
+
+    fn scan(&self, start: &str, visit: &mut Visitor<'_>) -> Result<(), StorageError> {
+        self.check()?;
+        for entry in self.records.range(start..) {
+            let (key, value) = entry.into_inner().map_err(unavailable)?;
+            let key = std::str::from_utf8(&key).map_err(|e| StorageError::Corrupt(e.to_string()))?;
+            if !visit(key, &value)? {
+                break;
+            }
+        }
+        Ok(())
+    }
+
+    fn count(&self) -> Result<u64, StorageError> {
+        self.check()?;
+        Ok(self.live.load(Ordering::Acquire))
+    }
+
+    fn ready(&self) -> Result<(), StorageError> {
+        self.check()
+    }
+}
