@@ -220,7 +220,7 @@ impl GrpcStack {
         let mut store = spawn_store(
             dir.path(),
             store_port,
-            &dir.path().join("s.redb"),
+            &dir.path().join("store-data"),
             &[],
             "store.log",
         );

@@ -333,7 +333,7 @@ impl Stack {
         let dir = tempfile::tempdir().unwrap();
         let (demo_port, envoy_port, admin_port) = (free_port(), free_port(), free_port());
         let store_ports: Vec<u16> = (0..options.store_replicas.max(1)).map(|_| free_port()).collect();
-        let data_path = dir.path().join("store.redb");
+        let data_path = dir.path().join("store-data");
 
         let mongo = if options.mongodb {
             Some(MongoServer::start(dir.path()).await)
@@ -353,7 +353,7 @@ impl Stack {
             .iter()
             .enumerate()
             .map(|(i, port)| {
-                let data = dir.path().join(format!("store-{i}.redb"));
+                let data = dir.path().join(format!("store-{i}-data"));
                 let data = if i == 0 { data_path.clone() } else { data };
                 spawn_store(dir.path(), *port, &data, &store_args, &format!("store-{i}.log"))
             })
@@ -455,7 +455,7 @@ impl Stack {
             let data = if i == 0 {
                 self.data_path.clone()
             } else {
-                self.dir.path().join(format!("store-{i}.redb"))
+                self.dir.path().join(format!("store-{i}-data"))
             };
             let log = format!("store-{i}-{}.log", uuid::Uuid::new_v4());
             let mut store = spawn_store(self.dir.path(), port, &data, &self.store_args, &log);
@@ -737,7 +737,13 @@ impl ShippedStack {
                 &format!("\"store_token\": \"{STORE_TOKEN}\""),
             );
         let dir = tempfile::tempdir().unwrap();
-        let mut store_proc = spawn_store(dir.path(), store, &dir.path().join("s.redb"), &[], "store.log");
+        let mut store_proc = spawn_store(
+            dir.path(),
+            store,
+            &dir.path().join("store-data"),
+            &[],
+            "store.log",
+        );
         let mut demo_proc = spawn_demo(dir.path(), demo, store);
         let mut envoy = start_envoy(dir.path(), &text, "envoy.log");
         wait_all_ready(
@@ -832,7 +838,7 @@ pub fn debian_tool(env: &str, name: &str, package: &str) -> String {
 /// A store service on a free port in `dir`, ready; returns it with its base URL.
 pub async fn ready_store(dir: &Path) -> (Proc, String) {
     let port = free_port();
-    let mut store = spawn_store(dir, port, &dir.join("store.redb"), &[], "store.log");
+    let mut store = spawn_store(dir, port, &dir.join("store-data"), &[], "store.log");
     let url = format!("http://127.0.0.1:{port}");
     wait_ready(&format!("{url}/readyz"), &mut store, Duration::from_secs(30)).await;
     (store, url)

@@ -297,7 +297,7 @@ async fn a_12_mb_response_reaches_the_client_whole_through_the_istio_envoyfilter
     let mut store = spawn_store(
         dir.path(),
         store_port,
-        &dir.path().join("s.redb"),
+        &dir.path().join("store-data"),
         &[],
         "store.log",
     );

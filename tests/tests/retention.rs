@@ -33,7 +33,13 @@ async fn with_short_retention_under_steady_load_the_live_record_count_levels_off
     let dir = tempfile::tempdir().unwrap();
     let port = free_port();
     let args = ["--sweep-interval".to_owned(), "200ms".to_owned()];
-    let mut store = spawn_store(dir.path(), port, &dir.path().join("s.redb"), &args, "store.log");
+    let mut store = spawn_store(
+        dir.path(),
+        port,
+        &dir.path().join("store-data"),
+        &args,
+        "store.log",
+    );
     let url = format!("http://127.0.0.1:{port}");
     wait_ready(&format!("{url}/readyz"), &mut store, Duration::from_secs(30)).await;
     let client = reqwest::Client::new();

@@ -68,7 +68,7 @@ async fn tokens_rotate_without_a_restart_and_admin_actions_are_audited_without_t
         .arg("--listen")
         .arg(format!("127.0.0.1:{port}"))
         .arg("--data-path")
-        .arg(dir.path().join("s.redb"))
+        .arg(dir.path().join("store-data"))
         .arg("--credentials")
         .arg(&credentials)
         .env("RUST_LOG", "info");

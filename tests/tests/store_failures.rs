@@ -72,3 +72,130 @@ async fn completed_records_survive_a_kill_9_of_the_store() {
     assert_eq!(again.text().await.unwrap(), first_body);
     assert_eq!(stack.executions_of("durable-1").await, 1);
 }
+
+/// One writer's view of its key after the store came back.
+#[derive(Debug, PartialEq, Eq)]
+enum Acknowledged {
+    /// The acquire was acknowledged (the lock must have survived).
+    Lock,
+    /// The complete was acknowledged (the response must have survived).
+    Response,
+}
+
+/// 64 writers hammer the store with acquire + complete pairs (so every group commit holds many
+/// operations); the store is SIGKILLed mid-stream and restarted on the same data. Every write
+/// the store acknowledged must be there: no acknowledged lock comes back free, no acknowledged
+/// response comes back missing.
+async fn acknowledged_writes_survive_a_kill_9_inside_large_batches(engine: &str) {
+    let dir = tempfile::tempdir().unwrap();
+    let port = e2e::free_port();
+    let data = dir.path().join("store-data");
+    let args = vec![format!("--embedded-engine={engine}")];
+    let url = format!("http://127.0.0.1:{port}");
+    let mut store = e2e::spawn_store(dir.path(), port, &data, &args, "store.log");
+    e2e::wait_ready(
+        &format!("{url}/readyz"),
+        &mut store,
+        std::time::Duration::from_secs(30),
+    )
+    .await;
+
+    let acknowledged = std::sync::Arc::new(std::sync::Mutex::new(Vec::<(String, Acknowledged)>::new()));
+    let writers: Vec<_> = (0..64)
+        .map(|w| {
+            let (url, acknowledged) = (url.clone(), acknowledged.clone());
+            tokio::spawn(async move {
+                let client = reqwest::Client::new();
+                for n in 0.. {
+                    let key = format!("batch-{w}-{n}");
+                    let acquire = json!({"service": "orders", "scope": "", "key": key, "fingerprint": "f",
+                        "method": "POST", "path": "/o", "lock_timeout_ms": 600_000, "retention_ms": 3_600_000});
+                    let Ok(reply) = client.post(format!("{url}/v1/acquire")).bearer_auth(e2e::STORE_TOKEN)
+                        .json(&acquire).send().await else { return };
+                    let Ok(lock) = reply.json::<Value>().await else { return };
+                    assert_eq!(lock["outcome"], "acquired", "{lock}");
+                    acknowledged.lock().unwrap().push((key.clone(), Acknowledged::Lock));
+                    let complete = json!({"service": "orders", "scope": "", "key": key,
+                        "record_id": lock["record_id"], "fencing_token": lock["fencing_token"],
+                        "attempt_id": lock["attempt_id"], "retention_ms": 3_600_000,
+                        "response": {"status": 201, "headers": [], "body": "eyJvayI6dHJ1ZX0="}});
+                    let Ok(reply) = client.post(format!("{url}/v1/complete")).bearer_auth(e2e::STORE_TOKEN)
+                        .json(&complete).send().await else { return };
+                    if reply.status() != 200 {
+                        return;
+                    }
+                    acknowledged.lock().unwrap().push((key, Acknowledged::Response));
+                }
+            })
+        })
+        .collect();
+    tokio::time::sleep(std::time::Duration::from_millis(1500)).await;
+    store.kill(); // SIGKILL while batches are in flight
+    for writer in writers {
+        writer.await.unwrap();
+    }
+    let acknowledged = std::mem::take(&mut *acknowledged.lock().unwrap());
+    let responses = acknowledged
+        .iter()
+        .filter(|(_, a)| *a == Acknowledged::Response)
+        .count();
+    assert!(
+        responses > 500,
+        "the load was too light to fill batches: {responses} pairs"
+    );
+
+    let mut store = e2e::spawn_store(dir.path(), port, &data, &args, "store-after.log");
+    e2e::wait_ready(
+        &format!("{url}/readyz"),
+        &mut store,
+        std::time::Duration::from_secs(30),
+    )
+    .await;
+    let client = reqwest::Client::new();
+    let mut state: std::collections::HashMap<String, Acknowledged> = std::collections::HashMap::new();
+    for (key, what) in acknowledged {
+        let strongest = state.entry(key).or_insert(Acknowledged::Lock);
+        if what == Acknowledged::Response {
+            *strongest = Acknowledged::Response;
+        }
+    }
+    for (key, what) in &state {
+        let acquire = json!({"service": "orders", "scope": "", "key": key, "fingerprint": "f",
+            "method": "POST", "path": "/o", "lock_timeout_ms": 600_000, "retention_ms": 3_600_000});
+        let answer: Value = client
+            .post(format!("{url}/v1/acquire"))
+            .bearer_auth(e2e::STORE_TOKEN)
+            .json(&acquire)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        match what {
+            Acknowledged::Response => assert_eq!(
+                answer["outcome"], "completed",
+                "{key}: acknowledged response lost: {answer}"
+            ),
+            // The complete may have reached the disk without its answer reaching the writer.
+            Acknowledged::Lock => assert!(
+                answer["outcome"] == "in_progress" || answer["outcome"] == "completed",
+                "{key}: acknowledged lock lost: {answer}"
+            ),
+        }
+    }
+    eprintln!(
+        "{engine}: {} keys acknowledged before the kill ({responses} responses), all present after restart",
+        state.len()
+    );
+}
+
+#[tokio::test]
+async fn acknowledged_writes_survive_a_kill_9_inside_large_batches_fjall() {
+    acknowledged_writes_survive_a_kill_9_inside_large_batches("fjall").await;
+}
+
+#[tokio::test]
+async fn acknowledged_writes_survive_a_kill_9_inside_large_batches_redb() {
+    acknowledged_writes_survive_a_kill_9_inside_large_batches("redb").await;
+}
