@@ -73,6 +73,7 @@ fuzz: ## Long property run: 200,000 hostile inputs per filter parser (>= 10^6 in
 
 bench: build ## Benchmark: filter vs pass-through Envoy (interleaved rounds) and the store alone; target/bench/results.json
 	$(CARGO) build --locked --release -p idempotency-bench
+	$(CARGO) build --locked -p noop-filter --target wasm32-wasip1 --profile wasm-release
 	taskset -c 1 target/release/idempotency-bench
 
 audit: ## Dependency policy (licenses, bans, sources) with cargo-deny

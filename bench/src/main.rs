@@ -21,7 +21,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use e2e::envoy_config::{bootstrap_with, passthrough_bootstrap, Ports};
+use e2e::envoy_config::{bootstrap_with, noop_wasm_bootstrap, passthrough_bootstrap, Ports};
 use e2e::{
     envoy_bin, free_port, plugin_config, spawn_demo, spawn_store, wait_ready, wasm_path, Proc, STORE_TOKEN,
 };
@@ -224,6 +224,13 @@ struct Settings {
     /// Connections for the store-alone throughput run.
     #[arg(long, env = "BENCH_STORE_CONNECTIONS", default_value_t = 64)]
     store_connections: usize,
+    /// Measure only the store alone (no Envoy, no demo service); writes
+    /// `target/bench/store.json`. For comparing storage settings.
+    #[arg(long)]
+    store_only: bool,
+    /// Extra arguments for the store service (e.g. `--store-arg=--embedded-engine=redb`).
+    #[arg(long = "store-arg", allow_hyphen_values = true)]
+    store_args: Vec<String>,
 }
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 1)]
@@ -233,6 +240,8 @@ async fn main() {
         rounds,
         connections,
         store_connections,
+        store_only,
+        store_args,
     } = <Settings as clap::Parser>::parse();
     let duration = Duration::from_secs_f64(seconds);
     let dir = tempfile::tempdir().unwrap();
@@ -241,10 +250,31 @@ async fn main() {
     let mut store = spawn_store(
         dir.path(),
         store_port,
-        &dir.path().join("bench.redb"),
-        &[],
+        &dir.path().join("bench-store"),
+        &store_args,
         "store.log",
     );
+    if store_only {
+        wait_ready(
+            &format!("http://127.0.0.1:{store_port}/readyz"),
+            &mut store,
+            Duration::from_secs(30),
+        )
+        .await;
+        let alone = measure_store_alone(&store, store_port, store_connections, duration).await;
+        let result =
+            json!({"machine": machine(), "store_args": store_args, "seconds": seconds, "store": alone});
+        print_store_alone(&alone);
+        let out = e2e::repo_root().join("target/bench");
+        std::fs::create_dir_all(&out).unwrap();
+        std::fs::write(
+            out.join("store.json"),
+            serde_json::to_string_pretty(&result).unwrap(),
+        )
+        .unwrap();
+        eprintln!("\nwritten to target/bench/store.json");
+        return;
+    }
     let mut demo = spawn_demo(dir.path(), demo_port, store_port);
     let plain_ports = Ports {
         listener: free_port(),
@@ -262,6 +292,23 @@ async fn main() {
         dir.path(),
         &passthrough_bootstrap(&plain_ports),
         "envoy-passthrough",
+    );
+    let noop_ports = Ports {
+        listener: free_port(),
+        admin: free_port(),
+        upstream: demo_port,
+        stores: vec![store_port],
+    };
+    let noop_wasm = e2e::repo_root().join("target/wasm32-wasip1/wasm-release/noop_filter.wasm");
+    assert!(
+        noop_wasm.exists(),
+        "{} is missing: run `make bench`",
+        noop_wasm.display()
+    );
+    let mut noop = pinned_envoy(
+        dir.path(),
+        &noop_wasm_bootstrap(&noop_ports, &noop_wasm),
+        "envoy-noop-wasm",
     );
     let mut filtered = pinned_envoy(
         dir.path(),
@@ -300,6 +347,12 @@ async fn main() {
         Duration::from_secs(60),
     )
     .await;
+    wait_ready(
+        &format!("http://127.0.0.1:{}/ready", noop_ports.admin),
+        &mut noop,
+        Duration::from_secs(60),
+    )
+    .await;
 
     let addr = |port: u16| SocketAddr::from(([127, 0, 0, 1], port));
     let any_2xx: fn(u16, bool) -> bool = |s, _| (200..300).contains(&s);
@@ -325,6 +378,13 @@ async fn main() {
             target: "plain",
             baseline: None,
             make: Arc::new(|_, _| get("/api/v1/orders")),
+            expect: any_2xx,
+        },
+        Scenario {
+            name: "no-op Wasm filter (POST), the floor",
+            target: "noop",
+            baseline: Some("pass-through Envoy (POST)"),
+            make: Arc::new(|_, _| post("/api/v1/orders", None)),
             expect: any_2xx,
         },
         Scenario {
@@ -385,11 +445,13 @@ async fn main() {
     let pids = |target: &str| match target {
         "plain" => plain.pid(),
         "filter" => filtered.pid(),
+        "noop" => noop.pid(),
         _ => None,
     };
     let port = |target: &str| match target {
         "plain" => plain_ports.listener,
         "filter" => filter_ports.listener,
+        "noop" => noop_ports.listener,
         _ => demo_port,
     };
     let mut results: Vec<Value> = Vec::new();
@@ -580,6 +642,45 @@ async fn main() {
         "with_filter_kib": filtered.pid().map(rss_kib),
     });
 
+    let store_alone = measure_store_alone(&store, store_port, store_connections, duration).await;
+    let wasm_bytes = std::fs::metadata(wasm_path()).map(|m| m.len()).unwrap_or(0);
+
+    let per_scenario = summarize(&results);
+    let summary = json!({
+        "summary": per_scenario,
+        "machine": machine(),
+        "settings": {"seconds_per_scenario": seconds, "rounds": rounds, "connections": connections,
+                     "body_bytes": 1024, "envoy_concurrency": 1},
+        "rounds": results,
+        "one_connection": added,
+        "envoy_rss": envoy_rss,
+        "store_alone": store_alone["store_alone"],
+        "store_rss_kib_at_live_records": store_alone["store_rss_kib_at_live_records"],
+        "wasm_bytes": wasm_bytes,
+        "in_flight_retries": in_flight_retries,
+        "grpc": grpc,
+        "consumer_dedup": store_alone["consumer_dedup"],
+    });
+    print_table(&summary);
+    let out = e2e::repo_root().join("target/bench");
+    std::fs::create_dir_all(&out).unwrap();
+    std::fs::write(
+        out.join("results.json"),
+        serde_json::to_string_pretty(&summary).unwrap(),
+    )
+    .unwrap();
+    eprintln!("\nwritten to target/bench/results.json");
+}
+
+/// The store alone (Envoy idle or absent): per-operation latency at one connection, acquire +
+/// complete pairs per second at `connections`, consumer dedup per message, memory at 100k live
+/// records.
+async fn measure_store_alone(
+    store: &Proc,
+    store_port: u16,
+    store_connections: usize,
+    duration: Duration,
+) -> Value {
     // The store alone: acquire + complete pairs per second, embedded backend, durable commits.
     // Envoy is idle now: give the store CPU 0 and keep the load generator on CPU 1.
     if let Some(pid) = store.pid() {
@@ -587,7 +688,7 @@ async fn main() {
             .args(["-a", "-p", "-c", "0", &pid.to_string()])
             .output();
     }
-    let store_addr = addr(store_port);
+    let store_addr = SocketAddr::from(([127, 0, 0, 1], store_port));
     // Per durable operation at one connection (acquire and complete, each one group commit).
     let single = store_pairs(store_addr, 1, duration).await;
     let store_latency = json!({
@@ -605,34 +706,12 @@ async fn main() {
             .0;
     }
     let store_rss = store.pid().map(rss_kib);
-    let wasm_bytes = std::fs::metadata(wasm_path()).map(|m| m.len()).unwrap_or(0);
-
-    let per_scenario = summarize(&results);
-    let summary = json!({
-        "summary": per_scenario,
-        "machine": machine(),
-        "settings": {"seconds_per_scenario": seconds, "rounds": rounds, "connections": connections,
-                     "body_bytes": 1024, "envoy_concurrency": 1},
-        "rounds": results,
-        "one_connection": added,
-        "envoy_rss": envoy_rss,
+    json!({
         "store_alone": {"pairs_per_second": pairs.0 as f64 / pairs.1, "connections": store_connections,
                         "one_connection_per_operation": store_latency},
         "store_rss_kib_at_live_records": {"records": filled, "rss_kib": store_rss},
-        "wasm_bytes": wasm_bytes,
-        "in_flight_retries": in_flight_retries,
-        "grpc": grpc,
         "consumer_dedup": consumer_dedup,
-    });
-    print_table(&summary);
-    let out = e2e::repo_root().join("target/bench");
-    std::fs::create_dir_all(&out).unwrap();
-    std::fs::write(
-        out.join("results.json"),
-        serde_json::to_string_pretty(&summary).unwrap(),
-    )
-    .unwrap();
-    eprintln!("\nwritten to target/bench/results.json");
+    })
 }
 
 /// Closed-loop unary gRPC calls through Envoy on `port`: `replay` sends one seeded key per
@@ -993,17 +1072,7 @@ fn print_table(summary: &Value) {
         "\nEnvoy RSS: pass-through {} KiB, with filter {} KiB",
         summary["envoy_rss"]["passthrough_kib"], summary["envoy_rss"]["with_filter_kib"]
     );
-    println!(
-        "Store alone: {:.0} acquire+complete pairs/s (embedded, durable); one connection: p50 {} µs, p99 {} µs per durable operation",
-        summary["store_alone"]["pairs_per_second"].as_f64().unwrap_or(0.0),
-        summary["store_alone"]["one_connection_per_operation"]["p50_us"],
-        summary["store_alone"]["one_connection_per_operation"]["p99_us"]
-    );
-    println!(
-        "Store RSS with {} live records: {} KiB",
-        summary["store_rss_kib_at_live_records"]["records"],
-        summary["store_rss_kib_at_live_records"]["rss_kib"]
-    );
+    print_store_alone(summary);
     println!(".wasm size: {} bytes", summary["wasm_bytes"]);
     let waits = &summary["in_flight_retries"];
     println!(
@@ -1024,11 +1093,26 @@ fn print_table(summary: &Value) {
         grpc["replay_unary"]["rps"].as_f64().unwrap_or(0.0), grpc["replay_unary"]["p50_us"],
         grpc["replay_unary"]["p99_us"], grpc["ratio"].as_f64().unwrap_or(0.0), grpc["replay_unary"]["not_replayed"]
     );
+    println!("Machine: {}", summary["machine"]);
+}
+
+/// The store-alone lines of the table (also the whole output of `--store-only`).
+fn print_store_alone(summary: &Value) {
+    println!(
+        "Store alone: {:.0} acquire+complete pairs/s (embedded, durable); one connection: p50 {} µs, p99 {} µs per durable operation",
+        summary["store_alone"]["pairs_per_second"].as_f64().unwrap_or(0.0),
+        summary["store_alone"]["one_connection_per_operation"]["p50_us"],
+        summary["store_alone"]["one_connection_per_operation"]["p99_us"]
+    );
+    println!(
+        "Store RSS with {} live records: {} KiB",
+        summary["store_rss_kib_at_live_records"]["records"],
+        summary["store_rss_kib_at_live_records"]["rss_kib"]
+    );
     let dedup = &summary["consumer_dedup"];
     println!(
         "Consumer dedup (claim + complete per new message, one consumer): {:.0} msg/s, p50 {} µs, p99 {} µs; duplicate skipped (one claim): p50 {} µs",
         dedup["new_messages_per_second"].as_f64().unwrap_or(0.0), dedup["new_message"]["p50_us"],
         dedup["new_message"]["p99_us"], dedup["duplicate"]["p50_us"]
     );
-    println!("Machine: {}", summary["machine"]);
 }

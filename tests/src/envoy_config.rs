@@ -160,3 +160,30 @@ pub fn passthrough_bootstrap(ports: &Ports) -> String {
     }
     config.to_string()
 }
+
+/// Pass-through Envoy plus a Wasm filter that does nothing (`bench/noop-filter`) on every
+/// request: the floor that any Wasm filter costs in this Envoy.
+pub fn noop_wasm_bootstrap(ports: &Ports, wasm: &std::path::Path) -> String {
+    let mut config: Value = serde_json::from_str(&passthrough_bootstrap(ports)).unwrap_or_default();
+    let mut noop = wasm_filter(&json!({}));
+    if let Some(filename) = noop.pointer_mut("/typed_config/config/vm_config/code/local/filename") {
+        *filename = json!(wasm.display().to_string());
+    }
+    for (pointer, value) in [
+        ("/name", "noop"),
+        ("/typed_config/config/name", "noop"),
+        ("/typed_config/config/root_id", "noop"),
+        ("/typed_config/config/vm_config/vm_id", "noop"),
+    ] {
+        if let Some(field) = noop.pointer_mut(pointer) {
+            *field = json!(value);
+        }
+    }
+    if let Some(filters) = config
+        .pointer_mut("/static_resources/listeners/0/filter_chains/0/filters/0/typed_config/http_filters")
+        .and_then(Value::as_array_mut)
+    {
+        filters.insert(0, noop);
+    }
+    config.to_string()
+}
