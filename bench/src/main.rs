@@ -130,18 +130,27 @@ async fn gather(tasks: Vec<tokio::task::JoinHandle<ConnectionStats>>, started: I
 }
 
 fn body_1k() -> Bytes {
-    let padding = "x".repeat(1024 - 40);
+    sized_body(1024)
+}
+
+/// A JSON order of `bytes` bytes (padded note).
+fn sized_body(bytes: usize) -> Bytes {
+    let padding = "x".repeat(bytes.saturating_sub(40));
     Bytes::from(format!(r#"{{"customerId":"CUST-001","note":"{padding}"}}"#))
 }
 
-fn post(path: &'static str, key: Option<String>) -> Request<Full<Bytes>> {
+fn post_body(path: &'static str, key: Option<String>, body: Bytes) -> Request<Full<Bytes>> {
     let mut builder = Request::post(path)
         .header("host", "bench")
         .header("content-type", "application/json");
     if let Some(key) = key {
         builder = builder.header("idempotency-key", key);
     }
-    builder.body(Full::new(body_1k())).unwrap()
+    builder.body(Full::new(body)).unwrap()
+}
+
+fn post(path: &'static str, key: Option<String>) -> Request<Full<Bytes>> {
+    post_body(path, key, body_1k())
 }
 
 fn get(path: &'static str) -> Request<Full<Bytes>> {
@@ -521,6 +530,52 @@ async fn main() {
         .map(|(n, p50, p99)| json!({"scenario": n, "p50_us": p50, "p99_us": p99, "added_p50_us": p50.saturating_sub(base_p50)}))
         .collect();
 
+    // How the cost of an execution grows with the body size and with connections: pass-through
+    // POST against a keyed POST that executes, once each (not per round).
+    let mut growth = Vec::new();
+    for (body_bytes, conns) in [
+        (1024, 16),
+        (64 * 1024, 16),
+        (1024 * 1024 - 64, 16),
+        (1024, 1),
+        (1024, 64),
+    ] {
+        let body = sized_body(body_bytes);
+        let mut row = json!({"body_bytes": body.len(), "connections": conns});
+        for (target, label) in [("plain", "passthrough"), ("filter", "executes")] {
+            let body = body.clone();
+            let make: MakeRequest = if target == "plain" {
+                Arc::new(move |_, _| post_body("/api/v1/orders", None, body.clone()))
+            } else {
+                Arc::new(move |c, i| {
+                    post_body(
+                        "/api/v1/orders",
+                        Some(format!(
+                            "grow-{}-{body_bytes}-{conns}-{c}-{i}",
+                            std::process::id()
+                        )),
+                        body.clone(),
+                    )
+                })
+            };
+            let expect = if target == "plain" { any_2xx } else { executed };
+            let envoy_pid = pids(target);
+            let cpu_before = envoy_pid.map(cpu_us).unwrap_or(0);
+            let stats = load(addr(port(target)), conns, duration, make, expect).await;
+            let cpu = envoy_pid
+                .map(|p| cpu_us(p).saturating_sub(cpu_before))
+                .unwrap_or(0);
+            row[label] = json!({"rps": stats.rps(), "p50_us": stats.p50_us(), "p99_us": stats.p99_us(),
+                "envoy_cpu_us_per_request": cpu as f64 / stats.requests.max(1) as f64,
+                "errors": stats.errors, "unexpected_responses": stats.unexpected});
+        }
+        row["ratio"] = json!(
+            row["executes"]["rps"].as_f64().unwrap_or(0.0)
+                / row["passthrough"]["rps"].as_f64().unwrap_or(1.0).max(1.0)
+        );
+        growth.push(row);
+    }
+
     // Retries of in-flight keys (`in_progress_wait`): the store holds a retry's acquire until the
     // first attempt completes, then answers with the replay. Measured on its own Envoy: how long a
     // waiting retry takes, and whether held waiters slow everything else down.
@@ -653,6 +708,7 @@ async fn main() {
                      "body_bytes": 1024, "envoy_concurrency": 1},
         "rounds": results,
         "one_connection": added,
+        "growth": growth,
         "envoy_rss": envoy_rss,
         "store_alone": store_alone["store_alone"],
         "store_rss_kib_at_live_records": store_alone["store_rss_kib_at_live_records"],
@@ -1066,6 +1122,17 @@ fn print_table(summary: &Value) {
             row["p50_us"],
             row["p99_us"],
             row["added_p50_us"]
+        );
+    }
+    println!("\nCost by body size and connections (keyed POST that executes vs pass-through POST):");
+    for row in summary["growth"].as_array().into_iter().flatten() {
+        println!(
+            "  {:>8} B, {:>2} conns: pass-through {:>6.0}/s p50 {:>6} µs; executes {:>6.0}/s p50 {:>6} µs, Envoy {:>6.0} µs/req; ratio {:.2}",
+            row["body_bytes"], row["connections"],
+            row["passthrough"]["rps"].as_f64().unwrap_or(0.0), row["passthrough"]["p50_us"],
+            row["executes"]["rps"].as_f64().unwrap_or(0.0), row["executes"]["p50_us"],
+            row["executes"]["envoy_cpu_us_per_request"].as_f64().unwrap_or(0.0),
+            row["ratio"].as_f64().unwrap_or(0.0)
         );
     }
     println!(
