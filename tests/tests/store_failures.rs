@@ -73,6 +73,27 @@ async fn completed_records_survive_a_kill_9_of_the_store() {
     assert_eq!(stack.executions_of("durable-1").await, 1);
 }
 
+/// A store acquire for `key` (what the writers and the check after the restart both send).
+fn acquire_body(key: &str) -> Value {
+    json!({"service": "orders", "scope": "", "key": key, "fingerprint": "f", "method": "POST",
+        "path": "/o", "lock_timeout_ms": 600_000, "retention_ms": 3_600_000})
+}
+
+/// POST `body` to the store's `path` with the test token.
+async fn store_post(
+    client: &reqwest::Client,
+    url: &str,
+    path: &str,
+    body: &Value,
+) -> reqwest::Result<reqwest::Response> {
+    client
+        .post(format!("{url}{path}"))
+        .bearer_auth(e2e::STORE_TOKEN)
+        .json(body)
+        .send()
+        .await
+}
+
 /// One writer's view of its key after the store came back.
 #[derive(Debug, PartialEq, Eq)]
 enum Acknowledged {
@@ -108,19 +129,25 @@ async fn acknowledged_writes_survive_a_kill_9_inside_large_batches(engine: &str)
                 let client = reqwest::Client::new();
                 for n in 0.. {
                     let key = format!("batch-{w}-{n}");
-                    let acquire = json!({"service": "orders", "scope": "", "key": key, "fingerprint": "f",
-                        "method": "POST", "path": "/o", "lock_timeout_ms": 600_000, "retention_ms": 3_600_000});
-                    let Ok(reply) = client.post(format!("{url}/v1/acquire")).bearer_auth(e2e::STORE_TOKEN)
-                        .json(&acquire).send().await else { return };
-                    let Ok(lock) = reply.json::<Value>().await else { return };
+                    let Ok(reply) = store_post(&client, &url, "/v1/acquire", &acquire_body(&key)).await
+                    else {
+                        return; // the store was killed
+                    };
+                    let Ok(lock) = reply.json::<Value>().await else {
+                        return;
+                    };
                     assert_eq!(lock["outcome"], "acquired", "{lock}");
-                    acknowledged.lock().unwrap().push((key.clone(), Acknowledged::Lock));
+                    acknowledged
+                        .lock()
+                        .unwrap()
+                        .push((key.clone(), Acknowledged::Lock));
                     let complete = json!({"service": "orders", "scope": "", "key": key,
                         "record_id": lock["record_id"], "fencing_token": lock["fencing_token"],
                         "attempt_id": lock["attempt_id"], "retention_ms": 3_600_000,
                         "response": {"status": 201, "headers": [], "body": "eyJvayI6dHJ1ZX0="}});
-                    let Ok(reply) = client.post(format!("{url}/v1/complete")).bearer_auth(e2e::STORE_TOKEN)
-                        .json(&complete).send().await else { return };
+                    let Ok(reply) = store_post(&client, &url, "/v1/complete", &complete).await else {
+                        return; // the store was killed
+                    };
                     if reply.status() != 200 {
                         return;
                     }
@@ -160,13 +187,7 @@ async fn acknowledged_writes_survive_a_kill_9_inside_large_batches(engine: &str)
         }
     }
     for (key, what) in &state {
-        let acquire = json!({"service": "orders", "scope": "", "key": key, "fingerprint": "f",
-            "method": "POST", "path": "/o", "lock_timeout_ms": 600_000, "retention_ms": 3_600_000});
-        let answer: Value = client
-            .post(format!("{url}/v1/acquire"))
-            .bearer_auth(e2e::STORE_TOKEN)
-            .json(&acquire)
-            .send()
+        let answer: Value = store_post(&client, &url, "/v1/acquire", &acquire_body(key))
             .await
             .unwrap()
             .json()
