@@ -244,6 +244,28 @@ struct Settings {
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 1)]
 async fn main() {
+    let settings = <Settings as clap::Parser>::parse();
+    // Ctrl-C or SIGTERM ends the run by dropping it, so every process it started is killed
+    // (they are killed on drop) instead of being left running.
+    tokio::select! {
+        () = run(settings) => {}
+        () = interrupted() => eprintln!("interrupted: stopping the processes the benchmark started"),
+    }
+}
+
+/// Resolves on SIGINT or SIGTERM.
+async fn interrupted() {
+    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        Ok(term) => term,
+        Err(_) => return std::future::pending().await,
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+}
+
+async fn run(settings: Settings) {
     let Settings {
         seconds,
         rounds,
@@ -251,7 +273,7 @@ async fn main() {
         store_connections,
         store_only,
         store_args,
-    } = <Settings as clap::Parser>::parse();
+    } = settings;
     let duration = Duration::from_secs_f64(seconds);
     let dir = tempfile::tempdir().unwrap();
 
