@@ -27,6 +27,7 @@ pub mod replay;
 pub mod scope;
 
 #[cfg(test)]
+#[path = "tests/hostile_input.rs"]
 mod hostile_input;
 #[cfg(test)]
 mod mock;

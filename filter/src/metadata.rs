@@ -126,5 +126,5 @@ pub(crate) fn encode_serialized_map(pairs: &[(&[u8], &[u8])]) -> Vec<u8> {
 }
 
 #[cfg(test)]
-#[path = "metadata_tests.rs"]
+#[path = "tests/metadata.rs"]
 mod tests;

@@ -206,5 +206,5 @@ pub fn too_large(limit: usize) -> Problem {
 }
 
 #[cfg(test)]
-#[path = "admission_tests.rs"]
+#[path = "tests/admission.rs"]
 mod tests;

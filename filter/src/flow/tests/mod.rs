@@ -1,4 +1,5 @@
 //! Unit tests of the per-request state machine against the mock host.
+#![cfg(test)] // test code only: unwrap, expect and panic are the assertions here
 
 use std::rc::Rc;
 
