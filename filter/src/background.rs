@@ -19,7 +19,7 @@ use idempotency_wire::AbandonResponse;
 
 use crate::config::Config;
 use crate::flow::shadow::ShadowJob;
-use crate::host::{Callout, CalloutReply, Host, Level};
+use crate::host::{debug, Callout, CalloutReply, Host, Level};
 use crate::metrics::Counter;
 
 /// First pause before a retry; doubled per try up to [`MAX_BACKOFF`].
@@ -241,13 +241,12 @@ impl Background {
         match verdict {
             Verdict::Done => {
                 if call.tries > 1 {
-                    host.log(
-                        Level::Debug,
-                        &format!(
+                    debug(host, || {
+                        format!(
                             "idempotency: background {} succeeded on try {}",
                             call.path, call.tries
-                        ),
-                    );
+                        )
+                    });
                 }
             }
             Verdict::Refused => host.log(

@@ -87,10 +87,21 @@ pub trait Host {
     fn now(&self) -> Duration;
     /// Write a log line.
     fn log(&self, level: Level, message: &str);
+    /// Whether a `Debug` line would be written (Envoy's Wasm log level is debug or trace).
+    fn debug_enabled(&self) -> bool;
     /// Add one to a counter.
     fn count(&self, counter: Counter);
     /// Make the root context dispatch queued background calls soon.
     fn wake_background(&self);
     /// Record how long an acquire took.
     fn record_acquire_duration(&self, duration: Duration);
+}
+
+/// Write a `Debug` line, building it only when debug logging is on: the request path logs at
+/// debug level several times per request, and formatting (plus hashing the key) is wasted work
+/// at the default `info` level.
+pub fn debug(host: &dyn Host, message: impl FnOnce() -> String) {
+    if host.debug_enabled() {
+        host.log(Level::Debug, &message());
+    }
 }

@@ -222,6 +222,10 @@ impl Host for MockHost {
         Duration::from_secs(1_700_000_000).saturating_add(*self.clock_advance.borrow())
     }
 
+    fn debug_enabled(&self) -> bool {
+        true // tests see every line
+    }
+
     fn log(&self, level: Level, message: &str) {
         self.logs.borrow_mut().push((level, message.to_owned()));
     }

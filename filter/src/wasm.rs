@@ -407,6 +407,10 @@ impl Host for WasmHost {
             .unwrap_or_default()
     }
 
+    fn debug_enabled(&self) -> bool {
+        hostcalls::get_log_level().is_ok_and(|level| matches!(level, LogLevel::Trace | LogLevel::Debug))
+    }
+
     fn log(&self, level: Level, message: &str) {
         let level = match level {
             Level::Debug => LogLevel::Debug,

@@ -20,7 +20,7 @@ use idempotency_wire::{headers, paths, AcquireResponse, Lock, RecordId, StoredRe
 
 use crate::config::{Config, FailureMode};
 use crate::fingerprint::{fingerprint, fingerprint_body};
-use crate::host::{Callout, CalloutReply, Host, Level};
+use crate::host::{debug, Callout, CalloutReply, Host, Level};
 use crate::metadata::parse_route_overrides;
 use crate::metrics::Counter;
 use crate::problem::{ErrorCode, Problem};
@@ -226,14 +226,13 @@ impl RequestFlow {
                         .find(|(n, _)| n == "content-type")
                         .map(|(_, v)| v.as_str()),
                 );
-                host.log(
-                    Level::Debug,
-                    &format!(
+                debug(host, || {
+                    format!(
                         "idempotency: refused with {}: {}",
                         problem.status(),
                         problem.message
-                    ),
-                );
+                    )
+                });
                 if problem.code == ErrorCode::RequestTooLarge {
                     host.count(Counter::RequestTooLarge);
                 }
@@ -606,13 +605,12 @@ impl RequestFlow {
                 deadline,
                 ..
             } => {
-                host.log(
-                    Level::Debug,
-                    &format!(
+                debug(host, || {
+                    format!(
                         "idempotency: key {} abandoned while its acquire was pending",
                         key_hash(&pending.id.key)
-                    ),
-                );
+                    )
+                });
                 self.abandon(host, &pending.id, &attempt_id, deadline.min(host.now()));
             }
             State::Executing(held) => {
@@ -675,16 +673,15 @@ impl RequestFlow {
                     }
                     return;
                 }
-                host.log(
-                    Level::Debug,
-                    &format!(
+                debug(host, || {
+                    format!(
                         "idempotency: key {} acquired (token {}, resumed {}, previous attempt {:?})",
                         key_hash(&held.id.key),
                         held.lock.fencing_token,
                         held.lock.resumed,
                         held.lock.previous_attempt
-                    ),
-                );
+                    )
+                });
                 self.state = State::Executing(held);
                 Verdict::Continue
             }
@@ -698,14 +695,13 @@ impl RequestFlow {
                 ..
             }) => {
                 host.count(Counter::Hit);
-                host.log(
-                    Level::Debug,
-                    &format!(
+                debug(host, || {
+                    format!(
                         "idempotency: key {} replayed (status {})",
                         key_hash(&pending.id.key),
                         response.status
-                    ),
-                );
+                    )
+                });
                 let headers = replay_headers(&response, &self.config.replay_header_denylist);
                 if let Err(e) = host.send_response(response.status, &headers, &response.body) {
                     host.log(Level::Warn, &format!("idempotency: cannot send replay: {e}"));
@@ -734,13 +730,12 @@ impl RequestFlow {
                 } else {
                     CONFLICT_RETRY_AFTER_SECS.min(remaining_secs)
                 };
-                host.log(
-                    Level::Debug,
-                    &format!(
+                debug(host, || {
+                    format!(
                         "idempotency: key {} in progress (outcome unknown: {outcome_unknown}): 409",
                         key_hash(&pending.id.key)
-                    ),
-                );
+                    )
+                });
                 let message = if outcome_unknown {
                     "An earlier request with this Idempotency-Key may still be running or may have run; its result is unknown until its lock expires. Retry with the same key after Retry-After"
                 } else {
@@ -756,13 +751,12 @@ impl RequestFlow {
             }
             Ok(AcquireResponse::Mismatch) => {
                 host.count(Counter::ParameterMismatch);
-                host.log(
-                    Level::Debug,
-                    &format!(
+                debug(host, || {
+                    format!(
                         "idempotency: key {} reused with other parameters: 422",
                         key_hash(&pending.id.key)
-                    ),
-                );
+                    )
+                });
                 self.answer(
                     host,
                     &Problem::new(
@@ -786,13 +780,12 @@ impl RequestFlow {
     fn route_replay_to_store(&mut self, host: &dyn Host, pending: &Pending, ticket: &str) -> Verdict {
         host.count(Counter::Hit);
         host.count(Counter::GrpcReplayRouted);
-        host.log(
-            Level::Debug,
-            &format!(
+        debug(host, || {
+            format!(
                 "idempotency: key {} replayed through the store (gRPC)",
                 key_hash(&pending.id.key)
-            ),
-        );
+            )
+        });
         let routed = host
             .set_request_header(headers::REPLAY_TICKET, Some(ticket))
             .and_then(|()| host.set_request_header(":path", Some(paths::REPLAY)))
@@ -827,13 +820,12 @@ impl RequestFlow {
         }
         host.count(Counter::Hit);
         host.count(Counter::ReplayCacheHit);
-        host.log(
-            Level::Debug,
-            &format!(
+        debug(host, || {
+            format!(
                 "idempotency: key {} replayed from the proxy cache",
                 key_hash(&pending.id.key)
-            ),
-        );
+            )
+        });
         let headers = replay_headers(response, &self.config.replay_header_denylist);
         if let Err(e) = host.send_response(response.status, &headers, &response.body) {
             host.log(Level::Warn, &format!("idempotency: cannot send replay: {e}"));
@@ -1049,14 +1041,13 @@ impl RequestFlow {
         headers: Vec<(String, String)>,
         end_of_stream: bool,
     ) -> Verdict {
-        host.log(
-            Level::Debug,
-            &format!(
+        debug(host, || {
+            format!(
                 "idempotency: response of {} over max_response_size ({} bytes); streaming it through, recording it without body",
                 key_hash(&held.id.key),
                 self.config.max_response_size
-            ),
-        );
+            )
+        });
         if end_of_stream {
             self.record_streamed(host, &held, status, headers);
         } else {

@@ -10,7 +10,7 @@ use idempotency_wire::{paths, AcquireResponse, CompleteRequest, RecordId, Releas
 use super::{key_hash, millis, Held};
 use crate::background::BackgroundCall;
 use crate::config::Config;
-use crate::host::{CalloutReply, Host, Level};
+use crate::host::{debug, CalloutReply, Host, Level};
 use crate::metrics::Counter;
 use crate::replay::storable_headers;
 
@@ -100,7 +100,7 @@ impl ShadowJob {
             Some(AcquireResponse::Mismatch) => (Counter::ShadowWouldMismatch, "would answer 422"),
         };
         host.count(counter);
-        host.log(Level::Debug, &format!("idempotency shadow: key {key} {outcome}"));
+        debug(host, || format!("idempotency shadow: key {key} {outcome}"));
         self.record_if_ready()
     }
 
