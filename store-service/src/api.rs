@@ -25,6 +25,8 @@ use crate::replay::ReplayTickets;
 use crate::storage::{Storage, StorageError};
 use crate::wait::Waiters;
 
+mod batch;
+
 /// Largest request body accepted (a 1 MiB response is ~1.4 MiB as base64 JSON).
 pub const MAX_BODY_BYTES: usize = 16 * 1024 * 1024;
 /// Longest key, scope or service name accepted.
@@ -95,6 +97,7 @@ pub fn app(state: AppState) -> Router {
         .route(paths::MESSAGE_CLAIM, post(claim_message))
         .route(paths::MESSAGE_COMPLETE, post(complete_message))
         .route(paths::MESSAGE_RELEASE, post(release_message))
+        .route(paths::BATCH, post(batch::batch))
         .route_layer(middleware::from_fn_with_state(state.clone(), require_token));
     Router::new()
         .merge(v1)

@@ -44,6 +44,8 @@ pub struct Metrics {
     pub acquire_waiters: IntGauge,
     /// `/v1/replay` answers by outcome (served, refused, gone, not_completed, error).
     pub replays_served: IntCounterVec,
+    /// Calls carried by each `/v1/batch` request.
+    pub batch_calls: prometheus::Histogram,
 }
 
 fn counter(
@@ -180,6 +182,17 @@ impl Metrics {
                 "Message claims by outcome",
                 &["topic", "consumer_group", "outcome"],
             )?,
+            batch_calls: {
+                let h = prometheus::Histogram::with_opts(
+                    HistogramOpts::new(
+                        "idempotency_batch_calls",
+                        "Proxy calls carried by each /v1/batch request",
+                    )
+                    .buckets(vec![1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0]),
+                )?;
+                registry.register(Box::new(h.clone()))?;
+                h
+            },
             live_records,
             registry,
         })

@@ -273,3 +273,69 @@ async fn a_waiting_acquire_gets_the_replay_as_soon_as_the_holder_completes() {
     let (_, body) = call(&router, "POST", "/v1/acquire", Some(TOKEN), short).await;
     assert_eq!(body["outcome"], "in_progress");
 }
+
+#[tokio::test]
+async fn a_batch_answers_each_call_as_if_it_came_alone() {
+    let dir = tempfile::tempdir().unwrap();
+    let router = app(state(&dir));
+    let (_, first) = call(&router, "POST", "/v1/acquire", Some(TOKEN), acquire_body("b1")).await;
+    let complete = json!({"service": "orders", "scope": "", "key": "b1",
+        "fencing_token": first["fencing_token"], "record_id": first["record_id"],
+        "attempt_id": first["attempt_id"], "retention_ms": 60000,
+        "response": {"status": 201, "headers": [], "body": "e30="}});
+    let stale = json!({"service": "orders", "scope": "", "key": "b1", "fencing_token": 999,
+        "record_id": first["record_id"], "attempt_id": "nope"});
+    let (status, body) = call(
+        &router,
+        "POST",
+        "/v1/batch",
+        Some(TOKEN),
+        json!({"calls": [
+            {"path": "/v1/acquire", "body": acquire_body("b2")},
+            {"path": "/v1/complete", "body": complete},
+            {"path": "/v1/acquire", "body": acquire_body("")},
+            {"path": "/v1/release", "body": stale},
+        ]}),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let replies = body["replies"].as_array().unwrap();
+    assert_eq!(replies.len(), 4, "{body}");
+    assert_eq!(replies[0]["status"], 200);
+    assert_eq!(replies[0]["body"]["outcome"], "acquired");
+    assert_eq!(replies[1]["status"], 200, "{body}");
+    assert_eq!(replies[2]["status"], 400, "an invalid call fails alone: {body}");
+    assert!(
+        replies[2]["body"]["message"].as_str().unwrap().contains("key"),
+        "{body}"
+    );
+    assert_eq!(replies[3]["status"], 409, "{body}");
+    assert_eq!(replies[3]["body"]["error"], "stale_fencing_token");
+
+    // What the batch wrote is what the calls alone would have written.
+    let (_, replay) = call(&router, "POST", "/v1/acquire", Some(TOKEN), acquire_body("b1")).await;
+    assert_eq!(replay["outcome"], "completed");
+    let (_, again) = call(&router, "POST", "/v1/acquire", Some(TOKEN), acquire_body("b2")).await;
+    assert_eq!(again["outcome"], "in_progress");
+}
+
+#[tokio::test]
+async fn a_batch_carries_only_proxy_calls_and_needs_the_token() {
+    let dir = tempfile::tempdir().unwrap();
+    let router = app(state(&dir));
+    let batch = |path: &str| json!({"calls": [{"path": path, "body": acquire_body("x")}]});
+    let (status, _) = call(&router, "POST", "/v1/batch", None, batch("/v1/acquire")).await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+    for path in ["/v1/checkpoint", "/v1/messages/claim", "/v1/records", "/v1/batch"] {
+        let (status, body) = call(&router, "POST", "/v1/batch", Some(TOKEN), batch(path)).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{path}: {body}");
+        assert!(
+            body["message"].as_str().unwrap().contains("cannot be batched"),
+            "{body}"
+        );
+    }
+    let (status, _) = call(&router, "POST", "/v1/batch", Some(TOKEN), json!({"calls": 1})).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    let (status, body) = call(&router, "POST", "/v1/batch", Some(TOKEN), json!({"calls": []})).await;
+    assert_eq!((status, body), (StatusCode::OK, json!({"replies": []})));
+}

@@ -38,6 +38,12 @@ pub mod paths {
     pub const MESSAGE_COMPLETE: &str = "/v1/messages/complete";
     /// Consumer deduplication: the handler failed; a redelivery may run it again.
     pub const MESSAGE_RELEASE: &str = "/v1/messages/release";
+    /// Several proxy calls in one round trip ([`crate::BatchRequest`]): each answered as if it
+    /// had been made alone. The filter sends the calls that queue up while the store is busy
+    /// this way (Envoy spends about as much CPU on one callout as on forwarding a request).
+    pub const BATCH: &str = "/v1/batch";
+    /// The calls a batch may carry: the proxy's own, never admin or consumer calls.
+    pub const BATCHABLE: [&str; 5] = [ACQUIRE, COMPLETE, RELEASE, OUTCOME_UNKNOWN, ABANDON];
 }
 
 /// Internal headers the filter sets on a request it forwards upstream.
@@ -387,6 +393,65 @@ pub struct StoreError {
     pub message: String,
 }
 
+/// `POST /v1/batch`: calls to [`paths::BATCHABLE`] paths, each with the JSON body it would have
+/// on its own. Bodies travel as they are (no re-encoding on either side).
+#[derive(Debug, Serialize, Deserialize)]
+pub struct BatchRequest<'a> {
+    /// The calls, answered in the same order.
+    #[serde(borrow)]
+    pub calls: Vec<BatchCall<'a>>,
+}
+
+/// One call of a batch.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct BatchCall<'a> {
+    /// Its path, e.g. `/v1/acquire`.
+    pub path: String,
+    /// Its JSON body.
+    #[serde(borrow)]
+    pub body: &'a serde_json::value::RawValue,
+}
+
+/// Answer to `/v1/batch`: one reply per call, in order.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct BatchResponse<'a> {
+    /// The replies.
+    #[serde(borrow)]
+    pub replies: Vec<BatchReply<'a>>,
+}
+
+/// What one call of a batch answered: the status and JSON body it would have had alone.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct BatchReply<'a> {
+    /// HTTP status of the call.
+    pub status: u16,
+    /// Its JSON body.
+    #[serde(borrow)]
+    pub body: &'a serde_json::value::RawValue,
+}
+
+/// Encode a batch from calls whose bodies are already JSON, copying each body once (the
+/// filter's bodies come from `serde_json`, so they are valid; nothing is parsed again here).
+pub fn encode_batch<'a>(calls: impl IntoIterator<Item = (&'a str, &'a [u8])>) -> Vec<u8> {
+    let mut out = Vec::with_capacity(256);
+    out.extend_from_slice(b"{\"calls\":[");
+    for (index, (path, body)) in calls.into_iter().enumerate() {
+        if index > 0 {
+            out.push(b',');
+        }
+        out.extend_from_slice(b"{\"path\":");
+        // Paths are constants of `paths`; serde_json escapes whatever else might come.
+        if serde_json::to_writer(&mut out, path).is_err() {
+            out.extend_from_slice(b"\"\"");
+        }
+        out.extend_from_slice(b",\"body\":");
+        out.extend_from_slice(body);
+        out.push(b'}');
+    }
+    out.extend_from_slice(b"]}");
+    out
+}
+
 /// Serde helper: `Vec<u8>` as a standard base64 string.
 pub mod base64_bytes {
     use base64::engine::general_purpose::STANDARD;
@@ -408,6 +473,20 @@ pub mod base64_bytes {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_encoded_batch_reads_back_with_its_bodies_untouched() {
+        let acquire = br#"{"service":"orders","key":"k1","fingerprint":"f"}"#;
+        let release = br#"{"service":"orders","key":"k2"}"#;
+        let bytes = encode_batch([(paths::ACQUIRE, &acquire[..]), (paths::RELEASE, &release[..])]);
+        let batch: BatchRequest<'_> = serde_json::from_slice(&bytes).unwrap();
+        assert_eq!(batch.calls.len(), 2);
+        assert_eq!(batch.calls[0].path, paths::ACQUIRE);
+        assert_eq!(batch.calls[0].body.get().as_bytes(), acquire);
+        assert_eq!(batch.calls[1].path, paths::RELEASE);
+        assert_eq!(batch.calls[1].body.get().as_bytes(), release);
+        assert_eq!(encode_batch(std::iter::empty()), br#"{"calls":[]}"#);
+    }
 
     #[test]
     fn acquire_outcomes_round_trip_with_an_outcome_tag() {
