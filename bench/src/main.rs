@@ -240,6 +240,14 @@ struct Settings {
     /// Extra arguments for the store service (e.g. `--store-arg=--embedded-engine=redb`).
     #[arg(long = "store-arg", allow_hyphen_values = true)]
     store_args: Vec<String>,
+    /// Only the interleaved rounds (the main table), then stop: for comparing filter settings
+    /// quickly. Writes `target/bench/rounds.json`.
+    #[arg(long)]
+    rounds_only: bool,
+    /// JSON fields merged into the filter's plugin configuration for the "filter" rows (e.g.
+    /// `--filter-config='{"store_max_calls_in_flight":8}'`).
+    #[arg(long, default_value = "{}")]
+    filter_config: String,
 }
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 1)]
@@ -273,7 +281,11 @@ async fn run(settings: Settings) {
         store_connections,
         store_only,
         store_args,
+        rounds_only,
+        filter_config,
     } = settings;
+    let filter_config: Value = serde_json::from_str(&filter_config)
+        .unwrap_or_else(|e| panic!("--filter-config is not a JSON object: {e}"));
     let duration = Duration::from_secs_f64(seconds);
     let dir = tempfile::tempdir().unwrap();
 
@@ -319,6 +331,12 @@ async fn run(settings: Settings) {
         upstream: demo_port,
         stores: vec![store_port],
     };
+    let unbatched_ports = Ports {
+        listener: free_port(),
+        admin: free_port(),
+        upstream: demo_port,
+        stores: vec![store_port],
+    };
     let mut plain = pinned_envoy(
         dir.path(),
         &passthrough_bootstrap(&plain_ports),
@@ -347,12 +365,26 @@ async fn run(settings: Settings) {
         // kept out of the Wasm VM by the Envoy matcher.
         &bootstrap_with(
             &filter_ports,
-            &plugin_config(
-                &json!({"lock_timeout": "5m", "replay_cache_max_entries": 10_000, "replay_cache_max_bytes": 4_194_304}),
-            ),
+            &plugin_config(&{
+                let mut config = json!({"lock_timeout": "5m", "replay_cache_max_entries": 10_000, "replay_cache_max_bytes": 4_194_304});
+                if let (Some(config), Some(extra)) = (config.as_object_mut(), filter_config.as_object()) {
+                    config.extend(extra.clone());
+                }
+                config
+            }),
             true,
         ),
         "envoy-filter",
+    );
+    // The same filter with every store call sent alone: what batching saves under load.
+    let mut unbatched = pinned_envoy(
+        dir.path(),
+        &bootstrap_with(
+            &unbatched_ports,
+            &plugin_config(&json!({"lock_timeout": "5m", "store_batch_max_calls": 1})),
+            true,
+        ),
+        "envoy-filter-unbatched",
     );
     wait_ready(
         &format!("http://127.0.0.1:{store_port}/readyz"),
@@ -381,6 +413,12 @@ async fn run(settings: Settings) {
     wait_ready(
         &format!("http://127.0.0.1:{}/ready", noop_ports.admin),
         &mut noop,
+        Duration::from_secs(60),
+    )
+    .await;
+    wait_ready(
+        &format!("http://127.0.0.1:{}/ready", unbatched_ports.admin),
+        &mut unbatched,
         Duration::from_secs(60),
     )
     .await;
@@ -445,6 +483,18 @@ async fn run(settings: Settings) {
             expect: executed,
         },
         Scenario {
+            name: "filter, keyed POST that executes, store calls unbatched",
+            target: "unbatched",
+            baseline: Some("pass-through Envoy (POST)"),
+            make: Arc::new(|c, i| {
+                post(
+                    "/api/v1/orders",
+                    Some(format!("unbatched-{}-{c}-{i}", std::process::id())),
+                )
+            }),
+            expect: executed,
+        },
+        Scenario {
             name: "filter, keyed POST that replays",
             target: "filter",
             baseline: Some("pass-through Envoy (POST)"),
@@ -477,15 +527,29 @@ async fn run(settings: Settings) {
         "plain" => plain.pid(),
         "filter" => filtered.pid(),
         "noop" => noop.pid(),
+        "unbatched" => unbatched.pid(),
         _ => None,
     };
     let port = |target: &str| match target {
         "plain" => plain_ports.listener,
         "filter" => filter_ports.listener,
         "noop" => noop_ports.listener,
+        "unbatched" => unbatched_ports.listener,
         _ => demo_port,
     };
     let mut results: Vec<Value> = Vec::new();
+    // Warm up first (not recorded): a fresh Envoy's first seconds are slower (V8 optimises hot
+    // Wasm functions after a while; connection pools fill). Production Envoys run warm.
+    for scenario in &scenarios {
+        load(
+            addr(port(scenario.target)),
+            connections,
+            Duration::from_secs(1),
+            scenario.make.clone(),
+            scenario.expect,
+        )
+        .await;
+    }
     eprintln!("{rounds} interleaved rounds, {seconds}s per scenario, {connections} connections");
     for round in 1..=rounds {
         let mut round_stats: Vec<(&str, Stats, f64)> = Vec::new();
@@ -524,6 +588,21 @@ async fn run(settings: Settings) {
                 "errors": stats.errors, "unexpected_responses": stats.unexpected,
             }));
         }
+    }
+
+    if rounds_only {
+        let rounds =
+            json!({"summary": summarize(&results), "rounds": results, "filter_config": filter_config});
+        print_rounds(&rounds);
+        let out = e2e::repo_root().join("target/bench");
+        std::fs::create_dir_all(&out).unwrap();
+        std::fs::write(
+            out.join("rounds.json"),
+            serde_json::to_string_pretty(&rounds).unwrap(),
+        )
+        .unwrap();
+        eprintln!("\nwritten to target/bench/rounds.json");
+        return;
     }
 
     // Added latency at one connection.
@@ -748,6 +827,29 @@ async fn run(settings: Settings) {
     )
     .unwrap();
     eprintln!("\nwritten to target/bench/results.json");
+}
+
+/// The main table: every scenario of every round.
+fn print_rounds(summary: &Value) {
+    println!(
+        "\n{:<40} {:>10} {:>10} {:>10} {:>8} {:>12}",
+        "scenario (round)", "req/s", "p50 µs", "p99 µs", "ratio", "Envoy µs/req"
+    );
+    for row in summary["rounds"].as_array().unwrap() {
+        let ratio = row["ratio_to_passthrough"]
+            .as_f64()
+            .map(|r| format!("{r:.2}"))
+            .unwrap_or_else(|| "-".into());
+        println!(
+            "{:<40} {:>10.0} {:>10} {:>10} {:>8} {:>12.1}",
+            format!("{} ({})", row["scenario"].as_str().unwrap(), row["round"]),
+            row["rps"].as_f64().unwrap(),
+            row["p50_us"],
+            row["p99_us"],
+            ratio,
+            row["envoy_cpu_us_per_request"].as_f64().unwrap_or(0.0)
+        );
+    }
 }
 
 /// The store alone (Envoy idle or absent): per-operation latency at one connection, acquire +
@@ -1117,25 +1219,7 @@ fn machine() -> Value {
 }
 
 fn print_table(summary: &Value) {
-    println!(
-        "\n{:<40} {:>10} {:>10} {:>10} {:>8} {:>12}",
-        "scenario (round)", "req/s", "p50 µs", "p99 µs", "ratio", "Envoy µs/req"
-    );
-    for row in summary["rounds"].as_array().unwrap() {
-        let ratio = row["ratio_to_passthrough"]
-            .as_f64()
-            .map(|r| format!("{r:.2}"))
-            .unwrap_or_else(|| "-".into());
-        println!(
-            "{:<40} {:>10.0} {:>10} {:>10} {:>8} {:>12.1}",
-            format!("{} ({})", row["scenario"].as_str().unwrap(), row["round"]),
-            row["rps"].as_f64().unwrap(),
-            row["p50_us"],
-            row["p99_us"],
-            ratio,
-            row["envoy_cpu_us_per_request"].as_f64().unwrap_or(0.0)
-        );
-    }
+    print_rounds(summary);
     println!("\nOne connection:");
     for row in summary["one_connection"].as_array().unwrap() {
         println!(

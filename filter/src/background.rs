@@ -1,10 +1,11 @@
 //! Store calls that must outlive their HTTP stream, made (and retried) from the root context.
 //!
-//! Envoy cancels a stream's pending callouts when the stream ends, so a call made from a stream
-//! that is about to finish would be lost. Streams queue such calls here instead: shadow acquires
-//! and records, `complete`/`release`/`outcome-unknown` writes whose stream ended or whose first
-//! try failed, and `abandon` of an acquire the proxy gave up on. The root context, which lives as
-//! long as the VM, dispatches them on its tick and reads their replies. A call with a retry
+//! A stream's own store calls (`batch.rs`) answer to the stream's flow, which ends with the
+//! stream: a call whose outcome matters after that, or that must be retried, is queued here
+//! instead: shadow acquires and records, `complete`/`release`/`outcome-unknown` writes whose
+//! stream ended or whose first try failed, and `abandon` of an acquire the proxy gave up on. The
+//! root context, which lives as long as the VM, dispatches them on its tick and reads their
+//! replies. A call with a retry
 //! window is retried with backoff after a transient failure (no reply, 5xx, 408, 429) until it
 //! succeeds, the store refuses it for good (fencing: 409; gone: 404; 4xx), or the window ends
 //! (for holder writes: when the lock expires, after which the write could not succeed anyway).
@@ -170,6 +171,8 @@ impl Background {
                 path: call.path,
                 body: &call.body,
                 timeout: config.store_timeout,
+                // The root context's own calls: dispatched as they are.
+                may_batch: false,
             });
             match dispatched {
                 Ok(token) => {

@@ -179,7 +179,17 @@ pub struct Config {
     pub replay_cache_max_bytes: usize,
     /// How long a cached record is served before the store is asked again (≤ retention).
     pub replay_cache_ttl: Duration,
+    /// Most store calls sent together in one `/v1/batch` request (1: every call alone).
+    pub store_batch_max_calls: usize,
+    /// Store calls (single or batched) a worker keeps in flight; calls made meanwhile queue
+    /// and leave together as soon as one answers.
+    pub store_max_calls_in_flight: usize,
 }
+
+/// Upper bound of `store_batch_max_calls` (the store's own limit per batch).
+pub const MAX_STORE_BATCH_CALLS: usize = 256;
+/// Upper bound of `store_max_calls_in_flight`.
+pub const MAX_STORE_CALLS_IN_FLIGHT: usize = 1024;
 
 impl Config {
     /// The stat name for `base` (with the service tag suffix when enabled).
@@ -293,8 +303,18 @@ struct RawConfig {
     #[serde(default = "default_cache_bytes")]
     replay_cache_max_bytes: usize,
     replay_cache_ttl: Option<String>,
+    #[serde(default = "default_batch_max_calls")]
+    store_batch_max_calls: usize,
+    #[serde(default = "default_calls_in_flight")]
+    store_max_calls_in_flight: usize,
 }
 
+fn default_batch_max_calls() -> usize {
+    64
+}
+fn default_calls_in_flight() -> usize {
+    2
+}
 fn default_cache_entries() -> usize {
     10_000
 }
@@ -770,7 +790,29 @@ impl Config {
                 Duration::from_secs(600),
             )?
             .min(retention_period),
+            store_batch_max_calls: bounded(
+                "store_batch_max_calls",
+                raw.store_batch_max_calls,
+                MAX_STORE_BATCH_CALLS,
+            )?,
+            store_max_calls_in_flight: bounded(
+                "store_max_calls_in_flight",
+                raw.store_max_calls_in_flight,
+                MAX_STORE_CALLS_IN_FLIGHT,
+            )?,
         })
+    }
+}
+
+/// A count between 1 and `max`.
+fn bounded(field: &'static str, value: usize, max: usize) -> Result<usize, ConfigError> {
+    if (1..=max).contains(&value) {
+        Ok(value)
+    } else {
+        Err(field_error(
+            field,
+            format!("must be between 1 and {max}, got {value}"),
+        ))
     }
 }
 
@@ -780,6 +822,25 @@ mod tests {
 
     fn parse(json: &str) -> Result<Config, ConfigError> {
         Config::parse(json.as_bytes())
+    }
+
+    #[test]
+    fn store_batching_is_on_by_default_and_bounded() {
+        let config = parse(r#"{"service_name":"orders"}"#).unwrap();
+        assert_eq!(
+            (config.store_batch_max_calls, config.store_max_calls_in_flight),
+            (64, 2)
+        );
+        let off = parse(r#"{"service_name":"orders","store_batch_max_calls":1}"#).unwrap();
+        assert_eq!(off.store_batch_max_calls, 1);
+        for (field, value) in [
+            ("store_batch_max_calls", 0),
+            ("store_batch_max_calls", 257),
+            ("store_max_calls_in_flight", 0),
+        ] {
+            let error = parse(&format!(r#"{{"service_name":"orders","{field}":{value}}}"#)).unwrap_err();
+            assert!(error.to_string().contains(field), "{error}");
+        }
     }
 
     #[test]

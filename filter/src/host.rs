@@ -32,11 +32,14 @@ pub enum Level {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Callout<'a> {
     /// Path on the store, e.g. `/v1/acquire`.
-    pub path: &'a str,
+    pub path: &'static str,
     /// JSON body.
     pub body: &'a [u8],
     /// How long Envoy waits for the reply before reporting a timeout.
     pub timeout: Duration,
+    /// May share one `/v1/batch` request with other calls (see `batch.rs`); false for calls
+    /// the store may hold (an acquire that waits for an in-progress record).
+    pub may_batch: bool,
 }
 
 /// What the store answered to a callout.

@@ -5,12 +5,14 @@
 //! Layout: [`config`] (plugin configuration), [`policy`] and [`metadata`] (per-route mode),
 //! [`key`], [`scope`] (caller isolation), [`fingerprint`], [`problem`] (error bodies), [`replay`]
 //! (stored headers), [`outcome`] (whether a forwarded request's lock may be released),
-//! [`attempt`] (attempt ids), [`flow`] (admission, the per-request state machine and its store
+//! [`attempt`] (attempt ids), [`batch`] (store calls of all streams, batched while the store is
+//! busy), [`flow`] (admission, the per-request state machine and its store
 //! calls, plain Rust behind [`host::Host`]), [`background`] (root-context calls, retried), and
 //! `wasm` (the only module that talks to proxy-wasm).
 
 pub mod attempt;
 pub mod background;
+pub mod batch;
 pub mod cache;
 pub mod config;
 pub mod fingerprint;
@@ -40,8 +42,8 @@ mod wasm;
 mod entry {
     proxy_wasm::main! {{
         proxy_wasm::set_log_level(proxy_wasm::types::LogLevel::Debug);
-        proxy_wasm::set_root_context(|_| -> Box<dyn proxy_wasm::traits::RootContext> {
-            Box::new(crate::wasm::Root::default())
+        proxy_wasm::set_root_context(|context_id| -> Box<dyn proxy_wasm::traits::RootContext> {
+            Box::new(crate::wasm::Root::new(context_id))
         });
     }}
 }

@@ -4,9 +4,9 @@
 //! Only the Result-returning `hostcalls` are used (the SDK's trait helpers unwrap), and header
 //! values are read as bytes so no header content can make the SDK panic.
 
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
-use std::rc::Rc;
+use std::rc::{Rc, Weak};
 use std::time::{Duration, UNIX_EPOCH};
 
 use proxy_wasm::hostcalls;
@@ -14,6 +14,7 @@ use proxy_wasm::traits::{Context, HttpContext, RootContext};
 use proxy_wasm::types::{Action, BufferType, ContextType, LogLevel, MapType, MetricType, Status};
 
 use crate::background::Background;
+use crate::batch::{Batcher, Delivery, Owner};
 use crate::cache::ReplayCache;
 use crate::config::Config;
 use crate::flow::{RequestFlow, Verdict};
@@ -49,32 +50,151 @@ impl MetricIds {
 /// An idle tick is one cheap VM call.
 const BACKGROUND_TICK: Duration = Duration::from_millis(5);
 
-/// Root context: owns the parsed configuration, hands it to every stream, and makes the
-/// background calls that must outlive their stream.
+/// A stream waiting for a store call: its context id (to act on it from the root context) and
+/// its flow (gone once the stream ended).
+#[derive(Clone)]
+struct StreamOwner {
+    context_id: u32,
+    flow: Weak<RefCell<RequestFlow>>,
+}
+
+impl Owner for StreamOwner {
+    fn alive(&self) -> bool {
+        self.flow.strong_count() > 0
+    }
+}
+
+/// Wakes the root context as soon as the current callback returns: a shared queue registered
+/// under a name of this worker's own (Envoy runs `on_queue_ready` on the registering worker).
+/// Streams ring it when they queue a store call the root may send now; only the root context
+/// can own a callout that must survive the stream that asked for it.
+#[derive(Default)]
+struct Doorbell {
+    queue: Cell<Option<u32>>,
+    rung: Cell<bool>,
+}
+
+impl Doorbell {
+    fn install(&self) -> Result<(), Status> {
+        let mut suffix = [0u8; 8];
+        // A fixed name would bind every worker's queue to the last worker that registered it.
+        if getrandom::getrandom(&mut suffix).is_err() {
+            suffix = hostcalls::get_current_time()
+                .ok()
+                .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
+                .map(|d| d.as_nanos().to_le_bytes())
+                .and_then(|b| b.get(..8).and_then(|b| <[u8; 8]>::try_from(b).ok()))
+                .unwrap_or_default();
+        }
+        let id = hostcalls::register_shared_queue(&format!("idempotency-calls-{}", hex::encode(suffix)))?;
+        self.queue.set(Some(id));
+        Ok(())
+    }
+
+    fn ring(&self) {
+        if self.rung.get() {
+            return;
+        }
+        if let Some(queue) = self.queue.get() {
+            // If it fails, the root context's tick sends the call (within BACKGROUND_TICK).
+            if hostcalls::enqueue_shared_queue(queue, Some(b"!")).is_ok() {
+                self.rung.set(true);
+            }
+        }
+    }
+
+    /// Empty the queue (its entries only ever say "look at the batcher").
+    fn answer(&self, queue: u32) {
+        for _ in 0..1024 {
+            if !matches!(hostcalls::dequeue_shared_queue(queue), Ok(Some(_))) {
+                break;
+            }
+        }
+        self.rung.set(false);
+    }
+}
+
+/// Root context: owns the parsed configuration, hands it to every stream, sends every store
+/// call (`batch.rs`) and the background calls that must outlive their stream.
 pub struct Root {
+    context_id: u32,
     config: Option<Rc<Config>>,
     metrics: Rc<MetricIds>,
     background: Rc<Background>,
     cache: Rc<RefCell<ReplayCache>>,
+    batcher: Rc<Batcher<StreamOwner>>,
+    doorbell: Rc<Doorbell>,
 }
 
-impl Default for Root {
-    fn default() -> Root {
+impl Root {
+    /// The root context `context_id`.
+    pub fn new(context_id: u32) -> Root {
         Root {
+            context_id,
             config: None,
             metrics: Rc::default(),
             background: Rc::default(),
             cache: Rc::new(RefCell::new(ReplayCache::new(0, 0))),
+            batcher: Rc::new(Batcher::new(1, 1)),
+            doorbell: Rc::default(),
         }
     }
-}
 
-impl Root {
+    /// The host as the root context itself (its calls are dispatched as they are).
     fn host(&self) -> WasmHost {
         WasmHost {
             config: self.config.clone(),
             metrics: self.metrics.clone(),
+            stream: None,
         }
+    }
+
+    /// The host for a stream: its store calls go through the batcher.
+    fn stream_host(&self, owner: StreamOwner) -> WasmHost {
+        WasmHost {
+            stream: Some(StreamCalls {
+                owner,
+                batcher: self.batcher.clone(),
+                doorbell: self.doorbell.clone(),
+            }),
+            ..self.host()
+        }
+    }
+
+    /// Send what the batcher may send now, and fail back whatever could not be dispatched.
+    fn flush(&self) {
+        let failed = self.batcher.flush(&self.host());
+        self.deliver(failed);
+    }
+
+    /// Hand each reply to its stream, acting as that stream (`set_effective_context`).
+    fn deliver(&self, deliveries: Vec<Delivery<StreamOwner>>) {
+        if deliveries.is_empty() {
+            return;
+        }
+        for delivery in deliveries {
+            let Some(flow) = delivery.owner.flow.upgrade() else {
+                continue; // the stream ended; what it owed the store was handed to `Background`
+            };
+            if hostcalls::set_effective_context(delivery.owner.context_id).is_err() {
+                continue;
+            }
+            let host = self.stream_host(delivery.owner.clone());
+            let delivered = match flow.try_borrow_mut() {
+                Ok(mut flow) => {
+                    flow.on_callout_reply(&host, delivery.token, delivery.reply);
+                    true
+                }
+                Err(_) => false,
+            };
+            if !delivered {
+                log(
+                    LogLevel::Error,
+                    "idempotency: a store reply arrived while its stream was busy; dropped",
+                );
+            }
+        }
+        let _ = hostcalls::set_effective_context(self.context_id);
     }
 }
 
@@ -87,10 +207,17 @@ impl Context for Root {
         _num_trailers: usize,
     ) {
         let host = self.host();
-        if let Some(config) = self.config.clone() {
-            let reply = host.callout_reply(body_size);
-            self.background.on_reply(&host, &config, token_id, reply);
+        let reply = host.callout_reply(body_size);
+        match self.batcher.on_reply(&host, token_id, reply.clone()) {
+            Some(deliveries) => self.deliver(deliveries),
+            None => {
+                if let Some(config) = self.config.clone() {
+                    self.background.on_reply(&host, &config, token_id, reply);
+                }
+            }
         }
+        // A callout slot is free: what queued meanwhile leaves now, together.
+        self.flush();
     }
 }
 
@@ -121,6 +248,16 @@ impl RootContext for Root {
                     config.replay_cache_max_entries,
                     config.replay_cache_max_bytes,
                 )));
+                self.batcher = Rc::new(Batcher::new(
+                    config.store_batch_max_calls,
+                    config.store_max_calls_in_flight,
+                ));
+                if let Err(status) = self.doorbell.install() {
+                    log(
+                        LogLevel::Warn,
+                        &format!("idempotency: cannot register the call queue ({status:?}); store calls wait for the tick"),
+                    );
+                }
                 self.config = Some(Rc::new(config));
                 if let Err(status) = hostcalls::set_tick_period(BACKGROUND_TICK) {
                     log(
@@ -139,21 +276,34 @@ impl RootContext for Root {
     }
 
     fn on_tick(&mut self) {
+        if self.batcher.ready() {
+            self.flush();
+        }
         if let (true, Some(config)) = (self.background.queued() > 0, self.config.clone()) {
             self.background.drain(&self.host(), &config);
         }
     }
 
-    fn create_http_context(&self, _context_id: u32) -> Option<Box<dyn HttpContext>> {
+    fn on_queue_ready(&mut self, queue_id: u32) {
+        self.doorbell.answer(queue_id);
+        self.flush();
+    }
+
+    fn create_http_context(&self, context_id: u32) -> Option<Box<dyn HttpContext>> {
         // Returning None makes the SDK panic, so a stream without configuration gets a pass-through.
         let (background, cache) = (self.background.clone(), self.cache.clone());
-        Some(Box::new(Stream {
-            flow: self
-                .config
-                .clone()
-                .map(|config| RequestFlow::new(config, background, cache)),
-            host: self.host(),
-        }))
+        let flow = self
+            .config
+            .clone()
+            .map(|config| Rc::new(RefCell::new(RequestFlow::new(config, background, cache))));
+        let host = match &flow {
+            Some(flow) => self.stream_host(StreamOwner {
+                context_id,
+                flow: Rc::downgrade(flow),
+            }),
+            None => self.host(),
+        };
+        Some(Box::new(Stream { flow, host }))
     }
 
     fn get_type(&self) -> Option<ContextType> {
@@ -163,8 +313,19 @@ impl RootContext for Root {
 
 /// One HTTP stream.
 struct Stream {
-    flow: Option<RequestFlow>,
+    flow: Option<Rc<RefCell<RequestFlow>>>,
     host: WasmHost,
+}
+
+impl Stream {
+    /// Run `callback` on the flow; pass-through when there is none (no configuration) or when it
+    /// is busy (cannot happen: Envoy defers the effects of a callback until it has returned).
+    fn with_flow(&self, callback: impl FnOnce(&mut RequestFlow, &WasmHost) -> Verdict) -> Action {
+        match self.flow.as_ref().map(|flow| flow.try_borrow_mut()) {
+            Some(Ok(mut flow)) => to_action(callback(&mut flow, &self.host)),
+            _ => Action::Continue,
+        }
+    }
 }
 
 fn to_action(verdict: Verdict) -> Action {
@@ -174,22 +335,10 @@ fn to_action(verdict: Verdict) -> Action {
     }
 }
 
+/// Streams make no callouts of their own (the root context sends them, see `batch.rs`).
 impl Context for Stream {
-    fn on_http_call_response(
-        &mut self,
-        token_id: u32,
-        _num_headers: usize,
-        body_size: usize,
-        _num_trailers: usize,
-    ) {
-        if let Some(flow) = self.flow.as_mut() {
-            let reply = self.host.callout_reply(body_size);
-            flow.on_callout_reply(&self.host, token_id, reply);
-        }
-    }
-
     fn on_done(&mut self) -> bool {
-        if let Some(flow) = self.flow.as_mut() {
+        if let Some(Ok(mut flow)) = self.flow.as_ref().map(|flow| flow.try_borrow_mut()) {
             flow.on_stream_done(&self.host);
         }
         true
@@ -198,45 +347,27 @@ impl Context for Stream {
 
 impl HttpContext for Stream {
     fn on_http_request_headers(&mut self, _num_headers: usize, end_of_stream: bool) -> Action {
-        match self.flow.as_mut() {
-            Some(flow) => to_action(flow.on_request_headers(&self.host, end_of_stream)),
-            None => Action::Continue,
-        }
+        self.with_flow(|flow, host| flow.on_request_headers(host, end_of_stream))
     }
 
     fn on_http_request_body(&mut self, body_size: usize, end_of_stream: bool) -> Action {
-        match self.flow.as_mut() {
-            Some(flow) => to_action(flow.on_request_body(&self.host, body_size, end_of_stream)),
-            None => Action::Continue,
-        }
+        self.with_flow(|flow, host| flow.on_request_body(host, body_size, end_of_stream))
     }
 
     fn on_http_response_headers(&mut self, _num_headers: usize, end_of_stream: bool) -> Action {
-        match self.flow.as_mut() {
-            Some(flow) => to_action(flow.on_response_headers(&self.host, end_of_stream)),
-            None => Action::Continue,
-        }
+        self.with_flow(|flow, host| flow.on_response_headers(host, end_of_stream))
     }
 
     fn on_http_request_trailers(&mut self, _num_trailers: usize) -> Action {
-        match self.flow.as_mut() {
-            Some(flow) => to_action(flow.on_request_trailers(&self.host)),
-            None => Action::Continue,
-        }
+        self.with_flow(|flow, host| flow.on_request_trailers(host))
     }
 
     fn on_http_response_trailers(&mut self, _num_trailers: usize) -> Action {
-        match self.flow.as_mut() {
-            Some(flow) => to_action(flow.on_response_trailers(&self.host)),
-            None => Action::Continue,
-        }
+        self.with_flow(|flow, host| flow.on_response_trailers(host))
     }
 
     fn on_http_response_body(&mut self, body_size: usize, end_of_stream: bool) -> Action {
-        match self.flow.as_mut() {
-            Some(flow) => to_action(flow.on_response_body(&self.host, body_size, end_of_stream)),
-            None => Action::Continue,
-        }
+        self.with_flow(|flow, host| flow.on_response_body(host, body_size, end_of_stream))
     }
 }
 
@@ -282,10 +413,20 @@ fn string_pairs(pairs: Vec<(String, Vec<u8>)>) -> Vec<(String, String)> {
         .collect()
 }
 
-/// [`Host`] over proxy-wasm hostcalls for the current stream.
+/// How a stream's store calls leave: queued for the root context, which is woken at once.
+#[derive(Clone)]
+struct StreamCalls {
+    owner: StreamOwner,
+    batcher: Rc<Batcher<StreamOwner>>,
+    doorbell: Rc<Doorbell>,
+}
+
+/// [`Host`] over proxy-wasm hostcalls for the current stream (or the root context).
 struct WasmHost {
     config: Option<Rc<Config>>,
     metrics: Rc<MetricIds>,
+    /// Set for a stream: its calls go through the batcher.
+    stream: Option<StreamCalls>,
 }
 
 impl Host for WasmHost {
@@ -344,6 +485,13 @@ impl Host for WasmHost {
     }
 
     fn dispatch(&self, callout: &Callout<'_>) -> Result<u32, HostError> {
+        if let Some(stream) = &self.stream {
+            let token = stream.batcher.submit(stream.owner.clone(), callout);
+            if stream.batcher.ready() {
+                stream.doorbell.ring();
+            }
+            return Ok(token);
+        }
         let Some(config) = self.config.as_ref() else {
             return Err(HostError {
                 call: "dispatch_http_call",

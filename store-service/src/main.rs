@@ -135,6 +135,13 @@ async fn main() -> ExitCode {
             return ExitCode::from(1);
         }
     };
+    // Answers leave at once: without TCP_NODELAY a reply written in pieces (HTTP/2 frames) can
+    // wait for the peer's delayed ACK, ~40 ms on Linux, which showed as a 40-50 ms p99.
+    let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
+        if let Err(e) = tcp.set_nodelay(true) {
+            tracing::debug!("cannot set TCP_NODELAY: {e}");
+        }
+    });
     tracing::info!(listen = %config.listen, backend = storage.name(), "idempotency store ready");
     let server = axum::serve(listener, app(state)).with_graceful_shutdown(shutdown_signal());
     if let Err(e) = server.await {

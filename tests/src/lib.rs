@@ -21,6 +21,7 @@ use serde_json::{json, Value};
 
 pub mod envoy_config;
 pub mod grpc;
+pub mod old_store;
 
 /// Token shared by the store and the filter in tests.
 pub const STORE_TOKEN: &str = "e2e-token";
@@ -210,6 +211,9 @@ pub struct StackOptions {
     pub mongodb: bool,
     /// Put a TCP proxy that delays every chunk by this much between Envoy and the store.
     pub store_delay: Option<Duration>,
+    /// Put a front between Envoy and the store that answers `/v1/batch` with 404, like a store
+    /// from before batching (and counts the calls it passes on).
+    pub store_without_batch: bool,
 }
 
 impl Default for StackOptions {
@@ -220,6 +224,7 @@ impl Default for StackOptions {
             store_replicas: 1,
             mongodb: false,
             store_delay: None,
+            store_without_batch: false,
         }
     }
 }
@@ -364,6 +369,10 @@ impl Stack {
             Some(delay) => {
                 let (port, task, handle) = switchable_delay_proxy(store_ports[0], delay).await;
                 (vec![port], Some(task), Some(handle))
+            }
+            None if options.store_without_batch => {
+                let (port, task) = old_store::front(store_ports[0]).await;
+                (vec![port], Some(task), None)
             }
             None => (store_ports.clone(), None, None),
         };

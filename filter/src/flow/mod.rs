@@ -966,6 +966,7 @@ impl RequestFlow {
                 path: paths::ACQUIRE,
                 body: &payload,
                 timeout,
+                may_batch: wait.is_zero(),
             })
             .map_err(|e| e.to_string())
         });
@@ -1148,6 +1149,7 @@ impl RequestFlow {
             path: write.path,
             body: &write.body,
             timeout: self.config.store_timeout,
+            may_batch: true,
         });
         match dispatched {
             Ok(token) => {
