@@ -20,12 +20,16 @@ pub fn is_json_content_type(content_type: &str) -> bool {
 /// A parsed JSON value for fingerprinting. Numbers keep the exact text the client sent (no
 /// float rounding: `0.1` and `0.1000000000000000055511` stay different), and objects keep every
 /// member, duplicates included (a body with a repeated name never equals one without).
+///
+/// Text is borrowed from the body wherever it already is canonical (numbers, literals, and
+/// strings without escapes — most of a typical body), so canonicalising allocates little.
 #[derive(Debug, Clone, PartialEq)]
-enum Node {
-    Object(Vec<(String, Node)>),
-    Array(Vec<Node>),
-    /// A string (re-encoded canonically), number (as written) or literal.
-    Scalar(String),
+enum Node<'a> {
+    /// Members as (decoded name, value).
+    Object(Vec<(Cow<'a, str>, Node<'a>)>),
+    Array(Vec<Node<'a>>),
+    /// A string (canonical text, quotes included), number (as written) or literal.
+    Scalar(Cow<'a, str>),
 }
 
 /// Deepest nesting canonicalised; deeper bodies are hashed as raw bytes.
@@ -37,7 +41,7 @@ struct Reader<'a> {
     pos: usize,
 }
 
-impl Reader<'_> {
+impl<'a> Reader<'a> {
     fn peek(&self) -> Option<u8> {
         self.bytes.get(self.pos).copied()
     }
@@ -53,7 +57,7 @@ impl Reader<'_> {
         (self.peek()? == byte).then(|| self.pos += 1)
     }
 
-    fn value(&mut self, depth: usize) -> Option<Node> {
+    fn value(&mut self, depth: usize) -> Option<Node<'a>> {
         if depth > MAX_DEPTH {
             return None;
         }
@@ -101,8 +105,19 @@ impl Reader<'_> {
                 }
             }
             b'"' => {
-                let text = self.string()?;
-                serde_json::to_string(&text).ok().map(Node::Scalar)
+                let start = self.pos;
+                match self.string()? {
+                    // No escapes: the text as sent, quotes included, is already canonical.
+                    Cow::Borrowed(_) => {
+                        let raw = self.bytes.get(start..self.pos)?;
+                        std::str::from_utf8(raw)
+                            .ok()
+                            .map(|raw| Node::Scalar(Cow::Borrowed(raw)))
+                    }
+                    Cow::Owned(text) => serde_json::to_string(&text)
+                        .ok()
+                        .map(|text| Node::Scalar(Cow::Owned(text))),
+                }
             }
             b't' => self.literal("true"),
             b'f' => self.literal("false"),
@@ -111,34 +126,48 @@ impl Reader<'_> {
         }
     }
 
-    fn literal(&mut self, word: &str) -> Option<Node> {
+    fn literal(&mut self, word: &'static str) -> Option<Node<'a>> {
         let end = self.pos + word.len();
         (self.bytes.get(self.pos..end)? == word.as_bytes()).then(|| {
             self.pos = end;
-            Node::Scalar(word.to_owned())
+            Node::Scalar(Cow::Borrowed(word))
         })
     }
 
-    /// A string token, unescaped (serde_json does the unescaping and UTF-8 checks).
-    fn string(&mut self) -> Option<String> {
+    /// A string token, unescaped: borrowed when it has no escapes (checked here: no control
+    /// characters, valid UTF-8), else unescaped by serde_json (which checks the rest).
+    fn string(&mut self) -> Option<Cow<'a, str>> {
         let start = self.pos;
         if self.peek()? != b'"' {
             return None;
         }
         self.pos += 1;
+        let mut escaped = false;
         loop {
             match self.peek()? {
                 b'"' => break,
-                b'\\' => self.pos += 2,
+                b'\\' => {
+                    escaped = true;
+                    self.pos += 2;
+                }
+                // Raw control characters are not JSON (serde_json refuses them too).
+                0x00..=0x1f => return None,
                 _ => self.pos += 1,
             }
         }
         self.pos += 1;
-        serde_json::from_slice::<String>(self.bytes.get(start..self.pos)?).ok()
+        let token = self.bytes.get(start..self.pos)?;
+        if escaped {
+            serde_json::from_slice::<String>(token).ok().map(Cow::Owned)
+        } else {
+            std::str::from_utf8(token.get(1..token.len() - 1)?)
+                .ok()
+                .map(Cow::Borrowed)
+        }
     }
 
     /// A number token, validated against the JSON grammar and kept as written.
-    fn number(&mut self) -> Option<Node> {
+    fn number(&mut self) -> Option<Node<'a>> {
         let start = self.pos;
         let digits = |r: &mut Self| {
             let from = r.pos;
@@ -171,12 +200,12 @@ impl Reader<'_> {
             }
         }
         let text = std::str::from_utf8(self.bytes.get(start..self.pos)?).ok()?;
-        Some(Node::Scalar(text.to_owned()))
+        Some(Node::Scalar(Cow::Borrowed(text)))
     }
 }
 
 /// Parse a whole body as one JSON value.
-fn parse(body: &[u8]) -> Option<Node> {
+fn parse(body: &[u8]) -> Option<Node<'_>> {
     let mut reader = Reader { bytes: body, pos: 0 };
     let value = reader.value(0)?;
     reader.skip_whitespace();
@@ -184,7 +213,7 @@ fn parse(body: &[u8]) -> Option<Node> {
 }
 
 /// Remove the value(s) at an RFC 6901 `pointer`, if present (every member of that name).
-fn remove_pointer(value: &mut Node, pointer: &str) {
+fn remove_pointer(value: &mut Node<'_>, pointer: &str) {
     let Some(rest) = pointer.strip_prefix('/') else {
         return;
     };
@@ -193,15 +222,15 @@ fn remove_pointer(value: &mut Node, pointer: &str) {
         .map(|t| t.replace("~1", "/").replace("~0", "~"))
         .collect();
     let Some(last) = tokens.pop() else { return };
-    let mut targets: Vec<&mut Node> = vec![value];
+    let mut targets: Vec<&mut Node<'_>> = vec![value];
     for token in &tokens {
         targets = targets
             .into_iter()
-            .flat_map(|node| -> Vec<&mut Node> {
+            .flat_map(|node| -> Vec<&mut Node<'_>> {
                 match node {
                     Node::Object(members) => members
                         .iter_mut()
-                        .filter(|(name, _)| name == token)
+                        .filter(|(name, _)| name.as_ref() == token.as_str())
                         .map(|(_, v)| v)
                         .collect(),
                     Node::Array(items) => token
@@ -217,7 +246,7 @@ fn remove_pointer(value: &mut Node, pointer: &str) {
     }
     for node in targets {
         match node {
-            Node::Object(members) => members.retain(|(name, _)| *name != last),
+            Node::Object(members) => members.retain(|(name, _)| name.as_ref() != last.as_str()),
             Node::Array(items) => {
                 if let Some(index) = last.parse::<usize>().ok().filter(|i| *i < items.len()) {
                     items.remove(index);
@@ -230,17 +259,27 @@ fn remove_pointer(value: &mut Node, pointer: &str) {
 
 /// Write `value` canonically: object members sorted by name in UTF-16 code units (RFC 8785
 /// §3.2.3; equal names keep their order), no whitespace, strings re-encoded, numbers as written.
-fn write_canonical(value: &Node, out: &mut Vec<u8>) {
+fn write_canonical(value: &Node<'_>, out: &mut Vec<u8>) {
     match value {
         Node::Object(members) => {
-            let mut sorted: Vec<&(String, Node)> = members.iter().collect();
-            sorted.sort_by(|(a, _), (b, _)| a.encode_utf16().cmp(b.encode_utf16()));
+            let mut sorted: Vec<&(Cow<'_, str>, Node<'_>)> = members.iter().collect();
+            sorted.sort_by(|(a, _), (b, _)| utf16_order(a, b));
             out.push(b'{');
             for (i, (name, item)) in sorted.into_iter().enumerate() {
                 if i > 0 {
                     out.push(b',');
                 }
-                out.extend(serde_json::to_string(name).unwrap_or_default().as_bytes());
+                match name {
+                    // Borrowed names had no escapes: as sent, they are canonical.
+                    Cow::Borrowed(name) => {
+                        out.push(b'"');
+                        out.extend_from_slice(name.as_bytes());
+                        out.push(b'"');
+                    }
+                    Cow::Owned(name) => {
+                        out.extend(serde_json::to_string(name).unwrap_or_default().as_bytes())
+                    }
+                }
                 out.push(b':');
                 write_canonical(item, out);
             }
@@ -257,6 +296,15 @@ fn write_canonical(value: &Node, out: &mut Vec<u8>) {
             out.push(b']');
         }
         Node::Scalar(text) => out.extend(text.as_bytes()),
+    }
+}
+
+/// Order of names by UTF-16 code units (RFC 8785); for ASCII names that is byte order.
+fn utf16_order(a: &str, b: &str) -> std::cmp::Ordering {
+    if a.is_ascii() && b.is_ascii() {
+        a.as_bytes().cmp(b.as_bytes())
+    } else {
+        a.encode_utf16().cmp(b.encode_utf16())
     }
 }
 

@@ -29,6 +29,9 @@ pub mod replay;
 pub mod scope;
 
 #[cfg(test)]
+#[path = "tests/fingerprint_reference.rs"]
+mod fingerprint_reference;
+#[cfg(test)]
 #[path = "tests/hostile_input.rs"]
 mod hostile_input;
 #[cfg(test)]

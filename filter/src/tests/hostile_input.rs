@@ -149,4 +149,27 @@ proptest! {
     fn arbitrary_bodies_never_panic_the_fingerprint(bytes in prop::collection::vec(any::<u8>(), 0..512)) {
         let _ = fingerprint_body(&bytes, true, &["/a", "/b/0"]);
     }
+
+    #[test]
+    fn the_fast_canonicaliser_writes_exactly_what_the_reference_writes(
+        value in json_value(),
+        pointer in "(/[a-z~01]{0,4}){0,3}",
+        noise in prop::collection::vec(any::<u8>(), 0..24),
+        cut in any::<prop::sample::Index>(),
+    ) {
+        let exclude = [pointer.as_str()];
+        let text = value.to_string();
+        let pretty = serde_json::to_string_pretty(&value).unwrap_or_default();
+        // Also bodies that are almost JSON: raw bytes spliced in (control characters, broken
+        // UTF-8, stray quotes) must be refused, or accepted, by both alike.
+        let mut spliced = text.clone().into_bytes();
+        let at = cut.index(spliced.len() + 1);
+        spliced.splice(at..at, noise);
+        for body in [text.as_bytes(), pretty.as_bytes(), &spliced] {
+            prop_assert_eq!(
+                fingerprint_body(body, true, &exclude),
+                crate::fingerprint_reference::reference_fingerprint_body(body, true, &exclude)
+            );
+        }
+    }
 }
