@@ -23,6 +23,10 @@ use idempotency_wire::{encode_batch, paths, BatchResponse};
 
 use crate::host::{Callout, CalloutReply, Host, Level};
 
+/// Body bytes one batch carries at most (besides a single larger call, which goes alone); the
+/// store accepts requests up to 16 MiB.
+pub const MAX_BATCH_BYTES: usize = 4 * 1024 * 1024;
+
 /// Whoever waits for a call's reply (in Envoy: a stream's context id and its flow).
 pub trait Owner: Clone {
     /// False once the stream has ended: its queued calls are not sent.
@@ -204,12 +208,23 @@ impl<O: Owner> Batcher<O> {
     fn next_calls(&self) -> Vec<Queued<O>> {
         let mut queue = self.queue.borrow_mut();
         let mut calls: Vec<Queued<O>> = Vec::new();
+        let mut bytes = 0;
         let limit = if self.batching() { self.max_calls } else { 1 };
         while calls.len() < limit {
+            // Large bodies (recorded responses up to 1 MiB, as base64) make a batch heavy: it
+            // stays well under the store's request limit, and always carries at least one call.
+            if !calls.is_empty()
+                && queue
+                    .front()
+                    .is_some_and(|next| bytes + next.body.len() > MAX_BATCH_BYTES)
+            {
+                break;
+            }
             let Some(call) = queue.pop_front() else {
                 break;
             };
             if call.owner.alive() {
+                bytes += call.body.len();
                 calls.push(call);
             }
         }

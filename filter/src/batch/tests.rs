@@ -288,3 +288,39 @@ fn with_batching_off_every_call_leaves_at_once() {
     assert_eq!(sent.len(), 3);
     assert!(sent.iter().all(|s| s.0 == paths::COMPLETE));
 }
+
+#[test]
+fn a_batch_stops_short_of_the_byte_limit_and_a_large_call_goes_alone() {
+    let host = MockHost::default();
+    let batcher = Batcher::new(64, 1);
+    batcher.submit(stream(1), &call(paths::ACQUIRE, "{}"));
+    batcher.flush(&host);
+    let third = format!(r#"{{"body":"{}"}}"#, "x".repeat(super::MAX_BATCH_BYTES / 3));
+    for id in 2..=4 {
+        batcher.submit(stream(id), &call(paths::COMPLETE, &third));
+    }
+    let huge = format!(r#"{{"body":"{}"}}"#, "x".repeat(super::MAX_BATCH_BYTES));
+    batcher.submit(stream(5), &call(paths::COMPLETE, &huge));
+    batcher.on_reply(&host, dispatched(&host)[0].2, ok("{}"));
+    let mut sent = Vec::new();
+    for _ in 0..3 {
+        batcher.flush(&host);
+        let (path, body, token) = dispatched(&host).pop().unwrap();
+        sent.push(if path == paths::BATCH {
+            serde_json::from_str::<serde_json::Value>(&body).unwrap()["calls"]
+                .as_array()
+                .unwrap()
+                .len()
+        } else {
+            assert_eq!(path, paths::COMPLETE);
+            body.len()
+        });
+        batcher.on_reply(&host, token, ok(r#"{"replies":[]}"#));
+    }
+    assert_eq!(
+        sent,
+        vec![2, third.len(), huge.len()],
+        "2 fit, the third waits, the huge one alone"
+    );
+    assert_eq!(batcher.queued(), 0);
+}
