@@ -90,7 +90,8 @@ pub trait Host {
     fn now(&self) -> Duration;
     /// Write a log line.
     fn log(&self, level: Level, message: &str);
-    /// Whether a `Debug` line would be written (Envoy's Wasm log level is debug or trace).
+    /// Whether a `Debug` line would be written (Envoy's Wasm log level is debug or trace); no
+    /// host call (the root context keeps it current).
     fn debug_enabled(&self) -> bool;
     /// Add one to a counter.
     fn count(&self, counter: Counter);

@@ -52,6 +52,10 @@ pub struct MockHost {
     /// Timeout of the last dispatched callout.
     pub last_timeout: RefCell<Option<Duration>>,
     next_token: RefCell<u32>,
+    /// Every call into the host, by method name (each is a VM→Envoy crossing in production).
+    pub host_calls: RefCell<std::collections::BTreeMap<&'static str, usize>>,
+    /// Debug logging off, as at Envoy's default level.
+    pub quiet: RefCell<bool>,
 }
 
 impl MockHost {
@@ -112,6 +116,20 @@ impl MockHost {
         })
     }
 
+    fn tally(&self, call: &'static str) {
+        *self.host_calls.borrow_mut().entry(call).or_default() += 1;
+    }
+
+    /// Log at Envoy's default level (info): debug lines are not built.
+    pub fn quiet(&self) {
+        *self.quiet.borrow_mut() = true;
+    }
+
+    /// Host calls made so far, all methods together.
+    pub fn host_call_count(&self) -> usize {
+        self.host_calls.borrow().values().sum()
+    }
+
     pub fn counted(&self, counter: Counter) -> usize {
         self.counters.borrow().iter().filter(|c| **c == counter).count()
     }
@@ -119,10 +137,12 @@ impl MockHost {
 
 impl Host for MockHost {
     fn request_headers(&self) -> Result<Vec<(String, String)>, HostError> {
+        self.tally("request_headers");
         Ok(self.request_headers.borrow().clone())
     }
 
     fn set_request_header(&self, name: &str, value: Option<&str>) -> Result<(), HostError> {
+        self.tally("set_request_header");
         self.calls
             .borrow_mut()
             .push(Call::SetRequestHeader(name.to_owned(), value.map(str::to_owned)));
@@ -135,18 +155,22 @@ impl Host for MockHost {
     }
 
     fn request_body(&self, size: usize) -> Result<Vec<u8>, HostError> {
+        self.tally("request_body");
         Ok(self.request_body.borrow().iter().take(size).copied().collect())
     }
 
     fn response_headers(&self) -> Result<Vec<(String, String)>, HostError> {
+        self.tally("response_headers");
         Ok(self.response_headers.borrow().clone())
     }
 
     fn response_body(&self, size: usize) -> Result<Vec<u8>, HostError> {
+        self.tally("response_body");
         Ok(self.response_body.borrow().iter().take(size).copied().collect())
     }
 
     fn response_trailers(&self) -> Result<Vec<(String, String)>, HostError> {
+        self.tally("response_trailers");
         Ok(self.response_trailers.borrow().clone())
     }
 
@@ -156,6 +180,7 @@ impl Host for MockHost {
         message: &str,
         metadata: &[(String, String)],
     ) -> Result<(), HostError> {
+        self.tally("send_grpc_response");
         self.calls.borrow_mut().push(Call::SendGrpc {
             status,
             message: message.to_owned(),
@@ -165,11 +190,13 @@ impl Host for MockHost {
     }
 
     fn clear_route_cache(&self) -> Result<(), HostError> {
+        self.tally("clear_route_cache");
         self.calls.borrow_mut().push(Call::ClearRouteCache);
         Ok(())
     }
 
     fn dispatch(&self, callout: &Callout<'_>) -> Result<u32, HostError> {
+        self.tally("dispatch");
         if *self.fail_dispatch.borrow() {
             return Err(HostError {
                 call: "dispatch_http_call",
@@ -191,10 +218,12 @@ impl Host for MockHost {
     }
 
     fn callout_reply(&self, _body_size: usize) -> CalloutReply {
+        self.tally("callout_reply");
         CalloutReply::default()
     }
 
     fn send_response(&self, status: u16, headers: &[(String, String)], body: &[u8]) -> Result<(), HostError> {
+        self.tally("send_response");
         self.calls.borrow_mut().push(Call::SendResponse {
             status,
             headers: headers.to_vec(),
@@ -204,39 +233,49 @@ impl Host for MockHost {
     }
 
     fn resume_request(&self) -> Result<(), HostError> {
+        self.tally("resume_request");
         self.calls.borrow_mut().push(Call::ResumeRequest);
         Ok(())
     }
 
     fn resume_response(&self) -> Result<(), HostError> {
+        self.tally("resume_response");
         self.calls.borrow_mut().push(Call::ResumeResponse);
         Ok(())
     }
 
     fn property(&self, path: &[&str]) -> Option<Vec<u8>> {
+        self.tally("property");
         let key: Vec<String> = path.iter().map(|p| (*p).to_owned()).collect();
         self.properties.borrow().get(&key).cloned()
     }
 
     fn now(&self) -> Duration {
+        self.tally("now");
         Duration::from_secs(1_700_000_000).saturating_add(*self.clock_advance.borrow())
     }
 
     fn debug_enabled(&self) -> bool {
-        true // tests see every line
+        // Not a host call in production (the root context keeps the level).
+        !*self.quiet.borrow() // tests see every line unless they ask for quiet
     }
 
     fn log(&self, level: Level, message: &str) {
+        self.tally("log");
         self.logs.borrow_mut().push((level, message.to_owned()));
     }
 
     fn count(&self, counter: Counter) {
+        self.tally("count");
         self.counters.borrow_mut().push(counter);
     }
 
-    fn record_acquire_duration(&self, _duration: Duration) {}
+    fn record_acquire_duration(&self, _duration: Duration) {
+        self.tally("record_acquire_duration");
+    }
 
     fn wake_background(&self) {
+        // Not a host call in production.
         *self.background_wakes.borrow_mut() += 1;
     }
 }

@@ -124,6 +124,13 @@ pub struct Root {
     cache: Rc<RefCell<ReplayCache>>,
     batcher: Rc<Batcher<StreamOwner>>,
     doorbell: Rc<Doorbell>,
+    /// Whether Envoy logs Wasm at debug level, read on every tick instead of on every log line
+    /// of every request (`/logging` changes are seen within `BACKGROUND_TICK`).
+    debug: Rc<Cell<bool>>,
+}
+
+fn debug_logging() -> bool {
+    hostcalls::get_log_level().is_ok_and(|level| matches!(level, LogLevel::Trace | LogLevel::Debug))
 }
 
 impl Root {
@@ -137,6 +144,7 @@ impl Root {
             cache: Rc::new(RefCell::new(ReplayCache::new(0, 0))),
             batcher: Rc::new(Batcher::new(1, 1)),
             doorbell: Rc::default(),
+            debug: Rc::default(),
         }
     }
 
@@ -146,6 +154,7 @@ impl Root {
             config: self.config.clone(),
             metrics: self.metrics.clone(),
             stream: None,
+            debug: self.debug.clone(),
         }
     }
 
@@ -259,6 +268,7 @@ impl RootContext for Root {
                     );
                 }
                 self.config = Some(Rc::new(config));
+                self.debug.set(debug_logging());
                 if let Err(status) = hostcalls::set_tick_period(BACKGROUND_TICK) {
                     log(
                         LogLevel::Error,
@@ -276,6 +286,7 @@ impl RootContext for Root {
     }
 
     fn on_tick(&mut self) {
+        self.debug.set(debug_logging());
         if self.batcher.ready() {
             self.flush();
         }
@@ -427,6 +438,8 @@ struct WasmHost {
     metrics: Rc<MetricIds>,
     /// Set for a stream: its calls go through the batcher.
     stream: Option<StreamCalls>,
+    /// Envoy's Wasm log level is debug or trace (kept by the root context).
+    debug: Rc<Cell<bool>>,
 }
 
 impl Host for WasmHost {
@@ -556,7 +569,7 @@ impl Host for WasmHost {
     }
 
     fn debug_enabled(&self) -> bool {
-        hostcalls::get_log_level().is_ok_and(|level| matches!(level, LogLevel::Trace | LogLevel::Debug))
+        self.debug.get()
     }
 
     fn log(&self, level: Level, message: &str) {

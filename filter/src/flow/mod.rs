@@ -55,13 +55,22 @@ pub enum Verdict {
     Pause,
 }
 
+/// A request's fingerprints: the canonical one (what the store compares), and the hash of the
+/// raw body when the proxy cache is on (empty otherwise): a cached record whose request had the
+/// same raw hash is replayed without canonicalising the retry's body.
+#[derive(Debug, Clone, Default)]
+struct RequestFingerprint {
+    canonical: String,
+    raw: String,
+}
+
 /// A request that holds the lock.
 #[derive(Debug, Clone)]
 pub struct Held {
     id: RecordId,
     lock: Lock,
-    /// The request's fingerprint, to cache the completed record under.
-    fingerprint: String,
+    /// The request's fingerprints, to cache the completed record under.
+    fingerprint: RequestFingerprint,
     /// Host time when the lock expires; holder writes are not retried past it.
     lock_expires_at: Duration,
     /// A gRPC request: its `grpc-status` decides store vs release.
@@ -72,7 +81,7 @@ pub struct Held {
 #[derive(Debug)]
 struct CacheCandidate {
     id: RecordId,
-    fingerprint: String,
+    fingerprint: RequestFingerprint,
     response: Rc<StoredResponse>,
     /// Host time when the record expires.
     expires_at: Duration,
@@ -89,7 +98,7 @@ enum State {
         token: u32,
         started: Duration,
         pending: Pending,
-        fingerprint: String,
+        fingerprint: RequestFingerprint,
         attempt_id: String,
         /// Host time after which the acquire's answer is no longer awaited.
         deadline: Duration,
@@ -160,7 +169,7 @@ impl RequestFlow {
         &self,
         host: &dyn Host,
         id: &RecordId,
-        fingerprint: &str,
+        fingerprint: &RequestFingerprint,
         response: Rc<StoredResponse>,
         record_expires_at: Duration,
     ) {
@@ -168,9 +177,13 @@ impl RequestFlow {
             .now()
             .saturating_add(self.config.replay_cache_ttl)
             .min(record_expires_at);
-        self.cache
-            .borrow_mut()
-            .insert(&id.scope, &id.key, fingerprint, response, expires_at);
+        self.cache.borrow_mut().insert(
+            &id.scope,
+            &id.key,
+            (&fingerprint.canonical, &fingerprint.raw),
+            response,
+            expires_at,
+        );
     }
 
     /// Queue a call for the root context (it outlives this stream).
@@ -537,8 +550,9 @@ impl RequestFlow {
                 attempt_id,
                 deadline,
             } if expected == token => {
-                host.record_acquire_duration(host.now().saturating_sub(started));
-                self.on_acquire_reply(host, pending, fingerprint, &attempt_id, deadline, reply);
+                let now = host.now();
+                host.record_acquire_duration(now.saturating_sub(started));
+                self.on_acquire_reply(host, now, pending, fingerprint, &attempt_id, deadline, reply);
             }
             State::Recording {
                 token: expected,
@@ -624,11 +638,13 @@ impl RequestFlow {
         }
     }
 
+    #[allow(clippy::too_many_arguments)] // one acquire's parts
     fn on_acquire_reply(
         &mut self,
         host: &dyn Host,
+        now: Duration,
         pending: Pending,
-        fingerprint: String,
+        fingerprint: RequestFingerprint,
         attempt_id: &str,
         deadline: Duration,
         reply: CalloutReply,
@@ -646,7 +662,7 @@ impl RequestFlow {
                 // sure no lock is left behind for an attempt we are refusing now. 400/401/403
                 // and 408 (arrived after its deadline) are definite: nothing was taken.
                 if !matches!(reply.status, Some(400 | 401 | 403 | 408)) {
-                    self.abandon(host, &pending.id, attempt_id, deadline.min(host.now()));
+                    self.abandon(host, &pending.id, attempt_id, deadline.min(now));
                 }
                 self.storage_failure(host, &format!("acquire failed: {reason}"))
             }
@@ -656,7 +672,7 @@ impl RequestFlow {
                     id: pending.id,
                     lock,
                     fingerprint,
-                    lock_expires_at: host.now().saturating_add(self.config.lock_timeout),
+                    lock_expires_at: now.saturating_add(self.config.lock_timeout),
                     grpc: self.grpc,
                 };
                 if let Err(e) = set_internal_headers(host, &held) {
@@ -804,11 +820,10 @@ impl RequestFlow {
         &mut self,
         host: &dyn Host,
         pending: &Pending,
-        fingerprint: &str,
-        cached_fingerprint: &str,
+        same_parameters: bool,
         response: &StoredResponse,
     ) -> Verdict {
-        if fingerprint != cached_fingerprint {
+        if !same_parameters {
             host.count(Counter::ParameterMismatch);
             return self.answer(
                 host,
@@ -894,30 +909,42 @@ impl RequestFlow {
     }
 
     fn acquire(&mut self, host: &dyn Host, pending: Pending, body: &[u8]) -> Verdict {
-        let exclude: Vec<&str> = pending.exclude_fields.iter().map(String::as_str).collect();
-        let body = fingerprint_body(body, pending.json, &exclude);
-        let fingerprint = fingerprint(
-            &pending.method,
-            &pending.path,
-            &pending.fingerprint_headers,
-            &body,
-        );
-        if !pending.shadow && !pending.grpc {
+        let now = host.now();
+        let hash = |bytes: &[u8]| {
+            fingerprint(
+                &pending.method,
+                &pending.path,
+                &pending.fingerprint_headers,
+                bytes,
+            )
+        };
+        // With the proxy cache on, hash the raw body too (one SHA-256): a retry that resends
+        // the cached request's bytes is replayed without canonicalising its body.
+        let cacheable = !pending.shadow && !pending.grpc && self.cache.borrow().enabled();
+        let raw = if cacheable { hash(body) } else { String::new() };
+        let canonical = || {
+            let exclude: Vec<&str> = pending.exclude_fields.iter().map(String::as_str).collect();
+            match fingerprint_body(body, pending.json, &exclude) {
+                // Not JSON (or not canonicalised): the same bytes, so the same hash.
+                std::borrow::Cow::Borrowed(_) if cacheable => raw.clone(),
+                canonical => hash(&canonical),
+            }
+        };
+        if cacheable {
             let cached = self
                 .cache
                 .borrow_mut()
-                .get(&pending.id.scope, &pending.id.key, host.now());
+                .get(&pending.id.scope, &pending.id.key, now);
             if let Some(record) = cached {
-                return self.answer_from_cache(
-                    host,
-                    &pending,
-                    &fingerprint,
-                    &record.fingerprint,
-                    &record.response,
-                );
+                let same = (!record.raw_fingerprint.is_empty() && record.raw_fingerprint == raw)
+                    || record.fingerprint == canonical();
+                return self.answer_from_cache(host, &pending, same, &record.response);
             }
         }
-        let now = host.now();
+        let fingerprint = RequestFingerprint {
+            canonical: canonical(),
+            raw,
+        };
         let attempt_id = new_attempt_id(now, &pending.id.key);
         let wait = if pending.shadow {
             Duration::ZERO
@@ -931,7 +958,7 @@ impl RequestFlow {
         let payload = calls::acquire(
             &pending.id,
             &AcquireParams {
-                fingerprint: &fingerprint,
+                fingerprint: &fingerprint.canonical,
                 method: &pending.method,
                 path: &pending.path,
                 lock_timeout: self.config.lock_timeout,

@@ -89,7 +89,7 @@ impl ShadowJob {
                 self.lock = Some(Held {
                     id: self.id.clone(),
                     lock,
-                    fingerprint: String::new(),
+                    fingerprint: super::RequestFingerprint::default(),
                     lock_expires_at: host.now().saturating_add(config.lock_timeout),
                     grpc: false,
                 });

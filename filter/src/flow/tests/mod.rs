@@ -2,6 +2,7 @@
 #![cfg(test)] // test code only: unwrap, expect and panic are the assertions here
 
 use std::rc::Rc;
+use std::time::Duration;
 
 use idempotency_wire::{AcquireResponse, Lock, StoredResponse};
 use serde_json::Value;
@@ -1215,4 +1216,110 @@ fn request_trailers_end_the_body_and_the_acquire_holds_them() {
     assert!(host.dispatches().is_empty());
     assert_eq!(flow.on_request_trailers(&host), Verdict::Pause);
     assert_eq!(host.dispatches().len(), 1, "acquired at the trailers");
+}
+
+/// Host calls of an executed request and of a cache replay, counted by the mock host: each is a
+/// crossing from the VM into Envoy. The bounds keep new per-request host calls deliberate.
+#[test]
+fn an_execution_and_a_cache_replay_cross_into_envoy_only_a_few_times() {
+    let config = config("");
+    let (background, cache) = (
+        Rc::new(Background::default()),
+        Rc::new(std::cell::RefCell::new(crate::cache::ReplayCache::new(
+            100,
+            1 << 20,
+        ))),
+    );
+    let mut first = RequestFlow::new(config.clone(), background.clone(), cache.clone());
+    let host = post("k1", b"{}");
+    host.quiet();
+    let token = start_keyed_post(&mut first, &host);
+    first.on_callout_reply(&host, token, reply(200, &acquired(1, None)));
+    host.set_response(201, &[("content-type", "application/json")], b"{\"id\":7}");
+    first.on_response_headers(&host, false);
+    first.on_response_body(&host, 8, true);
+    let (_, _, complete_token) = host.dispatches().pop().unwrap();
+    first.on_callout_reply(
+        &host,
+        complete_token,
+        CalloutReply {
+            status: Some(200),
+            body: b"{}".to_vec(),
+        },
+    );
+    // 6 of them set the internal headers the service reads; 2 are the store calls.
+    assert!(
+        host.host_call_count() <= 23,
+        "an execution made {} host calls: {:?}",
+        host.host_call_count(),
+        host.host_calls.borrow()
+    );
+
+    let mut retry = RequestFlow::new(config, background, cache);
+    let host = post("k1", b"{}");
+    host.quiet();
+    retry.on_request_headers(&host, false);
+    retry.on_request_body(&host, 2, true);
+    assert_eq!(host.sent_response().unwrap().0, 201);
+    assert!(
+        host.host_call_count() <= 7,
+        "a cache replay made {} host calls: {:?}",
+        host.host_call_count(),
+        host.host_calls.borrow()
+    );
+}
+
+#[test]
+fn a_cached_records_retry_with_the_same_bytes_skips_canonicalising_and_others_still_compare_canonically() {
+    let config = config("");
+    let cache = Rc::new(std::cell::RefCell::new(crate::cache::ReplayCache::new(
+        100,
+        1 << 20,
+    )));
+    let response = Rc::new(StoredResponse {
+        status: 201,
+        headers: vec![],
+        body: b"{\"id\":7}".to_vec(),
+        body_omitted: false,
+        trailers: Vec::new(),
+    });
+    let sent = br#"{"b":1, "a":2}"#;
+    let hash = |body: &[u8]| crate::fingerprint::fingerprint("POST", "/api/v1/orders", &[], body);
+    let canonical = hash(br#"{"a":2,"b":1}"#);
+    let retry = |body: &[u8]| {
+        let mut flow = RequestFlow::new(config.clone(), Rc::new(Background::default()), cache.clone());
+        let host = post("k1", body);
+        flow.on_request_headers(&host, false);
+        flow.on_request_body(&host, body.len(), true);
+        assert!(host.dispatches().is_empty(), "answered from the cache");
+        host.sent_response().unwrap().0
+    };
+
+    // A record cached with the right canonical fingerprint: equal bodies replay, others are 422.
+    cache.borrow_mut().insert(
+        "",
+        "k1",
+        (&canonical, &hash(sent)),
+        response.clone(),
+        Duration::MAX,
+    );
+    assert_eq!(retry(sent), 201, "the same bytes");
+    assert_eq!(
+        retry(br#"{"a":2,"b":1}"#),
+        201,
+        "other bytes, same canonical JSON"
+    );
+    assert_eq!(retry(br#"{"a":3,"b":1}"#), 422, "other parameters");
+
+    // Proof that the same bytes are not canonicalised: with a canonical fingerprint that cannot
+    // match, only the raw hash can make this a replay.
+    cache.borrow_mut().insert(
+        "",
+        "k1",
+        ("no-such-fingerprint", &hash(sent)),
+        response,
+        Duration::MAX,
+    );
+    assert_eq!(retry(sent), 201);
+    assert_eq!(retry(br#"{"a":2,"b":1}"#), 422);
 }
