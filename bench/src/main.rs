@@ -879,9 +879,11 @@ async fn measure_store_alone(
         "p99_us": single.2.value_at_quantile(0.99),
     });
     let pairs = store_pairs(store_addr, store_connections, duration).await;
+    // As the filter sends them under load: 8 callers (workers), 16 calls per batch.
+    let batched = store_pairs_batched(store_addr, 8, 16, duration).await;
     let consumer_dedup = consumer_dedup_cost(&format!("http://{store_addr}"), duration).await;
     // Fill to 100k live records, then measure the store's memory.
-    let mut filled = pairs.0 + single.0;
+    let mut filled = pairs.0 + single.0 + batched.0;
     while filled < 100_000 {
         filled += store_pairs(store_addr, store_connections, Duration::from_secs(2))
             .await
@@ -890,7 +892,8 @@ async fn measure_store_alone(
     let store_rss = store.pid().map(rss_kib);
     json!({
         "store_alone": {"pairs_per_second": pairs.0 as f64 / pairs.1, "connections": store_connections,
-                        "one_connection_per_operation": store_latency},
+                        "one_connection_per_operation": store_latency,
+                        "batched": {"pairs_per_second": batched.0 as f64 / batched.1, "connections": 8, "calls_per_batch": 16}},
         "store_rss_kib_at_live_records": {"records": filled, "rss_kib": store_rss},
         "consumer_dedup": consumer_dedup,
     })
@@ -1108,6 +1111,81 @@ async fn store_pairs(addr: SocketAddr, connections: usize, duration: Duration) -
     (total, started.elapsed().as_secs_f64(), latency)
 }
 
+/// The store alone as the filter calls it under load: each of `connections` loops sends
+/// `batch` acquires as one `/v1/batch`, then their `batch` completes as another. Returns (pairs,
+/// seconds).
+async fn store_pairs_batched(
+    addr: SocketAddr,
+    connections: usize,
+    batch: usize,
+    duration: Duration,
+) -> (u64, f64) {
+    let started = Instant::now();
+    let deadline = started + duration;
+    let run = std::process::id();
+    let tasks: Vec<_> = (0..connections)
+        .map(|c| {
+            tokio::spawn(async move {
+                let stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+                stream.set_nodelay(true).unwrap();
+                let (mut sender, connection) =
+                    hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream)).await.unwrap();
+                tokio::spawn(connection);
+                let body = "e".repeat(1024);
+                let mut done = 0u64;
+                let mut round = 0u64;
+                while Instant::now() < deadline {
+                    round += 1;
+                    let keys: Vec<String> = (0..batch).map(|i| format!("batched-{run}-{c}-{round}-{i}")).collect();
+                    let acquires: Vec<Value> = keys
+                        .iter()
+                        .map(|key| json!({"path": "/v1/acquire", "body": {"service": "bench", "scope": "", "key": key,
+                            "fingerprint": "f", "method": "POST", "path": "/x", "lock_timeout_ms": 60000,
+                            "retention_ms": 3_600_000}}))
+                        .collect();
+                    let request = Request::post("/v1/batch")
+                        .header("host", "store")
+                        .header("authorization", format!("Bearer {STORE_TOKEN}"))
+                        .header("content-type", "application/json")
+                        .body(Full::new(Bytes::from(json!({"calls": acquires}).to_string())))
+                        .unwrap();
+                    let Ok(response) = sender.send_request(request).await else { break };
+                    let reply: Value = serde_json::from_slice(&response.into_body().collect().await.unwrap().to_bytes()).unwrap_or_default();
+                    let completes: Vec<Value> = keys
+                        .iter()
+                        .zip(reply["replies"].as_array().cloned().unwrap_or_default())
+                        .map(|(key, lock)| {
+                            let lock = &lock["body"];
+                            json!({"path": "/v1/complete", "body": {"service": "bench", "scope": "", "key": key,
+                                "fencing_token": lock["fencing_token"], "record_id": lock["record_id"],
+                                "attempt_id": lock["attempt_id"], "retention_ms": 3_600_000,
+                                "response": {"status": 201, "headers": [["content-type", "application/json"]], "body": body}}})
+                        })
+                        .collect();
+                    let request = Request::post("/v1/batch")
+                        .header("host", "store")
+                        .header("authorization", format!("Bearer {STORE_TOKEN}"))
+                        .header("content-type", "application/json")
+                        .body(Full::new(Bytes::from(json!({"calls": completes}).to_string())))
+                        .unwrap();
+                    let Ok(response) = sender.send_request(request).await else { break };
+                    let reply: Value = serde_json::from_slice(&response.into_body().collect().await.unwrap().to_bytes()).unwrap_or_default();
+                    let acknowledged = reply["replies"].as_array().map_or(0, |r| r.iter().filter(|r| r["status"] == 200).count());
+                    // Only acknowledged pairs count, and a refused one fails the benchmark.
+                    assert_eq!(acknowledged, batch, "the store refused a batched complete: {reply}");
+                    done += batch as u64;
+                }
+                done
+            })
+        })
+        .collect();
+    let mut total = 0;
+    for task in tasks {
+        total += task.await.unwrap();
+    }
+    (total, started.elapsed().as_secs_f64())
+}
+
 /// What deduplication adds per consumed message, through the client library a consumer uses
 /// (`DeduplicatingHandler`, the same claim/complete the Kafka loop makes): one consumer, one
 /// message at a time, a handler that does nothing. New messages cost a claim and a complete (two
@@ -1278,6 +1356,12 @@ fn print_store_alone(summary: &Value) {
         summary["store_alone"]["pairs_per_second"].as_f64().unwrap_or(0.0),
         summary["store_alone"]["one_connection_per_operation"]["p50_us"],
         summary["store_alone"]["one_connection_per_operation"]["p99_us"]
+    );
+    println!(
+        "Store alone, batched as the filter sends under load ({} callers, {} calls per /v1/batch): {:.0} pairs/s",
+        summary["store_alone"]["batched"]["connections"],
+        summary["store_alone"]["batched"]["calls_per_batch"],
+        summary["store_alone"]["batched"]["pairs_per_second"].as_f64().unwrap_or(0.0)
     );
     println!(
         "Store RSS with {} live records: {} KiB",
