@@ -21,7 +21,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use e2e::envoy_config::{bootstrap_with, noop_wasm_bootstrap, passthrough_bootstrap, Ports};
+use e2e::envoy_config::{
+    bootstrap_with, noop_wasm_bootstrap, noop_wasm_bootstrap_with, passthrough_bootstrap, Ports,
+};
 use e2e::{
     envoy_bin, free_port, plugin_config, spawn_demo, spawn_store, wait_ready, wasm_path, Proc, STORE_TOKEN,
 };
@@ -62,6 +64,11 @@ async fn load(
     make: MakeRequest,
     expect: fn(u16, bool) -> bool,
 ) -> Stats {
+    // Request numbers are unique across calls, so a scenario that needs fresh keys never reuses
+    // one from an earlier round, the warm-up or the one-connection pass (a reused key would be
+    // a replay, counted in the wrong row).
+    static LOADS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let first_request = LOADS.fetch_add(1, std::sync::atomic::Ordering::Relaxed) << 32;
     let started = Instant::now();
     let deadline = started + duration;
     let tasks: Vec<_> = (0..connections)
@@ -77,7 +84,7 @@ async fn load(
                         .await
                         .unwrap();
                 tokio::spawn(connection);
-                let mut i = 0u64;
+                let mut i = first_request;
                 while Instant::now() < deadline {
                     let request = make(c, i);
                     i += 1;
@@ -104,6 +111,19 @@ async fn load(
         })
         .collect();
     gather(tasks, started).await
+}
+
+/// Fail the benchmark when a row measured something other than its scenario: a response the
+/// scenario did not expect (a replay where an execution was meant, a refusal, an error status)
+/// or a broken connection. Such a row's figures would describe different work.
+fn assert_clean(scenario: &str, stats: &Stats) {
+    assert!(
+        stats.unexpected == 0 && stats.errors == 0,
+        "{scenario}: {} of {} responses were not what the scenario measures and {} connections failed; the figures would be wrong",
+        stats.unexpected,
+        stats.requests,
+        stats.errors
+    );
 }
 
 /// What one connection of a closed loop measured.
@@ -359,6 +379,31 @@ async fn run(settings: Settings) {
         &noop_wasm_bootstrap(&noop_ports, &noop_wasm),
         "envoy-noop-wasm",
     );
+    // The mechanics of an execution without the idempotency logic: both bodies held and read
+    // into the VM, then also one callout per request. Together with the floor they show where
+    // an execution's Envoy CPU goes.
+    let buffer_ports = Ports {
+        listener: free_port(),
+        admin: free_port(),
+        upstream: demo_port,
+        stores: vec![store_port],
+    };
+    let mut buffering = pinned_envoy(
+        dir.path(),
+        &noop_wasm_bootstrap_with(&buffer_ports, &noop_wasm, "buffer"),
+        "envoy-noop-buffer",
+    );
+    let callout_ports = Ports {
+        listener: free_port(),
+        admin: free_port(),
+        upstream: demo_port,
+        stores: vec![store_port],
+    };
+    let mut calling = pinned_envoy(
+        dir.path(),
+        &noop_wasm_bootstrap_with(&callout_ports, &noop_wasm, "buffer+callout"),
+        "envoy-noop-callout",
+    );
     let mut filtered = pinned_envoy(
         dir.path(),
         // As shipped in envoy/envoy.yaml: the replay cache on, keyless and non-mutating requests
@@ -422,6 +467,14 @@ async fn run(settings: Settings) {
         Duration::from_secs(60),
     )
     .await;
+    for (ports, envoy) in [(&buffer_ports, &mut buffering), (&callout_ports, &mut calling)] {
+        wait_ready(
+            &format!("http://127.0.0.1:{}/ready", ports.admin),
+            envoy,
+            Duration::from_secs(60),
+        )
+        .await;
+    }
 
     let addr = |port: u16| SocketAddr::from(([127, 0, 0, 1], port));
     let any_2xx: fn(u16, bool) -> bool = |s, _| (200..300).contains(&s);
@@ -452,6 +505,20 @@ async fn run(settings: Settings) {
         Scenario {
             name: "no-op Wasm filter (POST), the floor",
             target: "noop",
+            baseline: Some("pass-through Envoy (POST)"),
+            make: Arc::new(|_, _| post("/api/v1/orders", None)),
+            expect: any_2xx,
+        },
+        Scenario {
+            name: "Wasm filter holding and reading both bodies",
+            target: "noop-buffer",
+            baseline: Some("pass-through Envoy (POST)"),
+            make: Arc::new(|_, _| post("/api/v1/orders", None)),
+            expect: any_2xx,
+        },
+        Scenario {
+            name: "... and making one callout per request",
+            target: "noop-callout",
             baseline: Some("pass-through Envoy (POST)"),
             make: Arc::new(|_, _| post("/api/v1/orders", None)),
             expect: any_2xx,
@@ -528,6 +595,8 @@ async fn run(settings: Settings) {
         "filter" => filtered.pid(),
         "noop" => noop.pid(),
         "unbatched" => unbatched.pid(),
+        "noop-buffer" => buffering.pid(),
+        "noop-callout" => calling.pid(),
         _ => None,
     };
     let port = |target: &str| match target {
@@ -535,23 +604,11 @@ async fn run(settings: Settings) {
         "filter" => filter_ports.listener,
         "noop" => noop_ports.listener,
         "unbatched" => unbatched_ports.listener,
+        "noop-buffer" => buffer_ports.listener,
+        "noop-callout" => callout_ports.listener,
         _ => demo_port,
     };
     let mut results: Vec<Value> = Vec::new();
-    // Warm up first (not recorded): a fresh Envoy with the filter gets faster over its first
-    // tens of seconds (executions: ~175 µs of Envoy CPU per request in a first 3 s round, ~140
-    // in a third; V8 optimises hot Wasm functions in the background, the module's heap grows
-    // to its working size). Production Envoys run warm, so each Wasm row runs 5 s first.
-    for scenario in scenarios.iter().filter(|s| s.baseline.is_some()) {
-        load(
-            addr(port(scenario.target)),
-            connections,
-            Duration::from_secs(5),
-            scenario.make.clone(),
-            scenario.expect,
-        )
-        .await;
-    }
     eprintln!("{rounds} interleaved rounds, {seconds}s per scenario, {connections} connections");
     for round in 1..=rounds {
         let mut round_stats: Vec<(&str, Stats, f64)> = Vec::new();
@@ -574,6 +631,7 @@ async fn run(settings: Settings) {
             } else {
                 0.0
             };
+            assert_clean(scenario.name, &stats);
             round_stats.push((scenario.name, stats, cpu_per_request));
         }
         for (name, stats, cpu) in &round_stats {
@@ -592,9 +650,24 @@ async fn run(settings: Settings) {
         }
     }
 
+    // How many store calls each batch carried (both filtered Envoys share the store; the
+    // unbatched one sends none).
+    let store_metrics = e2e::get_text(
+        &reqwest::Client::new(),
+        &format!("http://127.0.0.1:{store_port}/metrics"),
+    )
+    .await;
+    let batches = e2e::metric_sum(&store_metrics, "idempotency_batch_calls_count");
+    let batched_calls = e2e::metric_sum(&store_metrics, "idempotency_batch_calls_sum");
+    let batching = json!({"batches": batches, "calls_in_batches": batched_calls,
+        "mean_calls_per_batch": if batches > 0.0 { batched_calls / batches } else { 0.0 }});
+    eprintln!(
+        "store calls sent in batches: {batched_calls} in {batches} batches ({:.1} per batch)",
+        batching["mean_calls_per_batch"].as_f64().unwrap_or(0.0)
+    );
     if rounds_only {
-        let rounds =
-            json!({"summary": summarize(&results), "rounds": results, "filter_config": filter_config});
+        let rounds = json!({"summary": summarize(&results), "rounds": results, "filter_config": filter_config,
+            "store_batching": batching});
         print_rounds(&rounds);
         let out = e2e::repo_root().join("target/bench");
         std::fs::create_dir_all(&out).unwrap();
@@ -621,6 +694,7 @@ async fn run(settings: Settings) {
             scenario.expect,
         )
         .await;
+        assert_clean(scenario.name, &stats);
         single.push((scenario.name, stats.p50_us(), stats.p99_us()));
     }
     let base_p50 = single
@@ -665,6 +739,10 @@ async fn run(settings: Settings) {
             let envoy_pid = pids(target);
             let cpu_before = envoy_pid.map(cpu_us).unwrap_or(0);
             let stats = load(addr(port(target)), conns, duration, make, expect).await;
+            assert_clean(
+                &format!("growth, {label}, {body_bytes} B, {conns} connections"),
+                &stats,
+            );
             let cpu = envoy_pid
                 .map(|p| cpu_us(p).saturating_sub(cpu_before))
                 .unwrap_or(0);
@@ -819,6 +897,7 @@ async fn run(settings: Settings) {
         "in_flight_retries": in_flight_retries,
         "grpc": grpc,
         "consumer_dedup": store_alone["consumer_dedup"],
+        "store_batching": batching,
     });
     print_table(&summary);
     let out = e2e::repo_root().join("target/bench");

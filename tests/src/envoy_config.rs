@@ -164,8 +164,17 @@ pub fn passthrough_bootstrap(ports: &Ports) -> String {
 /// Pass-through Envoy plus a Wasm filter that does nothing (`bench/noop-filter`) on every
 /// request: the floor that any Wasm filter costs in this Envoy.
 pub fn noop_wasm_bootstrap(ports: &Ports, wasm: &std::path::Path) -> String {
+    noop_wasm_bootstrap_with(ports, wasm, "")
+}
+
+/// [`noop_wasm_bootstrap`] with the no-op filter in `mode` (`"buffer"`, `"buffer+callout"`: see
+/// `bench/noop-filter`).
+pub fn noop_wasm_bootstrap_with(ports: &Ports, wasm: &std::path::Path, mode: &str) -> String {
     let mut config: Value = serde_json::from_str(&passthrough_bootstrap(ports)).unwrap_or_default();
     let mut noop = wasm_filter(&json!({}));
+    if let Some(value) = noop.pointer_mut("/typed_config/config/configuration/value") {
+        *value = json!(mode);
+    }
     if let Some(filename) = noop.pointer_mut("/typed_config/config/vm_config/code/local/filename") {
         *filename = json!(wasm.display().to_string());
     }
