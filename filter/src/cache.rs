@@ -19,9 +19,6 @@ use idempotency_wire::StoredResponse;
 pub struct CachedRecord {
     /// Fingerprint of the request that completed the record.
     pub fingerprint: String,
-    /// Hash of that request's raw body (same method, path and headers), when known: a retry
-    /// with the same raw hash has the same fingerprint, without canonicalising its body.
-    pub raw_fingerprint: String,
     /// The stored response.
     pub response: Rc<StoredResponse>,
     expires_at: Duration,
@@ -68,11 +65,6 @@ impl ReplayCache {
         self.entries.is_empty()
     }
 
-    /// Whether records are cached at all.
-    pub fn enabled(&self) -> bool {
-        self.max_entries > 0
-    }
-
     /// The live record for `scope`/`key`, if cached.
     pub fn get(&mut self, scope: &str, key: &str, now: Duration) -> Option<CachedRecord> {
         let id = (scope.to_owned(), key.to_owned());
@@ -97,14 +89,14 @@ impl ReplayCache {
         &mut self,
         scope: &str,
         key: &str,
-        (fingerprint, raw_fingerprint): (&str, &str),
+        fingerprint: &str,
         response: Rc<StoredResponse>,
         expires_at: Duration,
     ) {
         if self.max_entries == 0 {
             return;
         }
-        let size = entry_size(scope, key, fingerprint, &response) + raw_fingerprint.len();
+        let size = entry_size(scope, key, fingerprint, &response);
         // One record may take at most a quarter of the budget, so a few large bodies cannot
         // flush everything else.
         if size > self.max_bytes / 4 {
@@ -117,7 +109,6 @@ impl ReplayCache {
             id.clone(),
             CachedRecord {
                 fingerprint: fingerprint.to_owned(),
-                raw_fingerprint: raw_fingerprint.to_owned(),
                 response,
                 expires_at,
                 generation: self.generation,
@@ -167,7 +158,7 @@ mod tests {
     #[test]
     fn returns_live_records_and_forgets_expired_ones() {
         let mut cache = ReplayCache::new(10, 1 << 20);
-        cache.insert("", "k1", ("f1", ""), response(10), NOW + Duration::from_secs(5));
+        cache.insert("", "k1", "f1", response(10), NOW + Duration::from_secs(5));
         assert_eq!(cache.get("", "k1", NOW).unwrap().fingerprint, "f1");
         assert!(
             cache.get("other-scope", "k1", NOW).is_none(),
@@ -181,7 +172,7 @@ mod tests {
     fn is_bounded_by_entries_evicting_the_oldest() {
         let mut cache = ReplayCache::new(3, 1 << 20);
         for i in 0..5 {
-            cache.insert("", &format!("k{i}"), ("f", ""), response(10), NOW * 2);
+            cache.insert("", &format!("k{i}"), "f", response(10), NOW * 2);
         }
         assert_eq!(cache.len(), 3);
         assert!(cache.get("", "k0", NOW).is_none() && cache.get("", "k4", NOW).is_some());
@@ -190,10 +181,10 @@ mod tests {
     #[test]
     fn is_bounded_by_bytes_and_skips_huge_records() {
         let mut cache = ReplayCache::new(1000, 10_000);
-        cache.insert("", "huge", ("f", ""), response(5_000), NOW * 2);
+        cache.insert("", "huge", "f", response(5_000), NOW * 2);
         assert!(cache.get("", "huge", NOW).is_none());
         for i in 0..20 {
-            cache.insert("", &format!("k{i}"), ("f", ""), response(1_000), NOW * 2);
+            cache.insert("", &format!("k{i}"), "f", response(1_000), NOW * 2);
         }
         assert!(cache.bytes <= 10_000);
         assert!(cache.get("", "k19", NOW).is_some());
@@ -202,7 +193,7 @@ mod tests {
     #[test]
     fn disabled_with_zero_entries() {
         let mut cache = ReplayCache::new(0, 1 << 20);
-        cache.insert("", "k", ("f", ""), response(1), NOW * 2);
+        cache.insert("", "k", "f", response(1), NOW * 2);
         assert!(cache.get("", "k", NOW).is_none());
     }
 }

@@ -55,22 +55,13 @@ pub enum Verdict {
     Pause,
 }
 
-/// A request's fingerprints: the canonical one (what the store compares), and the hash of the
-/// raw body when the proxy cache is on (empty otherwise): a cached record whose request had the
-/// same raw hash is replayed without canonicalising the retry's body.
-#[derive(Debug, Clone, Default)]
-struct RequestFingerprint {
-    canonical: String,
-    raw: String,
-}
-
 /// A request that holds the lock.
 #[derive(Debug, Clone)]
 pub struct Held {
     id: RecordId,
     lock: Lock,
-    /// The request's fingerprints, to cache the completed record under.
-    fingerprint: RequestFingerprint,
+    /// The request's fingerprint, to cache the completed record under.
+    fingerprint: String,
     /// Host time when the lock expires; holder writes are not retried past it.
     lock_expires_at: Duration,
     /// A gRPC request: its `grpc-status` decides store vs release.
@@ -81,7 +72,7 @@ pub struct Held {
 #[derive(Debug)]
 struct CacheCandidate {
     id: RecordId,
-    fingerprint: RequestFingerprint,
+    fingerprint: String,
     response: Rc<StoredResponse>,
     /// Host time when the record expires.
     expires_at: Duration,
@@ -98,7 +89,7 @@ enum State {
         token: u32,
         started: Duration,
         pending: Pending,
-        fingerprint: RequestFingerprint,
+        fingerprint: String,
         attempt_id: String,
         /// Host time after which the acquire's answer is no longer awaited.
         deadline: Duration,
@@ -169,7 +160,7 @@ impl RequestFlow {
         &self,
         host: &dyn Host,
         id: &RecordId,
-        fingerprint: &RequestFingerprint,
+        fingerprint: &str,
         response: Rc<StoredResponse>,
         record_expires_at: Duration,
     ) {
@@ -177,13 +168,9 @@ impl RequestFlow {
             .now()
             .saturating_add(self.config.replay_cache_ttl)
             .min(record_expires_at);
-        self.cache.borrow_mut().insert(
-            &id.scope,
-            &id.key,
-            (&fingerprint.canonical, &fingerprint.raw),
-            response,
-            expires_at,
-        );
+        self.cache
+            .borrow_mut()
+            .insert(&id.scope, &id.key, fingerprint, response, expires_at);
     }
 
     /// Queue a call for the root context (it outlives this stream).
@@ -644,7 +631,7 @@ impl RequestFlow {
         host: &dyn Host,
         now: Duration,
         pending: Pending,
-        fingerprint: RequestFingerprint,
+        fingerprint: String,
         attempt_id: &str,
         deadline: Duration,
         reply: CalloutReply,
@@ -820,10 +807,11 @@ impl RequestFlow {
         &mut self,
         host: &dyn Host,
         pending: &Pending,
-        same_parameters: bool,
+        fingerprint: &str,
+        cached_fingerprint: &str,
         response: &StoredResponse,
     ) -> Verdict {
-        if !same_parameters {
+        if fingerprint != cached_fingerprint {
             host.count(Counter::ParameterMismatch);
             return self.answer(
                 host,
@@ -909,42 +897,33 @@ impl RequestFlow {
     }
 
     fn acquire(&mut self, host: &dyn Host, pending: Pending, body: &[u8]) -> Verdict {
+        // One hash, of the canonical body: in the VM a SHA-256 of 1 KiB costs ~5 µs and
+        // canonicalising it ~1.5 µs, so hashing the raw body too (to skip canonicalising the
+        // replays of identical bytes) would cost every execution more than it saves a replay.
+        let exclude: Vec<&str> = pending.exclude_fields.iter().map(String::as_str).collect();
+        let body = fingerprint_body(body, pending.json, &exclude);
+        let fingerprint = fingerprint(
+            &pending.method,
+            &pending.path,
+            &pending.fingerprint_headers,
+            &body,
+        );
         let now = host.now();
-        let hash = |bytes: &[u8]| {
-            fingerprint(
-                &pending.method,
-                &pending.path,
-                &pending.fingerprint_headers,
-                bytes,
-            )
-        };
-        // With the proxy cache on, hash the raw body too (one SHA-256): a retry that resends
-        // the cached request's bytes is replayed without canonicalising its body.
-        let cacheable = !pending.shadow && !pending.grpc && self.cache.borrow().enabled();
-        let raw = if cacheable { hash(body) } else { String::new() };
-        let canonical = || {
-            let exclude: Vec<&str> = pending.exclude_fields.iter().map(String::as_str).collect();
-            match fingerprint_body(body, pending.json, &exclude) {
-                // Not JSON (or not canonicalised): the same bytes, so the same hash.
-                std::borrow::Cow::Borrowed(_) if cacheable => raw.clone(),
-                canonical => hash(&canonical),
-            }
-        };
-        if cacheable {
+        if !pending.shadow && !pending.grpc {
             let cached = self
                 .cache
                 .borrow_mut()
                 .get(&pending.id.scope, &pending.id.key, now);
             if let Some(record) = cached {
-                let same = (!record.raw_fingerprint.is_empty() && record.raw_fingerprint == raw)
-                    || record.fingerprint == canonical();
-                return self.answer_from_cache(host, &pending, same, &record.response);
+                return self.answer_from_cache(
+                    host,
+                    &pending,
+                    &fingerprint,
+                    &record.fingerprint,
+                    &record.response,
+                );
             }
         }
-        let fingerprint = RequestFingerprint {
-            canonical: canonical(),
-            raw,
-        };
         let attempt_id = new_attempt_id(now, &pending.id.key);
         let wait = if pending.shadow {
             Duration::ZERO
@@ -958,7 +937,7 @@ impl RequestFlow {
         let payload = calls::acquire(
             &pending.id,
             &AcquireParams {
-                fingerprint: &fingerprint.canonical,
+                fingerprint: &fingerprint,
                 method: &pending.method,
                 path: &pending.path,
                 lock_timeout: self.config.lock_timeout,

@@ -89,7 +89,7 @@ impl ShadowJob {
                 self.lock = Some(Held {
                     id: self.id.clone(),
                     lock,
-                    fingerprint: super::RequestFingerprint::default(),
+                    fingerprint: String::new(),
                     lock_expires_at: host.now().saturating_add(config.lock_timeout),
                     grpc: false,
                 });
