@@ -313,7 +313,7 @@ fn default_batch_max_calls() -> usize {
     64
 }
 fn default_calls_in_flight() -> usize {
-    2
+    1
 }
 fn default_cache_entries() -> usize {
     10_000
@@ -829,7 +829,7 @@ mod tests {
         let config = parse(r#"{"service_name":"orders"}"#).unwrap();
         assert_eq!(
             (config.store_batch_max_calls, config.store_max_calls_in_flight),
-            (64, 2)
+            (64, 1)
         );
         let off = parse(r#"{"service_name":"orders","store_batch_max_calls":1}"#).unwrap();
         assert_eq!(off.store_batch_max_calls, 1);

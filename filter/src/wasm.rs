@@ -66,7 +66,8 @@ impl Owner for StreamOwner {
 
 /// Wakes the root context as soon as the current callback returns: a shared queue registered
 /// under a name of this worker's own (Envoy runs `on_queue_ready` on the registering worker).
-/// Streams ring it when they queue a store call the root may send now; only the root context
+/// Streams ring it when they queue a store call the root may send now, or a background call
+/// (`background.rs`); only the root context
 /// can own a callout that must survive the stream that asked for it.
 #[derive(Default)]
 struct Doorbell {
@@ -298,6 +299,9 @@ impl RootContext for Root {
     fn on_queue_ready(&mut self, queue_id: u32) {
         self.doorbell.answer(queue_id);
         self.flush();
+        if let (true, Some(config)) = (self.background.queued() > 0, self.config.clone()) {
+            self.background.drain(&self.host(), &config);
+        }
     }
 
     fn create_http_context(&self, context_id: u32) -> Option<Box<dyn HttpContext>> {
@@ -588,7 +592,11 @@ impl Host for WasmHost {
     }
 
     fn wake_background(&self) {
-        // The root context's steady tick picks the call up within BACKGROUND_TICK.
+        // Ring for the root context now (an outcome-unknown should land before a quick retry
+        // asks); without a doorbell its steady tick picks the call up within BACKGROUND_TICK.
+        if let Some(stream) = &self.stream {
+            stream.doorbell.ring();
+        }
     }
 
     fn record_acquire_duration(&self, duration: Duration) {

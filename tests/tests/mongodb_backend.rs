@@ -20,7 +20,13 @@ fn two_replicas_on_mongodb() -> StackOptions {
 
 #[tokio::test]
 async fn twenty_concurrent_same_key_requests_over_two_store_replicas_execute_exactly_once() {
-    let stack = Stack::start_with(two_replicas_on_mongodb()).await;
+    // Every store call alone, so Envoy spreads the twenty acquires over both replicas (batched,
+    // they could all reach one replica in one request and the race would not cross replicas).
+    let stack = Stack::start_with(StackOptions {
+        plugin: json!({"store_batch_max_calls": 1}),
+        ..two_replicas_on_mongodb()
+    })
+    .await;
     let order = json!({"sku": "RACE", "qty": 1});
     let attempts = (0..20).map(|_| {
         stack
@@ -142,4 +148,38 @@ async fn retries_waiting_on_either_replica_get_the_replay_of_the_attempt_in_flig
         waited += metric_sum(&text, "idempotency_acquire_waits_total");
     }
     assert!(waited >= 6.0, "every retry waited in a store: {waited}");
+}
+
+#[tokio::test]
+async fn batched_store_calls_on_mongodb_each_run_once() {
+    let stack = Stack::start_with(two_replicas_on_mongodb()).await;
+    let order = json!({"sku": "BATCH", "qty": 1});
+    let send = |i: usize| {
+        stack
+            .post_order(Some(&format!("mongo-batch-{i}")), &order)
+            .header("x-demo-delay-ms", "20")
+            .send()
+    };
+    for replayed in [false, true] {
+        for response in futures::future::join_all((0..16).map(send)).await {
+            let response = response.unwrap();
+            assert_eq!(response.status(), 201);
+            assert_eq!(response.headers().contains_key("idempotent-replayed"), replayed);
+        }
+    }
+    for i in 0..16 {
+        assert_eq!(
+            stack.executions_of(&format!("mongo-batch-{i}")).await,
+            1,
+            "key {i}"
+        );
+    }
+    let mut batches = 0.0;
+    for replica in 0..2 {
+        batches += metric_sum(
+            &stack.replica_metrics(replica).await,
+            "idempotency_batch_calls_count",
+        );
+    }
+    assert!(batches >= 1.0, "the calls met a busy store and were batched");
 }
