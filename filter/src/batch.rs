@@ -231,6 +231,11 @@ impl<O: Owner> Batcher<O> {
         calls
     }
 
+    /// Whether callout `token` is one of ours (in flight).
+    pub fn owns(&self, token: u32) -> bool {
+        self.in_flight.borrow().contains_key(&token)
+    }
+
     /// The reply to callout `token`, split per call; `None` when the callout is not ours.
     pub fn on_reply(&self, host: &dyn Host, token: u32, reply: CalloutReply) -> Option<Vec<Delivery<O>>> {
         let sent = self.in_flight.borrow_mut().remove(&token)?;

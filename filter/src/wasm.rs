@@ -67,8 +67,8 @@ impl Owner for StreamOwner {
 /// Wakes the root context as soon as the current callback returns: a shared queue registered
 /// under a name of this worker's own (Envoy runs `on_queue_ready` on the registering worker).
 /// Streams ring it when they queue a store call the root may send now, or a background call
-/// (`background.rs`); only the root context
-/// can own a callout that must survive the stream that asked for it.
+/// (`background.rs`); only the root context can own a callout that must survive the stream that
+/// asked for it.
 #[derive(Default)]
 struct Doorbell {
     queue: Cell<Option<u32>>,
@@ -218,13 +218,11 @@ impl Context for Root {
     ) {
         let host = self.host();
         let reply = host.callout_reply(body_size);
-        match self.batcher.on_reply(&host, token_id, reply.clone()) {
-            Some(deliveries) => self.deliver(deliveries),
-            None => {
-                if let Some(config) = self.config.clone() {
-                    self.background.on_reply(&host, &config, token_id, reply);
-                }
-            }
+        if self.batcher.owns(token_id) {
+            let deliveries = self.batcher.on_reply(&host, token_id, reply).unwrap_or_default();
+            self.deliver(deliveries);
+        } else if let Some(config) = self.config.clone() {
+            self.background.on_reply(&host, &config, token_id, reply);
         }
         // A callout slot is free: what queued meanwhile leaves now, together.
         self.flush();
@@ -288,6 +286,9 @@ impl RootContext for Root {
 
     fn on_tick(&mut self) {
         self.debug.set(debug_logging());
+        // Should a ring ever go unanswered, the doorbell must not stay silent: at worst this
+        // costs one extra wake-up.
+        self.doorbell.rung.set(false);
         if self.batcher.ready() {
             self.flush();
         }
