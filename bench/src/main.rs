@@ -203,6 +203,16 @@ fn cpu_us(pid: u32) -> u64 {
     ticks * 10_000 // USER_HZ = 100
 }
 
+/// Free listener and admin ports for one more Envoy in front of the demo service and the store.
+fn fresh_ports(demo_port: u16, store_port: u16) -> Ports {
+    Ports {
+        listener: free_port(),
+        admin: free_port(),
+        upstream: demo_port,
+        stores: vec![store_port],
+    }
+}
+
 fn pinned_envoy(dir: &Path, config: &str, name: &str) -> Proc {
     let path = dir.join(format!("{name}.json"));
     std::fs::write(&path, config).unwrap();
@@ -339,35 +349,15 @@ async fn run(settings: Settings) {
         return;
     }
     let mut demo = spawn_demo(dir.path(), demo_port, store_port);
-    let plain_ports = Ports {
-        listener: free_port(),
-        admin: free_port(),
-        upstream: demo_port,
-        stores: vec![store_port],
-    };
-    let filter_ports = Ports {
-        listener: free_port(),
-        admin: free_port(),
-        upstream: demo_port,
-        stores: vec![store_port],
-    };
-    let unbatched_ports = Ports {
-        listener: free_port(),
-        admin: free_port(),
-        upstream: demo_port,
-        stores: vec![store_port],
-    };
+    let plain_ports = fresh_ports(demo_port, store_port);
+    let filter_ports = fresh_ports(demo_port, store_port);
+    let unbatched_ports = fresh_ports(demo_port, store_port);
     let mut plain = pinned_envoy(
         dir.path(),
         &passthrough_bootstrap(&plain_ports),
         "envoy-passthrough",
     );
-    let noop_ports = Ports {
-        listener: free_port(),
-        admin: free_port(),
-        upstream: demo_port,
-        stores: vec![store_port],
-    };
+    let noop_ports = fresh_ports(demo_port, store_port);
     let noop_wasm = e2e::repo_root().join("target/wasm32-wasip1/wasm-release/noop_filter.wasm");
     assert!(
         noop_wasm.exists(),
@@ -382,23 +372,13 @@ async fn run(settings: Settings) {
     // The mechanics of an execution without the idempotency logic: both bodies held and read
     // into the VM, then also one callout per request. Together with the floor they show where
     // an execution's Envoy CPU goes.
-    let buffer_ports = Ports {
-        listener: free_port(),
-        admin: free_port(),
-        upstream: demo_port,
-        stores: vec![store_port],
-    };
+    let buffer_ports = fresh_ports(demo_port, store_port);
     let mut buffering = pinned_envoy(
         dir.path(),
         &noop_wasm_bootstrap_with(&buffer_ports, &noop_wasm, "buffer"),
         "envoy-noop-buffer",
     );
-    let callout_ports = Ports {
-        listener: free_port(),
-        admin: free_port(),
-        upstream: demo_port,
-        stores: vec![store_port],
-    };
+    let callout_ports = fresh_ports(demo_port, store_port);
     let mut calling = pinned_envoy(
         dir.path(),
         &noop_wasm_bootstrap_with(&callout_ports, &noop_wasm, "buffer+callout"),
@@ -760,12 +740,7 @@ async fn run(settings: Settings) {
     // Retries of in-flight keys (`in_progress_wait`): the store holds a retry's acquire until the
     // first attempt completes, then answers with the replay. Measured on its own Envoy: how long a
     // waiting retry takes, and whether held waiters slow everything else down.
-    let wait_ports = Ports {
-        listener: free_port(),
-        admin: free_port(),
-        upstream: demo_port,
-        stores: vec![store_port],
-    };
+    let wait_ports = fresh_ports(demo_port, store_port);
     let mut waiting_envoy = pinned_envoy(
         dir.path(),
         &bootstrap_with(
@@ -824,18 +799,8 @@ async fn run(settings: Settings) {
     // executed through pass-through Envoy, with a stock tonic client and server.
     let grpc_port = e2e::grpc::start_server(e2e::grpc::OrdersService::default()).await;
     let (grpc_plain_ports, grpc_filter_ports) = (
-        Ports {
-            listener: free_port(),
-            admin: free_port(),
-            upstream: demo_port,
-            stores: vec![store_port],
-        },
-        Ports {
-            listener: free_port(),
-            admin: free_port(),
-            upstream: demo_port,
-            stores: vec![store_port],
-        },
+        fresh_ports(demo_port, store_port),
+        fresh_ports(demo_port, store_port),
     );
     let mut grpc_plain = pinned_envoy(
         dir.path(),

@@ -72,6 +72,25 @@ fn body_json(host: &MockHost) -> Value {
     serde_json::from_str(&body).unwrap()
 }
 
+/// Drive a keyed POST through acquire, a 201 `{"id":7}` from upstream and an acknowledged
+/// `complete`.
+fn execute_and_record(flow: &mut RequestFlow, host: &MockHost) {
+    let token = start_keyed_post(flow, host);
+    flow.on_callout_reply(host, token, reply(200, &acquired(1, None)));
+    host.set_response(201, &[("content-type", "application/json")], b"{\"id\":7}");
+    flow.on_response_headers(host, false);
+    flow.on_response_body(host, 8, true);
+    let (_, _, complete_token) = host.dispatches().pop().unwrap();
+    flow.on_callout_reply(
+        host,
+        complete_token,
+        CalloutReply {
+            status: Some(200),
+            body: b"{}".to_vec(),
+        },
+    );
+}
+
 /// Drive a keyed POST with a body up to the acquire callout.
 fn start_keyed_post(flow: &mut RequestFlow, host: &MockHost) -> u32 {
     assert_eq!(flow.on_request_headers(host, false), Verdict::Pause);
@@ -884,20 +903,7 @@ fn completed_records_are_replayed_from_the_proxy_cache_without_a_callout() {
     // First request executes and is recorded: the acknowledged record enters the cache.
     let mut first = RequestFlow::new(config.clone(), background.clone(), cache.clone());
     let host = post("k1", b"{}");
-    let token = start_keyed_post(&mut first, &host);
-    first.on_callout_reply(&host, token, reply(200, &acquired(1, None)));
-    host.set_response(201, &[("content-type", "application/json")], b"{\"id\":7}");
-    first.on_response_headers(&host, false);
-    first.on_response_body(&host, 8, true);
-    let (_, _, complete_token) = host.dispatches().pop().unwrap();
-    first.on_callout_reply(
-        &host,
-        complete_token,
-        CalloutReply {
-            status: Some(200),
-            body: b"{}".to_vec(),
-        },
-    );
+    execute_and_record(&mut first, &host);
     assert_eq!(cache.borrow().len(), 1);
 
     // The retry is answered from the cache: no callout at all.
@@ -1232,20 +1238,7 @@ fn an_execution_and_a_cache_replay_cross_into_envoy_only_a_few_times() {
     let mut first = RequestFlow::new(config.clone(), background.clone(), cache.clone());
     let host = post("k1", b"{}");
     host.quiet();
-    let token = start_keyed_post(&mut first, &host);
-    first.on_callout_reply(&host, token, reply(200, &acquired(1, None)));
-    host.set_response(201, &[("content-type", "application/json")], b"{\"id\":7}");
-    first.on_response_headers(&host, false);
-    first.on_response_body(&host, 8, true);
-    let (_, _, complete_token) = host.dispatches().pop().unwrap();
-    first.on_callout_reply(
-        &host,
-        complete_token,
-        CalloutReply {
-            status: Some(200),
-            body: b"{}".to_vec(),
-        },
-    );
+    execute_and_record(&mut first, &host);
     // 6 of them set the internal headers the service reads; 2 are the store calls.
     assert!(
         host.host_call_count() <= 23,
