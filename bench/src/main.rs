@@ -203,6 +203,24 @@ fn cpu_us(pid: u32) -> u64 {
     ticks * 10_000 // USER_HZ = 100
 }
 
+/// A JSON POST to the store API, with the bench's token.
+fn store_request(path: &str, body: &Value) -> Request<Full<Bytes>> {
+    Request::post(path)
+        .header("host", "store")
+        .header("authorization", format!("Bearer {STORE_TOKEN}"))
+        .header("content-type", "application/json")
+        .body(Full::new(Bytes::from(body.to_string())))
+        .unwrap()
+}
+
+/// Write `results` to `target/bench/<name>` and say so.
+fn write_results(name: &str, results: &Value) {
+    let out = e2e::repo_root().join("target/bench");
+    std::fs::create_dir_all(&out).unwrap();
+    std::fs::write(out.join(name), serde_json::to_string_pretty(results).unwrap()).unwrap();
+    eprintln!("\nwritten to target/bench/{name}");
+}
+
 /// Free listener and admin ports for one more Envoy in front of the demo service and the store.
 fn fresh_ports(demo_port: u16, store_port: u16) -> Ports {
     Ports {
@@ -338,14 +356,7 @@ async fn run(settings: Settings) {
         let result =
             json!({"machine": machine(), "store_args": store_args, "seconds": seconds, "store": alone});
         print_store_alone(&alone);
-        let out = e2e::repo_root().join("target/bench");
-        std::fs::create_dir_all(&out).unwrap();
-        std::fs::write(
-            out.join("store.json"),
-            serde_json::to_string_pretty(&result).unwrap(),
-        )
-        .unwrap();
-        eprintln!("\nwritten to target/bench/store.json");
+        write_results("store.json", &result);
         return;
     }
     let mut demo = spawn_demo(dir.path(), demo_port, store_port);
@@ -649,14 +660,7 @@ async fn run(settings: Settings) {
         let rounds = json!({"summary": summarize(&results), "rounds": results, "filter_config": filter_config,
             "store_batching": batching});
         print_rounds(&rounds);
-        let out = e2e::repo_root().join("target/bench");
-        std::fs::create_dir_all(&out).unwrap();
-        std::fs::write(
-            out.join("rounds.json"),
-            serde_json::to_string_pretty(&rounds).unwrap(),
-        )
-        .unwrap();
-        eprintln!("\nwritten to target/bench/rounds.json");
+        write_results("rounds.json", &rounds);
         return;
     }
 
@@ -865,14 +869,7 @@ async fn run(settings: Settings) {
         "store_batching": batching,
     });
     print_table(&summary);
-    let out = e2e::repo_root().join("target/bench");
-    std::fs::create_dir_all(&out).unwrap();
-    std::fs::write(
-        out.join("results.json"),
-        serde_json::to_string_pretty(&summary).unwrap(),
-    )
-    .unwrap();
-    eprintln!("\nwritten to target/bench/results.json");
+    write_results("results.json", &summary);
 }
 
 /// The main table: every scenario of every round.
@@ -1112,24 +1109,14 @@ async fn store_pairs(addr: SocketAddr, connections: usize, duration: Duration) -
                     let key = format!("pair-{run}-{nonce}-{c}-{done}");
                     let acquire = json!({"service": "bench", "scope": "", "key": key, "fingerprint": "f", "method": "POST",
                         "path": "/x", "lock_timeout_ms": 60000, "retention_ms": 3_600_000});
-                    let request = Request::post("/v1/acquire")
-                        .header("host", "store")
-                        .header("authorization", format!("Bearer {STORE_TOKEN}"))
-                        .header("content-type", "application/json")
-                        .body(Full::new(Bytes::from(acquire.to_string())))
-                        .unwrap();
+                    let request = store_request("/v1/acquire", &acquire);
                     let sent = Instant::now();
                     let Ok(response) = sender.send_request(request).await else { break };
                     let reply: Value = serde_json::from_slice(&response.into_body().collect().await.unwrap().to_bytes()).unwrap_or_default();
                     let complete = json!({"service": "bench", "scope": "", "key": key, "fencing_token": reply["fencing_token"],
                         "record_id": reply["record_id"], "attempt_id": reply["attempt_id"],
                         "retention_ms": 3_600_000, "response": {"status": 201, "headers": [["content-type", "application/json"]], "body": body}});
-                    let request = Request::post("/v1/complete")
-                        .header("host", "store")
-                        .header("authorization", format!("Bearer {STORE_TOKEN}"))
-                        .header("content-type", "application/json")
-                        .body(Full::new(Bytes::from(complete.to_string())))
-                        .unwrap();
+                    let request = store_request("/v1/complete", &complete);
                     latency.record(sent.elapsed().as_micros().max(1) as u64).unwrap();
                     let sent = Instant::now();
                     let Ok(response) = sender.send_request(request).await else { break };
@@ -1187,12 +1174,7 @@ async fn store_pairs_batched(
                             "fingerprint": "f", "method": "POST", "path": "/x", "lock_timeout_ms": 60000,
                             "retention_ms": 3_600_000}}))
                         .collect();
-                    let request = Request::post("/v1/batch")
-                        .header("host", "store")
-                        .header("authorization", format!("Bearer {STORE_TOKEN}"))
-                        .header("content-type", "application/json")
-                        .body(Full::new(Bytes::from(json!({"calls": acquires}).to_string())))
-                        .unwrap();
+                    let request = store_request("/v1/batch", &json!({"calls": acquires}));
                     let Ok(response) = sender.send_request(request).await else { break };
                     let reply: Value = serde_json::from_slice(&response.into_body().collect().await.unwrap().to_bytes()).unwrap_or_default();
                     let completes: Vec<Value> = keys
@@ -1206,12 +1188,7 @@ async fn store_pairs_batched(
                                 "response": {"status": 201, "headers": [["content-type", "application/json"]], "body": body}}})
                         })
                         .collect();
-                    let request = Request::post("/v1/batch")
-                        .header("host", "store")
-                        .header("authorization", format!("Bearer {STORE_TOKEN}"))
-                        .header("content-type", "application/json")
-                        .body(Full::new(Bytes::from(json!({"calls": completes}).to_string())))
-                        .unwrap();
+                    let request = store_request("/v1/batch", &json!({"calls": completes}));
                     let Ok(response) = sender.send_request(request).await else { break };
                     let reply: Value = serde_json::from_slice(&response.into_body().collect().await.unwrap().to_bytes()).unwrap_or_default();
                     let acknowledged = reply["replies"].as_array().map_or(0, |r| r.iter().filter(|r| r["status"] == 200).count());

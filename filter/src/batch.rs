@@ -197,8 +197,8 @@ impl<O: Owner> Batcher<O> {
             }
             (_, None) => return,
         };
-        // A batch always takes a slot (only batchable calls are batched).
-        if counted || matches!(entry, Sent::Batch(_)) {
+        // Batches come only from the queue, whose sends are counted.
+        if counted {
             self.slots_taken.set(self.slots_taken.get() + 1);
         }
         self.in_flight.borrow_mut().insert(token, entry);

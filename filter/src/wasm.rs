@@ -77,18 +77,17 @@ struct Doorbell {
 
 impl Doorbell {
     fn install(&self) -> Result<(), Status> {
-        let mut suffix = [0u8; 8];
-        // A fixed name would bind every worker's queue to the last worker that registered it.
-        if getrandom::getrandom(&mut suffix).is_err() {
-            suffix = hostcalls::get_current_time()
-                .ok()
-                .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
-                .map(|d| d.as_nanos().to_le_bytes())
-                .and_then(|b| b.get(..8).and_then(|b| <[u8; 8]>::try_from(b).ok()))
-                .unwrap_or_default();
-        }
-        let id = hostcalls::register_shared_queue(&format!("idempotency-calls-{}", hex::encode(suffix)))?;
-        self.queue.set(Some(id));
+        // A fixed name would bind every worker's queue to the last worker that registered it;
+        // an attempt id is random (with a fallback should the host refuse randomness).
+        let now = hostcalls::get_current_time()
+            .ok()
+            .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
+            .unwrap_or_default();
+        let name = format!(
+            "idempotency-calls-{}",
+            crate::attempt::new_attempt_id(now, "calls")
+        );
+        self.queue.set(Some(hostcalls::register_shared_queue(&name)?));
         Ok(())
     }
 

@@ -29,6 +29,14 @@ mod support {
         );
     }
 
+    /// A replay cache of 100 records and 1 MiB.
+    pub(super) fn small_cache() -> Rc<std::cell::RefCell<crate::cache::ReplayCache>> {
+        Rc::new(std::cell::RefCell::new(crate::cache::ReplayCache::new(
+            100,
+            1 << 20,
+        )))
+    }
+
     pub(super) fn no_cache() -> Rc<std::cell::RefCell<crate::cache::ReplayCache>> {
         Rc::new(std::cell::RefCell::new(crate::cache::ReplayCache::new(0, 0)))
     }
@@ -931,13 +939,7 @@ fn shadow_store_failure_changes_nothing() {
 #[test]
 fn completed_records_are_replayed_from_the_proxy_cache_without_a_callout() {
     let config = config("");
-    let (background, cache) = (
-        Rc::new(Background::default()),
-        Rc::new(std::cell::RefCell::new(crate::cache::ReplayCache::new(
-            100,
-            1 << 20,
-        ))),
-    );
+    let (background, cache) = (Rc::new(Background::default()), small_cache());
     // First request executes and is recorded: the acknowledged record enters the cache.
     let mut first = RequestFlow::new(config.clone(), background.clone(), cache.clone());
     let host = post("k1", b"{}");
@@ -1238,13 +1240,7 @@ fn request_trailers_end_the_body_and_the_acquire_holds_them() {
 #[test]
 fn an_execution_and_a_cache_replay_cross_into_envoy_only_a_few_times() {
     let config = config("");
-    let (background, cache) = (
-        Rc::new(Background::default()),
-        Rc::new(std::cell::RefCell::new(crate::cache::ReplayCache::new(
-            100,
-            1 << 20,
-        ))),
-    );
+    let (background, cache) = (Rc::new(Background::default()), small_cache());
     let mut first = RequestFlow::new(config.clone(), background.clone(), cache.clone());
     let host = post("k1", b"{}");
     host.quiet();
