@@ -173,6 +173,15 @@ async fn replays_are_served_from_the_proxy_cache_without_store_calls() {
         let body: Value = replay.json().await.unwrap();
         assert_eq!(body, first);
     }
+    // The same order in other bytes (spaces): not the cached bytes, but the same fingerprint.
+    let respaced = stack
+        .post_order(Some("cache-1"), &order)
+        .body(r#"{ "sku" : "CACHED" }"#)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(respaced.status(), 201);
+    assert_eq!(respaced.headers()["idempotent-replayed"], "true");
     let mismatch = stack
         .post_order(Some("cache-1"), &json!({"sku": "OTHER"}))
         .send()
@@ -189,7 +198,7 @@ async fn replays_are_served_from_the_proxy_cache_without_store_calls() {
             &stack.envoy_metrics().await,
             "idempotency_replay_cache_hits_total"
         ),
-        5.0
+        6.0
     );
     assert_eq!(stack.executions_of("cache-1").await, 1);
 }

@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use idempotency_wire::RecordId;
 
+use crate::cache::RequestParts;
 use crate::config::{Config, Mode};
 use crate::fingerprint::is_json_content_type;
 use crate::key::{parse_key, KeyError};
@@ -36,6 +37,20 @@ pub struct Pending {
     pub in_progress_wait: Duration,
     /// A gRPC request (`application/grpc*`).
     pub grpc: bool,
+}
+
+impl Pending {
+    /// The parts the fingerprint is computed from, with the request's `body`.
+    pub fn parts<'a>(&'a self, body: &'a [u8]) -> RequestParts<'a> {
+        RequestParts {
+            method: &self.method,
+            path: &self.path,
+            headers: &self.fingerprint_headers,
+            json: self.json,
+            exclude_fields: &self.exclude_fields,
+            body,
+        }
+    }
 }
 
 /// What to do with a request.

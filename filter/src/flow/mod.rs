@@ -36,7 +36,7 @@ use shadow::ShadowJob;
 
 use crate::attempt::new_attempt_id;
 use crate::background::{Background, BackgroundCall};
-use crate::cache::ReplayCache;
+use crate::cache::{ExactRequest, ReplayCache, RequestMatch};
 use crate::outcome::{classify, ResponseOutcome, UnknownReason};
 use admission::{admit, Decision, Pending};
 use calls::{AcquireParams, HolderWrite};
@@ -60,8 +60,8 @@ pub enum Verdict {
 pub struct Held {
     id: RecordId,
     lock: Lock,
-    /// The request's fingerprint, to cache the completed record under.
-    fingerprint: String,
+    /// The request, to cache the completed record under.
+    request: RequestMatch,
     /// Host time when the lock expires; holder writes are not retried past it.
     lock_expires_at: Duration,
     /// A gRPC request: its `grpc-status` decides store vs release.
@@ -72,7 +72,7 @@ pub struct Held {
 #[derive(Debug)]
 struct CacheCandidate {
     id: RecordId,
-    fingerprint: String,
+    request: RequestMatch,
     response: Rc<StoredResponse>,
     /// Host time when the record expires.
     expires_at: Duration,
@@ -89,7 +89,7 @@ enum State {
         token: u32,
         started: Duration,
         pending: Pending,
-        fingerprint: String,
+        request: RequestMatch,
         attempt_id: String,
         /// Host time after which the acquire's answer is no longer awaited.
         deadline: Duration,
@@ -160,7 +160,7 @@ impl RequestFlow {
         &self,
         host: &dyn Host,
         id: &RecordId,
-        fingerprint: &str,
+        request: RequestMatch,
         response: Rc<StoredResponse>,
         record_expires_at: Duration,
     ) {
@@ -170,7 +170,7 @@ impl RequestFlow {
             .min(record_expires_at);
         self.cache
             .borrow_mut()
-            .insert(&id.scope, &id.key, fingerprint, response, expires_at);
+            .insert(&id.scope, &id.key, request, response, expires_at);
     }
 
     /// Queue a call for the root context (it outlives this stream).
@@ -533,13 +533,13 @@ impl RequestFlow {
                 token: expected,
                 started,
                 pending,
-                fingerprint,
+                request,
                 attempt_id,
                 deadline,
             } if expected == token => {
                 let now = host.now();
                 host.record_acquire_duration(now.saturating_sub(started));
-                self.on_acquire_reply(host, now, pending, fingerprint, &attempt_id, deadline, reply);
+                self.on_acquire_reply(host, now, pending, request, &attempt_id, deadline, reply);
             }
             State::Recording {
                 token: expected,
@@ -549,7 +549,7 @@ impl RequestFlow {
                 match reply.status {
                     Some(200) => {
                         if let Some(c) = cache {
-                            self.remember(host, &c.id, &c.fingerprint, c.response, c.expires_at);
+                            self.remember(host, &c.id, c.request, c.response, c.expires_at);
                         }
                     }
                     // Refused for good (fenced out, record gone): nothing to retry.
@@ -631,7 +631,7 @@ impl RequestFlow {
         host: &dyn Host,
         now: Duration,
         pending: Pending,
-        fingerprint: String,
+        request: RequestMatch,
         attempt_id: &str,
         deadline: Duration,
         reply: CalloutReply,
@@ -658,7 +658,7 @@ impl RequestFlow {
                 let held = Held {
                     id: pending.id,
                     lock,
-                    fingerprint,
+                    request,
                     lock_expires_at: now.saturating_add(self.config.lock_timeout),
                     grpc: self.grpc,
                 };
@@ -710,13 +710,7 @@ impl RequestFlow {
                     host.log(Level::Warn, &format!("idempotency: cannot send replay: {e}"));
                 }
                 let record_expires_at = expires_at_ms.map_or(Duration::MAX, Duration::from_millis);
-                self.remember(
-                    host,
-                    &pending.id,
-                    &fingerprint,
-                    Rc::new(response),
-                    record_expires_at,
-                );
+                self.remember(host, &pending.id, request, Rc::new(response), record_expires_at);
                 self.state = State::Finished;
                 Verdict::Pause
             }
@@ -807,11 +801,10 @@ impl RequestFlow {
         &mut self,
         host: &dyn Host,
         pending: &Pending,
-        fingerprint: &str,
-        cached_fingerprint: &str,
+        same_request: bool,
         response: &StoredResponse,
     ) -> Verdict {
-        if fingerprint != cached_fingerprint {
+        if !same_request {
             host.count(Counter::ParameterMismatch);
             return self.answer(
                 host,
@@ -897,33 +890,48 @@ impl RequestFlow {
     }
 
     fn acquire(&mut self, host: &dyn Host, pending: Pending, body: &[u8]) -> Verdict {
+        let now = host.now();
+        let parts = pending.parts(body);
+        let cacheable = !pending.shadow && !pending.grpc;
+        let cached = if cacheable {
+            self.cache
+                .borrow_mut()
+                .get(&pending.id.scope, &pending.id.key, now)
+        } else {
+            None
+        };
+        // The same bytes as the request that completed the record: replay without hashing.
+        if let Some(record) = &cached {
+            if record
+                .request
+                .exact
+                .as_deref()
+                .is_some_and(|exact| exact.matches(&parts))
+            {
+                return self.answer_from_cache(host, &pending, true, &record.response);
+            }
+        }
         // One hash, of the canonical body: in the VM a SHA-256 of 1 KiB costs ~5 µs and
-        // canonicalising it ~1.5 µs, so hashing the raw body too (to skip canonicalising the
-        // replays of identical bytes) would cost every execution more than it saves a replay.
+        // canonicalising it ~1.5 µs, so hashing the raw body too would cost every execution
+        // more than it saves a replay; identical retries are matched by their bytes instead.
         let exclude: Vec<&str> = pending.exclude_fields.iter().map(String::as_str).collect();
-        let body = fingerprint_body(body, pending.json, &exclude);
+        let canonical = fingerprint_body(body, pending.json, &exclude);
         let fingerprint = fingerprint(
             &pending.method,
             &pending.path,
             &pending.fingerprint_headers,
-            &body,
+            &canonical,
         );
-        let now = host.now();
-        if !pending.shadow && !pending.grpc {
-            let cached = self
-                .cache
-                .borrow_mut()
-                .get(&pending.id.scope, &pending.id.key, now);
-            if let Some(record) = cached {
-                return self.answer_from_cache(
-                    host,
-                    &pending,
-                    &fingerprint,
-                    &record.fingerprint,
-                    &record.response,
-                );
-            }
+        if let Some(record) = cached {
+            let same_request = fingerprint == record.request.fingerprint;
+            return self.answer_from_cache(host, &pending, same_request, &record.response);
         }
+        let exact = if cacheable && self.cache.borrow().enabled() {
+            ExactRequest::keep(&parts)
+        } else {
+            None
+        };
+        let request = RequestMatch { fingerprint, exact };
         let attempt_id = new_attempt_id(now, &pending.id.key);
         let wait = if pending.shadow {
             Duration::ZERO
@@ -937,7 +945,7 @@ impl RequestFlow {
         let payload = calls::acquire(
             &pending.id,
             &AcquireParams {
-                fingerprint: &fingerprint,
+                fingerprint: &request.fingerprint,
                 method: &pending.method,
                 path: &pending.path,
                 lock_timeout: self.config.lock_timeout,
@@ -982,7 +990,7 @@ impl RequestFlow {
                     token,
                     started: now,
                     pending,
-                    fingerprint,
+                    request,
                     attempt_id,
                     deadline,
                 };
@@ -1027,7 +1035,7 @@ impl RequestFlow {
         };
         let cache = CacheCandidate {
             id: held.id.clone(),
-            fingerprint: held.fingerprint.clone(),
+            request: held.request.clone(),
             response: Rc::new(response.clone()),
             expires_at: host.now().saturating_add(self.config.retention_period),
         };

@@ -9,6 +9,7 @@ use idempotency_wire::{paths, AcquireResponse, CompleteRequest, RecordId, Releas
 
 use super::{key_hash, millis, Held};
 use crate::background::BackgroundCall;
+use crate::cache::RequestMatch;
 use crate::config::Config;
 use crate::host::{debug, CalloutReply, Host, Level};
 use crate::metrics::Counter;
@@ -89,7 +90,7 @@ impl ShadowJob {
                 self.lock = Some(Held {
                     id: self.id.clone(),
                     lock,
-                    fingerprint: String::new(),
+                    request: RequestMatch::default(),
                     lock_expires_at: host.now().saturating_add(config.lock_timeout),
                     grpc: false,
                 });

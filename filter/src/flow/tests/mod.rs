@@ -967,6 +967,49 @@ fn completed_records_are_replayed_from_the_proxy_cache_without_a_callout() {
 }
 
 #[test]
+fn cached_records_match_identical_bytes_directly_and_other_bytes_by_fingerprint() {
+    let config = config("");
+    let (background, cache) = (Rc::new(Background::default()), small_cache());
+    let json_post = |body: &[u8]| {
+        MockHost::with_request(
+            "POST",
+            "/api/v1/orders",
+            &[("idempotency-key", "k1"), ("content-type", "application/json")],
+            body,
+        )
+    };
+    let body: &[u8] = br#"{"sku":"A","qty":2}"#;
+    let mut first = RequestFlow::new(config.clone(), background.clone(), cache.clone());
+    execute_and_record(&mut first, &json_post(body));
+    let cached = cache
+        .borrow_mut()
+        .get("", "k1", std::time::Duration::from_secs(1_700_000_000))
+        .unwrap();
+    assert!(
+        cached.request.exact.is_some(),
+        "a small request keeps its bytes for the cache"
+    );
+
+    // The same JSON in other bytes (keys reordered, spaces): replayed through the fingerprint.
+    let reordered: &[u8] = br#"{ "qty": 2, "sku": "A" }"#;
+    let mut retry = RequestFlow::new(config.clone(), background.clone(), cache.clone());
+    let host = json_post(reordered);
+    retry.on_request_headers(&host, false);
+    retry.on_request_body(&host, reordered.len(), true);
+    assert!(host.dispatches().is_empty(), "no store call");
+    assert_eq!(host.sent_response().unwrap().0, 201);
+    assert_eq!(host.counted(Counter::ReplayCacheHit), 1);
+
+    // A byte changed: not the same request, whatever the cache kept.
+    let other: &[u8] = br#"{"sku":"A","qty":3}"#;
+    let mut different = RequestFlow::new(config, background, cache);
+    let host = json_post(other);
+    different.on_request_headers(&host, false);
+    different.on_request_body(&host, other.len(), true);
+    assert_eq!(host.sent_response().unwrap().0, 422);
+}
+
+#[test]
 fn a_failed_record_is_not_cached() {
     let config = config("");
     let cache = Rc::new(std::cell::RefCell::new(crate::cache::ReplayCache::new(
