@@ -691,6 +691,14 @@ async fn run(settings: Settings) {
         .map(|(n, p50, p99)| json!({"scenario": n, "p50_us": p50, "p99_us": p99, "added_p50_us": p50.saturating_sub(base_p50)}))
         .collect();
 
+    // Envoy's memory after the 1 KiB rounds, before the growth rows buffer 64 KiB and 1 MiB
+    // bodies (the module's linear memory keeps its high-water mark, so the final reading has it).
+    let envoy_rss_after_rounds = json!({
+        "passthrough_kib": plain.pid().map(rss_kib),
+        "with_filter_kib": filtered.pid().map(rss_kib),
+        "noop_wasm_kib": noop.pid().map(rss_kib),
+    });
+
     // How the cost of an execution grows with the body size and with connections: pass-through
     // POST against a keyed POST that executes, once each (not per round).
     let mut growth = Vec::new();
@@ -845,6 +853,8 @@ async fn run(settings: Settings) {
     let envoy_rss = json!({
         "passthrough_kib": plain.pid().map(rss_kib),
         "with_filter_kib": filtered.pid().map(rss_kib),
+        "noop_wasm_kib": noop.pid().map(rss_kib),
+        "after_1kib_rounds": envoy_rss_after_rounds,
     });
 
     let store_alone = measure_store_alone(&store, store_port, store_connections, duration).await;
@@ -1342,9 +1352,15 @@ fn print_table(summary: &Value) {
             row["ratio"].as_f64().unwrap_or(0.0)
         );
     }
+    let rss = &summary["envoy_rss"];
+    let early = &rss["after_1kib_rounds"];
     println!(
-        "\nEnvoy RSS: pass-through {} KiB, with filter {} KiB",
-        summary["envoy_rss"]["passthrough_kib"], summary["envoy_rss"]["with_filter_kib"]
+        "\nEnvoy RSS after the 1 KiB rounds: pass-through {} KiB, no-op Wasm filter {} KiB, with filter {} KiB",
+        early["passthrough_kib"], early["noop_wasm_kib"], early["with_filter_kib"]
+    );
+    println!(
+        "Envoy RSS at the end (after 64 KiB and 1 MiB bodies): pass-through {} KiB, no-op Wasm filter {} KiB, with filter {} KiB",
+        rss["passthrough_kib"], rss["noop_wasm_kib"], rss["with_filter_kib"]
     );
     print_store_alone(summary);
     println!(".wasm size: {} bytes", summary["wasm_bytes"]);
