@@ -881,7 +881,7 @@ pub fn istio_envoyfilter_parts(
     let routes = of("HTTP_ROUTE");
     let mut filters = of("HTTP_FILTER");
     let wasm = filters.iter_mut().find(|v| v["name"] == "idempotency").unwrap();
-    let config = &mut wasm["typed_config"]["extension_config"]["typed_config"]["config"];
+    let config = envoy_config::shipped_wasm_config(wasm);
     config["vm_config"]["code"] = json!({"local": {"filename": wasm_path().display().to_string()}});
     let shipped: Value = serde_json::from_str(config["configuration"]["value"].as_str().unwrap()).unwrap();
     let mut plugin = shipped.clone();

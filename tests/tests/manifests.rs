@@ -87,8 +87,12 @@ fn istio_envoyfilter_patch_is_accepted_by_envoy_and_its_plugin_config_by_the_fil
         .collect();
 
     // The filter's configuration, parsed by the filter's own parser.
-    let wasm = values.iter().find(|v| v["name"] == "idempotency").unwrap();
-    let wasm_config = &wasm["typed_config"]["extension_config"]["typed_config"]["config"];
+    let mut wasm = values
+        .iter()
+        .find(|v| v["name"] == "idempotency")
+        .unwrap()
+        .clone();
+    let wasm_config = &*e2e::envoy_config::shipped_wasm_config(&mut wasm);
     assert_eq!(wasm_config["allow_on_headers_stop_iteration"], true);
     let plugin = wasm_config["configuration"]["value"].as_str().unwrap();
     let config = Config::parse(plugin.as_bytes()).unwrap();
