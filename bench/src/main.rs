@@ -693,6 +693,8 @@ async fn run(settings: Settings) {
 
     // Envoy's memory after the 1 KiB rounds, before the growth rows buffer 64 KiB and 1 MiB
     // bodies (the module's linear memory keeps its high-water mark, so the final reading has it).
+    // The store's memory along the run, to tell which scenario grows it.
+    let mut store_rss_along = vec![json!({"after": "1 KiB rounds", "rss_kib": store.pid().map(rss_kib)})];
     let envoy_rss_after_rounds = json!({
         "passthrough_kib": plain.pid().map(rss_kib),
         "with_filter_kib": filtered.pid().map(rss_kib),
@@ -749,6 +751,8 @@ async fn run(settings: Settings) {
         growth.push(row);
     }
 
+    store_rss_along
+        .push(json!({"after": "growth rows (64 KiB, 1 MiB bodies)", "rss_kib": store.pid().map(rss_kib)}));
     // Retries of in-flight keys (`in_progress_wait`): the store holds a retry's acquire until the
     // first attempt completes, then answers with the replay. Measured on its own Envoy: how long a
     // waiting retry takes, and whether held waiters slow everything else down.
@@ -807,6 +811,7 @@ async fn run(settings: Settings) {
     });
     drop(waiting_envoy);
 
+    store_rss_along.push(json!({"after": "in-flight retries", "rss_kib": store.pid().map(rss_kib)}));
     // gRPC: a replayed unary call (routed through the store's /v1/replay) against the same call
     // executed through pass-through Envoy, with a stock tonic client and server.
     let grpc_port = e2e::grpc::start_server(e2e::grpc::OrdersService::default()).await;
@@ -850,6 +855,7 @@ async fn run(settings: Settings) {
     drop(grpc_plain);
     drop(grpc_filtered);
 
+    store_rss_along.push(json!({"after": "gRPC replays", "rss_kib": store.pid().map(rss_kib)}));
     let envoy_rss = json!({
         "passthrough_kib": plain.pid().map(rss_kib),
         "with_filter_kib": filtered.pid().map(rss_kib),
@@ -872,6 +878,7 @@ async fn run(settings: Settings) {
         "envoy_rss": envoy_rss,
         "store_alone": store_alone["store_alone"],
         "store_rss_kib_at_live_records": store_alone["store_rss_kib_at_live_records"],
+        "store_rss_along_the_run": store_rss_along,
         "wasm_bytes": wasm_bytes,
         "in_flight_retries": in_flight_retries,
         "grpc": grpc,
@@ -1405,6 +1412,22 @@ fn print_store_alone(summary: &Value) {
         summary["store_rss_kib_at_live_records"]["records"],
         summary["store_rss_kib_at_live_records"]["rss_kib"]
     );
+    if let Some(along) = summary["store_rss_along_the_run"].as_array() {
+        let steps: Vec<String> = along
+            .iter()
+            .map(|step| {
+                format!(
+                    "after {} {} KiB",
+                    step["after"].as_str().unwrap_or("?"),
+                    step["rss_kib"]
+                )
+            })
+            .collect();
+        println!(
+            "Store RSS along the run (one store serves every Envoy): {}",
+            steps.join("; ")
+        );
+    }
     let dedup = &summary["consumer_dedup"];
     println!(
         "Consumer dedup (claim + complete per new message, one consumer): {:.0} msg/s, p50 {} µs, p99 {} µs; duplicate skipped (one claim): p50 {} µs",
