@@ -1,0 +1,166 @@
+//! Shared set-up of the flow tests: hosts, flows, store replies (test code: unwrap, expect
+//! and panic are the assertions here).
+#![cfg(test)] // test code only: unwrap, expect and panic are the assertions here
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // test code
+
+use super::*;
+
+/// Route metadata under the `idempotency` namespace, encoded as Envoy 1.40 hands it over.
+pub(super) fn set_route_metadata(host: &MockHost, pairs: &[(&[u8], &[u8])]) {
+    let encoded = crate::metadata::encode_serialized_map(pairs);
+    host.set_property(
+        &["xds", "route_metadata", "filter_metadata", "idempotency"],
+        &encoded,
+    );
+}
+
+/// A replay cache of 100 records and 1 MiB.
+pub(super) fn small_cache() -> Rc<std::cell::RefCell<crate::cache::ReplayCache>> {
+    Rc::new(std::cell::RefCell::new(crate::cache::ReplayCache::new(
+        100,
+        1 << 20,
+    )))
+}
+
+pub(super) fn no_cache() -> Rc<std::cell::RefCell<crate::cache::ReplayCache>> {
+    Rc::new(std::cell::RefCell::new(crate::cache::ReplayCache::new(0, 0)))
+}
+
+pub(super) fn config(extra: &str) -> Rc<Config> {
+    let json = format!(r#"{{"service_name":"orders"{extra}}}"#);
+    Rc::new(Config::parse(json.as_bytes()).unwrap())
+}
+
+pub(super) fn flow(extra: &str) -> RequestFlow {
+    make_flow(extra)
+}
+
+pub(super) fn make_flow(extra: &str) -> RequestFlow {
+    RequestFlow::new(config(extra), Rc::new(Background::default()), no_cache())
+}
+
+pub(super) fn flow_with_background(extra: &str) -> (RequestFlow, Rc<Background>, Rc<Config>) {
+    let config = config(extra);
+    let background = Rc::new(Background::default());
+    (
+        RequestFlow::new(config.clone(), background.clone(), no_cache()),
+        background,
+        config,
+    )
+}
+
+pub(super) fn reply(status: u16, body: &AcquireResponse) -> CalloutReply {
+    CalloutReply {
+        status: Some(status),
+        body: serde_json::to_vec(body).unwrap(),
+    }
+}
+
+pub(super) fn acquired(token: u64, recovery_point: Option<&str>) -> AcquireResponse {
+    AcquireResponse::Acquired(Lock {
+        record_id: "rec-1".into(),
+        fencing_token: token,
+        attempt_id: "att-1".into(),
+        resumed: recovery_point.is_some(),
+        recovery_point: recovery_point.map(str::to_owned),
+        previous_attempt: None,
+    })
+}
+
+pub(super) fn body_json(host: &MockHost) -> Value {
+    let (_, _, body) = host.sent_response().expect("a response was sent");
+    serde_json::from_str(&body).unwrap()
+}
+
+/// Drive a keyed POST through acquire, a 201 `{"id":7}` from upstream and an acknowledged
+/// `complete`.
+pub(super) fn execute_and_record(flow: &mut RequestFlow, host: &MockHost) {
+    let token = start_keyed_post(flow, host);
+    flow.on_callout_reply(host, token, reply(200, &acquired(1, None)));
+    host.set_response(201, &[("content-type", "application/json")], b"{\"id\":7}");
+    flow.on_response_headers(host, false);
+    flow.on_response_body(host, 8, true);
+    let (_, _, complete_token) = host.dispatches().pop().unwrap();
+    flow.on_callout_reply(
+        host,
+        complete_token,
+        CalloutReply {
+            status: Some(200),
+            body: b"{}".to_vec(),
+        },
+    );
+}
+
+/// Drive a keyed POST with a body up to the acquire callout.
+pub(super) fn start_keyed_post(flow: &mut RequestFlow, host: &MockHost) -> u32 {
+    assert_eq!(flow.on_request_headers(host, false), Verdict::Pause);
+    assert_eq!(flow.on_request_body(host, 10, false), Verdict::Pause);
+    let size = host.request_body.borrow().len();
+    assert_eq!(flow.on_request_body(host, size, true), Verdict::Pause);
+    host.last_token()
+}
+
+pub(super) fn post(key: &str, body: &[u8]) -> MockHost {
+    MockHost::with_request("POST", "/api/v1/orders", &[("idempotency-key", key)], body)
+}
+
+/// Drive a keyed POST to the point where the upstream (or Envoy) answers `status` with `details`.
+pub(super) fn answered(
+    status: u16,
+    details: Option<&str>,
+) -> (RequestFlow, Rc<Background>, Rc<Config>, MockHost, Verdict) {
+    let (mut flow, background, config) = flow_with_background("");
+    let host = post("k1", b"{}");
+    let token = start_keyed_post(&mut flow, &host);
+    flow.on_callout_reply(&host, token, reply(200, &acquired(3, None)));
+    host.set_response(status, &[], b"");
+    if let Some(details) = details {
+        host.set_property(&["response", "code_details"], details.as_bytes());
+    }
+    let verdict = flow.on_response_headers(&host, false);
+    (flow, background, config, host, verdict)
+}
+
+pub(super) fn json_post(key: &str, body: &str, extra: &[(&'static str, &'static str)]) -> MockHost {
+    let mut headers: Vec<(&str, &str)> = vec![("content-type", "application/json")];
+    headers.extend_from_slice(extra);
+    let leaked: &'static str = Box::leak(key.to_owned().into_boxed_str());
+    headers.push(("idempotency-key", leaked));
+    MockHost::with_request("POST", "/api/v1/orders", &headers, body.as_bytes())
+}
+
+pub(super) fn acquire_body_of(host: &MockHost) -> Value {
+    host.dispatches()
+        .into_iter()
+        .find(|(path, _, _)| path == "/v1/acquire")
+        .map(|(_, body, _)| body)
+        .expect("an acquire was sent")
+}
+
+pub(super) fn grpc_call(key: &str) -> MockHost {
+    MockHost::with_request(
+        "POST",
+        "/demo.Orders/Create",
+        &[
+            ("idempotency-key", key),
+            ("content-type", "application/grpc"),
+            ("te", "trailers"),
+        ],
+        b"\0\0\0\0\x02\x0a\x00",
+    )
+}
+
+/// A gRPC call forwarded with the lock held; returns the flow and host.
+pub(super) fn forwarded_grpc_call() -> (RequestFlow, Rc<Background>, Rc<Config>, MockHost) {
+    let (mut flow, background, config) = flow_with_background("");
+    let host = grpc_call("g1");
+    let token = start_keyed_post(&mut flow, &host);
+    let (_, acquire, _) = host.dispatches().remove(0);
+    assert_eq!(
+        acquire["replay_ticket"], true,
+        "gRPC acquires ask for a replay ticket"
+    );
+    flow.on_callout_reply(&host, token, reply(200, &acquired(2, None)));
+    host.set_property(&["response", "code_details"], b"via_upstream");
+    (flow, background, config, host)
+}
