@@ -77,13 +77,7 @@ async fn load(
             tokio::spawn(async move {
                 let mut latency = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).unwrap();
                 let (mut requests, mut errors, mut unexpected) = (0u64, 0u64, 0u64);
-                let stream = tokio::net::TcpStream::connect(addr).await.unwrap();
-                stream.set_nodelay(true).unwrap();
-                let (mut sender, connection) =
-                    hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
-                        .await
-                        .unwrap();
-                tokio::spawn(connection);
+                let mut sender = keep_alive_connection(addr).await;
                 let mut i = first_request;
                 while Instant::now() < deadline {
                     let request = make(c, i);
@@ -1102,6 +1096,17 @@ async fn hold_waiters(addr: SocketAddr, firsts: usize, retries: usize, duration:
     answers.iter().filter(|(replayed, _)| *replayed).count() as u64
 }
 
+/// One keep-alive HTTP/1.1 connection to `addr` (no Nagle delay), driven by its own task.
+async fn keep_alive_connection(addr: SocketAddr) -> hyper::client::conn::http1::SendRequest<Full<Bytes>> {
+    let stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    stream.set_nodelay(true).unwrap();
+    let (sender, connection) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+        .await
+        .unwrap();
+    tokio::spawn(connection);
+    sender
+}
+
 /// Acquire + complete pairs against the store API; returns (pairs, seconds, latency of each
 /// operation in µs).
 async fn store_pairs(addr: SocketAddr, connections: usize, duration: Duration) -> (u64, f64, Histogram<u64>) {
@@ -1114,11 +1119,7 @@ async fn store_pairs(addr: SocketAddr, connections: usize, duration: Duration) -
     let tasks: Vec<_> = (0..connections)
         .map(|c| {
             tokio::spawn(async move {
-                let stream = tokio::net::TcpStream::connect(addr).await.unwrap();
-                stream.set_nodelay(true).unwrap();
-                let (mut sender, connection) =
-                    hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream)).await.unwrap();
-                tokio::spawn(connection);
+                let mut sender = keep_alive_connection(addr).await;
                 let body = "e".repeat(1024);
                 let mut done = 0u64;
                 let mut latency = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).unwrap();
@@ -1174,11 +1175,7 @@ async fn store_pairs_batched(
     let tasks: Vec<_> = (0..connections)
         .map(|c| {
             tokio::spawn(async move {
-                let stream = tokio::net::TcpStream::connect(addr).await.unwrap();
-                stream.set_nodelay(true).unwrap();
-                let (mut sender, connection) =
-                    hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream)).await.unwrap();
-                tokio::spawn(connection);
+                let mut sender = keep_alive_connection(addr).await;
                 let body = "e".repeat(1024);
                 let mut done = 0u64;
                 let mut round = 0u64;
