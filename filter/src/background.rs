@@ -10,6 +10,10 @@
 //! succeeds, the store refuses it for good (fencing: 409; gone: 404; 4xx), or the window ends
 //! (for holder writes: when the lock expires, after which the write could not succeed anyway).
 //! Everything stays on one worker thread (one Wasm instance), so `Rc`/`RefCell` sharing is enough.
+//!
+//! A `batched` call (`record_mode: async` writes, made for every execution) goes through the
+//! worker's batcher like a stream's calls, so it shares a callout with them; its reply comes back
+//! here by the batcher's token ([`Background::on_batched_reply`]). The others are dispatched alone.
 
 use std::cell::RefCell;
 use std::collections::{HashMap, VecDeque};
@@ -18,6 +22,7 @@ use std::time::Duration;
 
 use idempotency_wire::AbandonResponse;
 
+use crate::cache::CacheCandidate;
 use crate::config::Config;
 use crate::flow::shadow::ShadowJob;
 use crate::host::{debug, Callout, CalloutReply, Host, Level};
@@ -52,6 +57,10 @@ pub struct BackgroundCall {
     pub retry_until: Option<Duration>,
     /// How a 200 reply is read.
     pub settle: Settle,
+    /// Sent through the batcher (with the streams' calls) instead of alone.
+    pub batched: bool,
+    /// Cached once the store acknowledged it (an async `complete`).
+    pub cache: Option<CacheCandidate>,
     tries: u32,
     not_before: Duration,
 }
@@ -65,6 +74,8 @@ impl BackgroundCall {
             job: None,
             retry_until: None,
             settle: Settle::OnSuccess,
+            batched: false,
+            cache: None,
             tries: 0,
             not_before: Duration::ZERO,
         }
@@ -100,6 +111,19 @@ impl BackgroundCall {
         }
     }
 
+    /// The same call, sent through the batcher.
+    pub fn batched(self) -> BackgroundCall {
+        BackgroundCall {
+            batched: true,
+            ..self
+        }
+    }
+
+    /// The same call, whose acknowledgement puts `cache` into the replay cache.
+    pub fn caching(self, cache: Option<CacheCandidate>) -> BackgroundCall {
+        BackgroundCall { cache, ..self }
+    }
+
     /// Number of tries so far.
     pub fn tries(&self) -> u32 {
         self.tries
@@ -121,7 +145,10 @@ pub const MAX_QUEUED: usize = 10_000;
 #[derive(Debug, Default)]
 pub struct Background {
     queue: RefCell<VecDeque<BackgroundCall>>,
+    /// Calls dispatched alone, by callout token.
     in_flight: RefCell<HashMap<u32, BackgroundCall>>,
+    /// Calls handed to the batcher, by its token.
+    in_batcher: RefCell<HashMap<u32, BackgroundCall>>,
 }
 
 /// How one reply ends a call.
@@ -153,7 +180,7 @@ impl Background {
 
     /// Calls dispatched and not yet answered.
     pub fn in_flight(&self) -> usize {
-        self.in_flight.borrow().len()
+        self.in_flight.borrow().len() + self.in_batcher.borrow().len()
     }
 
     /// Root context: dispatch every queued call that is due.
@@ -171,10 +198,13 @@ impl Background {
                 path: call.path,
                 body: &call.body,
                 timeout: config.store_timeout,
-                // The root context's own calls: dispatched as they are.
-                may_batch: false,
+                // The root context's own calls are dispatched as they are, unless batched.
+                may_batch: call.batched,
             });
             match dispatched {
+                Ok(token) if call.batched => {
+                    self.in_batcher.borrow_mut().insert(token, call);
+                }
                 Ok(token) => {
                     self.in_flight.borrow_mut().insert(token, call);
                 }
@@ -209,11 +239,23 @@ impl Background {
         }
     }
 
-    /// Root context: a background call answered.
+    /// Root context: a background call dispatched alone answered (callout `token`).
     pub fn on_reply(&self, host: &dyn Host, config: &Config, token: u32, reply: CalloutReply) {
         let Some(call) = self.in_flight.borrow_mut().remove(&token) else {
             return;
         };
+        self.settle(host, config, call, reply);
+    }
+
+    /// Root context: a batched background call answered (the batcher's `token`).
+    pub fn on_batched_reply(&self, host: &dyn Host, config: &Config, token: u32, reply: CalloutReply) {
+        let Some(call) = self.in_batcher.borrow_mut().remove(&token) else {
+            return;
+        };
+        self.settle(host, config, call, reply);
+    }
+
+    fn settle(&self, host: &dyn Host, config: &Config, mut call: BackgroundCall, reply: CalloutReply) {
         if let Some(job) = &call.job {
             let record = job.borrow_mut().on_acquire_reply(host, config, reply);
             if let Some(next) = record {
@@ -243,6 +285,9 @@ impl Background {
         };
         match verdict {
             Verdict::Done => {
+                if let Some(candidate) = call.cache.take() {
+                    candidate.acknowledged(host.now(), config.replay_cache_ttl);
+                }
                 if call.tries > 1 {
                     debug(host, || {
                         format!(

@@ -14,11 +14,43 @@
 //! same route give the same fingerprint, so this never replays what the fingerprint would refuse;
 //! any difference (a reordered JSON body, another header) falls back to the fingerprint.
 
+use std::cell::RefCell;
 use std::collections::{HashMap, VecDeque};
 use std::rc::Rc;
 use std::time::Duration;
 
-use idempotency_wire::StoredResponse;
+use idempotency_wire::{RecordId, StoredResponse};
+
+/// A completed record to cache once the store has acknowledged its `complete` (never before: a
+/// write the store refuses, fenced out by a later holder, must not be replayed from here).
+#[derive(Debug)]
+pub struct CacheCandidate {
+    /// The cache it goes into (the worker's).
+    pub cache: Rc<RefCell<ReplayCache>>,
+    /// The record.
+    pub id: RecordId,
+    /// The request that completed it.
+    pub request: RequestMatch,
+    /// The recorded response.
+    pub response: Rc<StoredResponse>,
+    /// Host time when the record expires in the store.
+    pub record_expires_at: Duration,
+}
+
+impl CacheCandidate {
+    /// The store acknowledged the record: cache it until the earlier of `now + ttl` and the
+    /// record's own expiry.
+    pub fn acknowledged(self, now: Duration, ttl: Duration) {
+        let expires_at = now.saturating_add(ttl).min(self.record_expires_at);
+        self.cache.borrow_mut().insert(
+            &self.id.scope,
+            &self.id.key,
+            self.request,
+            self.response,
+            expires_at,
+        );
+    }
+}
 
 /// Requests up to this size keep their exact bytes for the cache; larger ones are matched by
 /// fingerprint only (comparing is cheap, but each cached byte is memory of every worker).

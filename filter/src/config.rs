@@ -35,6 +35,21 @@ pub enum FailureMode {
     Open,
 }
 
+/// When the response leaves for the client, relative to writing its record.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RecordMode {
+    /// Hold the response until the store acknowledged `complete`/`release`: a client never sees
+    /// an answer the store has not recorded, so an immediate retry always finds the record.
+    #[default]
+    WriteAhead,
+    /// Let the response go as soon as it has been read and write the record in the background
+    /// (batched with other calls, retried until the lock expires): one store round trip less
+    /// on the client's latency. Meanwhile the key stays locked, so a retry that overtakes the
+    /// write gets 409 (or waits, with `in_progress_wait`), never a second execution.
+    Async,
+}
+
 /// Which upstream statuses release the lock instead of being stored.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum StatusMatcher {
@@ -96,6 +111,8 @@ pub struct RouteRule {
     /// (the request is buffered whole first: only for client-streaming methods whose client
     /// closes its side before expecting answers).
     pub track_streaming: bool,
+    /// `record_mode` on this route, overriding the plugin-wide value.
+    pub record_mode: Option<RecordMode>,
 }
 
 /// Where the record scope (caller isolation) comes from; the first source present wins.
@@ -129,6 +146,8 @@ pub struct Config {
     /// How long the store may hold a retry's acquire while the key is in progress, waiting for
     /// the first attempt to finish (then the retry gets the replay); 0 answers 409 at once.
     pub in_progress_wait: Duration,
+    /// Whether the response waits for its record to be written (`write_ahead`) or not (`async`).
+    pub record_mode: RecordMode,
     /// How long records are kept.
     pub retention_period: Duration,
     /// Largest response body stored; larger ones are recorded without body.
@@ -267,6 +286,8 @@ struct RawConfig {
     max_key_length: usize,
     lock_timeout: Option<String>,
     in_progress_wait: Option<String>,
+    #[serde(default)]
+    record_mode: RecordMode,
     retention_period: Option<String>,
     #[serde(default = "default_body_limit")]
     max_response_size: usize,
@@ -338,6 +359,7 @@ struct RawRouteRule {
     in_progress_wait: Option<String>,
     #[serde(default)]
     track_streaming: bool,
+    record_mode: Option<RecordMode>,
 }
 
 fn default_true() -> bool {
@@ -506,6 +528,7 @@ fn parse_route(index: usize, raw: RawRouteRule) -> Result<RouteRule, ConfigError
         exclude_fields: json_pointers("routes", raw.exclude_fields)?,
         in_progress_wait,
         track_streaming: raw.track_streaming,
+        record_mode: raw.record_mode,
     })
 }
 
@@ -748,6 +771,7 @@ impl Config {
             max_key_length: raw.max_key_length,
             lock_timeout,
             in_progress_wait,
+            record_mode: raw.record_mode,
             retention_period,
             max_response_size: raw.max_response_size,
             max_request_body: raw.max_request_body,
@@ -856,6 +880,29 @@ mod tests {
         assert!(config.acts_on_method("POST") && !config.acts_on_method("GET"));
         assert!(!config.stores_status(503) && !config.stores_status(429) && !config.stores_status(408));
         assert!(config.stores_status(201) && config.stores_status(404));
+    }
+
+    #[test]
+    fn record_mode_is_write_ahead_unless_async_is_chosen_and_names_its_field_when_wrong() {
+        assert_eq!(
+            parse(r#"{"service_name":"o"}"#).unwrap().record_mode,
+            RecordMode::WriteAhead
+        );
+        let config = parse(
+            r#"{"service_name":"o","record_mode":"async","routes":[{"path_prefix":"/pay","mode":"required","record_mode":"write_ahead"}]}"#,
+        )
+        .unwrap();
+        assert_eq!(config.record_mode, RecordMode::Async);
+        assert_eq!(config.routes[0].record_mode, Some(RecordMode::WriteAhead));
+        let err = parse(r#"{"service_name":"o","record_mode":"later"}"#).unwrap_err();
+        assert!(err.to_string().contains("`record_mode`"), "{err}");
+        assert!(
+            err.to_string().contains("write_ahead"),
+            "lists the choices: {err}"
+        );
+        let err =
+            parse(r#"{"service_name":"o","routes":[{"mode":"optional","record_mode":"sync"}]}"#).unwrap_err();
+        assert!(err.to_string().contains("record_mode"), "{err}");
     }
 
     #[test]

@@ -53,6 +53,8 @@ pub enum Counter {
     ResponseStreamed,
     /// A `complete`/`release`/`outcome-unknown` write was handed to the root context to retry.
     WriteRetried,
+    /// `record_mode: async`: a response went on before its `complete`/`release` was written.
+    RecordedAsync,
     /// A gRPC response (or refusal) with this `grpc-status` (0..=16).
     GrpcStatus(u32),
     /// A gRPC replay was routed to the store's `/v1/replay`.
@@ -84,7 +86,7 @@ const GRPC_STATUS_NAMES: [&str; 17] = [
 
 impl Counter {
     /// Every counter, for defining them at start-up.
-    pub const ALL: [Counter; 40] = [
+    pub const ALL: [Counter; 41] = [
         Counter::Hit,
         Counter::Miss,
         Counter::ParameterMismatch,
@@ -106,6 +108,7 @@ impl Counter {
         Counter::AbandonReleased,
         Counter::ResponseStreamed,
         Counter::WriteRetried,
+        Counter::RecordedAsync,
         Counter::GrpcReplayRouted,
         Counter::GrpcStreamingUntracked,
         Counter::GrpcStatus(0),
@@ -151,6 +154,7 @@ impl Counter {
             Counter::AbandonReleased => "idempotency_abandoned_acquires_total",
             Counter::ResponseStreamed => "idempotency_responses_streamed_total",
             Counter::WriteRetried => "idempotency_store_writes_retried_total",
+            Counter::RecordedAsync => "idempotency_records_written_async_total",
             Counter::GrpcReplayRouted => "idempotency_grpc_replays_routed_total",
             Counter::GrpcStreamingUntracked => "idempotency_grpc_streaming_untracked_total",
             Counter::GrpcStatus(code) => usize::try_from(code)

@@ -51,6 +51,8 @@ pub struct MockHost {
     pub clock_advance: RefCell<Duration>,
     /// Timeout of the last dispatched callout.
     pub last_timeout: RefCell<Option<Duration>>,
+    /// Whether the last dispatched callout could be batched.
+    pub last_may_batch: RefCell<Option<bool>>,
     next_token: RefCell<u32>,
     /// Every call into the host, by method name (each is a VM→Envoy crossing in production).
     pub host_calls: RefCell<std::collections::BTreeMap<&'static str, usize>>,
@@ -209,6 +211,7 @@ impl Host for MockHost {
             *next
         };
         *self.last_timeout.borrow_mut() = Some(callout.timeout);
+        *self.last_may_batch.borrow_mut() = Some(callout.may_batch);
         self.calls.borrow_mut().push(Call::Dispatch {
             path: callout.path.to_owned(),
             body: String::from_utf8_lossy(callout.body).into_owned(),

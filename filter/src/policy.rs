@@ -3,7 +3,7 @@
 
 use sha2::{Digest, Sha256};
 
-use crate::config::{Config, Mode};
+use crate::config::{Config, Mode, RecordMode};
 use crate::metadata::RouteOverrides;
 
 /// The policy for one request, before the key is known.
@@ -21,6 +21,8 @@ pub struct RoutePolicy<'a> {
     pub in_progress_wait: std::time::Duration,
     /// The matching rule opts client- and bidi-streaming gRPC methods in.
     pub track_streaming: bool,
+    /// Whether the response waits for its record (the rule's `record_mode`, else the plugin's).
+    pub record_mode: RecordMode,
 }
 
 /// The policy for `method` and `path` (query string ignored), or `None` when the filter does not
@@ -47,6 +49,7 @@ pub fn route_policy<'a>(
             exclude_fields: &rule.exclude_fields,
             in_progress_wait: rule.in_progress_wait.unwrap_or(config.in_progress_wait),
             track_streaming: rule.track_streaming,
+            record_mode: rule.record_mode.unwrap_or(config.record_mode),
         },
         None if config.acts_on_method(method) => RoutePolicy {
             mode: config.mode,
@@ -55,6 +58,7 @@ pub fn route_policy<'a>(
             exclude_fields: &[],
             in_progress_wait: config.in_progress_wait,
             track_streaming: false,
+            record_mode: config.record_mode,
         },
         None => return None,
     };

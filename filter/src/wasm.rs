@@ -58,9 +58,20 @@ struct StreamOwner {
     flow: Weak<RefCell<RequestFlow>>,
 }
 
-impl Owner for StreamOwner {
+/// Whoever waits for a batched call: a stream, or the root context's background queue (whose
+/// calls must be made even after their stream ended).
+#[derive(Clone)]
+enum CallOwner {
+    Stream(StreamOwner),
+    Background,
+}
+
+impl Owner for CallOwner {
     fn alive(&self) -> bool {
-        self.flow.strong_count() > 0
+        match self {
+            CallOwner::Stream(stream) => stream.flow.strong_count() > 0,
+            CallOwner::Background => true,
+        }
     }
 }
 
@@ -122,7 +133,7 @@ pub struct Root {
     metrics: Rc<MetricIds>,
     background: Rc<Background>,
     cache: Rc<RefCell<ReplayCache>>,
-    batcher: Rc<Batcher<StreamOwner>>,
+    batcher: Rc<Batcher<CallOwner>>,
     doorbell: Rc<Doorbell>,
     /// Whether Envoy logs Wasm at debug level, read on every tick instead of on every log line
     /// of every request (`/logging` changes are seen within `BACKGROUND_TICK`).
@@ -148,26 +159,36 @@ impl Root {
         }
     }
 
-    /// The host as the root context itself (its calls are dispatched as they are).
+    /// The host as the root context itself: its calls are dispatched as they are, except the
+    /// background calls marked for batching.
     fn host(&self) -> WasmHost {
-        WasmHost {
-            config: self.config.clone(),
-            metrics: self.metrics.clone(),
-            stream: None,
-            debug: self.debug.clone(),
-        }
+        self.host_for(CallOwner::Background)
     }
 
     /// The host for a stream: its store calls go through the batcher.
     fn stream_host(&self, owner: StreamOwner) -> WasmHost {
+        self.host_for(CallOwner::Stream(owner))
+    }
+
+    fn host_for(&self, owner: CallOwner) -> WasmHost {
         WasmHost {
-            stream: Some(StreamCalls {
+            config: self.config.clone(),
+            metrics: self.metrics.clone(),
+            calls: StoreCalls {
                 owner,
                 batcher: self.batcher.clone(),
                 doorbell: self.doorbell.clone(),
-            }),
-            ..self.host()
+            },
+            debug: self.debug.clone(),
         }
+    }
+
+    /// Hand batched background calls to the batcher, then send what may leave now.
+    fn drain_background_and_flush(&self) {
+        if let (true, Some(config)) = (self.background.queued() > 0, self.config.clone()) {
+            self.background.drain(&self.host(), &config);
+        }
+        self.flush();
     }
 
     /// Send what the batcher may send now, and fail back whatever could not be dispatched.
@@ -176,19 +197,40 @@ impl Root {
         self.deliver(failed);
     }
 
-    /// Hand each reply to its stream, acting as that stream (`set_effective_context`).
-    fn deliver(&self, deliveries: Vec<Delivery<StreamOwner>>) {
+    /// Hand each reply to its stream, acting as that stream (`set_effective_context`), or to
+    /// the background queue.
+    fn deliver(&self, deliveries: Vec<Delivery<CallOwner>>) {
         if deliveries.is_empty() {
             return;
         }
+        let mut switched = false;
         for delivery in deliveries {
-            let Some(flow) = delivery.owner.flow.upgrade() else {
+            let owner = match delivery.owner {
+                CallOwner::Stream(owner) => owner,
+                CallOwner::Background => {
+                    if let Some(config) = self.config.clone() {
+                        if switched {
+                            let _ = hostcalls::set_effective_context(self.context_id);
+                            switched = false;
+                        }
+                        self.background.on_batched_reply(
+                            &self.host(),
+                            &config,
+                            delivery.token,
+                            delivery.reply,
+                        );
+                    }
+                    continue;
+                }
+            };
+            let Some(flow) = owner.flow.upgrade() else {
                 continue; // the stream ended; what it owed the store was handed to `Background`
             };
-            if hostcalls::set_effective_context(delivery.owner.context_id).is_err() {
+            if hostcalls::set_effective_context(owner.context_id).is_err() {
                 continue;
             }
-            let host = self.stream_host(delivery.owner.clone());
+            switched = true;
+            let host = self.stream_host(owner);
             let delivered = match flow.try_borrow_mut() {
                 Ok(mut flow) => {
                     flow.on_callout_reply(&host, delivery.token, delivery.reply);
@@ -203,7 +245,9 @@ impl Root {
                 );
             }
         }
-        let _ = hostcalls::set_effective_context(self.context_id);
+        if switched {
+            let _ = hostcalls::set_effective_context(self.context_id);
+        }
     }
 }
 
@@ -224,7 +268,7 @@ impl Context for Root {
             self.background.on_reply(&host, &config, token_id, reply);
         }
         // A callout slot is free: what queued meanwhile leaves now, together.
-        self.flush();
+        self.drain_background_and_flush();
     }
 }
 
@@ -288,20 +332,12 @@ impl RootContext for Root {
         // Should a ring ever go unanswered, the doorbell must not stay silent: at worst this
         // costs one extra wake-up.
         self.doorbell.rung.set(false);
-        if self.batcher.ready() {
-            self.flush();
-        }
-        if let (true, Some(config)) = (self.background.queued() > 0, self.config.clone()) {
-            self.background.drain(&self.host(), &config);
-        }
+        self.drain_background_and_flush();
     }
 
     fn on_queue_ready(&mut self, queue_id: u32) {
         self.doorbell.answer(queue_id);
-        self.flush();
-        if let (true, Some(config)) = (self.background.queued() > 0, self.config.clone()) {
-            self.background.drain(&self.host(), &config);
-        }
+        self.drain_background_and_flush();
     }
 
     fn create_http_context(&self, context_id: u32) -> Option<Box<dyn HttpContext>> {
@@ -428,11 +464,12 @@ fn string_pairs(pairs: Vec<(String, Vec<u8>)>) -> Vec<(String, String)> {
         .collect()
 }
 
-/// How a stream's store calls leave: queued for the root context, which is woken at once.
+/// How store calls leave: a stream's are queued for the root context, which is woken at once;
+/// the root context's own go out directly, or into the same queue when marked for batching.
 #[derive(Clone)]
-struct StreamCalls {
-    owner: StreamOwner,
-    batcher: Rc<Batcher<StreamOwner>>,
+struct StoreCalls {
+    owner: CallOwner,
+    batcher: Rc<Batcher<CallOwner>>,
     doorbell: Rc<Doorbell>,
 }
 
@@ -440,8 +477,8 @@ struct StreamCalls {
 struct WasmHost {
     config: Option<Rc<Config>>,
     metrics: Rc<MetricIds>,
-    /// Set for a stream: its calls go through the batcher.
-    stream: Option<StreamCalls>,
+    /// Whose calls these are, and the batcher they may go through.
+    calls: StoreCalls,
     /// Envoy's Wasm log level is debug or trace (kept by the root context).
     debug: Rc<Cell<bool>>,
 }
@@ -502,12 +539,20 @@ impl Host for WasmHost {
     }
 
     fn dispatch(&self, callout: &Callout<'_>) -> Result<u32, HostError> {
-        if let Some(stream) = &self.stream {
-            let token = stream.batcher.submit(stream.owner.clone(), callout);
-            if stream.batcher.ready() {
-                stream.doorbell.ring();
+        let calls = &self.calls;
+        match calls.owner {
+            CallOwner::Stream(_) => {
+                let token = calls.batcher.submit(calls.owner.clone(), callout);
+                if calls.batcher.ready() {
+                    calls.doorbell.ring();
+                }
+                return Ok(token);
             }
-            return Ok(token);
+            // The root context flushes the batcher once its background queue is drained.
+            CallOwner::Background if callout.may_batch => {
+                return Ok(calls.batcher.submit(CallOwner::Background, callout));
+            }
+            CallOwner::Background => {}
         }
         let Some(config) = self.config.as_ref() else {
             return Err(HostError {
@@ -594,8 +639,8 @@ impl Host for WasmHost {
     fn wake_background(&self) {
         // Ring for the root context now (an outcome-unknown should land before a quick retry
         // asks); without a doorbell its steady tick picks the call up within BACKGROUND_TICK.
-        if let Some(stream) = &self.stream {
-            stream.doorbell.ring();
+        if let CallOwner::Stream(_) = self.calls.owner {
+            self.calls.doorbell.ring();
         }
     }
 

@@ -7,7 +7,7 @@ use std::time::Duration;
 use idempotency_wire::RecordId;
 
 use crate::cache::RequestParts;
-use crate::config::{Config, Mode};
+use crate::config::{Config, Mode, RecordMode};
 use crate::fingerprint::is_json_content_type;
 use crate::key::{parse_key, KeyError};
 use crate::metadata::RouteOverrides;
@@ -35,6 +35,8 @@ pub struct Pending {
     pub shadow: bool,
     /// How long the store may hold the acquire while the key is in progress.
     pub in_progress_wait: Duration,
+    /// Whether the response waits for its record to be written.
+    pub record_mode: RecordMode,
     /// A gRPC request (`application/grpc*`).
     pub grpc: bool,
 }
@@ -206,6 +208,7 @@ pub fn admit(
             exclude_fields,
             shadow,
             in_progress_wait: policy.in_progress_wait,
+            record_mode: policy.record_mode,
             grpc,
         }),
     }

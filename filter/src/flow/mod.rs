@@ -18,7 +18,7 @@ use std::time::Duration;
 
 use idempotency_wire::{headers, paths, AcquireResponse, Lock, RecordId, StoredResponse};
 
-use crate::config::{Config, FailureMode};
+use crate::config::{Config, FailureMode, RecordMode};
 use crate::fingerprint::{fingerprint, fingerprint_body};
 use crate::host::{debug, Callout, CalloutReply, Host, Level};
 use crate::metadata::parse_route_overrides;
@@ -36,7 +36,7 @@ use shadow::ShadowJob;
 
 use crate::attempt::new_attempt_id;
 use crate::background::{Background, BackgroundCall};
-use crate::cache::{ExactRequest, ReplayCache, RequestMatch};
+use crate::cache::{CacheCandidate, ExactRequest, ReplayCache, RequestMatch};
 use crate::outcome::{classify, ResponseOutcome, UnknownReason};
 use admission::{admit, Decision, Pending};
 use calls::{AcquireParams, HolderWrite};
@@ -66,16 +66,8 @@ pub struct Held {
     lock_expires_at: Duration,
     /// A gRPC request: its `grpc-status` decides store vs release.
     grpc: bool,
-}
-
-/// A completed record to cache once the store acknowledged it.
-#[derive(Debug)]
-struct CacheCandidate {
-    id: RecordId,
-    request: RequestMatch,
-    response: Rc<StoredResponse>,
-    /// Host time when the record expires.
-    expires_at: Duration,
+    /// Whether the response waits for its record to be written.
+    record_mode: RecordMode,
 }
 
 #[derive(Debug)]
@@ -164,13 +156,14 @@ impl RequestFlow {
         response: Rc<StoredResponse>,
         record_expires_at: Duration,
     ) {
-        let expires_at = host
-            .now()
-            .saturating_add(self.config.replay_cache_ttl)
-            .min(record_expires_at);
-        self.cache
-            .borrow_mut()
-            .insert(&id.scope, &id.key, request, response, expires_at);
+        CacheCandidate {
+            cache: self.cache.clone(),
+            id: id.clone(),
+            request,
+            response,
+            record_expires_at,
+        }
+        .acknowledged(host.now(), self.config.replay_cache_ttl);
     }
 
     /// Queue a call for the root context (it outlives this stream).
@@ -548,8 +541,8 @@ impl RequestFlow {
             } if expected == token => {
                 match reply.status {
                     Some(200) => {
-                        if let Some(c) = cache {
-                            self.remember(host, &c.id, c.request, c.response, c.expires_at);
+                        if let Some(candidate) = cache {
+                            candidate.acknowledged(host.now(), self.config.replay_cache_ttl);
                         }
                     }
                     // Refused for good (fenced out, record gone): nothing to retry.
@@ -661,6 +654,7 @@ impl RequestFlow {
                     request,
                     lock_expires_at: now.saturating_add(self.config.lock_timeout),
                     grpc: self.grpc,
+                    record_mode: pending.record_mode,
                 };
                 if let Err(e) = set_internal_headers(host, &held) {
                     // We hold the lock but cannot tell the upstream; the request never left.
@@ -1034,13 +1028,14 @@ impl RequestFlow {
             trailers,
         };
         let cache = CacheCandidate {
+            cache: self.cache.clone(),
             id: held.id.clone(),
             request: held.request.clone(),
             response: Rc::new(response.clone()),
-            expires_at: host.now().saturating_add(self.config.retention_period),
+            record_expires_at: host.now().saturating_add(self.config.retention_period),
         };
         match calls::complete(held, response, self.config.retention_period) {
-            Ok(write) => self.record(host, write, Some(cache)),
+            Ok(write) => self.record(host, held.record_mode, write, Some(cache)),
             Err(e) => self.cannot_encode(host, "complete", &e),
         }
     }
@@ -1101,7 +1096,7 @@ impl RequestFlow {
     fn release(&mut self, host: &dyn Host, held: &Held) -> Verdict {
         host.count(Counter::LockReleased);
         match calls::release(held) {
-            Ok(write) => self.record(host, write, None),
+            Ok(write) => self.record(host, held.record_mode, write, None),
             Err(e) => self.cannot_encode(host, "release", &e),
         }
     }
@@ -1154,11 +1149,24 @@ impl RequestFlow {
         Verdict::Continue
     }
 
-    /// Send `complete`/`release` and hold the response until it is acknowledged. Should the
-    /// store fail, the upstream response is delivered anyway and the write retried in the
-    /// background: the effect has happened, and replacing its answer with a 503 would only invite
-    /// a retry.
-    fn record(&mut self, host: &dyn Host, write: HolderWrite, cache: Option<CacheCandidate>) -> Verdict {
+    /// Send `complete`/`release`. Write-ahead: hold the response until it is acknowledged;
+    /// should the store fail, the upstream response is delivered anyway and the write retried in
+    /// the background: the effect has happened, and replacing its answer with a 503 would only
+    /// invite a retry. Async: the response goes on at once and the root context makes the write
+    /// (batched like any other call, retried until the lock expires, cached once acknowledged).
+    fn record(
+        &mut self,
+        host: &dyn Host,
+        mode: RecordMode,
+        write: HolderWrite,
+        cache: Option<CacheCandidate>,
+    ) -> Verdict {
+        if mode == RecordMode::Async {
+            host.count(Counter::RecordedAsync);
+            self.in_background(host, Some(write.in_background().batched().caching(cache)));
+            self.state = State::Finished;
+            return Verdict::Continue;
+        }
         let dispatched = host.dispatch(&Callout {
             path: write.path,
             body: &write.body,

@@ -10,7 +10,7 @@ use idempotency_wire::{paths, AcquireResponse, CompleteRequest, RecordId, Releas
 use super::{key_hash, millis, Held};
 use crate::background::BackgroundCall;
 use crate::cache::RequestMatch;
-use crate::config::Config;
+use crate::config::{Config, RecordMode};
 use crate::host::{debug, CalloutReply, Host, Level};
 use crate::metrics::Counter;
 use crate::replay::storable_headers;
@@ -93,6 +93,8 @@ impl ShadowJob {
                     request: RequestMatch::default(),
                     lock_expires_at: host.now().saturating_add(config.lock_timeout),
                     grpc: false,
+                    // Shadow writes are background calls anyway; the response never waits.
+                    record_mode: RecordMode::Async,
                 });
                 (Counter::ShadowExecuted, "executes (no earlier attempt)")
             }

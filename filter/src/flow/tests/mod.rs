@@ -16,6 +16,9 @@ use crate::mock::{Call, MockHost};
 /// Shared set-up of the tests below: hosts, flows, store replies.
 mod support;
 
+/// `record_mode: async`: the response does not wait for its record.
+mod record_mode;
+
 use support::*;
 
 #[test]
