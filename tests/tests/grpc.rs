@@ -1,7 +1,7 @@
 //! gRPC through Envoy with h2c on both sides, a stock tonic server and a stock tonic client:
 //! successes recorded and replayed (message, status, metadata), retryable statuses released in
 //! either framing, deterministic ones replayed, refusals as gRPC statuses, request trailers,
-//! server streams, and keyless calls untouched.
+//! server streams, keyless calls untouched, and `record_mode: async`.
 
 #![allow(
     clippy::unwrap_used,
@@ -66,6 +66,34 @@ async fn a_success_is_recorded_and_a_retry_gets_the_same_message_without_executi
         !stack.envoy_log().contains("outcome unknown"),
         "no warning per call"
     );
+}
+
+#[tokio::test]
+async fn with_record_mode_async_the_answer_leaves_first_and_a_retry_replays_it_once_written() {
+    let stack = GrpcStack::start(json!({"record_mode": "async"})).await;
+    let mut client = stack.client().await;
+    let first = client
+        .create(keyed("g-async", create("A")))
+        .await
+        .unwrap()
+        .into_inner();
+    // A retry may overtake the write: ABORTED (the gRPC form of 409) meanwhile, never a rerun.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let again = loop {
+        match client.create(keyed("g-async", create("A"))).await {
+            Ok(again) => break again,
+            Err(status) if status.code() == Code::Aborted => {
+                assert!(std::time::Instant::now() < deadline, "still in progress");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            Err(status) => panic!("unexpected {status:?}"),
+        }
+    };
+    assert_eq!(again.metadata().get("idempotent-replayed").unwrap(), "true");
+    assert_eq!(again.into_inner(), first, "the same message");
+    assert_eq!(stack.executions_of("g-async"), 1);
+    let stats = stack.envoy_metrics().await;
+    assert_eq!(metric_sum(&stats, "idempotency_records_written_async_total"), 1.0);
 }
 
 #[tokio::test]
