@@ -664,6 +664,12 @@ async fn metrics(State(state): State<AppState>) -> Response {
             .live_records
             .set(i64::try_from(count).unwrap_or(i64::MAX));
     }
+    if let Some(bytes) = state.storage.write_buffer_bytes() {
+        state
+            .metrics
+            .write_buffer_bytes
+            .set(i64::try_from(bytes).unwrap_or(i64::MAX));
+    }
     (
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
         state.metrics.render(),

@@ -30,6 +30,8 @@ pub struct Metrics {
     pub expired: IntCounterVec,
     /// Records currently stored.
     pub live_records: IntGauge,
+    /// Written data held in memory until flushed (embedded engine).
+    pub write_buffer_bytes: IntGauge,
     /// Seed: duplicate messages skipped by consumers.
     pub message_dedup_hits: IntCounterVec,
     /// Message claims by outcome.
@@ -79,6 +81,11 @@ impl Metrics {
         let registry = Registry::new();
         let live_records = IntGauge::new("idempotency_store_live_records", "Records currently stored")?;
         registry.register(Box::new(live_records.clone()))?;
+        let write_buffer_bytes = IntGauge::new(
+            "idempotency_store_write_buffer_bytes",
+            "Written data the embedded engine holds in memory until flushed to table files (memtables)",
+        )?;
+        registry.register(Box::new(write_buffer_bytes.clone()))?;
         let acquire_waiters = IntGauge::new(
             "idempotency_acquire_waiters",
             "Acquires waiting for an in-progress record right now",
@@ -194,6 +201,7 @@ impl Metrics {
                 h
             },
             live_records,
+            write_buffer_bytes,
             registry,
         })
     }

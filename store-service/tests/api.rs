@@ -161,6 +161,13 @@ async fn health_readiness_and_metrics_need_no_token() {
         "{text}"
     );
     assert!(text.contains("idempotency_store_live_records 1"), "{text}");
+    // The embedded engine holds the acquire in its memtable until a flush.
+    let buffered: f64 = text
+        .lines()
+        .find_map(|line| line.strip_prefix("idempotency_store_write_buffer_bytes "))
+        .and_then(|value| value.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no write buffer gauge: {text}"));
+    assert!(buffered > 0.0, "{text}");
 }
 
 #[tokio::test]

@@ -89,4 +89,9 @@ pub trait Storage: Send + Sync + 'static {
     async fn record_count(&self) -> Result<u64, StorageError>;
     /// Ok when the backend can serve requests.
     async fn ready(&self) -> Result<(), StorageError>;
+    /// Bytes of written data the backend holds in memory until it flushes them (the embedded
+    /// engine's memtables); `None` when it keeps none (MongoDB).
+    fn write_buffer_bytes(&self) -> Option<u64> {
+        None
+    }
 }

@@ -87,6 +87,11 @@ pub(crate) trait Engine: Send + Sync + 'static {
     fn count(&self) -> Result<u64, StorageError>;
     /// Ok when the engine can serve requests.
     fn ready(&self) -> Result<(), StorageError>;
+    /// Bytes of written data held in memory until flushed to table files (fjall's memtables,
+    /// active and sealed); `None` when the engine has no such buffer.
+    fn write_buffer_bytes(&self) -> Option<u64> {
+        None
+    }
 }
 
 enum Op {
@@ -455,6 +460,10 @@ impl Storage for EmbeddedStorage {
 
     async fn ready(&self) -> Result<(), StorageError> {
         self.read(|engine| engine.ready()).await
+    }
+
+    fn write_buffer_bytes(&self) -> Option<u64> {
+        self.engine.write_buffer_bytes()
     }
 }
 
