@@ -972,11 +972,17 @@ async fn measure_store_alone(
             .0;
     }
     let store_rss = store.pid().map(rss_kib);
+    // How much of it is written data waiting in memtables, and what is left once idle.
+    let metrics = e2e::get_text(&reqwest::Client::new(), &format!("http://{store_addr}/metrics")).await;
+    let write_buffer_kib = e2e::metric_sum(&metrics, "idempotency_store_write_buffer_bytes") / 1024.0;
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let store_rss_idle = store.pid().map(rss_kib);
     json!({
         "store_alone": {"pairs_per_second": pairs.0 as f64 / pairs.1, "connections": store_connections,
                         "one_connection_per_operation": store_latency,
                         "batched": {"pairs_per_second": batched.0 as f64 / batched.1, "connections": 8, "calls_per_batch": 16}},
-        "store_rss_kib_at_live_records": {"records": filled, "rss_kib": store_rss},
+        "store_rss_kib_at_live_records": {"records": filled, "rss_kib": store_rss,
+                                          "write_buffer_kib": write_buffer_kib, "rss_kib_5s_idle": store_rss_idle},
         "consumer_dedup": consumer_dedup,
     })
 }
@@ -1434,10 +1440,13 @@ fn print_store_alone(summary: &Value) {
         summary["store_alone"]["batched"]["calls_per_batch"],
         summary["store_alone"]["batched"]["pairs_per_second"].as_f64().unwrap_or(0.0)
     );
+    let at_records = &summary["store_rss_kib_at_live_records"];
     println!(
-        "Store RSS with {} live records: {} KiB",
-        summary["store_rss_kib_at_live_records"]["records"],
-        summary["store_rss_kib_at_live_records"]["rss_kib"]
+        "Store RSS with {} live records: {} KiB right after writing them (memtables {:.0} KiB), {} KiB after 5 s idle",
+        at_records["records"],
+        at_records["rss_kib"],
+        at_records["write_buffer_kib"].as_f64().unwrap_or(0.0),
+        at_records["rss_kib_5s_idle"]
     );
     if let Some(along) = summary["store_rss_along_the_run"].as_array() {
         let steps: Vec<String> = along
