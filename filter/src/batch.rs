@@ -27,10 +27,37 @@ use crate::host::{Callout, CalloutReply, Host, Level};
 /// store accepts requests up to 16 MiB.
 pub const MAX_BATCH_BYTES: usize = 4 * 1024 * 1024;
 
+/// Which queue a call waits in. Each lane has its own `max_in_flight` callouts, so a write no
+/// client waits for (`record_mode: async`: the answer has left) never holds up a call a client
+/// is waiting on — at one connection the next request's `acquire` would otherwise queue behind
+/// the previous request's `complete`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Lane {
+    /// A stream waits for the reply.
+    Waited,
+    /// Nobody waits: the root context settles the reply.
+    Detached,
+}
+
+impl Lane {
+    const ALL: [Lane; 2] = [Lane::Waited, Lane::Detached];
+
+    fn index(self) -> usize {
+        match self {
+            Lane::Waited => 0,
+            Lane::Detached => 1,
+        }
+    }
+}
+
 /// Whoever waits for a call's reply (in Envoy: a stream's context id and its flow).
 pub trait Owner: Clone {
     /// False once the stream has ended: its queued calls are not sent.
     fn alive(&self) -> bool;
+    /// The lane its calls queue in.
+    fn lane(&self) -> Lane {
+        Lane::Waited
+    }
 }
 
 /// A reply for one submitted call.
@@ -58,10 +85,14 @@ struct Queued<O> {
 /// Calls of one callout in flight.
 #[derive(Debug)]
 enum Sent<O> {
-    /// One call; `counted` when it holds one of the `max_in_flight` slots.
-    Alone { owner: O, token: u32, counted: bool },
+    /// One call; `counted`: the lane whose `max_in_flight` slot it holds.
+    Alone {
+        owner: O,
+        token: u32,
+        counted: Option<Lane>,
+    },
     /// Kept whole: should the store not know `/v1/batch`, they are sent again alone.
-    Batch(Vec<Queued<O>>),
+    Batch(Vec<Queued<O>>, Lane),
 }
 
 /// The per-worker queue of store calls.
@@ -69,13 +100,14 @@ enum Sent<O> {
 pub struct Batcher<O> {
     max_calls: usize,
     max_in_flight: usize,
-    queue: RefCell<VecDeque<Queued<O>>>,
+    /// Batchable calls, per [`Lane`].
+    queues: [RefCell<VecDeque<Queued<O>>>; 2],
     /// Calls the store may hold (`may_batch: false`): sent at once, alone, outside the limit,
     /// so a held call never keeps the others waiting.
     unbatchable: RefCell<VecDeque<Queued<O>>>,
     in_flight: RefCell<HashMap<u32, Sent<O>>>,
-    /// In-flight callouts that count against `max_in_flight`.
-    slots_taken: Cell<usize>,
+    /// In-flight callouts that count against `max_in_flight`, per [`Lane`].
+    slots_taken: [Cell<usize>; 2],
     next_token: Cell<u32>,
     /// The store answered `/v1/batch` with 404/405: send everything alone from now on.
     batching_unsupported: Cell<bool>,
@@ -87,10 +119,10 @@ impl<O: Owner> Batcher<O> {
         Batcher {
             max_calls: max_calls.max(1),
             max_in_flight: max_in_flight.max(1),
-            queue: RefCell::default(),
+            queues: Default::default(),
             unbatchable: RefCell::default(),
             in_flight: RefCell::default(),
-            slots_taken: Cell::new(0),
+            slots_taken: Default::default(),
             next_token: Cell::new(1),
             batching_unsupported: Cell::new(false),
         }
@@ -109,52 +141,73 @@ impl<O: Owner> Batcher<O> {
             may_batch: callout.may_batch,
         };
         if call.may_batch {
-            self.queue.borrow_mut().push_back(call);
+            self.queue(call.owner.lane()).borrow_mut().push_back(call);
         } else {
             self.unbatchable.borrow_mut().push_back(call);
         }
         token
     }
 
+    fn queue(&self, lane: Lane) -> &RefCell<VecDeque<Queued<O>>> {
+        &self.queues[lane.index()]
+    }
+
+    fn slots(&self, lane: Lane) -> &Cell<usize> {
+        &self.slots_taken[lane.index()]
+    }
+
     /// Calls waiting to be sent.
     pub fn queued(&self) -> usize {
-        self.queue.borrow().len() + self.unbatchable.borrow().len()
+        self.queues.iter().map(|q| q.borrow().len()).sum::<usize>() + self.unbatchable.borrow().len()
     }
 
     fn batching(&self) -> bool {
         self.max_calls > 1 && !self.batching_unsupported.get()
     }
 
-    fn room(&self) -> bool {
-        !self.batching() || self.slots_taken.get() < self.max_in_flight
+    fn room(&self, lane: Lane) -> bool {
+        !self.batching() || self.slots(lane).get() < self.max_in_flight
+    }
+
+    fn lane_ready(&self, lane: Lane) -> bool {
+        !self.queue(lane).borrow().is_empty() && self.room(lane)
     }
 
     /// Whether [`Self::flush`] would send something now.
     pub fn ready(&self) -> bool {
-        !self.unbatchable.borrow().is_empty() || (!self.queue.borrow().is_empty() && self.room())
+        !self.unbatchable.borrow().is_empty() || Lane::ALL.iter().any(|&lane| self.lane_ready(lane))
     }
 
-    /// Send what may leave now: every call the store may hold, alone; then, while the in-flight
-    /// limit allows, the queued calls — alone when only one waits, else up to `max_calls`
-    /// together. Calls that could not be sent come back as failed deliveries.
+    /// Send what may leave now: every call the store may hold, alone; then, in each lane while
+    /// its in-flight limit allows, the queued calls — alone when only one waits, else up to
+    /// `max_calls` together. Calls that could not be sent come back as failed deliveries.
     pub fn flush(&self, host: &dyn Host) -> Vec<Delivery<O>> {
         let mut failed = Vec::new();
         let unbatchable: Vec<Queued<O>> = self.unbatchable.borrow_mut().drain(..).collect();
         for call in unbatchable.into_iter().filter(|call| call.owner.alive()) {
-            self.send(host, vec![call], false, &mut failed);
+            self.send(host, vec![call], None, &mut failed);
         }
-        while !self.queue.borrow().is_empty() && self.room() {
-            let calls = self.next_calls();
-            if calls.is_empty() {
-                break;
+        for lane in Lane::ALL {
+            while self.lane_ready(lane) {
+                let calls = self.next_calls(lane);
+                if calls.is_empty() {
+                    break;
+                }
+                self.send(host, calls, Some(lane), &mut failed);
             }
-            self.send(host, calls, true, &mut failed);
         }
         failed
     }
 
-    /// Dispatch `calls` (alone, or as one batch); `counted`: it takes an in-flight slot.
-    fn send(&self, host: &dyn Host, mut calls: Vec<Queued<O>>, counted: bool, failed: &mut Vec<Delivery<O>>) {
+    /// Dispatch `calls` (alone, or as one batch); `counted`: the lane whose in-flight slot it
+    /// takes.
+    fn send(
+        &self,
+        host: &dyn Host,
+        mut calls: Vec<Queued<O>>,
+        counted: Option<Lane>,
+        failed: &mut Vec<Delivery<O>>,
+    ) {
         let result = match calls.as_slice() {
             [] => return,
             [call] => host.dispatch(&Callout {
@@ -193,20 +246,20 @@ impl<O: Owner> Batcher<O> {
             },
             (_, Some(last)) => {
                 calls.push(last);
-                Sent::Batch(calls)
+                // Batches come only from a lane's queue, whose sends are counted.
+                Sent::Batch(calls, counted.unwrap_or(Lane::Waited))
             }
             (_, None) => return,
         };
-        // Batches come only from the queue, whose sends are counted.
-        if counted {
-            self.slots_taken.set(self.slots_taken.get() + 1);
+        if let Some(lane) = counted {
+            self.slots(lane).set(self.slots(lane).get() + 1);
         }
         self.in_flight.borrow_mut().insert(token, entry);
     }
 
-    /// The next calls to send together, skipping those whose stream has ended.
-    fn next_calls(&self) -> Vec<Queued<O>> {
-        let mut queue = self.queue.borrow_mut();
+    /// The next calls of `lane` to send together, skipping those whose stream has ended.
+    fn next_calls(&self, lane: Lane) -> Vec<Queued<O>> {
+        let mut queue = self.queue(lane).borrow_mut();
         let mut calls: Vec<Queued<O>> = Vec::new();
         let mut bytes = 0;
         let limit = if self.batching() { self.max_calls } else { 1 };
@@ -239,20 +292,20 @@ impl<O: Owner> Batcher<O> {
     /// The reply to callout `token`, split per call; `None` when the callout is not ours.
     pub fn on_reply(&self, host: &dyn Host, token: u32, reply: CalloutReply) -> Option<Vec<Delivery<O>>> {
         let sent = self.in_flight.borrow_mut().remove(&token)?;
-        let calls = match sent {
+        let (calls, lane) = match sent {
             Sent::Alone {
                 owner,
                 token,
                 counted,
             } => {
-                if counted {
-                    self.slots_taken.set(self.slots_taken.get().saturating_sub(1));
+                if let Some(lane) = counted {
+                    self.slots(lane).set(self.slots(lane).get().saturating_sub(1));
                 }
                 return Some(vec![Delivery { owner, token, reply }]);
             }
-            Sent::Batch(calls) => {
-                self.slots_taken.set(self.slots_taken.get().saturating_sub(1));
-                calls
+            Sent::Batch(calls, lane) => {
+                self.slots(lane).set(self.slots(lane).get().saturating_sub(1));
+                (calls, lane)
             }
         };
         if matches!(reply.status, Some(404 | 405)) {
@@ -265,7 +318,7 @@ impl<O: Owner> Batcher<O> {
                 ),
             );
             self.batching_unsupported.set(true);
-            let mut queue = self.queue.borrow_mut();
+            let mut queue = self.queue(lane).borrow_mut();
             for call in calls.into_iter().rev() {
                 queue.push_front(call);
             }

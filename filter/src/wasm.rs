@@ -14,7 +14,7 @@ use proxy_wasm::traits::{Context, HttpContext, RootContext};
 use proxy_wasm::types::{Action, BufferType, ContextType, LogLevel, MapType, MetricType, Status};
 
 use crate::background::Background;
-use crate::batch::{Batcher, Delivery, Owner};
+use crate::batch::{Batcher, Delivery, Lane, Owner};
 use crate::cache::ReplayCache;
 use crate::config::Config;
 use crate::flow::{RequestFlow, Verdict};
@@ -71,6 +71,13 @@ impl Owner for CallOwner {
         match self {
             CallOwner::Stream(stream) => stream.flow.strong_count() > 0,
             CallOwner::Background => true,
+        }
+    }
+
+    fn lane(&self) -> Lane {
+        match self {
+            CallOwner::Stream(_) => Lane::Waited,
+            CallOwner::Background => Lane::Detached,
         }
     }
 }

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use idempotency_wire::paths;
 
-use super::{Batcher, Delivery, Owner};
+use super::{Batcher, Delivery, Lane, Owner};
 use crate::host::{Callout, CalloutReply};
 use crate::mock::{Call, MockHost};
 
@@ -15,11 +15,16 @@ use crate::mock::{Call, MockHost};
 struct Stream {
     id: u32,
     alive: Rc<Cell<bool>>,
+    lane: Lane,
 }
 
 impl Owner for Stream {
     fn alive(&self) -> bool {
         self.alive.get()
+    }
+
+    fn lane(&self) -> Lane {
+        self.lane
     }
 }
 
@@ -27,6 +32,15 @@ fn stream(id: u32) -> Stream {
     Stream {
         id,
         alive: Rc::new(Cell::new(true)),
+        lane: Lane::Waited,
+    }
+}
+
+/// An owner nobody waits on (the root context's async writes).
+fn detached(id: u32) -> Stream {
+    Stream {
+        lane: Lane::Detached,
+        ..stream(id)
     }
 }
 
@@ -323,4 +337,33 @@ fn a_batch_stops_short_of_the_byte_limit_and_a_large_call_goes_alone() {
         "2 fit, the third waits, the huge one alone"
     );
     assert_eq!(batcher.queued(), 0);
+}
+
+#[test]
+fn a_write_nobody_waits_for_never_holds_up_a_call_a_client_waits_on() {
+    let host = MockHost::default();
+    let batcher = Batcher::new(64, 1);
+    // The previous request's async complete is out...
+    batcher.submit(detached(1), &call(paths::COMPLETE, r#"{"key":"a"}"#));
+    batcher.flush(&host);
+    // ...and the next request's acquire leaves at once, in its own lane.
+    let acquire = batcher.submit(stream(2), &call(paths::ACQUIRE, r#"{"key":"b"}"#));
+    assert!(batcher.ready());
+    batcher.flush(&host);
+    let sent = dispatched(&host);
+    assert_eq!(sent.len(), 2);
+    assert_eq!(sent[1].0, paths::ACQUIRE);
+    // More writes queue behind the write in flight, not behind the acquire, and leave together.
+    batcher.submit(detached(3), &call(paths::COMPLETE, r#"{"key":"c"}"#));
+    batcher.submit(detached(4), &call(paths::COMPLETE, r#"{"key":"d"}"#));
+    assert!(!batcher.ready(), "the write lane's slot is taken");
+    let delivered = batcher.on_reply(&host, sent[1].2, ok("{}")).unwrap();
+    assert_eq!(delivered[0].token, acquire);
+    assert!(!batcher.ready(), "a free acquire slot does not release writes");
+    batcher.on_reply(&host, sent[0].2, ok("{}")).unwrap();
+    assert!(batcher.ready());
+    batcher.flush(&host);
+    let sent = dispatched(&host);
+    assert_eq!(sent.len(), 3);
+    assert_eq!(sent[2].0, paths::BATCH);
 }
