@@ -41,11 +41,21 @@ pub enum Lane {
 
 impl Lane {
     const ALL: [Lane; 2] = [Lane::Waited, Lane::Detached];
+}
 
-    fn index(self) -> usize {
-        match self {
-            Lane::Waited => 0,
-            Lane::Detached => 1,
+/// One lane's queue and the callouts it has in flight.
+#[derive(Debug)]
+struct LaneState<O> {
+    queue: RefCell<VecDeque<Queued<O>>>,
+    /// In-flight callouts that count against `max_in_flight`.
+    slots_taken: Cell<usize>,
+}
+
+impl<O> Default for LaneState<O> {
+    fn default() -> LaneState<O> {
+        LaneState {
+            queue: RefCell::default(),
+            slots_taken: Cell::new(0),
         }
     }
 }
@@ -100,14 +110,14 @@ enum Sent<O> {
 pub struct Batcher<O> {
     max_calls: usize,
     max_in_flight: usize,
-    /// Batchable calls, per [`Lane`].
-    queues: [RefCell<VecDeque<Queued<O>>>; 2],
+    /// Batchable calls a stream waits for.
+    waited: LaneState<O>,
+    /// Batchable calls nobody waits for.
+    detached: LaneState<O>,
     /// Calls the store may hold (`may_batch: false`): sent at once, alone, outside the limit,
     /// so a held call never keeps the others waiting.
     unbatchable: RefCell<VecDeque<Queued<O>>>,
     in_flight: RefCell<HashMap<u32, Sent<O>>>,
-    /// In-flight callouts that count against `max_in_flight`, per [`Lane`].
-    slots_taken: [Cell<usize>; 2],
     next_token: Cell<u32>,
     /// The store answered `/v1/batch` with 404/405: send everything alone from now on.
     batching_unsupported: Cell<bool>,
@@ -119,10 +129,10 @@ impl<O: Owner> Batcher<O> {
         Batcher {
             max_calls: max_calls.max(1),
             max_in_flight: max_in_flight.max(1),
-            queues: Default::default(),
+            waited: LaneState::default(),
+            detached: LaneState::default(),
             unbatchable: RefCell::default(),
             in_flight: RefCell::default(),
-            slots_taken: Default::default(),
             next_token: Cell::new(1),
             batching_unsupported: Cell::new(false),
         }
@@ -148,17 +158,26 @@ impl<O: Owner> Batcher<O> {
         token
     }
 
+    fn lane(&self, lane: Lane) -> &LaneState<O> {
+        match lane {
+            Lane::Waited => &self.waited,
+            Lane::Detached => &self.detached,
+        }
+    }
+
     fn queue(&self, lane: Lane) -> &RefCell<VecDeque<Queued<O>>> {
-        &self.queues[lane.index()]
+        &self.lane(lane).queue
     }
 
     fn slots(&self, lane: Lane) -> &Cell<usize> {
-        &self.slots_taken[lane.index()]
+        &self.lane(lane).slots_taken
     }
 
     /// Calls waiting to be sent.
     pub fn queued(&self) -> usize {
-        self.queues.iter().map(|q| q.borrow().len()).sum::<usize>() + self.unbatchable.borrow().len()
+        self.waited.queue.borrow().len()
+            + self.detached.queue.borrow().len()
+            + self.unbatchable.borrow().len()
     }
 
     fn batching(&self) -> bool {
