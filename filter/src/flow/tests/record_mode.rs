@@ -57,7 +57,7 @@ fn the_response_goes_on_at_once_and_the_root_context_writes_the_record() {
     assert_eq!(background.queued(), 1);
 
     background.drain(&host, &config);
-    let (path, complete, write_token) = host.dispatches().pop().unwrap();
+    let (path, complete, write_token) = last_dispatch(&host);
     assert_eq!(path, "/v1/complete");
     assert_eq!(complete["fencing_token"], 3);
     assert_eq!(
@@ -83,7 +83,7 @@ fn the_response_goes_on_at_once_and_the_root_context_writes_the_record() {
     retry.on_request_headers(&host, false);
     retry.on_request_body(&host, 2, true);
     assert!(host.dispatches().is_empty());
-    assert_eq!(host.sent_response().unwrap().0, 201);
+    assert_eq!(sent_status(&host), 201);
 }
 
 #[test]
@@ -91,7 +91,7 @@ fn a_failed_async_write_is_retried_until_refused_and_never_cached() {
     let (_flow, background, config, host, verdict) = answered_async(201, b"{}", &small_cache());
     assert_eq!(verdict, Verdict::Continue);
     background.drain(&host, &config);
-    let (_, _, first) = host.dispatches().pop().unwrap();
+    let (_, _, first) = last_dispatch(&host);
     background.on_batched_reply(
         &host,
         &config,
@@ -104,7 +104,7 @@ fn a_failed_async_write_is_retried_until_refused_and_never_cached() {
     assert_eq!(background.queued(), 1, "retried after a backoff");
     *host.clock_advance.borrow_mut() = Duration::from_secs(1);
     background.drain(&host, &config);
-    let (path, _, second) = host.dispatches().pop().unwrap();
+    let (path, _, second) = last_dispatch(&host);
     assert_eq!(path, "/v1/complete");
     // Fenced out: final.
     background.on_batched_reply(
@@ -125,7 +125,7 @@ fn a_released_lock_does_not_hold_the_response_either() {
     assert_eq!(verdict, Verdict::Continue);
     assert_eq!(host.counted(Counter::LockReleased), 1);
     background.drain(&host, &config);
-    assert_eq!(host.dispatches().pop().unwrap().0, "/v1/release");
+    assert_eq!(last_dispatch(&host).0, "/v1/release");
 }
 
 #[test]
@@ -139,7 +139,7 @@ fn a_route_rule_chooses_its_own_record_mode() {
         let host = MockHost::with_request("POST", path, &[("idempotency-key", "k1")], b"{}");
         assert_eq!(flow.on_request_headers(&host, false), Verdict::Pause);
         flow.on_request_body(&host, 2, true);
-        let (_, _, token) = host.dispatches().pop().unwrap();
+        let (_, _, token) = last_dispatch(&host);
         flow.on_callout_reply(&host, token, reply(200, &acquired(1, None)));
         host.set_response(201, &[], b"{}");
         host.set_property(&["response", "code_details"], b"via_upstream");

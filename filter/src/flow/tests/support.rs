@@ -67,6 +67,16 @@ pub(super) fn acquired(token: u64, recovery_point: Option<&str>) -> AcquireRespo
     })
 }
 
+/// The last store call the host dispatched: path, JSON body, token.
+pub(super) fn last_dispatch(host: &MockHost) -> (String, Value, u32) {
+    host.dispatches().pop().expect("a store call was dispatched")
+}
+
+/// Status of the local response the flow sent.
+pub(super) fn sent_status(host: &MockHost) -> u16 {
+    host.sent_response().expect("a response was sent").0
+}
+
 pub(super) fn body_json(host: &MockHost) -> Value {
     let (_, _, body) = host.sent_response().expect("a response was sent");
     serde_json::from_str(&body).unwrap()
