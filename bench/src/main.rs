@@ -407,25 +407,25 @@ async fn run(settings: Settings) {
         ),
         "envoy-filter",
     );
-    // The same filter with every store call sent alone: what batching saves under load.
-    let mut unbatched = pinned_envoy(
-        dir.path(),
-        &bootstrap_with(
-            &unbatched_ports,
-            &plugin_config(&json!({"lock_timeout": "5m", "store_batch_max_calls": 1})),
-            true,
-        ),
+    // The filter with other settings beside the shipped ones, each in its own Envoy.
+    let variant = |ports: &Ports, settings: Value, name: &str| {
+        pinned_envoy(
+            dir.path(),
+            &bootstrap_with(ports, &plugin_config(&settings), true),
+            name,
+        )
+    };
+    // Every store call sent alone: what batching saves under load.
+    let mut unbatched = variant(
+        &unbatched_ports,
+        json!({"lock_timeout": "5m", "store_batch_max_calls": 1}),
         "envoy-filter-unbatched",
     );
-    // The same filter answering before the record is written (`record_mode: async`): one store
-    // round trip less on each execution's latency.
-    let mut async_record = pinned_envoy(
-        dir.path(),
-        &bootstrap_with(
-            &async_ports,
-            &plugin_config(&json!({"lock_timeout": "5m", "record_mode": "async"})),
-            true,
-        ),
+    // Answering before the record is written (`record_mode: async`): one store round trip less
+    // on each execution's latency.
+    let mut async_record = variant(
+        &async_ports,
+        json!({"lock_timeout": "5m", "record_mode": "async"}),
         "envoy-filter-async",
     );
     wait_ready(
@@ -458,13 +458,8 @@ async fn run(settings: Settings) {
         Duration::from_secs(60),
     )
     .await;
-    wait_ready(
-        &format!("http://127.0.0.1:{}/ready", unbatched_ports.admin),
-        &mut unbatched,
-        Duration::from_secs(60),
-    )
-    .await;
     for (ports, envoy) in [
+        (&unbatched_ports, &mut unbatched),
         (&buffer_ports, &mut buffering),
         (&callout_ports, &mut calling),
         (&async_ports, &mut async_record),
