@@ -670,6 +670,21 @@ async fn metrics(State(state): State<AppState>) -> Response {
             .write_buffer_bytes
             .set(i64::try_from(bytes).unwrap_or(i64::MAX));
     }
+    if let Some(totals) = state.storage.group_commits() {
+        // Counters only move forward; the storage keeps the totals, a scrape catches up.
+        let m = &state.metrics;
+        let _one_at_a_time = m
+            .catch_up
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        m.durable_commits
+            .inc_by(totals.commits.saturating_sub(m.durable_commits.get()));
+        m.durable_commit_operations.inc_by(
+            totals
+                .operations
+                .saturating_sub(m.durable_commit_operations.get()),
+        );
+    }
     (
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
         state.metrics.render(),

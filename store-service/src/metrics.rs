@@ -1,7 +1,7 @@
 //! Prometheus metrics of the store (`/metrics`), including the seed's series as the store sees them.
 
 use prometheus::{
-    Encoder, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, Opts, Registry, TextEncoder,
+    Encoder, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts, Registry, TextEncoder,
 };
 
 /// All store metrics, registered in one registry.
@@ -32,6 +32,13 @@ pub struct Metrics {
     pub live_records: IntGauge,
     /// Written data held in memory until flushed (embedded engine).
     pub write_buffer_bytes: IntGauge,
+    /// Durable commits of the embedded writer (one sync each).
+    pub durable_commits: IntCounter,
+    /// Operations those commits carried (group commit: several per sync).
+    pub durable_commit_operations: IntCounter,
+    /// Held while a scrape brings the counters above up to the storage's totals, so two
+    /// scrapes at once cannot both add the same difference.
+    pub catch_up: std::sync::Arc<std::sync::Mutex<()>>,
     /// Seed: duplicate messages skipped by consumers.
     pub message_dedup_hits: IntCounterVec,
     /// Message claims by outcome.
@@ -86,6 +93,16 @@ impl Metrics {
             "Written data the embedded engine holds in memory until flushed to table files (memtables)",
         )?;
         registry.register(Box::new(write_buffer_bytes.clone()))?;
+        let durable_commits = IntCounter::new(
+            "idempotency_store_durable_commits_total",
+            "Durable commits of the embedded store's writer, one disk sync each",
+        )?;
+        registry.register(Box::new(durable_commits.clone()))?;
+        let durable_commit_operations = IntCounter::new(
+            "idempotency_store_durable_commit_operations_total",
+            "Operations carried by the embedded store's durable commits (group commit: several share one sync)",
+        )?;
+        registry.register(Box::new(durable_commit_operations.clone()))?;
         let acquire_waiters = IntGauge::new(
             "idempotency_acquire_waiters",
             "Acquires waiting for an in-progress record right now",
@@ -202,6 +219,9 @@ impl Metrics {
             },
             live_records,
             write_buffer_bytes,
+            durable_commits,
+            durable_commit_operations,
+            catch_up: std::sync::Arc::default(),
             registry,
         })
     }

@@ -326,6 +326,71 @@ async fn a_batch_answers_each_call_as_if_it_came_alone() {
     assert_eq!(again["outcome"], "in_progress");
 }
 
+/// The value of an unlabelled series in a Prometheus exposition.
+fn series(text: &str, name: &str) -> f64 {
+    text.lines()
+        .find_map(|line| line.strip_prefix(name)?.strip_prefix(' '))
+        .and_then(|value| value.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no {name}: {text}"))
+}
+
+async fn metrics_text(router: &axum::Router) -> String {
+    let response = router
+        .clone()
+        .oneshot(Request::get("/metrics").body(Body::empty()).unwrap())
+        .await
+        .unwrap();
+    String::from_utf8(response.into_body().collect().await.unwrap().to_bytes().to_vec()).unwrap()
+}
+
+#[tokio::test]
+async fn durable_commits_count_the_syncs_and_the_writes_they_carried() {
+    let dir = tempfile::tempdir().unwrap();
+    let router = app(state(&dir));
+    let calls: Vec<Value> = (0..8)
+        .map(|i| json!({"path": "/v1/acquire", "body": acquire_body(&format!("g{i}"))}))
+        .collect();
+    let (status, body) = call(&router, "POST", "/v1/batch", Some(TOKEN), json!({"calls": calls})).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let text = metrics_text(&router).await;
+    let commits = series(&text, "idempotency_store_durable_commits_total");
+    let operations = series(&text, "idempotency_store_durable_commit_operations_total");
+    assert_eq!(
+        operations, 8.0,
+        "every write of the batch was made durable: {text}"
+    );
+    assert!((1.0..=8.0).contains(&commits), "{text}");
+
+    // A duplicate acquire writes nothing and syncs nothing; scraping again adds nothing.
+    let (_, again) = call(&router, "POST", "/v1/acquire", Some(TOKEN), acquire_body("g0")).await;
+    assert_eq!(again["outcome"], "in_progress");
+    let text = metrics_text(&router).await;
+    assert_eq!(
+        series(&text, "idempotency_store_durable_commits_total"),
+        commits,
+        "{text}"
+    );
+    assert_eq!(
+        series(&text, "idempotency_store_durable_commit_operations_total"),
+        operations,
+        "{text}"
+    );
+
+    // One more write: one more sync.
+    call(&router, "POST", "/v1/acquire", Some(TOKEN), acquire_body("g8")).await;
+    let text = metrics_text(&router).await;
+    assert_eq!(
+        series(&text, "idempotency_store_durable_commits_total"),
+        commits + 1.0,
+        "{text}"
+    );
+    assert_eq!(
+        series(&text, "idempotency_store_durable_commit_operations_total"),
+        operations + 1.0,
+        "{text}"
+    );
+}
+
 #[tokio::test]
 async fn a_batch_carries_only_proxy_calls_and_needs_the_token() {
     let dir = tempfile::tempdir().unwrap();

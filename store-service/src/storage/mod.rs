@@ -94,4 +94,18 @@ pub trait Storage: Send + Sync + 'static {
     fn write_buffer_bytes(&self) -> Option<u64> {
         None
     }
+    /// Durable commits made so far and the operations they carried (the embedded engine's
+    /// group commit); `None` when the backend commits each operation on its own (MongoDB).
+    fn group_commits(&self) -> Option<GroupCommits> {
+        None
+    }
+}
+
+/// Totals of the embedded writer's durable commits since the store started.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct GroupCommits {
+    /// Commits that synced written data to the disk.
+    pub commits: u64,
+    /// Operations those commits carried (reads that ride along included).
+    pub operations: u64,
 }

@@ -5,7 +5,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use fjall::{Database, Keyspace, KeyspaceCreateOptions, PersistMode};
 
-use super::{unavailable, BatchTables, Engine, Visitor};
+use super::{unavailable, BatchTables, Commit, Engine, Visitor};
 use crate::storage::StorageError;
 
 /// A fjall database directory with two keyspaces: records by identity key, and the expiry
@@ -161,7 +161,7 @@ impl BatchTables for Tables<'_> {
 }
 
 impl Engine for FjallEngine {
-    fn write_batch(&self, apply: &mut dyn FnMut(&mut dyn BatchTables)) -> Result<(), String> {
+    fn write_batch(&self, apply: &mut dyn FnMut(&mut dyn BatchTables)) -> Result<Commit, String> {
         self.check().map_err(|e| e.to_string())?;
         let mut tables = Tables {
             engine: self,
@@ -169,13 +169,14 @@ impl Engine for FjallEngine {
         };
         apply(&mut tables);
         if !tables.wrote {
-            return Ok(()); // nothing to make durable
+            return Ok(Commit::NothingWritten);
         }
         self.db.persist(PersistMode::SyncData).map_err(|e| {
             self.failed.store(true, Ordering::Release);
             tracing::error!(error = %e, "journal sync failed; the store stops answering until restarted");
             e.to_string()
-        })
+        })?;
+        Ok(Commit::Synced)
     }
 
     fn read(&self, key: &str) -> Result<Option<Vec<u8>>, StorageError> {

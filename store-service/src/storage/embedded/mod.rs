@@ -11,6 +11,7 @@
 //! changed nothing that a crash could lose.
 
 use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::thread;
 
@@ -21,7 +22,7 @@ use idempotency_wire::{
 };
 use tokio::sync::{mpsc, oneshot};
 
-use super::{BackendName, Storage, StorageError};
+use super::{BackendName, GroupCommits, Storage, StorageError};
 use crate::record::{
     apply_abandon, apply_checkpoint, apply_complete, apply_outcome_unknown, apply_release, check_deadline,
     decide_acquire, identity_key, Record,
@@ -78,7 +79,7 @@ pub(crate) type Visitor<'a> = dyn FnMut(&str, &[u8]) -> Result<bool, StorageErro
 pub(crate) trait Engine: Send + Sync + 'static {
     /// Run `apply` over one batch and make what it wrote durable before returning; a batch
     /// that wrote nothing is not synced.
-    fn write_batch(&self, apply: &mut dyn FnMut(&mut dyn BatchTables)) -> Result<(), String>;
+    fn write_batch(&self, apply: &mut dyn FnMut(&mut dyn BatchTables)) -> Result<Commit, String>;
     /// Read one record's bytes (outside the writer).
     fn read(&self, key: &str) -> Result<Option<Vec<u8>>, StorageError>;
     /// Visit records in key order from `start` until `visit` returns false.
@@ -92,6 +93,23 @@ pub(crate) trait Engine: Send + Sync + 'static {
     fn write_buffer_bytes(&self) -> Option<u64> {
         None
     }
+}
+
+/// What a batch's commit did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Commit {
+    /// The batch wrote, and its writes reached the disk (one sync).
+    Synced,
+    /// The batch only read: nothing to make durable, no sync.
+    NothingWritten,
+}
+
+/// Durable commits the writer made, and the operations they carried: their ratio is how well
+/// group commit shares a sync.
+#[derive(Debug, Default)]
+struct CommitTally {
+    commits: AtomicU64,
+    operations: AtomicU64,
 }
 
 enum Op {
@@ -121,6 +139,7 @@ pub struct EmbeddedStorage {
     engine: Arc<dyn Engine>,
     kind: EngineKind,
     writer: mpsc::Sender<Op>,
+    tally: Arc<CommitTally>,
 }
 
 impl std::fmt::Debug for EmbeddedStorage {
@@ -154,11 +173,18 @@ impl EmbeddedStorage {
         };
         let (writer, mut ops) = mpsc::channel(4 * MAX_BATCH);
         let writer_engine = engine.clone();
+        let tally = Arc::new(CommitTally::default());
+        let writer_tally = tally.clone();
         thread::Builder::new()
             .name("store-writer".into())
-            .spawn(move || writer_loop(writer_engine.as_ref(), &mut ops))
+            .spawn(move || writer_loop(writer_engine.as_ref(), &writer_tally, &mut ops))
             .map_err(unavailable)?;
-        Ok(EmbeddedStorage { engine, kind, writer })
+        Ok(EmbeddedStorage {
+            engine,
+            kind,
+            writer,
+            tally,
+        })
     }
 
     async fn submit<T>(
@@ -190,7 +216,7 @@ impl EmbeddedStorage {
 /// How to answer one operation once its batch has committed (or failed).
 type Reply = Box<dyn FnOnce(Result<(), StorageError>) + Send>;
 
-fn writer_loop(engine: &dyn Engine, ops: &mut mpsc::Receiver<Op>) {
+fn writer_loop(engine: &dyn Engine, tally: &CommitTally, ops: &mut mpsc::Receiver<Op>) {
     while let Some(first) = ops.blocking_recv() {
         let mut batch = vec![first];
         while batch.len() < MAX_BATCH {
@@ -199,15 +225,20 @@ fn writer_loop(engine: &dyn Engine, ops: &mut mpsc::Receiver<Op>) {
                 Err(_) => break,
             }
         }
+        let operations = batch.len() as u64;
         let mut pending = batch.into_iter();
         let mut replies: Vec<Reply> = Vec::with_capacity(pending.len());
         let committed = engine.write_batch(&mut |tables| {
             replies.extend(pending.by_ref().map(|op| apply(tables, op)));
         });
+        if committed == Ok(Commit::Synced) {
+            tally.commits.fetch_add(1, Ordering::Relaxed);
+            tally.operations.fetch_add(operations, Ordering::Relaxed);
+        }
         // Operations the engine never reached (it failed to begin the batch) fail too.
         replies.extend(pending.map(fail));
         for reply in replies {
-            reply(committed.clone().map_err(StorageError::Unavailable));
+            reply(committed.clone().map(drop).map_err(StorageError::Unavailable));
         }
     }
 }
@@ -464,6 +495,13 @@ impl Storage for EmbeddedStorage {
 
     fn write_buffer_bytes(&self) -> Option<u64> {
         self.engine.write_buffer_bytes()
+    }
+
+    fn group_commits(&self) -> Option<GroupCommits> {
+        Some(GroupCommits {
+            commits: self.tally.commits.load(Ordering::Relaxed),
+            operations: self.tally.operations.load(Ordering::Relaxed),
+        })
     }
 }
 

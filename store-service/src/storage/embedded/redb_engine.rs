@@ -4,7 +4,7 @@ use std::path::Path;
 
 use redb::{Database, Durability, ReadableTable, ReadableTableMetadata, TableDefinition};
 
-use super::{unavailable, BatchTables, Engine, Visitor};
+use super::{unavailable, BatchTables, Commit, Engine, Visitor};
 use crate::storage::StorageError;
 
 /// Records by identity key.
@@ -89,7 +89,7 @@ impl BatchTables for Tables<'_> {
 }
 
 impl Engine for RedbEngine {
-    fn write_batch(&self, apply: &mut dyn FnMut(&mut dyn BatchTables)) -> Result<(), String> {
+    fn write_batch(&self, apply: &mut dyn FnMut(&mut dyn BatchTables)) -> Result<Commit, String> {
         let mut txn = self.db.begin_write().map_err(|e| e.to_string())?;
         txn.set_durability(Durability::Immediate);
         let wrote = {
@@ -104,10 +104,12 @@ impl Engine for RedbEngine {
             tables.wrote
         };
         if wrote {
-            txn.commit().map_err(|e| e.to_string())
+            txn.commit().map_err(|e| e.to_string())?;
+            Ok(Commit::Synced)
         } else {
             // Nothing to make durable: no fsync for a batch of reads.
-            txn.abort().map_err(|e| e.to_string())
+            txn.abort().map_err(|e| e.to_string())?;
+            Ok(Commit::NothingWritten)
         }
     }
 
