@@ -166,5 +166,30 @@ impl Counter {
     }
 }
 
-/// Histogram of acquire round trips, in milliseconds (Envoy histograms take integers).
+/// Histogram of acquire round trips, in whole milliseconds rounded up (Envoy histograms take
+/// integers; see [`whole_milliseconds_up`]).
 pub const ACQUIRE_DURATION_HISTOGRAM: &str = "idempotency_lock_acquisition_duration_milliseconds";
+
+/// A duration as [`ACQUIRE_DURATION_HISTOGRAM`] records it: whole milliseconds, rounded up, so
+/// an acquire of 0.3 ms lands in the `≤ 1` bucket (truncating recorded it as 0, in `≤ 0.5`, and
+/// every sub-millisecond acquire read as free).
+pub fn whole_milliseconds_up(duration: std::time::Duration) -> u64 {
+    u64::try_from(duration.as_micros().div_ceil(1000)).unwrap_or(u64::MAX)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::whole_milliseconds_up;
+
+    #[test]
+    fn acquire_durations_round_up_to_whole_milliseconds() {
+        assert_eq!(whole_milliseconds_up(Duration::ZERO), 0);
+        assert_eq!(whole_milliseconds_up(Duration::from_micros(1)), 1);
+        assert_eq!(whole_milliseconds_up(Duration::from_micros(300)), 1);
+        assert_eq!(whole_milliseconds_up(Duration::from_micros(1_000)), 1);
+        assert_eq!(whole_milliseconds_up(Duration::from_micros(1_001)), 2);
+        assert_eq!(whole_milliseconds_up(Duration::from_secs(2)), 2_000);
+    }
+}

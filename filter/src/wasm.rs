@@ -653,7 +653,7 @@ impl Host for WasmHost {
 
     fn record_acquire_duration(&self, duration: Duration) {
         if let Some(id) = self.metrics.acquire_duration {
-            let _ = hostcalls::record_metric(id, u64::try_from(duration.as_millis()).unwrap_or(u64::MAX));
+            let _ = hostcalls::record_metric(id, crate::metrics::whole_milliseconds_up(duration));
         }
     }
 }

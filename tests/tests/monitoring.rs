@@ -247,6 +247,14 @@ async fn the_seeds_metrics_move_as_expected_and_its_queries_return_data() {
         assert!(Instant::now() < deadline, "proxy histogram never flushed");
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
+    // Whole milliseconds rounded up: every acquire took some time, so none may read as 0 ms
+    // (a sub-millisecond acquire used to be recorded as 0).
+    let proxy = stack.envoy_metrics().await;
+    let (count, sum) = (
+        metric_sum(&proxy, "idempotency_lock_acquisition_duration_milliseconds_count"),
+        metric_sum(&proxy, "idempotency_lock_acquisition_duration_milliseconds_sum"),
+    );
+    assert!(sum >= count, "{count} acquires recorded as {sum} ms in total");
 
     // Every seed query returns data from a real Prometheus scraping both.
     let deadline = Instant::now() + Duration::from_secs(45);
