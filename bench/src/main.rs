@@ -290,6 +290,16 @@ struct Settings {
     /// `--filter-config='{"store_max_calls_in_flight":8}'`).
     #[arg(long, default_value = "{}")]
     filter_config: String,
+    /// With `--rounds-only`: run only the scenarios named by these (`;`-separated; an exact
+    /// name picks that row, anything else every row whose name contains it), with the rows they
+    /// are compared to (e.g. `--scenarios=executes` for an A/B of the executed path).
+    #[arg(
+        long,
+        env = "BENCH_SCENARIOS",
+        value_delimiter = ';',
+        requires = "rounds_only"
+    )]
+    scenarios: Vec<String>,
 }
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 1)]
@@ -325,6 +335,7 @@ async fn run(settings: Settings) {
         store_args,
         rounds_only,
         filter_config,
+        scenarios: chosen,
     } = settings;
     let filter_config: Value = serde_json::from_str(&filter_config)
         .unwrap_or_else(|e| panic!("--filter-config is not a JSON object: {e}"));
@@ -476,7 +487,7 @@ async fn run(settings: Settings) {
     let any_2xx: fn(u16, bool) -> bool = |s, _| (200..300).contains(&s);
     let executed: fn(u16, bool) -> bool = |s, r| s == 201 && !r;
     let replayed: fn(u16, bool) -> bool = |s, r| s == 201 && r;
-    let scenarios = vec![
+    let mut scenarios = vec![
         Scenario {
             name: "demo service directly (POST)",
             target: "demo",
@@ -582,6 +593,28 @@ async fn run(settings: Settings) {
             expect: replayed,
         },
     ];
+    if !chosen.is_empty() {
+        // An entry naming a scenario exactly picks only it; otherwise every name containing it.
+        let exact: Vec<&String> = chosen
+            .iter()
+            .filter(|c| scenarios.iter().any(|s| s.name == c.as_str()))
+            .collect();
+        let picked = |s: &Scenario| {
+            chosen.iter().any(|c| {
+                if exact.contains(&c) {
+                    s.name == c.as_str()
+                } else {
+                    s.name.contains(c.as_str())
+                }
+            })
+        };
+        let baselines: Vec<&str> = scenarios
+            .iter()
+            .filter(|s| picked(s))
+            .filter_map(|s| s.baseline)
+            .collect();
+        scenarios.retain(|s| picked(s) || baselines.contains(&s.name));
+    }
     // Seed the replay keys (one per connection) so the replay scenario only replays.
     let client = reqwest::Client::new();
     for c in 0..connections.max(1) {
@@ -669,15 +702,47 @@ async fn run(settings: Settings) {
     .await;
     let batches = e2e::metric_sum(&store_metrics, "idempotency_batch_calls_count");
     let batched_calls = e2e::metric_sum(&store_metrics, "idempotency_batch_calls_sum");
+    let commits = e2e::metric_sum(&store_metrics, "idempotency_store_durable_commits_total");
+    let committed = e2e::metric_sum(
+        &store_metrics,
+        "idempotency_store_durable_commit_operations_total",
+    );
     let batching = json!({"batches": batches, "calls_in_batches": batched_calls,
-        "mean_calls_per_batch": if batches > 0.0 { batched_calls / batches } else { 0.0 }});
+        "mean_calls_per_batch": if batches > 0.0 { batched_calls / batches } else { 0.0 },
+        "durable_commits": commits, "operations_in_durable_commits": committed,
+        "mean_operations_per_commit": if commits > 0.0 { committed / commits } else { 0.0 }});
     eprintln!(
-        "store calls sent in batches: {batched_calls} in {batches} batches ({:.1} per batch)",
-        batching["mean_calls_per_batch"].as_f64().unwrap_or(0.0)
+        "store calls sent in batches: {batched_calls} in {batches} batches ({:.1} per batch); \
+         the store made {commits} durable commits carrying {committed} operations ({:.1} per commit)",
+        batching["mean_calls_per_batch"].as_f64().unwrap_or(0.0),
+        batching["mean_operations_per_commit"].as_f64().unwrap_or(0.0)
+    );
+    // An acquire's time as the filter sees it (queued → answered) against the store's own
+    // (request parsed → decided, durable): the difference is transport, batching and queueing.
+    // Envoy flushes histograms every 5 s: wait for the last rounds to be in.
+    tokio::time::sleep(Duration::from_millis(5_500)).await;
+    let envoy_metrics = e2e::get_text(
+        &reqwest::Client::new(),
+        &format!("http://127.0.0.1:{}/stats/prometheus", filter_ports.admin),
+    )
+    .await;
+    let mean = |text: &str, name: &str, scale: f64| {
+        let count = metric_containing(text, &format!("{name}_count"));
+        (count > 0.0).then(|| metric_containing(text, &format!("{name}_sum")) * scale / count)
+    };
+    let acquire_times = json!({
+        "at_proxy_mean_ms": mean(&envoy_metrics, "idempotency_lock_acquisition_duration_milliseconds", 1.0),
+        "in_store_mean_ms": mean(&store_metrics, "idempotency_lock_acquisition_duration_seconds", 1000.0),
+    });
+    eprintln!(
+        "acquire, mean: {:.2} ms at the filter, queued to answered (whole ms rounded up; Envoy flushes \
+         histograms every 5 s), {:.2} ms inside the store",
+        acquire_times["at_proxy_mean_ms"].as_f64().unwrap_or(f64::NAN),
+        acquire_times["in_store_mean_ms"].as_f64().unwrap_or(f64::NAN)
     );
     if rounds_only {
         let rounds = json!({"summary": summarize(&results), "rounds": results, "filter_config": filter_config,
-            "store_batching": batching});
+            "store_batching": batching, "acquire_times": acquire_times});
         print_rounds(&rounds);
         write_results("rounds.json", &rounds);
         return;
@@ -903,6 +968,7 @@ async fn run(settings: Settings) {
         "grpc": grpc,
         "consumer_dedup": store_alone["consumer_dedup"],
         "store_batching": batching,
+        "acquire_times": acquire_times,
     });
     print_table(&summary);
     write_results("results.json", &summary);
@@ -1419,6 +1485,21 @@ fn print_table(summary: &Value) {
         grpc["replay_unary"]["p99_us"], grpc["ratio"].as_f64().unwrap_or(0.0), grpc["replay_unary"]["not_replayed"]
     );
     println!("Machine: {}", summary["machine"]);
+}
+
+/// Sum of every series whose name ends with `name` (Envoy prefixes its stats' names).
+fn metric_containing(text: &str, name: &str) -> f64 {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| {
+            let (series, value) = l.rsplit_once(' ')?;
+            let metric = series.split('{').next()?;
+            metric
+                .ends_with(name)
+                .then(|| value.parse::<f64>().ok())
+                .flatten()
+        })
+        .sum()
 }
 
 /// The store-alone lines of the table (also the whole output of `--store-only`).
