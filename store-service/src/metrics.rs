@@ -68,6 +68,15 @@ fn counter(
     Ok(c)
 }
 
+/// Register one unlabelled metric and hand it back.
+fn registered<M: prometheus::core::Collector + Clone + 'static>(
+    registry: &Registry,
+    metric: M,
+) -> Result<M, prometheus::Error> {
+    registry.register(Box::new(metric.clone()))?;
+    Ok(metric)
+}
+
 fn histogram(
     registry: &Registry,
     name: &str,
@@ -86,28 +95,38 @@ impl Metrics {
     /// Create and register every metric.
     pub fn new() -> Result<Metrics, prometheus::Error> {
         let registry = Registry::new();
-        let live_records = IntGauge::new("idempotency_store_live_records", "Records currently stored")?;
-        registry.register(Box::new(live_records.clone()))?;
-        let write_buffer_bytes = IntGauge::new(
-            "idempotency_store_write_buffer_bytes",
-            "Written data the embedded engine holds in memory until flushed to table files (memtables)",
+        let live_records = registered(
+            &registry,
+            IntGauge::new("idempotency_store_live_records", "Records currently stored")?,
         )?;
-        registry.register(Box::new(write_buffer_bytes.clone()))?;
-        let durable_commits = IntCounter::new(
-            "idempotency_store_durable_commits_total",
-            "Durable commits of the embedded store's writer, one disk sync each",
+        let write_buffer_bytes = registered(
+            &registry,
+            IntGauge::new(
+                "idempotency_store_write_buffer_bytes",
+                "Written data the embedded engine holds in memory until flushed to table files (memtables)",
+            )?,
         )?;
-        registry.register(Box::new(durable_commits.clone()))?;
-        let durable_commit_operations = IntCounter::new(
-            "idempotency_store_durable_commit_operations_total",
-            "Operations carried by the embedded store's durable commits (group commit: several share one sync)",
+        let durable_commits = registered(
+            &registry,
+            IntCounter::new(
+                "idempotency_store_durable_commits_total",
+                "Durable commits of the embedded store's writer, one disk sync each",
+            )?,
         )?;
-        registry.register(Box::new(durable_commit_operations.clone()))?;
-        let acquire_waiters = IntGauge::new(
-            "idempotency_acquire_waiters",
-            "Acquires waiting for an in-progress record right now",
+        let durable_commit_operations = registered(
+            &registry,
+            IntCounter::new(
+                "idempotency_store_durable_commit_operations_total",
+                "Operations carried by the embedded store's durable commits (group commit: several share one sync)",
+            )?,
         )?;
-        registry.register(Box::new(acquire_waiters.clone()))?;
+        let acquire_waiters = registered(
+            &registry,
+            IntGauge::new(
+                "idempotency_acquire_waiters",
+                "Acquires waiting for an in-progress record right now",
+            )?,
+        )?;
         Ok(Metrics {
             outcome_unknown: counter(
                 &registry,
@@ -206,17 +225,16 @@ impl Metrics {
                 "Message claims by outcome",
                 &["topic", "consumer_group", "outcome"],
             )?,
-            batch_calls: {
-                let h = prometheus::Histogram::with_opts(
+            batch_calls: registered(
+                &registry,
+                prometheus::Histogram::with_opts(
                     HistogramOpts::new(
                         "idempotency_batch_calls",
                         "Proxy calls carried by each /v1/batch request",
                     )
                     .buckets(vec![1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0]),
-                )?;
-                registry.register(Box::new(h.clone()))?;
-                h
-            },
+                )?,
+            )?,
             live_records,
             write_buffer_bytes,
             durable_commits,
