@@ -27,14 +27,22 @@ const RECORDS_MEMTABLE_BYTES: u64 = 8 * 1024 * 1024;
 const EXPIRY_MEMTABLE_BYTES: u64 = 4 * 1024 * 1024;
 
 /// fjall's background threads (memtable flushes and compactions share them): fjall takes
-/// min(CPUs, 4), so a store limited to one CPU (a pod with `cpu: 1`, or `taskset`) got one, and
-/// flushes waited behind compactions while sealed memtables piled up in memory: measured at
-/// ~120k records of 1 KiB after a full-speed burst, 190–260 MB of RSS with one worker against
-/// ~80 MB with two or four. Two at least; the threads mostly wait on the disk.
+/// min(CPUs, 4). The store takes at least three, for two measured reasons:
+/// - with one (a pod with `cpu: 1`, or `taskset`), flushes waited behind compactions while
+///   sealed memtables piled up in memory: 702 MB of memtables after 10 s of full-speed writes,
+///   against ~8 MB with two workers;
+/// - with two, fjall's worker 0 leaves compactions to the others by putting each `Compact`
+///   message back on the queue; while worker 1 is busy, worker 0 takes the same message again at
+///   once, in a loop: `perf` on the store under batched writes showed 12% of its CPU in that
+///   loop (`worker_tick` and `flume` sends) with two workers and under 1% with three or four;
+///   three gave ~10% more acquire+complete pairs/s than two on one CPU (four: within the noise
+///   of three).
+///
+/// The threads mostly wait on the disk.
 fn background_workers() -> usize {
     std::thread::available_parallelism()
-        .map_or(2, std::num::NonZeroUsize::get)
-        .clamp(2, 4)
+        .map_or(3, std::num::NonZeroUsize::get)
+        .clamp(3, 4)
 }
 
 fn expiry_key(at: u64, key: &str) -> Vec<u8> {
