@@ -841,8 +841,14 @@ fn bounded(field: &'static str, value: usize, max: usize) -> Result<usize, Confi
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
+
+    /// The configuration other modules' tests start from: service `orders` plus `extra` fields
+    /// (e.g. `,"mode":"required"`).
+    pub(crate) fn orders(extra: &str) -> Config {
+        Config::parse(format!(r#"{{"service_name":"orders"{extra}}}"#).as_bytes()).unwrap()
+    }
 
     fn parse(json: &str) -> Result<Config, ConfigError> {
         Config::parse(json.as_bytes())

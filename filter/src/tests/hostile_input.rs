@@ -71,7 +71,7 @@ fn config_like() -> impl Strategy<Value = Value> {
 }
 
 fn keyed_flow() -> (RequestFlow, MockHost, u32) {
-    let config = Rc::new(Config::parse(br#"{"service_name":"orders"}"#).unwrap_or_else(|e| panic!("{e}")));
+    let config = Rc::new(crate::config::tests::orders(""));
     let mut flow = RequestFlow::new(
         config,
         Rc::new(Background::default()),

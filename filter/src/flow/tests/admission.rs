@@ -3,9 +3,7 @@
 
 use super::*;
 
-fn config(extra: &str) -> Config {
-    Config::parse(format!(r#"{{"service_name":"orders"{extra}}}"#).as_bytes()).unwrap()
-}
+use crate::config::tests::orders as config;
 
 fn head(method: &str, pairs: &[(&str, &str)]) -> Vec<(String, String)> {
     let mut headers = vec![
