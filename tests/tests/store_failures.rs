@@ -103,11 +103,44 @@ enum Acknowledged {
     Response,
 }
 
+/// Send `calls` (path, body) to the store: alone when there is one and `batched` is false, else
+/// in one `/v1/batch`. Each call's status and body, or `None` when the store could not answer
+/// (it was killed).
+async fn send_calls(
+    client: &reqwest::Client,
+    url: &str,
+    calls: &[(&str, Value)],
+    batched: bool,
+) -> Option<Vec<(u16, Value)>> {
+    if let ([(path, body)], false) = (calls, batched) {
+        let reply = store_post(client, url, path, body).await.ok()?;
+        let status = reply.status().as_u16();
+        return Some(vec![(status, reply.json::<Value>().await.ok()?)]);
+    }
+    let calls: Vec<Value> = calls
+        .iter()
+        .map(|(path, body)| json!({"path": path, "body": body}))
+        .collect();
+    let reply = store_post(client, url, "/v1/batch", &json!({"calls": calls}))
+        .await
+        .ok()?;
+    if reply.status() != 200 {
+        return None;
+    }
+    let replies: Value = reply.json().await.ok()?;
+    replies["replies"]
+        .as_array()?
+        .iter()
+        .map(|r| Some((u16::try_from(r["status"].as_u64()?).ok()?, r["body"].clone())))
+        .collect()
+}
+
 /// 64 writers hammer the store with acquire + complete pairs (so every group commit holds many
-/// operations); the store is SIGKILLed mid-stream and restarted on the same data. Every write
-/// the store acknowledged must be there: no acknowledged lock comes back free, no acknowledged
-/// response comes back missing.
-async fn acknowledged_writes_survive_a_kill_9_inside_large_batches(engine: &str) {
+/// operations), each alone or, with `per_batch` > 1, that many per `/v1/batch` (the filter's
+/// way; a batch's writes share one commit); the store is SIGKILLed mid-stream and restarted on
+/// the same data. Every write the store acknowledged must be there: no acknowledged lock comes
+/// back free, no acknowledged response comes back missing.
+async fn acknowledged_writes_survive_a_kill_9_inside_large_batches(engine: &str, per_batch: usize) {
     let dir = tempfile::tempdir().unwrap();
     let port = e2e::free_port();
     let data = dir.path().join("store-data");
@@ -127,31 +160,42 @@ async fn acknowledged_writes_survive_a_kill_9_inside_large_batches(engine: &str)
             let (url, acknowledged) = (url.clone(), acknowledged.clone());
             tokio::spawn(async move {
                 let client = reqwest::Client::new();
+                let batched = per_batch > 1;
                 for n in 0.. {
-                    let key = format!("batch-{w}-{n}");
-                    let Ok(reply) = store_post(&client, &url, "/v1/acquire", &acquire_body(&key)).await
-                    else {
+                    let keys: Vec<String> = (0..per_batch).map(|k| format!("batch-{w}-{n}-{k}")).collect();
+                    let acquires: Vec<(&str, Value)> = keys
+                        .iter()
+                        .map(|key| ("/v1/acquire", acquire_body(key)))
+                        .collect();
+                    let Some(locks) = send_calls(&client, &url, &acquires, batched).await else {
                         return; // the store was killed
                     };
-                    let Ok(lock) = reply.json::<Value>().await else {
-                        return;
-                    };
-                    assert_eq!(lock["outcome"], "acquired", "{lock}");
-                    acknowledged
-                        .lock()
-                        .unwrap()
-                        .push((key.clone(), Acknowledged::Lock));
-                    let complete = json!({"service": "orders", "scope": "", "key": key,
-                        "record_id": lock["record_id"], "fencing_token": lock["fencing_token"],
-                        "attempt_id": lock["attempt_id"], "retention_ms": 3_600_000,
-                        "response": {"status": 201, "headers": [], "body": "eyJvayI6dHJ1ZX0="}});
-                    let Ok(reply) = store_post(&client, &url, "/v1/complete", &complete).await else {
-                        return; // the store was killed
-                    };
-                    if reply.status() != 200 {
-                        return;
+                    let mut completes = Vec::new();
+                    for (key, (_, lock)) in keys.iter().zip(&locks) {
+                        assert_eq!(lock["outcome"], "acquired", "{lock}");
+                        acknowledged
+                            .lock()
+                            .unwrap()
+                            .push((key.clone(), Acknowledged::Lock));
+                        completes.push((
+                            "/v1/complete",
+                            json!({"service": "orders", "scope": "", "key": key,
+                            "record_id": lock["record_id"], "fencing_token": lock["fencing_token"],
+                            "attempt_id": lock["attempt_id"], "retention_ms": 3_600_000,
+                            "response": {"status": 201, "headers": [], "body": "eyJvayI6dHJ1ZX0="}}),
+                        ));
                     }
-                    acknowledged.lock().unwrap().push((key, Acknowledged::Response));
+                    let Some(replies) = send_calls(&client, &url, &completes, batched).await else {
+                        return; // the store was killed
+                    };
+                    for (key, (status, _)) in keys.iter().zip(replies) {
+                        if status == 200 {
+                            acknowledged
+                                .lock()
+                                .unwrap()
+                                .push((key.clone(), Acknowledged::Response));
+                        }
+                    }
                 }
             })
         })
@@ -213,10 +257,15 @@ async fn acknowledged_writes_survive_a_kill_9_inside_large_batches(engine: &str)
 
 #[tokio::test]
 async fn acknowledged_writes_survive_a_kill_9_inside_large_batches_fjall() {
-    acknowledged_writes_survive_a_kill_9_inside_large_batches("fjall").await;
+    acknowledged_writes_survive_a_kill_9_inside_large_batches("fjall", 1).await;
+}
+
+#[tokio::test]
+async fn acknowledged_writes_survive_a_kill_9_inside_proxy_batches_fjall() {
+    acknowledged_writes_survive_a_kill_9_inside_large_batches("fjall", 8).await;
 }
 
 #[tokio::test]
 async fn acknowledged_writes_survive_a_kill_9_inside_large_batches_redb() {
-    acknowledged_writes_survive_a_kill_9_inside_large_batches("redb").await;
+    acknowledged_writes_survive_a_kill_9_inside_large_batches("redb", 1).await;
 }

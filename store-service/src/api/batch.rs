@@ -2,7 +2,8 @@
 //!
 //! The filter batches the calls that queue up while the store is busy: for Envoy a callout costs
 //! about as much CPU as forwarding a request, and here one HTTP request replaces many. The calls
-//! run concurrently, so the embedded engine commits their writes together (one sync).
+//! run concurrently and `Storage::together`, so the embedded engine commits their writes
+//! together (one sync).
 
 use axum::body::Bytes;
 use axum::extract::State;
@@ -45,13 +46,19 @@ pub async fn batch(State(state): State<AppState>, body: Bytes) -> Response {
     }
     #[allow(clippy::cast_precision_loss)] // at most MAX_BATCH_CALLS
     state.metrics.batch_calls.observe(request.calls.len() as f64);
-    let replies = futures::future::join_all(
+    let mut replies = Vec::new();
+    let calls = futures::future::join_all(
         request
             .calls
             .iter()
             .map(|call| run(&state, &call.path, call.body.get())),
-    )
-    .await;
+    );
+    state
+        .storage
+        .together(Box::pin(async {
+            replies = calls.await;
+        }))
+        .await;
     let mut out = Vec::with_capacity(64 + replies.iter().map(|(_, body)| body.len() + 24).sum::<usize>());
     out.extend_from_slice(b"{\"replies\":[");
     for (index, (status, body)) in replies.iter().enumerate() {

@@ -1,6 +1,7 @@
-//! Storage backends behind one trait: `embedded` (redb, the default) and `mongodb`.
+//! Storage backends behind one trait: `embedded` (fjall or redb, the default) and `mongodb`.
 
 use async_trait::async_trait;
+use futures::future::BoxFuture;
 use idempotency_wire::{
     AbandonRequest, AcquireRequest, AcquireResponse, CheckpointRequest, CompleteRequest,
     OutcomeUnknownRequest, RecordId, ReleaseRequest,
@@ -98,6 +99,12 @@ pub trait Storage: Send + Sync + 'static {
     /// group commit); `None` when the backend commits each operation on its own (MongoDB).
     fn group_commits(&self) -> Option<GroupCommits> {
         None
+    }
+    /// Run `work`, operations started together (the calls of one `/v1/batch`), so that the
+    /// writes it submits in one go share one durable commit where the backend commits in groups
+    /// (the embedded writer). The default just runs it.
+    async fn together<'a>(&'a self, work: BoxFuture<'a, ()>) {
+        work.await;
     }
 }
 

@@ -9,17 +9,24 @@
 //!
 //! A batch that wrote nothing (replays, duplicates, "in progress" answers) is not synced: it
 //! changed nothing that a crash could lose.
+//!
+//! The operations of one `/v1/batch` reach the writer as one submission ([`Storage::together`]),
+//! so they always share a commit: sent one by one, the writer often woke on the first and synced
+//! it alone while the others were still on their way, and the batch waited for two syncs.
 
+use std::cell::RefCell;
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::thread;
 
 use async_trait::async_trait;
+use futures::future::BoxFuture;
 use idempotency_wire::{
     AbandonRequest, AcquireRequest, AcquireResponse, CheckpointRequest, CompleteRequest,
     OutcomeUnknownRequest, RecordId, ReleaseRequest,
 };
+use tokio::sync::mpsc::error::TrySendError;
 use tokio::sync::{mpsc, oneshot};
 
 use super::{BackendName, GroupCommits, Storage, StorageError};
@@ -134,11 +141,34 @@ enum Op {
     Sweep(u64, u64, oneshot::Sender<Result<u64, StorageError>>),
 }
 
+/// What the writer receives: one operation, or the operations started together in one poll of
+/// [`Storage::together`]'s work, which go into the same commit.
+#[allow(clippy::large_enum_variant)] // `One` is the common case; boxing it would allocate per operation
+enum Submission {
+    One(Op),
+    Together(Vec<Op>),
+}
+
+impl Submission {
+    fn add_to(self, batch: &mut Vec<Op>) {
+        match self {
+            Submission::One(op) => batch.push(op),
+            Submission::Together(ops) => batch.extend(ops),
+        }
+    }
+}
+
+tokio::task_local! {
+    /// Operations submitted while [`Storage::together`] polls its work: they leave for the
+    /// writer as one [`Submission::Together`] when the poll returns.
+    static GATHERING: RefCell<Vec<Op>>;
+}
+
 /// The embedded store.
 pub struct EmbeddedStorage {
     engine: Arc<dyn Engine>,
     kind: EngineKind,
-    writer: mpsc::Sender<Op>,
+    writer: mpsc::Sender<Submission>,
     tally: Arc<CommitTally>,
 }
 
@@ -171,13 +201,13 @@ impl EmbeddedStorage {
             EngineKind::Fjall => Arc::new(fjall_engine::FjallEngine::open(path, cache_bytes)?),
             EngineKind::Redb => Arc::new(redb_engine::RedbEngine::open(path, cache_bytes)?),
         };
-        let (writer, mut ops) = mpsc::channel(4 * MAX_BATCH);
+        let (writer, mut submissions) = mpsc::channel(4 * MAX_BATCH);
         let writer_engine = engine.clone();
         let tally = Arc::new(CommitTally::default());
         let writer_tally = tally.clone();
         thread::Builder::new()
             .name("store-writer".into())
-            .spawn(move || writer_loop(writer_engine.as_ref(), &writer_tally, &mut ops))
+            .spawn(move || writer_loop(writer_engine.as_ref(), &writer_tally, &mut submissions))
             .map_err(unavailable)?;
         Ok(EmbeddedStorage {
             engine,
@@ -192,10 +222,15 @@ impl EmbeddedStorage {
         op: impl FnOnce(oneshot::Sender<Result<T, StorageError>>) -> Op,
     ) -> Result<T, StorageError> {
         let (tx, rx) = oneshot::channel();
-        self.writer
-            .send(op(tx))
-            .await
-            .map_err(|_| unavailable("writer thread stopped"))?;
+        let mut op = Some(op(tx));
+        // Inside `together`, the operation waits to leave with the others of its poll.
+        let _ = GATHERING.try_with(|gathered| gathered.borrow_mut().extend(op.take()));
+        if let Some(op) = op {
+            self.writer
+                .send(Submission::One(op))
+                .await
+                .map_err(|_| unavailable("writer thread stopped"))?;
+        }
         rx.await
             .map_err(|_| unavailable("writer thread dropped the operation"))?
     }
@@ -211,17 +246,33 @@ impl EmbeddedStorage {
                 .map_err(unavailable)?
         }
     }
+
+    /// Hand the operations gathered in one poll to the writer as one submission.
+    fn send_together(&self, ops: Vec<Op>) {
+        match self.writer.try_send(Submission::Together(ops)) {
+            Ok(()) => {}
+            // The queue is full (the writer is far behind): wait for room off this poll. Each
+            // operation's caller waits for its own answer, so nothing else depends on the order.
+            Err(TrySendError::Full(submission)) => {
+                let writer = self.writer.clone();
+                tokio::spawn(async move { writer.send(submission).await });
+            }
+            // The writer is gone: dropping the operations answers each caller "unavailable".
+            Err(TrySendError::Closed(_)) => {}
+        }
+    }
 }
 
 /// How to answer one operation once its batch has committed (or failed).
 type Reply = Box<dyn FnOnce(Result<(), StorageError>) + Send>;
 
-fn writer_loop(engine: &dyn Engine, tally: &CommitTally, ops: &mut mpsc::Receiver<Op>) {
-    while let Some(first) = ops.blocking_recv() {
-        let mut batch = vec![first];
+fn writer_loop(engine: &dyn Engine, tally: &CommitTally, submissions: &mut mpsc::Receiver<Submission>) {
+    while let Some(first) = submissions.blocking_recv() {
+        let mut batch = Vec::new();
+        first.add_to(&mut batch);
         while batch.len() < MAX_BATCH {
-            match ops.try_recv() {
-                Ok(op) => batch.push(op),
+            match submissions.try_recv() {
+                Ok(submission) => submission.add_to(&mut batch),
                 Err(_) => break,
             }
         }
@@ -502,6 +553,21 @@ impl Storage for EmbeddedStorage {
             commits: self.tally.commits.load(Ordering::Relaxed),
             operations: self.tally.operations.load(Ordering::Relaxed),
         })
+    }
+
+    async fn together<'a>(&'a self, work: BoxFuture<'a, ()>) {
+        let mut work = work;
+        std::future::poll_fn(|cx| {
+            let (poll, gathered) = GATHERING.sync_scope(RefCell::default(), || {
+                let poll = work.as_mut().poll(cx);
+                (poll, GATHERING.with(RefCell::take))
+            });
+            if !gathered.is_empty() {
+                self.send_together(gathered);
+            }
+            poll
+        })
+        .await;
     }
 }
 
