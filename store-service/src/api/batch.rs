@@ -2,7 +2,7 @@
 //!
 //! The filter batches the calls that queue up while the store is busy: for Envoy a callout costs
 //! about as much CPU as forwarding a request, and here one HTTP request replaces many. The calls
-//! run concurrently and `Storage::together`, so the embedded engine commits their writes
+//! run concurrently inside `Storage::together`, so the embedded engine commits their writes
 //! together (one sync).
 
 use axum::body::Bytes;
