@@ -282,3 +282,20 @@ impl Host for MockHost {
         *self.background_wakes.borrow_mut() += 1;
     }
 }
+
+/// The value in `option`, asserting there is one: the tests' `unwrap` without a panic path in
+/// the filter's source (the crate denies `unwrap`/`expect`/`panic`).
+#[track_caller]
+pub fn present<T: Default>(option: Option<T>) -> T {
+    assert!(option.is_some(), "expected a value, got None");
+    option.unwrap_or_default()
+}
+
+/// The value in `result`, asserting it is `Ok` (shows the error otherwise).
+#[track_caller]
+pub fn succeeded<T: Default, E: std::fmt::Debug>(result: Result<T, E>) -> T {
+    if let Err(e) = &result {
+        assert!(result.is_ok(), "expected Ok, got Err({e:?})");
+    }
+    result.unwrap_or_default()
+}

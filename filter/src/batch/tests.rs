@@ -9,7 +9,7 @@ use idempotency_wire::paths;
 
 use super::{Batcher, Delivery, Lane, Owner};
 use crate::host::{Callout, CalloutReply};
-use crate::mock::{Call, MockHost};
+use crate::mock::{present, succeeded, Call, MockHost};
 
 #[derive(Debug, Clone)]
 struct Stream {
@@ -104,12 +104,12 @@ fn calls_leave_alone_while_the_store_has_room() {
         (paths::COMPLETE, r#"{"key":"b"}"#)
     );
 
-    let delivered = batcher.on_reply(&host, sent[1].2, ok(r#"{"ok":true}"#)).unwrap();
+    let delivered = present(batcher.on_reply(&host, sent[1].2, ok(r#"{"ok":true}"#)));
     assert_eq!(
         summary(&delivered),
         vec![(2, second, Some(200), r#"{"ok":true}"#.to_owned())]
     );
-    let delivered = batcher.on_reply(&host, sent[0].2, ok("{}")).unwrap();
+    let delivered = present(batcher.on_reply(&host, sent[0].2, ok("{}")));
     assert_eq!(delivered[0].token, first);
     assert!(
         batcher.on_reply(&host, 999, ok("{}")).is_none(),
@@ -136,24 +136,22 @@ fn calls_made_while_the_store_is_busy_leave_together_and_their_replies_split_bac
     assert_eq!(dispatched(&host).len(), 1);
 
     let first = dispatched(&host)[0].2;
-    batcher.on_reply(&host, first, ok("{}")).unwrap();
+    present(batcher.on_reply(&host, first, ok("{}")));
     assert!(batcher.ready());
     batcher.flush(&host);
     let sent = dispatched(&host);
     assert_eq!(sent.len(), 2);
     assert_eq!(sent[1].0, paths::BATCH);
-    let batch: serde_json::Value = serde_json::from_str(&sent[1].1).unwrap();
-    assert_eq!(batch["calls"].as_array().unwrap().len(), 3);
+    let batch: serde_json::Value = succeeded(serde_json::from_str(&sent[1].1));
+    assert_eq!(batch["calls"].as_array().map(Vec::len), Some(3));
     assert_eq!(batch["calls"][0]["path"], paths::COMPLETE);
     assert_eq!(batch["calls"][2]["body"]["key"], "4");
 
-    let delivered = batcher
-        .on_reply(
-            &host,
-            sent[1].2,
-            ok(r#"{"replies":[{"status":200,"body":{"ok":true}},{"status":409,"body":{"error":"stale_fencing_token"}},{"status":200,"body":{}}]}"#),
-        )
-        .unwrap();
+    let delivered = present(batcher.on_reply(
+        &host,
+        sent[1].2,
+        ok(r#"{"replies":[{"status":200,"body":{"ok":true}},{"status":409,"body":{"error":"stale_fencing_token"}},{"status":200,"body":{}}]}"#),
+    ));
     assert_eq!(
         summary(&delivered),
         vec![
@@ -192,7 +190,7 @@ fn a_failed_or_malformed_batch_fails_each_call_without_a_status() {
         batcher.on_reply(&host, dispatched(&host)[0].2, ok("{}"));
         batcher.flush(&host);
         let batch = dispatched(&host)[1].2;
-        let delivered = batcher.on_reply(&host, batch, reply.clone()).unwrap();
+        let delivered = present(batcher.on_reply(&host, batch, reply.clone()));
         assert_eq!(delivered.len(), 2, "{reply:?}");
         assert!(
             delivered.iter().all(|d| d.reply.status.is_none()),
@@ -212,16 +210,14 @@ fn a_store_without_batch_support_gets_the_calls_again_one_by_one() {
     batcher.on_reply(&host, dispatched(&host)[0].2, ok("{}"));
     batcher.flush(&host);
     let batch = dispatched(&host)[1].2;
-    let delivered = batcher
-        .on_reply(
-            &host,
-            batch,
-            CalloutReply {
-                status: Some(404),
-                body: Vec::new(),
-            },
-        )
-        .unwrap();
+    let delivered = present(batcher.on_reply(
+        &host,
+        batch,
+        CalloutReply {
+            status: Some(404),
+            body: Vec::new(),
+        },
+    ));
     assert!(delivered.is_empty(), "nothing is answered yet");
     assert_eq!(batcher.queued(), 2);
     batcher.flush(&host);
@@ -319,12 +315,10 @@ fn a_batch_stops_short_of_the_byte_limit_and_a_large_call_goes_alone() {
     let mut sent = Vec::new();
     for _ in 0..3 {
         batcher.flush(&host);
-        let (path, body, token) = dispatched(&host).pop().unwrap();
+        let (path, body, token) = present(dispatched(&host).pop());
         sent.push(if path == paths::BATCH {
-            serde_json::from_str::<serde_json::Value>(&body).unwrap()["calls"]
-                .as_array()
-                .unwrap()
-                .len()
+            let calls = succeeded(serde_json::from_str::<serde_json::Value>(&body));
+            present(calls["calls"].as_array().map(Vec::len))
         } else {
             assert_eq!(path, paths::COMPLETE);
             body.len()
@@ -357,10 +351,10 @@ fn a_write_nobody_waits_for_never_holds_up_a_call_a_client_waits_on() {
     batcher.submit(detached(3), &call(paths::COMPLETE, r#"{"key":"c"}"#));
     batcher.submit(detached(4), &call(paths::COMPLETE, r#"{"key":"d"}"#));
     assert!(!batcher.ready(), "the write lane's slot is taken");
-    let delivered = batcher.on_reply(&host, sent[1].2, ok("{}")).unwrap();
+    let delivered = present(batcher.on_reply(&host, sent[1].2, ok("{}")));
     assert_eq!(delivered[0].token, acquire);
     assert!(!batcher.ready(), "a free acquire slot does not release writes");
-    batcher.on_reply(&host, sent[0].2, ok("{}")).unwrap();
+    present(batcher.on_reply(&host, sent[0].2, ok("{}")));
     assert!(batcher.ready());
     batcher.flush(&host);
     let sent = dispatched(&host);

@@ -1,7 +1,8 @@
-//! Unit tests of `metadata.rs` (test code: unwrap and panic are the assertions here).
-#![cfg(test)] // test code only: unwrap, expect and panic are the assertions here
+//! Unit tests of `metadata.rs`.
+#![cfg(test)]
 
 use super::*;
+use crate::mock::succeeded;
 
 fn encode(pairs: &[(&[u8], &[u8])]) -> Vec<u8> {
     encode_serialized_map(pairs)
@@ -10,11 +11,10 @@ fn encode(pairs: &[(&[u8], &[u8])]) -> Vec<u8> {
 #[test]
 fn decodes_what_envoy_1_40_sends_for_route_metadata() {
     // Captured from Envoy 1.40 for `idempotency: {mode: required, percentage: 50, label: "x"}`.
-    let captured = hex::decode(
+    let captured = succeeded(hex::decode(
         "0300000005000000010000000a0000000800000004000000080000006c6162656c00780070657263656e74616765000000000000004940006d6f646500726571756972656400",
-    )
-    .unwrap();
-    let overrides = parse_route_overrides(&captured).unwrap();
+    ));
+    let overrides = succeeded(parse_route_overrides(&captured));
     assert_eq!(overrides.mode, Some(Mode::Required));
     assert_eq!(overrides.percentage, Some(50.0));
 }
@@ -22,7 +22,7 @@ fn decodes_what_envoy_1_40_sends_for_route_metadata() {
 #[test]
 fn unquoted_yaml_off_arrives_as_false_and_means_off() {
     for value in [&[0u8][..], b"false", b"off"] {
-        let overrides = parse_route_overrides(&encode(&[(b"mode", value)])).unwrap();
+        let overrides = succeeded(parse_route_overrides(&encode(&[(b"mode", value)])));
         assert_eq!(overrides.mode, Some(Mode::Off), "{value:?}");
     }
     assert_eq!(
@@ -34,7 +34,7 @@ fn unquoted_yaml_off_arrives_as_false_and_means_off() {
 #[test]
 fn string_percentages_work_too() {
     let bytes = encode(&[(b"percentage", b"12.5")]);
-    assert_eq!(parse_route_overrides(&bytes).unwrap().percentage, Some(12.5));
+    assert_eq!(succeeded(parse_route_overrides(&bytes)).percentage, Some(12.5));
 }
 
 #[test]

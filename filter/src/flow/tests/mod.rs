@@ -1,5 +1,5 @@
 //! Unit tests of the per-request state machine against the mock host.
-#![cfg(test)] // test code only: unwrap, expect and panic are the assertions here
+#![cfg(test)]
 
 use std::rc::Rc;
 
@@ -11,7 +11,7 @@ use crate::background::Background;
 use crate::config::Config;
 use crate::host::CalloutReply;
 use crate::metrics::Counter;
-use crate::mock::{Call, MockHost};
+use crate::mock::{present, Call, MockHost};
 
 /// Shared set-up of the tests below: hosts, flows, store replies.
 mod support;
@@ -38,7 +38,7 @@ fn acquired_request_is_forwarded_with_internal_headers() {
     assert_eq!(path, "/v1/acquire");
     assert_eq!(acquire["key"], "k1");
     assert_eq!(acquire["service"], "orders");
-    assert_eq!(acquire["fingerprint"].as_str().unwrap().len(), 64);
+    assert_eq!(present(acquire["fingerprint"].as_str()).len(), 64);
     assert_eq!(acquire["lock_timeout_ms"], 300_000);
 
     flow.on_callout_reply(&host, token, reply(200, &acquired(7, Some("inventory_reserved"))));
@@ -69,7 +69,7 @@ fn response_is_recorded_before_it_is_released() {
     );
     assert_eq!(flow.on_response_headers(&host, false), Verdict::Pause);
     assert_eq!(flow.on_response_body(&host, 15, true), Verdict::Pause);
-    let (path, complete, token) = host.dispatches().pop().unwrap();
+    let (path, complete, token) = last_dispatch(&host);
     assert_eq!(path, "/v1/complete");
     assert_eq!(complete["fencing_token"], 3);
     assert_eq!(complete["response"]["status"], 201);
@@ -102,7 +102,7 @@ fn server_errors_release_the_lock_instead_of_storing() {
     host.set_response(503, &[], b"down");
     host.set_property(&["response", "code_details"], b"via_upstream");
     assert_eq!(flow.on_response_headers(&host, false), Verdict::Pause);
-    let (path, release, _) = host.dispatches().pop().unwrap();
+    let (path, release, _) = last_dispatch(&host);
     assert_eq!(path, "/v1/release");
     assert_eq!(release["fencing_token"], 3);
     assert_eq!(release["record_id"], "rec-1");
@@ -122,7 +122,7 @@ fn envoy_timeouts_and_resets_after_forwarding_keep_the_lock() {
         let (_flow, background, config, host, verdict) = answered(status, details);
         assert_eq!(verdict, Verdict::Continue, "the client gets Envoy's answer");
         background.drain(&host, &config);
-        let (path, report, _) = host.dispatches().pop().unwrap();
+        let (path, report, _) = last_dispatch(&host);
         assert_eq!(path, "/v1/outcome-unknown", "{details:?}");
         assert_eq!(report["reason"], reason);
         assert_eq!(host.counted(Counter::LockReleased), 0);
@@ -136,7 +136,7 @@ fn a_request_that_never_left_envoy_releases_its_lock() {
         Some("upstream_reset_before_response_started{remote_connection_failure}"),
     );
     assert_eq!(verdict, Verdict::Pause, "held until the release is acknowledged");
-    assert_eq!(host.dispatches().pop().unwrap().0, "/v1/release");
+    assert_eq!(last_dispatch(&host).0, "/v1/release");
 }
 
 #[test]
@@ -161,7 +161,7 @@ fn a_failed_complete_delivers_the_response_and_is_retried_in_the_background() {
     assert_eq!(host.calls().last(), Some(&Call::ResumeResponse));
     assert_eq!(background.queued(), 1);
     background.drain(&host, &config);
-    let (path, _, retry_token) = host.dispatches().pop().unwrap();
+    let (path, _, retry_token) = last_dispatch(&host);
     assert_eq!(path, "/v1/complete");
     // Still failing: retried again after a backoff, not at once.
     background.on_reply(
@@ -179,7 +179,7 @@ fn a_failed_complete_delivers_the_response_and_is_retried_in_the_background() {
     assert_eq!(host.dispatches().len(), before, "waits for its backoff");
     *host.clock_advance.borrow_mut() = std::time::Duration::from_secs(1);
     background.drain(&host, &config);
-    let (_, _, third) = host.dispatches().pop().unwrap();
+    let (_, _, third) = last_dispatch(&host);
     // Fenced out (another attempt took over): final, no more tries.
     background.on_reply(
         &host,
@@ -205,7 +205,7 @@ fn a_complete_cut_off_by_the_stream_ending_is_sent_again_from_the_root_context()
     flow.on_response_body(&host, 2, true);
     flow.on_stream_done(&host);
     background.drain(&host, &config);
-    assert_eq!(host.dispatches().pop().unwrap().0, "/v1/complete");
+    assert_eq!(last_dispatch(&host).0, "/v1/complete");
 }
 
 #[test]
@@ -214,7 +214,7 @@ fn an_acquire_given_up_on_is_abandoned_with_its_attempt_id() {
     let host = post("k1", b"{}");
     let token = start_keyed_post(&mut flow, &host);
     let (_, acquire, _) = host.dispatches().remove(0);
-    let attempt_id = acquire["attempt_id"].as_str().unwrap().to_owned();
+    let attempt_id = present(acquire["attempt_id"].as_str()).to_owned();
     assert_eq!(attempt_id.len(), 32);
     let now_ms = 1_700_000_000_000u64;
     assert_eq!(acquire["deadline_ms"], now_ms + 1_000, "store_timeout after now");
@@ -226,9 +226,9 @@ fn an_acquire_given_up_on_is_abandoned_with_its_attempt_id() {
             body: vec![],
         },
     );
-    assert_eq!(host.sent_response().unwrap().0, 503);
+    assert_eq!(present(host.sent_response()).0, 503);
     background.drain(&host, &config);
-    let (path, abandon, abandon_token) = host.dispatches().pop().unwrap();
+    let (path, abandon, abandon_token) = last_dispatch(&host);
     assert_eq!(path, "/v1/abandon");
     assert_eq!(abandon["attempt_id"], attempt_id.as_str());
     // "Nothing held" right away is not believed: the acquire may still be landing.
@@ -244,7 +244,7 @@ fn an_acquire_given_up_on_is_abandoned_with_its_attempt_id() {
     assert_eq!(background.queued(), 1);
     *host.clock_advance.borrow_mut() = std::time::Duration::from_secs(1);
     background.drain(&host, &config);
-    let (_, _, again) = host.dispatches().pop().unwrap();
+    let (_, _, again) = last_dispatch(&host);
     background.on_reply(
         &host,
         &config,
@@ -265,7 +265,7 @@ fn a_stream_that_ends_during_its_acquire_abandons_it() {
     start_keyed_post(&mut flow, &host);
     flow.on_stream_done(&host);
     background.drain(&host, &config);
-    assert_eq!(host.dispatches().pop().unwrap().0, "/v1/abandon");
+    assert_eq!(last_dispatch(&host).0, "/v1/abandon");
 }
 
 #[test]
@@ -291,7 +291,7 @@ fn retry_after_an_attempt_of_unknown_outcome_is_the_rest_of_its_lock() {
         outcome_unknown: true,
     };
     flow.on_callout_reply(&host, token, reply(200, &answer));
-    let (status, headers, _) = host.sent_response().unwrap();
+    let (status, headers, _) = present(host.sent_response());
     assert_eq!(status, 409);
     assert!(
         headers.contains(&("retry-after".into(), "42".into())),
@@ -343,7 +343,7 @@ fn oversize_response_is_recorded_without_body() {
     );
     assert_eq!(background.queued(), 0);
     let _ = config;
-    let (path, complete, token) = host.dispatches().pop().unwrap();
+    let (path, complete, token) = last_dispatch(&host);
     flow.on_callout_reply(
         &host,
         token,
@@ -376,7 +376,7 @@ fn completed_record_is_replayed_with_marker_and_no_upstream() {
         replay_ticket: None,
     };
     flow.on_callout_reply(&host, token, reply(200, &stored));
-    let (status, headers, body) = host.sent_response().unwrap();
+    let (status, headers, body) = present(host.sent_response());
     assert_eq!(status, 201);
     assert_eq!(body, r#"{"orderId":"1"}"#);
     assert!(headers.contains(&("idempotent-replayed".into(), "true".into())));
@@ -400,7 +400,7 @@ fn in_progress_gives_409_with_retry_after() {
             },
         ),
     );
-    let (status, headers, _) = host.sent_response().unwrap();
+    let (status, headers, _) = present(host.sent_response());
     assert_eq!(status, 409);
     assert!(headers.contains(&("retry-after".into(), "2".into())));
     assert_eq!(body_json(&host)["details"]["retryAfter"], 2);
@@ -413,7 +413,7 @@ fn mismatch_gives_422() {
     let host = post("k1", b"{}");
     let token = start_keyed_post(&mut flow, &host);
     flow.on_callout_reply(&host, token, reply(200, &AcquireResponse::Mismatch));
-    assert_eq!(host.sent_response().unwrap().0, 422);
+    assert_eq!(present(host.sent_response()).0, 422);
     assert_eq!(body_json(&host)["code"], "IDEMPOTENCY_PARAMETER_MISMATCH");
 }
 
@@ -441,7 +441,7 @@ fn malformed_or_failed_store_replies_fail_closed_with_503() {
         let host = post("k1", b"{}");
         let token = start_keyed_post(&mut flow, &host);
         flow.on_callout_reply(&host, token, bad);
-        let (status, headers, _) = host.sent_response().unwrap();
+        let (status, headers, _) = present(host.sent_response());
         assert_eq!(status, 503);
         assert!(headers.contains(&("retry-after".into(), "5".into())));
         assert!(
@@ -479,7 +479,7 @@ fn dispatch_failure_fails_closed() {
     let host = post("k1", b"{}");
     *host.fail_dispatch.borrow_mut() = true;
     assert_eq!(flow.on_request_headers(&host, true), Verdict::Pause);
-    assert_eq!(host.sent_response().unwrap().0, 503);
+    assert_eq!(present(host.sent_response()).0, 503);
 }
 
 #[test]
@@ -491,7 +491,7 @@ fn missing_key_is_400_only_when_required() {
     let mut required = flow(r#","require_key":true"#);
     let host = MockHost::with_request("POST", "/api/v1/orders", &[], b"");
     assert_eq!(required.on_request_headers(&host, true), Verdict::Pause);
-    assert_eq!(host.sent_response().unwrap().0, 400);
+    assert_eq!(present(host.sent_response()).0, 400);
     assert_eq!(body_json(&host)["code"], "IDEMPOTENCY_KEY_REQUIRED");
 }
 
@@ -503,7 +503,7 @@ fn invalid_key_is_400_with_the_reason() {
     let body = body_json(&host);
     assert_eq!(body["code"], "IDEMPOTENCY_KEY_INVALID");
     assert_eq!(body["details"]["reason"], "invalid_character");
-    assert!(body["message"].as_str().unwrap().contains("position 4"));
+    assert!(present(body["message"].as_str()).contains("position 4"));
 }
 
 #[test]
@@ -536,7 +536,7 @@ fn body_over_the_limit_is_413_before_any_store_call() {
     let host = post("k1", b"0123456789");
     assert_eq!(flow.on_request_headers(&host, false), Verdict::Pause);
     assert_eq!(flow.on_request_body(&host, 10, false), Verdict::Pause);
-    assert_eq!(host.sent_response().unwrap().0, 413);
+    assert_eq!(present(host.sent_response()).0, 413);
     assert!(host.dispatches().is_empty());
 
     let mut flow2 = make_flow(r#","max_request_body":8"#);
@@ -547,7 +547,7 @@ fn body_over_the_limit_is_413_before_any_store_call() {
         b"",
     );
     assert_eq!(flow2.on_request_headers(&host, false), Verdict::Pause);
-    assert_eq!(host.sent_response().unwrap().0, 413);
+    assert_eq!(present(host.sent_response()).0, 413);
 }
 
 #[test]
@@ -565,7 +565,7 @@ fn client_gone_after_forwarding_keeps_the_lock_as_outcome_unknown() {
     );
     assert_eq!(background.queued(), 1);
     background.drain(&host, &config);
-    let (path, report, _) = host.dispatches().pop().unwrap();
+    let (path, report, _) = last_dispatch(&host);
     assert_eq!(
         path, "/v1/outcome-unknown",
         "never a release: the upstream may be running"
@@ -628,7 +628,7 @@ fn route_rules_choose_the_mode() {
     let mut required = flow(config);
     let host = MockHost::with_request("POST", "/api/v1/orders", &[], b"");
     assert_eq!(required.on_request_headers(&host, true), Verdict::Pause);
-    assert_eq!(host.sent_response().unwrap().0, 400);
+    assert_eq!(present(host.sent_response()).0, 400);
 
     let mut off = flow(config);
     let host = post("k1", b"{}");
@@ -709,7 +709,7 @@ fn shadow_never_blocks_and_records_the_response_on_the_side() {
     assert_eq!(background.queued(), 0, "no record before the lock is known");
 
     background.on_reply(&host, &config, acquire_token, reply(200, &acquired(1, None)));
-    let (path, complete, _) = host.dispatches().pop().unwrap();
+    let (path, complete, _) = last_dispatch(&host);
     assert_eq!(path, "/v1/complete");
     assert_eq!(complete["response"]["status"], 201);
     assert_eq!(complete["response"]["body"], "eyJpZCI6MX0=");
@@ -790,7 +790,7 @@ fn completed_records_are_replayed_from_the_proxy_cache_without_a_callout() {
     assert_eq!(retry.on_request_headers(&host, false), Verdict::Pause);
     assert_eq!(retry.on_request_body(&host, 2, true), Verdict::Pause);
     assert!(host.dispatches().is_empty(), "no store call");
-    let (status, headers, body) = host.sent_response().unwrap();
+    let (status, headers, body) = present(host.sent_response());
     assert_eq!((status, body.as_str()), (201, "{\"id\":7}"));
     assert!(headers.contains(&("idempotent-replayed".into(), "true".into())));
     assert_eq!(host.counted(Counter::ReplayCacheHit), 1);
@@ -801,7 +801,7 @@ fn completed_records_are_replayed_from_the_proxy_cache_without_a_callout() {
     other.on_request_headers(&host, false);
     other.on_request_body(&host, 18, true);
     assert!(host.dispatches().is_empty());
-    assert_eq!(host.sent_response().unwrap().0, 422);
+    assert_eq!(present(host.sent_response()).0, 422);
 }
 
 #[test]
@@ -821,8 +821,9 @@ fn cached_records_match_identical_bytes_directly_and_other_bytes_by_fingerprint(
     execute_and_record(&mut first, &json_post(body));
     let cached = cache
         .borrow_mut()
-        .get("", "k1", std::time::Duration::from_secs(1_700_000_000))
-        .unwrap();
+        .get("", "k1", std::time::Duration::from_secs(1_700_000_000));
+    assert!(cached.is_some(), "the completed record is cached");
+    let Some(cached) = cached else { return };
     assert!(
         cached.request.exact.is_some(),
         "a small request keeps its bytes for the cache"
@@ -835,7 +836,7 @@ fn cached_records_match_identical_bytes_directly_and_other_bytes_by_fingerprint(
     retry.on_request_headers(&host, false);
     retry.on_request_body(&host, reordered.len(), true);
     assert!(host.dispatches().is_empty(), "no store call");
-    assert_eq!(host.sent_response().unwrap().0, 201);
+    assert_eq!(present(host.sent_response()).0, 201);
     assert_eq!(host.counted(Counter::ReplayCacheHit), 1);
 
     // A byte changed: not the same request, whatever the cache kept.
@@ -844,7 +845,7 @@ fn cached_records_match_identical_bytes_directly_and_other_bytes_by_fingerprint(
     let host = json_post(other);
     different.on_request_headers(&host, false);
     different.on_request_body(&host, other.len(), true);
-    assert_eq!(host.sent_response().unwrap().0, 422);
+    assert_eq!(present(host.sent_response()).0, 422);
 }
 
 #[test]
@@ -860,7 +861,7 @@ fn a_failed_record_is_not_cached() {
     flow.on_callout_reply(&host, token, reply(200, &acquired(1, None)));
     host.set_response(201, &[], b"{}");
     flow.on_response_headers(&host, true);
-    let (_, _, complete_token) = host.dispatches().pop().unwrap();
+    let (_, _, complete_token) = last_dispatch(&host);
     flow.on_callout_reply(
         &host,
         complete_token,
@@ -881,7 +882,7 @@ fn route_metadata_can_turn_on_a_route_when_the_plugin_default_is_off() {
     let host = MockHost::with_request("POST", "/api/v1/payments", &[], b"");
     set_route_metadata(&host, &[(b"mode", b"required")]);
     assert_eq!(flow.on_request_headers(&host, true), Verdict::Pause);
-    assert_eq!(host.sent_response().unwrap().0, 400);
+    assert_eq!(present(host.sent_response()).0, 400);
 
     let mut off = super::RequestFlow::new(
         config(r#","mode":"off""#),
@@ -958,7 +959,7 @@ fn a_grpc_success_is_recorded_with_its_messages_and_trailers_before_the_trailers
         Verdict::Pause,
         "trailers wait for the record"
     );
-    let (path, complete, token) = host.dispatches().pop().unwrap();
+    let (path, complete, token) = last_dispatch(&host);
     assert_eq!(path, "/v1/complete");
     assert_eq!(
         complete["response"]["trailers"],
@@ -987,14 +988,14 @@ fn grpc_unavailable_releases_whatever_the_framing() {
         b"",
     );
     assert_eq!(flow.on_response_headers(&host, true), Verdict::Pause);
-    assert_eq!(host.dispatches().pop().unwrap().0, "/v1/release");
+    assert_eq!(last_dispatch(&host).0, "/v1/release");
     // In the trailers, after messages.
     let (mut flow, _b, _c, host) = forwarded_grpc_call();
     host.set_response(200, &[("content-type", "application/grpc")], b"");
     assert_eq!(flow.on_response_headers(&host, false), Verdict::Pause);
     *host.response_trailers.borrow_mut() = vec![("grpc-status".into(), "14".into())];
     assert_eq!(flow.on_response_trailers(&host), Verdict::Pause);
-    assert_eq!(host.dispatches().pop().unwrap().0, "/v1/release");
+    assert_eq!(last_dispatch(&host).0, "/v1/release");
 }
 
 #[test]
@@ -1010,7 +1011,7 @@ fn deterministic_grpc_errors_are_stored_whatever_the_framing() {
         b"",
     );
     assert_eq!(flow.on_response_headers(&host, true), Verdict::Pause);
-    let (path, complete, _) = host.dispatches().pop().unwrap();
+    let (path, complete, _) = last_dispatch(&host);
     assert_eq!(path, "/v1/complete");
     assert!(complete["response"]["headers"].to_string().contains("bad sku"));
     let (mut flow, _b, _c, host) = forwarded_grpc_call();
@@ -1018,7 +1019,7 @@ fn deterministic_grpc_errors_are_stored_whatever_the_framing() {
     flow.on_response_headers(&host, false);
     *host.response_trailers.borrow_mut() = vec![("grpc-status".into(), "3".into())];
     flow.on_response_trailers(&host);
-    assert_eq!(host.dispatches().pop().unwrap().0, "/v1/complete");
+    assert_eq!(last_dispatch(&host).0, "/v1/complete");
 }
 
 #[test]
@@ -1028,7 +1029,7 @@ fn a_grpc_body_ending_without_a_status_keeps_the_lock() {
     flow.on_response_headers(&host, false);
     assert_eq!(flow.on_response_body(&host, 0, true), Verdict::Continue);
     background.drain(&host, &config);
-    assert_eq!(host.dispatches().pop().unwrap().0, "/v1/outcome-unknown");
+    assert_eq!(last_dispatch(&host).0, "/v1/outcome-unknown");
 }
 
 #[test]
@@ -1049,7 +1050,8 @@ fn grpc_refusals_are_grpc_statuses() {
         } => Some((status, message, metadata)),
         _ => None,
     });
-    let (status, message, metadata) = sent.expect("a gRPC status, not an HTTP error body");
+    assert!(sent.is_some(), "a gRPC status, not an HTTP error body");
+    let (status, message, metadata) = sent.unwrap_or_default();
     assert_eq!(status, crate::grpc::code::ABORTED);
     assert!(message.contains("IDEMPOTENCY_CONCURRENT_REQUEST"), "{message}");
     assert!(
@@ -1139,7 +1141,7 @@ fn an_execution_and_a_cache_replay_cross_into_envoy_only_a_few_times() {
     host.quiet();
     retry.on_request_headers(&host, false);
     retry.on_request_body(&host, 2, true);
-    assert_eq!(host.sent_response().unwrap().0, 201);
+    assert_eq!(present(host.sent_response()).0, 201);
     assert!(
         host.host_call_count() <= 7,
         "a cache replay made {} host calls: {:?}",
