@@ -287,15 +287,19 @@ impl Host for MockHost {
 /// the filter's source (the crate denies `unwrap`/`expect`/`panic`).
 #[track_caller]
 pub fn present<T: Default>(option: Option<T>) -> T {
-    assert!(option.is_some(), "expected a value, got None");
+    present_because(option, "expected a value, got None")
+}
+
+/// [`present`] with the message a failure shows.
+#[track_caller]
+pub fn present_because<T: Default>(option: Option<T>, missing: &str) -> T {
+    assert!(option.is_some(), "{missing}");
     option.unwrap_or_default()
 }
 
 /// The value in `result`, asserting it is `Ok` (shows the error otherwise).
 #[track_caller]
 pub fn succeeded<T: Default, E: std::fmt::Debug>(result: Result<T, E>) -> T {
-    if let Err(e) = &result {
-        assert!(result.is_ok(), "expected Ok, got Err({e:?})");
-    }
+    assert!(result.is_ok(), "expected Ok, got {:?}", result.as_ref().err());
     result.unwrap_or_default()
 }

@@ -1,9 +1,8 @@
-//! Shared set-up of the flow tests: hosts, flows, store replies (test code: unwrap, expect
-//! and panic are the assertions here).
-#![cfg(test)] // test code only: unwrap, expect and panic are the assertions here
-#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // test code
+//! Shared set-up of the flow tests: hosts, flows, store replies.
+#![cfg(test)]
 
 use super::*;
+use crate::mock::present_because;
 
 /// Route metadata under the `idempotency` namespace, encoded as Envoy 1.40 hands it over.
 pub(super) fn set_route_metadata(host: &MockHost, pairs: &[(&[u8], &[u8])]) {
@@ -68,10 +67,9 @@ pub(super) fn acquired(token: u64, recovery_point: Option<&str>) -> AcquireRespo
 }
 
 /// The last store call the host dispatched: path, JSON body, token (asserts there was one).
+#[track_caller]
 pub(super) fn last_dispatch(host: &MockHost) -> (String, Value, u32) {
-    let last = host.dispatches().pop();
-    assert!(last.is_some(), "no store call was dispatched");
-    last.unwrap_or_default()
+    present_because(host.dispatches().pop(), "no store call was dispatched")
 }
 
 /// Status of the local response the flow sent, if it sent one.
