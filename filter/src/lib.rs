@@ -7,7 +7,7 @@
 //! (stored headers), [`outcome`] (whether a forwarded request's lock may be released),
 //! [`attempt`] (attempt ids), [`batch`] (store calls of all streams, batched while the store is
 //! busy), [`flow`] (admission, the per-request state machine and its store
-//! calls, plain Rust behind [`host::Host`]), [`background`] (root-context calls, retried), and
+//! calls, plain Rust behind [`host::Host`]), [`background`] (root-context calls, retried), [`tick`] (the root's timer), and
 //! `wasm` (the only module that talks to proxy-wasm).
 
 pub mod attempt;
@@ -27,6 +27,7 @@ pub mod policy;
 pub mod problem;
 pub mod replay;
 pub mod scope;
+pub mod tick;
 
 #[cfg(test)]
 #[path = "tests/fingerprint_reference.rs"]

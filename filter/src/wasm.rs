@@ -20,6 +20,7 @@ use crate::config::Config;
 use crate::flow::{RequestFlow, Verdict};
 use crate::host::{Callout, CalloutReply, Host, HostError, Level};
 use crate::metrics::{Counter, ACQUIRE_DURATION_HISTOGRAM};
+use crate::tick;
 
 /// Metric ids defined once per VM.
 #[derive(Debug, Default)]
@@ -44,11 +45,6 @@ impl MetricIds {
         ids
     }
 }
-
-/// How often the root context dispatches queued background calls. A steady tick: toggling the
-/// period from inside `on_tick` left Envoy 1.40's timer disarmed until the next stream event.
-/// An idle tick is one cheap VM call.
-const BACKGROUND_TICK: Duration = Duration::from_millis(5);
 
 /// A stream waiting for a store call: its context id (to act on it from the root context) and
 /// its flow (gone once the stream ended).
@@ -114,7 +110,7 @@ impl Doorbell {
             return;
         }
         if let Some(queue) = self.queue.get() {
-            // If it fails, the root context's tick sends the call (within BACKGROUND_TICK).
+            // If it fails, the root context's tick sends the call (`tick::IDLE` at worst).
             if hostcalls::enqueue_shared_queue(queue, Some(b"!")).is_ok() {
                 self.rung.set(true);
             }
@@ -143,8 +139,10 @@ pub struct Root {
     batcher: Rc<Batcher<CallOwner>>,
     doorbell: Rc<Doorbell>,
     /// Whether Envoy logs Wasm at debug level, read on every tick instead of on every log line
-    /// of every request (`/logging` changes are seen within `BACKGROUND_TICK`).
+    /// of every request (`/logging` changes are seen within `tick::IDLE`).
     debug: Rc<Cell<bool>>,
+    /// The tick period set with the host (zero: none yet).
+    tick: Cell<Duration>,
 }
 
 fn debug_logging() -> bool {
@@ -163,6 +161,34 @@ impl Root {
             batcher: Rc::new(Batcher::new(1, 1)),
             doorbell: Rc::default(),
             debug: Rc::default(),
+            tick: Cell::new(Duration::ZERO),
+        }
+    }
+
+    /// The tick period this root needs now (`tick.rs`).
+    fn wanted_tick(&self) -> Duration {
+        tick::period(self.doorbell.queue.get().is_some(), self.background.queued() > 0)
+    }
+
+    /// Set the tick period to the one needed now. Never call it from `on_tick`: Envoy 1.40
+    /// leaves the timer disarmed when the period changes inside the tick (there, ring the
+    /// doorbell and `on_queue_ready` calls this).
+    fn retune_tick(&self) -> Result<(), Status> {
+        let wanted = self.wanted_tick();
+        if wanted != self.tick.get() {
+            hostcalls::set_tick_period(wanted)?;
+            self.tick.set(wanted);
+        }
+        Ok(())
+    }
+
+    /// `retune_tick` from an event callback, logging a refusal (the old period stays).
+    fn retune_tick_or_log(&self) {
+        if let Err(status) = self.retune_tick() {
+            log(
+                LogLevel::Warn,
+                &format!("idempotency: cannot change the tick period: {status:?}"),
+            );
         }
     }
 
@@ -276,6 +302,7 @@ impl Context for Root {
         }
         // A callout slot is free: what queued meanwhile leaves now, together.
         self.drain_background_and_flush();
+        self.retune_tick_or_log();
     }
 }
 
@@ -318,7 +345,7 @@ impl RootContext for Root {
                 }
                 self.config = Some(Rc::new(config));
                 self.debug.set(debug_logging());
-                if let Err(status) = hostcalls::set_tick_period(BACKGROUND_TICK) {
+                if let Err(status) = self.retune_tick() {
                     log(
                         LogLevel::Error,
                         &format!("idempotency: cannot start the background tick: {status:?}"),
@@ -340,11 +367,16 @@ impl RootContext for Root {
         // costs one extra wake-up.
         self.doorbell.rung.set(false);
         self.drain_background_and_flush();
+        if self.wanted_tick() != self.tick.get() {
+            // Retuned from `on_queue_ready`: never inside the tick itself.
+            self.doorbell.ring();
+        }
     }
 
     fn on_queue_ready(&mut self, queue_id: u32) {
         self.doorbell.answer(queue_id);
         self.drain_background_and_flush();
+        self.retune_tick_or_log();
     }
 
     fn create_http_context(&self, context_id: u32) -> Option<Box<dyn HttpContext>> {
@@ -645,7 +677,7 @@ impl Host for WasmHost {
 
     fn wake_background(&self) {
         // Ring for the root context now (an outcome-unknown should land before a quick retry
-        // asks); without a doorbell its steady tick picks the call up within BACKGROUND_TICK.
+        // asks); without a doorbell its tick polls (`tick::POLLING`).
         if let CallOwner::Stream(_) = self.calls.owner {
             self.calls.doorbell.ring();
         }

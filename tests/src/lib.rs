@@ -608,6 +608,21 @@ pub fn start_envoy(dir: &Path, config: &str, log_name: &str) -> Proc {
     Proc::spawn("envoy", command, dir.join(log_name))
 }
 
+/// CPU time (ns) and the times put on a CPU, summed over the threads of a process (schedstat).
+pub fn scheduled(pid: u32) -> (u64, u64) {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return (0, 0);
+    };
+    tasks
+        .filter_map(|task| std::fs::read_to_string(task.ok()?.path().join("schedstat")).ok())
+        .map(|line| {
+            let mut fields = line.split_whitespace().map(|f| f.parse::<u64>().unwrap_or(0));
+            let run_ns = fields.next().unwrap_or(0);
+            (run_ns, fields.nth(1).unwrap_or(0))
+        })
+        .fold((0, 0), |(run, woke), (r, w)| (run + r, woke + w))
+}
+
 /// Value of a counter or gauge line `name{labels} value` in Prometheus text (sum over labels).
 pub fn metric_sum(text: &str, name: &str) -> f64 {
     text.lines()
