@@ -197,6 +197,28 @@ fn cpu_us(pid: u32) -> u64 {
     ticks * 10_000 // USER_HZ = 100
 }
 
+/// What each Envoy costs while nothing is sent to it: CPU µs and wake-ups per second over
+/// `window`, after a second to settle.
+async fn idle_cost(envoys: &[(&str, Option<u32>)], window: Duration) -> Value {
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let before: Vec<Option<(u64, u64)>> = envoys.iter().map(|(_, pid)| pid.map(e2e::scheduled)).collect();
+    let started = Instant::now();
+    tokio::time::sleep(window).await;
+    let seconds = started.elapsed().as_secs_f64();
+    let mut cost = serde_json::Map::new();
+    for ((name, pid), before) in envoys.iter().zip(before) {
+        if let (Some(pid), Some((run, woke))) = (pid, before) {
+            let (run_now, woke_now) = e2e::scheduled(*pid);
+            cost.insert(
+                (*name).to_owned(),
+                json!({"cpu_us_per_s": run_now.saturating_sub(run) as f64 / 1e3 / seconds,
+                       "wakeups_per_s": woke_now.saturating_sub(woke) as f64 / seconds}),
+            );
+        }
+    }
+    Value::Object(cost)
+}
+
 /// A JSON POST to the store API, with the bench's token.
 fn store_request(path: &str, body: &Value) -> Request<Full<Bytes>> {
     Request::post(path)
@@ -784,6 +806,16 @@ async fn run(settings: Settings) {
         "with_filter_kib": filtered.pid().map(rss_kib),
         "noop_wasm_kib": noop.pid().map(rss_kib),
     });
+    // What an idle proxy pays for a Wasm filter (its VMs' timers), after serving the rounds.
+    let envoy_idle = idle_cost(
+        &[
+            ("passthrough", plain.pid()),
+            ("noop_wasm", noop.pid()),
+            ("with_filter", filtered.pid()),
+        ],
+        Duration::from_secs(3),
+    )
+    .await;
 
     // How the cost of an execution grows with the body size and with connections: pass-through
     // POST against a keyed POST that executes, once each (not per round).
@@ -960,6 +992,7 @@ async fn run(settings: Settings) {
         "one_connection": added,
         "growth": growth,
         "envoy_rss": envoy_rss,
+        "envoy_idle": envoy_idle,
         "store_alone": store_alone["store_alone"],
         "store_rss_kib_at_live_records": store_alone["store_rss_kib_at_live_records"],
         "store_rss_along_the_run": store_rss_along,
@@ -1462,6 +1495,16 @@ fn print_table(summary: &Value) {
     println!(
         "Envoy RSS at the end (after 64 KiB and 1 MiB bodies): pass-through {} KiB, no-op Wasm filter {} KiB, with filter {} KiB",
         rss["passthrough_kib"], rss["noop_wasm_kib"], rss["with_filter_kib"]
+    );
+    let idle = &summary["envoy_idle"];
+    println!(
+        "Envoy idle (3 s after the rounds), CPU µs/s and wake-ups/s: pass-through {:.0} / {:.1}, no-op Wasm filter {:.0} / {:.1}, with filter {:.0} / {:.1}",
+        idle["passthrough"]["cpu_us_per_s"].as_f64().unwrap_or(f64::NAN),
+        idle["passthrough"]["wakeups_per_s"].as_f64().unwrap_or(f64::NAN),
+        idle["noop_wasm"]["cpu_us_per_s"].as_f64().unwrap_or(f64::NAN),
+        idle["noop_wasm"]["wakeups_per_s"].as_f64().unwrap_or(f64::NAN),
+        idle["with_filter"]["cpu_us_per_s"].as_f64().unwrap_or(f64::NAN),
+        idle["with_filter"]["wakeups_per_s"].as_f64().unwrap_or(f64::NAN),
     );
     print_store_alone(summary);
     println!(".wasm size: {} bytes", summary["wasm_bytes"]);
