@@ -729,15 +729,22 @@ async fn run(settings: Settings) {
         &store_metrics,
         "idempotency_store_durable_commit_operations_total",
     );
+    let synced = e2e::metric_sum(
+        &store_metrics,
+        "idempotency_store_durable_commit_sync_seconds_total",
+    );
     let batching = json!({"batches": batches, "calls_in_batches": batched_calls,
         "mean_calls_per_batch": if batches > 0.0 { batched_calls / batches } else { 0.0 },
         "durable_commits": commits, "operations_in_durable_commits": committed,
-        "mean_operations_per_commit": if commits > 0.0 { committed / commits } else { 0.0 }});
+        "mean_operations_per_commit": if commits > 0.0 { committed / commits } else { 0.0 },
+        "mean_sync_us_per_commit": if commits > 0.0 { synced * 1e6 / commits } else { 0.0 }});
     eprintln!(
         "store calls sent in batches: {batched_calls} in {batches} batches ({:.1} per batch); \
-         the store made {commits} durable commits carrying {committed} operations ({:.1} per commit)",
+         the store made {commits} durable commits carrying {committed} operations ({:.1} per commit), \
+         {:.0} µs each reaching the disk",
         batching["mean_calls_per_batch"].as_f64().unwrap_or(0.0),
-        batching["mean_operations_per_commit"].as_f64().unwrap_or(0.0)
+        batching["mean_operations_per_commit"].as_f64().unwrap_or(0.0),
+        batching["mean_sync_us_per_commit"].as_f64().unwrap_or(0.0)
     );
     // An acquire's time as the filter sees it (queued → answered) against the store's own
     // (request parsed → decided, durable): the difference is transport, batching and queueing.
@@ -1047,12 +1054,25 @@ async fn measure_store_alone(
             .output();
     }
     let store_addr = SocketAddr::from(([127, 0, 0, 1], store_port));
-    // Per durable operation at one connection (acquire and complete, each one group commit).
+    // Per durable operation at one connection (acquire and complete, each one group commit),
+    // and how much of it the commit spent reaching the disk (the store's sync-time counter).
+    let client = reqwest::Client::new();
+    let metrics_url = format!("http://{store_addr}/metrics");
+    let disk_totals = |text: &str| {
+        (
+            e2e::metric_sum(text, "idempotency_store_durable_commits_total"),
+            e2e::metric_sum(text, "idempotency_store_durable_commit_sync_seconds_total"),
+        )
+    };
+    let (commits_before, synced_before) = disk_totals(&e2e::get_text(&client, &metrics_url).await);
     let single = store_pairs(store_addr, 1, duration).await;
+    let (commits_after, synced_after) = disk_totals(&e2e::get_text(&client, &metrics_url).await);
+    let commits = commits_after - commits_before;
     let store_latency = json!({
         "operations": single.2.len(),
         "p50_us": single.2.value_at_quantile(0.5),
         "p99_us": single.2.value_at_quantile(0.99),
+        "mean_sync_us_per_commit": if commits > 0.0 { (synced_after - synced_before) * 1e6 / commits } else { 0.0 },
     });
     let pairs = store_pairs(store_addr, store_connections, duration).await;
     // As the filter sends them under load: 8 callers (workers), 16 calls per batch.
@@ -1067,7 +1087,7 @@ async fn measure_store_alone(
     }
     let store_rss = store.pid().map(rss_kib);
     // How much of it is written data waiting in memtables, and what is left once idle.
-    let metrics = e2e::get_text(&reqwest::Client::new(), &format!("http://{store_addr}/metrics")).await;
+    let metrics = e2e::get_text(&client, &metrics_url).await;
     let write_buffer_kib = e2e::metric_sum(&metrics, "idempotency_store_write_buffer_bytes") / 1024.0;
     tokio::time::sleep(Duration::from_secs(5)).await;
     let store_rss_idle = store.pid().map(rss_kib);
@@ -1548,10 +1568,11 @@ fn metric_containing(text: &str, name: &str) -> f64 {
 /// The store-alone lines of the table (also the whole output of `--store-only`).
 fn print_store_alone(summary: &Value) {
     println!(
-        "Store alone: {:.0} acquire+complete pairs/s (embedded, durable); one connection: p50 {} µs, p99 {} µs per durable operation",
+        "Store alone: {:.0} acquire+complete pairs/s (embedded, durable); one connection: p50 {} µs, p99 {} µs per durable operation, of which the commit's write and sync {:.0} µs (mean)",
         summary["store_alone"]["pairs_per_second"].as_f64().unwrap_or(0.0),
         summary["store_alone"]["one_connection_per_operation"]["p50_us"],
-        summary["store_alone"]["one_connection_per_operation"]["p99_us"]
+        summary["store_alone"]["one_connection_per_operation"]["p99_us"],
+        summary["store_alone"]["one_connection_per_operation"]["mean_sync_us_per_commit"].as_f64().unwrap_or(0.0)
     );
     println!(
         "Store alone, batched as the filter sends under load ({} callers, {} calls per /v1/batch): {:.0} pairs/s",

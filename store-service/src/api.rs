@@ -684,6 +684,11 @@ async fn metrics(State(state): State<AppState>) -> Response {
                 .operations
                 .saturating_sub(m.durable_commit_operations.get()),
         );
+        let sync_seconds = std::time::Duration::from_nanos(totals.sync_nanos).as_secs_f64();
+        let behind = sync_seconds - m.durable_commit_sync_seconds.get();
+        if behind > 0.0 {
+            m.durable_commit_sync_seconds.inc_by(behind);
+        }
     }
     (
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],

@@ -36,6 +36,8 @@ pub struct Metrics {
     pub durable_commits: IntCounter,
     /// Operations those commits carried (group commit: several per sync).
     pub durable_commit_operations: IntCounter,
+    /// Time those commits spent reaching the disk (the journal write and its sync).
+    pub durable_commit_sync_seconds: prometheus::Counter,
     /// Held while a scrape brings the counters above up to the storage's totals, so two
     /// scrapes at once cannot both add the same difference.
     pub catch_up: std::sync::Arc<std::sync::Mutex<()>>,
@@ -118,6 +120,13 @@ impl Metrics {
             IntCounter::new(
                 "idempotency_store_durable_commit_operations_total",
                 "Operations carried by the embedded store's durable commits (group commit: several share one sync)",
+            )?,
+        )?;
+        let durable_commit_sync_seconds = registered(
+            &registry,
+            prometheus::Counter::new(
+                "idempotency_store_durable_commit_sync_seconds_total",
+                "Time the embedded store's durable commits spent reaching the disk (the journal write and its sync); per commit: the disk's share of every durable operation",
             )?,
         )?;
         let acquire_waiters = registered(
@@ -239,6 +248,7 @@ impl Metrics {
             write_buffer_bytes,
             durable_commits,
             durable_commit_operations,
+            durable_commit_sync_seconds,
             catch_up: std::sync::Arc::default(),
             registry,
         })

@@ -366,6 +366,11 @@ async fn durable_commits_count_the_syncs_and_a_batch_shares_one() {
         "every write of the batches was made durable: {text}"
     );
     assert_eq!(commits, f64::from(batches), "one sync per batch: {text}");
+    let synced = series(&text, "idempotency_store_durable_commit_sync_seconds_total");
+    assert!(
+        synced > 0.0 && synced < 60.0,
+        "the syncs' time is counted: {text}"
+    );
 
     // A duplicate acquire writes nothing and syncs nothing; scraping again adds nothing.
     let (_, again) = call(&router, "POST", "/v1/acquire", Some(TOKEN), acquire_body("g0-0")).await;
@@ -380,6 +385,11 @@ async fn durable_commits_count_the_syncs_and_a_batch_shares_one() {
         series(&text, "idempotency_store_durable_commit_operations_total"),
         operations,
         "{text}"
+    );
+    assert_eq!(
+        series(&text, "idempotency_store_durable_commit_sync_seconds_total"),
+        synced,
+        "no sync, no sync time: {text}"
     );
 
     // One more write: one more sync.
@@ -400,6 +410,10 @@ async fn durable_commits_count_the_syncs_and_a_batch_shares_one() {
     assert_eq!(
         series(&text, "idempotency_store_durable_commit_operations_total"),
         operations + 1.0,
+        "{text}"
+    );
+    assert!(
+        series(&text, "idempotency_store_durable_commit_sync_seconds_total") > synced,
         "{text}"
     );
 }

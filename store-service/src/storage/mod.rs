@@ -115,4 +115,6 @@ pub struct GroupCommits {
     pub commits: u64,
     /// Operations those commits carried (reads that ride along included).
     pub operations: u64,
+    /// Time spent making those commits durable (the engine's write and sync), in nanoseconds.
+    pub sync_nanos: u64,
 }

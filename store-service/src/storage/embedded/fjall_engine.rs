@@ -179,12 +179,15 @@ impl Engine for FjallEngine {
         if !tables.wrote {
             return Ok(Commit::NothingWritten);
         }
+        let started = std::time::Instant::now();
         self.db.persist(PersistMode::SyncData).map_err(|e| {
             self.failed.store(true, Ordering::Release);
             tracing::error!(error = %e, "journal sync failed; the store stops answering until restarted");
             e.to_string()
         })?;
-        Ok(Commit::Synced)
+        Ok(Commit::Synced {
+            sync: started.elapsed(),
+        })
     }
 
     fn read(&self, key: &str) -> Result<Option<Vec<u8>>, StorageError> {

@@ -105,8 +105,8 @@ pub(crate) trait Engine: Send + Sync + 'static {
 /// What a batch's commit did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Commit {
-    /// The batch wrote, and its writes reached the disk (one sync).
-    Synced,
+    /// The batch wrote, and its writes reached the disk (one sync), which took `sync`.
+    Synced { sync: std::time::Duration },
     /// The batch only read: nothing to make durable, no sync.
     NothingWritten,
 }
@@ -117,6 +117,8 @@ pub(crate) enum Commit {
 struct CommitTally {
     commits: AtomicU64,
     operations: AtomicU64,
+    /// Time spent making those commits durable (the engine's write and sync), in nanoseconds.
+    sync_nanos: AtomicU64,
 }
 
 enum Op {
@@ -282,9 +284,11 @@ fn writer_loop(engine: &dyn Engine, tally: &CommitTally, submissions: &mut mpsc:
         let committed = engine.write_batch(&mut |tables| {
             replies.extend(pending.by_ref().map(|op| apply(tables, op)));
         });
-        if committed == Ok(Commit::Synced) {
+        if let Ok(Commit::Synced { sync }) = committed {
             tally.commits.fetch_add(1, Ordering::Relaxed);
             tally.operations.fetch_add(operations, Ordering::Relaxed);
+            let nanos = u64::try_from(sync.as_nanos()).unwrap_or(u64::MAX);
+            tally.sync_nanos.fetch_add(nanos, Ordering::Relaxed);
         }
         // Operations the engine never reached (it failed to begin the batch) fail too.
         replies.extend(pending.map(fail));
@@ -552,6 +556,7 @@ impl Storage for EmbeddedStorage {
         Some(GroupCommits {
             commits: self.tally.commits.load(Ordering::Relaxed),
             operations: self.tally.operations.load(Ordering::Relaxed),
+            sync_nanos: self.tally.sync_nanos.load(Ordering::Relaxed),
         })
     }
 

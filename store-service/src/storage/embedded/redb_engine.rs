@@ -104,8 +104,11 @@ impl Engine for RedbEngine {
             tables.wrote
         };
         if wrote {
+            let started = std::time::Instant::now();
             txn.commit().map_err(|e| e.to_string())?;
-            Ok(Commit::Synced)
+            Ok(Commit::Synced {
+                sync: started.elapsed(),
+            })
         } else {
             // Nothing to make durable: no fsync for a batch of reads.
             txn.abort().map_err(|e| e.to_string())?;
