@@ -513,6 +513,27 @@ impl Stack {
         self.executions().await["byKey"][key].as_u64().unwrap_or(0)
     }
 
+    /// Send a keyed POST whose upstream takes `upstream_ms`, SIGKILL the store once the request
+    /// has reached the upstream, and return the body the client got: 201, the upstream's answer
+    /// (with `record_mode: async`, written to the store later).
+    pub async fn answered_with_the_store_killed(&mut self, key: &str, upstream_ms: u64) -> Value {
+        let first = {
+            let request = self
+                .post_order(Some(key), &json!({}))
+                .header("x-demo-delay-ms", upstream_ms.to_string());
+            tokio::spawn(async move { request.send().await.unwrap() })
+        };
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while self.executions_of(key).await == 0 {
+            assert!(Instant::now() < deadline, "{key} never reached the upstream");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        self.kill_store();
+        let answered = first.await.unwrap();
+        assert_eq!(answered.status(), 201, "the client gets the upstream's answer");
+        answered.json().await.unwrap()
+    }
+
     /// The store's Prometheus text.
     pub async fn store_metrics(&self) -> String {
         get_text(&self.client, &format!("{}/metrics", self.store_url)).await
@@ -621,6 +642,27 @@ pub fn scheduled(pid: u32) -> (u64, u64) {
             (run_ns, fields.nth(1).unwrap_or(0))
         })
         .fold((0, 0), |(run, woke), (r, w)| (run + r, woke + w))
+}
+
+/// Retry `key` until it is replayed (409 meanwhile is fine: the write is on its way), and return
+/// the replayed body. Any other answer fails the test.
+pub async fn replay_of(key: &str, request: impl Fn() -> reqwest::RequestBuilder) -> Value {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let retry = request().send().await.unwrap();
+        match retry.status().as_u16() {
+            409 => {
+                assert!(retry.headers().contains_key("retry-after"));
+                assert!(Instant::now() < deadline, "{key} still in progress");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            200 | 201 => {
+                assert_eq!(retry.headers()["idempotent-replayed"], "true", "{key} ran again");
+                return retry.json().await.unwrap();
+            }
+            other => panic!("{key}: unexpected {other}: {}", retry.text().await.unwrap()),
+        }
+    }
 }
 
 /// Value of a counter or gauge line `name{labels} value` in Prometheus text (sum over labels).

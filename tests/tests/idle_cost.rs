@@ -11,8 +11,8 @@
 use std::time::{Duration, Instant};
 
 use e2e::envoy_config::{passthrough_bootstrap, Ports};
-use e2e::{free_port, scheduled, start_envoy, wait_ready, Proc, Stack, StackOptions};
-use serde_json::{json, Value};
+use e2e::{free_port, replay_of, scheduled, start_envoy, wait_ready, Proc, Stack, StackOptions};
+use serde_json::json;
 
 /// Extra wake-ups per second an idle Envoy may have with the filter. The filter's tick fires
 /// once a second per VM when nothing waits for a clock (two VMs here: the main thread's and the
@@ -83,39 +83,11 @@ async fn an_idle_envoy_wakes_about_as_often_with_the_filter_as_without_also_afte
 
     // The store goes away while a record is being written: the filter retries the write on its
     // tick until the store is back (it must not stop ticking then), and must go back to idle after.
-    let first = {
-        let request = stack
-            .post_order(Some("idle-2"), &json!({}))
-            .header("x-demo-delay-ms", "500");
-        tokio::spawn(async move { request.send().await.unwrap() })
-    };
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while stack.executions_of("idle-2").await == 0 {
-        assert!(Instant::now() < deadline, "never forwarded");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    stack.kill_store();
-    let answered = first.await.unwrap();
-    assert_eq!(answered.status(), 201);
-    let original: Value = answered.json().await.unwrap();
+    let original = stack.answered_with_the_store_killed("idle-2", 500).await;
     tokio::time::sleep(Duration::from_millis(1_500)).await;
     stack.restart_store().await;
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let retry = stack.post_order(Some("idle-2"), &json!({})).send().await.unwrap();
-        if retry.status() == 201 {
-            assert_eq!(retry.headers()["idempotent-replayed"], "true");
-            assert_eq!(retry.json::<Value>().await.unwrap(), original);
-            break;
-        }
-        assert!(
-            [409, 503].contains(&retry.status().as_u16()),
-            "until the retried write lands: {}",
-            retry.status()
-        );
-        assert!(Instant::now() < deadline, "the retried write never landed");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let replayed = replay_of("idle-2", || stack.post_order(Some("idle-2"), &json!({}))).await;
+    assert_eq!(replayed, original);
     assert_eq!(stack.executions_of("idle-2").await, 1);
 
     let (with_filter, without) = idle_wakeups_per_second(&stack.envoy, &plain).await;

@@ -12,7 +12,7 @@
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use e2e::{Stack, StackOptions};
+use e2e::{replay_of, Stack, StackOptions};
 use serde_json::{json, Value};
 
 /// Async everywhere except PUTs of one order, which stay write-ahead; a store behind a proxy whose
@@ -55,27 +55,6 @@ async fn answer_with_a_slow_record(
     let record = stack.record(key).await.unwrap();
     stack.store_delay_ms.as_ref().unwrap().store(0, Ordering::Relaxed);
     (status, body, record)
-}
-
-/// Retry `key` until it is replayed (409 meanwhile is fine: the write is on its way), and return
-/// the replayed body. Any other answer fails the test.
-async fn replay_of(key: &str, request: impl Fn() -> reqwest::RequestBuilder) -> Value {
-    let deadline = Instant::now() + Duration::from_secs(15);
-    loop {
-        let retry = request().send().await.unwrap();
-        match retry.status().as_u16() {
-            409 => {
-                assert!(retry.headers().contains_key("retry-after"));
-                assert!(Instant::now() < deadline, "{key} still in progress");
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
-            200 | 201 => {
-                assert_eq!(retry.headers()["idempotent-replayed"], "true", "{key} ran again");
-                return retry.json().await.unwrap();
-            }
-            other => panic!("{key}: unexpected {other}: {}", retry.text().await.unwrap()),
-        }
-    }
 }
 
 #[tokio::test]
@@ -157,21 +136,7 @@ async fn async_retries_at_once_never_run_twice_and_replay_once_the_record_lands(
 #[tokio::test]
 async fn async_with_the_store_down_at_the_answer_writes_the_record_once_it_is_back() {
     let mut stack = stack().await;
-    let first = {
-        let request = stack
-            .post_order(Some("down-async-1"), &json!({}))
-            .header("x-demo-delay-ms", "1000");
-        tokio::spawn(async move { request.send().await.unwrap() })
-    };
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while stack.executions_of("down-async-1").await == 0 {
-        assert!(Instant::now() < deadline, "never forwarded");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    stack.kill_store();
-    let answered = first.await.unwrap();
-    assert_eq!(answered.status(), 201, "the client gets the upstream's answer");
-    let original: Value = answered.json().await.unwrap();
+    let original = stack.answered_with_the_store_killed("down-async-1", 1000).await;
 
     // While the store is down a retry cannot be decided: 503, never a second run.
     let during = stack
