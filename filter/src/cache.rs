@@ -293,7 +293,9 @@ mod tests {
     #[test]
     fn an_exact_request_matches_only_the_same_parts() {
         let tenant = vec![("x-tenant".to_owned(), "a".to_owned())];
-        let kept = ExactRequest::keep(&parts(&tenant, &[], b"{\"a\":1}")).unwrap();
+        let kept = ExactRequest::keep(&parts(&tenant, &[], b"{\"a\":1}"));
+        assert!(kept.is_some(), "a small request is kept");
+        let Some(kept) = kept else { return };
         assert!(kept.matches(&parts(&tenant, &[], b"{\"a\":1}")));
         assert!(!kept.matches(&parts(&tenant, &[], b"{\"a\":2}")), "other body");
         assert!(
@@ -340,7 +342,10 @@ mod tests {
     fn returns_live_records_and_forgets_expired_ones() {
         let mut cache = ReplayCache::new(10, 1 << 20);
         cache.insert("", "k1", fp("f1"), response(10), NOW + Duration::from_secs(5));
-        assert_eq!(cache.get("", "k1", NOW).unwrap().request.fingerprint, "f1");
+        assert_eq!(
+            cache.get("", "k1", NOW).map(|r| r.request.fingerprint),
+            Some("f1".to_owned())
+        );
         assert!(
             cache.get("other-scope", "k1", NOW).is_none(),
             "scope is part of the identity"

@@ -13,9 +13,11 @@ use thiserror::Error;
 
 /// What the filter does for a request on a route.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[cfg_attr(test, derive(Default))] // tests only: see `Config`
 #[serde(rename_all = "snake_case")]
 pub enum Mode {
     /// The filter does nothing.
+    #[cfg_attr(test, default)]
     Off,
     /// Track and count what would happen, never change a response or block.
     Shadow,
@@ -27,9 +29,11 @@ pub enum Mode {
 
 /// What happens when the store cannot be reached or answers nonsense.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[cfg_attr(test, derive(Default))] // tests only: see `Config`
 #[serde(rename_all = "snake_case")]
 pub enum FailureMode {
     /// Refuse with 503 `IDEMPOTENCY_STORAGE_UNAVAILABLE` (never risk a duplicate).
+    #[cfg_attr(test, default)]
     Closed,
     /// Forward untracked (counted and logged): availability over exactly-once.
     Open,
@@ -128,8 +132,10 @@ pub enum ScopeSource {
     JwtClaim(String),
 }
 
-/// Validated configuration.
+/// Validated configuration. A real one only comes from [`Config::parse`]; the `Default` that
+/// tests get is what `mock::succeeded` hands back after its assertion has already failed.
 #[derive(Debug, Clone)]
+#[cfg_attr(test, derive(Default))]
 pub struct Config {
     /// Logical service name; part of every record's identity.
     pub service_name: String,
@@ -847,35 +853,41 @@ pub(crate) mod tests {
     /// The configuration other modules' tests start from: service `orders` plus `extra` fields
     /// (e.g. `,"mode":"required"`).
     pub(crate) fn orders(extra: &str) -> Config {
-        Config::parse(format!(r#"{{"service_name":"orders"{extra}}}"#).as_bytes()).unwrap()
+        parsed(&format!(r#"{{"service_name":"orders"{extra}}}"#))
     }
 
-    fn parse(json: &str) -> Result<Config, ConfigError> {
-        Config::parse(json.as_bytes())
+    /// `json` parsed, asserting it is valid.
+    fn parsed(json: &str) -> Config {
+        crate::mock::succeeded(Config::parse(json.as_bytes()))
+    }
+
+    /// Why `json` is refused, asserting it is.
+    fn refused(json: &str) -> String {
+        crate::mock::error_text(Config::parse(json.as_bytes()))
     }
 
     #[test]
     fn store_batching_is_on_by_default_and_bounded() {
-        let config = parse(r#"{"service_name":"orders"}"#).unwrap();
+        let config = parsed(r#"{"service_name":"orders"}"#);
         assert_eq!(
             (config.store_batch_max_calls, config.store_max_calls_in_flight),
             (64, 1)
         );
-        let off = parse(r#"{"service_name":"orders","store_batch_max_calls":1}"#).unwrap();
+        let off = parsed(r#"{"service_name":"orders","store_batch_max_calls":1}"#);
         assert_eq!(off.store_batch_max_calls, 1);
         for (field, value) in [
             ("store_batch_max_calls", 0),
             ("store_batch_max_calls", 257),
             ("store_max_calls_in_flight", 0),
         ] {
-            let error = parse(&format!(r#"{{"service_name":"orders","{field}":{value}}}"#)).unwrap_err();
+            let error = refused(&format!(r#"{{"service_name":"orders","{field}":{value}}}"#));
             assert!(error.to_string().contains(field), "{error}");
         }
     }
 
     #[test]
     fn minimal_config_takes_the_seed_defaults() {
-        let config = parse(r#"{"service_name":"orders"}"#).unwrap();
+        let config = parsed(r#"{"service_name":"orders"}"#);
         assert_eq!(config.mode, Mode::Optional);
         assert!(config.only_mutating);
         assert_eq!(config.max_key_length, 255);
@@ -891,68 +903,66 @@ pub(crate) mod tests {
     #[test]
     fn record_mode_is_write_ahead_unless_async_is_chosen_and_names_its_field_when_wrong() {
         assert_eq!(
-            parse(r#"{"service_name":"o"}"#).unwrap().record_mode,
+            parsed(r#"{"service_name":"o"}"#).record_mode,
             RecordMode::WriteAhead
         );
-        let config = parse(
+        let config = parsed(
             r#"{"service_name":"o","record_mode":"async","routes":[{"path_prefix":"/pay","mode":"required","record_mode":"write_ahead"}]}"#,
-        )
-        .unwrap();
+        );
         assert_eq!(config.record_mode, RecordMode::Async);
         assert_eq!(config.routes[0].record_mode, Some(RecordMode::WriteAhead));
-        let err = parse(r#"{"service_name":"o","record_mode":"later"}"#).unwrap_err();
+        let err = refused(r#"{"service_name":"o","record_mode":"later"}"#);
         assert!(err.to_string().contains("`record_mode`"), "{err}");
         assert!(
             err.to_string().contains("write_ahead"),
             "lists the choices: {err}"
         );
-        let err =
-            parse(r#"{"service_name":"o","routes":[{"mode":"optional","record_mode":"sync"}]}"#).unwrap_err();
+        let err = refused(r#"{"service_name":"o","routes":[{"mode":"optional","record_mode":"sync"}]}"#);
         assert!(err.to_string().contains("record_mode"), "{err}");
     }
 
     #[test]
     fn require_key_true_means_required_mode() {
         assert_eq!(
-            parse(r#"{"service_name":"o","require_key":true}"#).unwrap().mode,
+            parsed(r#"{"service_name":"o","require_key":true}"#).mode,
             Mode::Required
         );
     }
 
     #[test]
     fn conflicting_mode_and_require_key_names_the_field() {
-        let err = parse(r#"{"service_name":"o","require_key":true,"mode":"shadow"}"#).unwrap_err();
+        let err = refused(r#"{"service_name":"o","require_key":true,"mode":"shadow"}"#);
         assert!(err.to_string().contains("`require_key`"), "{err}");
     }
 
     #[test]
     fn unknown_field_is_refused_by_name() {
-        let err = parse(r#"{"service_name":"o","requir_key":true}"#).unwrap_err();
+        let err = refused(r#"{"service_name":"o","requir_key":true}"#);
         assert!(err.to_string().contains("requir_key"), "{err}");
     }
 
     #[test]
     fn missing_service_name_is_refused_by_name() {
-        let err = parse(r#"{}"#).unwrap_err();
+        let err = refused(r#"{}"#);
         assert!(err.to_string().contains("`service_name`"), "{err}");
     }
 
     #[test]
     fn bad_duration_names_the_field() {
-        let err = parse(r#"{"service_name":"o","lock_timeout":"five minutes"}"#).unwrap_err();
+        let err = refused(r#"{"service_name":"o","lock_timeout":"five minutes"}"#);
         assert!(err.to_string().contains("`lock_timeout`"), "{err}");
-        let err = parse(r#"{"service_name":"o","lock_timeout":"0s"}"#).unwrap_err();
+        let err = refused(r#"{"service_name":"o","lock_timeout":"0s"}"#);
         assert!(err.to_string().contains("`lock_timeout`"), "{err}");
     }
 
     #[test]
     fn wrong_type_is_refused_with_the_field_name() {
-        let err = parse(r#"{"service_name":"o","max_key_length":"long"}"#).unwrap_err();
+        let err = refused(r#"{"service_name":"o","max_key_length":"long"}"#);
         assert!(
             err.to_string().contains("max_key_length") || err.to_string().contains("invalid type"),
             "{err}"
         );
-        let err = parse(r#"{"service_name":"o","failure_mode":"sideways"}"#).unwrap_err();
+        let err = refused(r#"{"service_name":"o","failure_mode":"sideways"}"#);
         assert!(err.to_string().contains("sideways"), "{err}");
     }
 
@@ -978,21 +988,20 @@ pub(crate) mod tests {
             ),
             (r#"{"service_name":"o","store_token":""}"#, "store_token"),
         ] {
-            let err = parse(json).unwrap_err();
+            let err = refused(json);
             assert!(err.to_string().contains(&format!("`{field}`")), "{json}: {err}");
         }
     }
 
     #[test]
     fn route_rules_parse_and_bad_ones_name_the_field() {
-        let config = parse(
+        let config = parsed(
             r#"{"service_name":"o","routes":[
                 {"name":"orders","path_prefix":"/api/v1/orders","methods":["post"],"mode":"required","percentage":25,
                  "exclude_fields":["/clientTimestamp","/meta/a~1b"]},
                 {"path_regex":"^/api/v1/orders/[^/]+$","mode":"shadow"},
                 {"path_exact":"/legacy","mode":"off"}]}"#,
-        )
-        .unwrap();
+        );
         assert_eq!(config.routes.len(), 3);
         assert_eq!(config.routes[0].percentage, 25.0);
         assert!(config.routes[1].path.matches("/api/v1/orders/ORD-1"));
@@ -1004,18 +1013,17 @@ pub(crate) mod tests {
             r#"{"service_name":"o","routes":[{"mode":"required","exclude_fields":["nope"]}]}"#,
             r#"{"service_name":"o","routes":[{"mode":"sometimes"}]}"#,
         ] {
-            let err = parse(bad).unwrap_err();
+            let err = refused(bad);
             assert!(err.to_string().contains("routes"), "{bad}: {err}");
         }
     }
 
     #[test]
     fn scope_sources_parse_and_bad_ones_name_the_field() {
-        let config = parse(
+        let config = parsed(
             r#"{"service_name":"o","scope_from":["header:X-Tenant-Id","jwt_claim:sub","peer_principal","authorization"],
                 "scope_secret":"a-secret-of-16-chars"}"#,
-        )
-        .unwrap();
+        );
         assert_eq!(
             config.scope_from,
             vec![
@@ -1025,23 +1033,22 @@ pub(crate) mod tests {
                 ScopeSource::AuthorizationHash
             ]
         );
-        let err = parse(r#"{"service_name":"o","scope_from":["cookie"]}"#).unwrap_err();
+        let err = refused(r#"{"service_name":"o","scope_from":["cookie"]}"#);
         assert!(err.to_string().contains("`scope_from`"), "{err}");
-        let err = parse(r#"{"service_name":"o","scope_from":["authorization"]}"#).unwrap_err();
+        let err = refused(r#"{"service_name":"o","scope_from":["authorization"]}"#);
         assert!(err.to_string().contains("`scope_secret`"), "{err}");
-        let err = parse(r#"{"service_name":"o","scope_from":["authorization"],"scope_secret":"short"}"#)
-            .unwrap_err();
+        let err = refused(r#"{"service_name":"o","scope_from":["authorization"],"scope_secret":"short"}"#);
         assert!(err.to_string().contains("`scope_secret`"), "{err}");
     }
 
     #[test]
     fn stat_names_carry_a_sanitised_service_tag_only_when_asked() {
-        let plain = parse(r#"{"service_name":"orders.v2"}"#).unwrap();
+        let plain = parsed(r#"{"service_name":"orders.v2"}"#);
         assert_eq!(
             plain.stat_name("idempotency_hits_total"),
             "idempotency_hits_total"
         );
-        let tagged = parse(r#"{"service_name":"orders.v2","stats_service_tag":true}"#).unwrap();
+        let tagged = parsed(r#"{"service_name":"orders.v2","stats_service_tag":true}"#);
         assert_eq!(
             tagged.stat_name("idempotency_hits_total"),
             "idempotency_hits_total.service.orders_v2"
@@ -1050,18 +1057,18 @@ pub(crate) mod tests {
 
     #[test]
     fn release_grpc_statuses_default_to_the_retryable_ones_and_bad_names_are_refused() {
-        let config = parse(r#"{"service_name":"o"}"#).unwrap();
+        let config = parsed(r#"{"service_name":"o"}"#);
         assert!(!config.stores_grpc_status(14) && !config.stores_grpc_status(4));
         assert!(config.stores_grpc_status(0) && config.stores_grpc_status(3) && config.stores_grpc_status(6));
-        let custom = parse(r#"{"service_name":"o","release_grpc_statuses":["UNAVAILABLE","10"]}"#).unwrap();
+        let custom = parsed(r#"{"service_name":"o","release_grpc_statuses":["UNAVAILABLE","10"]}"#);
         assert_eq!(custom.release_grpc_statuses, vec![14, 10]);
-        let err = parse(r#"{"service_name":"o","release_grpc_statuses":["SOMETIMES"]}"#).unwrap_err();
+        let err = refused(r#"{"service_name":"o","release_grpc_statuses":["SOMETIMES"]}"#);
         assert!(err.to_string().contains("`release_grpc_statuses`"), "{err}");
     }
 
     #[test]
     fn release_statuses_accept_codes_and_classes() {
-        let config = parse(r#"{"service_name":"o","release_statuses":["503","4xx"]}"#).unwrap();
+        let config = parsed(r#"{"service_name":"o","release_statuses":["503","4xx"]}"#);
         assert!(!config.stores_status(503) && !config.stores_status(404));
         assert!(config.stores_status(500) && config.stores_status(201));
     }

@@ -99,27 +99,26 @@ mod tests {
 
     #[test]
     fn refuses_keys_over_the_limit_and_says_the_limit() {
-        let err = parse_key(&"a".repeat(256), 255).unwrap_err();
+        let err = parse_key(&"a".repeat(256), 255).err();
         assert_eq!(
             err,
-            KeyError::TooLong {
+            Some(KeyError::TooLong {
                 length: 256,
                 max: 255
-            }
+            })
         );
-        assert!(err.to_string().contains("255"));
+        assert!(err.is_some_and(|e| e.to_string().contains("255")));
         assert!(parse_key(&"a".repeat(255), 255).is_ok());
     }
 
     #[test]
     fn refuses_characters_outside_the_alphabet_and_says_which() {
-        let err = parse_key("abc def", 255).unwrap_err();
         assert_eq!(
-            err,
-            KeyError::InvalidCharacter {
+            parse_key("abc def", 255).err(),
+            Some(KeyError::InvalidCharacter {
                 found: ' ',
                 position: 4
-            }
+            })
         );
         assert!(matches!(
             parse_key("ключ", 255),

@@ -297,6 +297,17 @@ pub fn present_because<T: Default>(option: Option<T>, missing: &str) -> T {
     option.unwrap_or_default()
 }
 
+/// What `result`'s error says, asserting it is an `Err` (shows the value otherwise).
+#[track_caller]
+pub fn error_text<T: std::fmt::Debug, E: std::fmt::Display>(result: Result<T, E>) -> String {
+    assert!(
+        result.is_err(),
+        "expected an error, got {:?}",
+        result.as_ref().ok()
+    );
+    result.err().map(|e| e.to_string()).unwrap_or_default()
+}
+
 /// The value in `result`, asserting it is `Ok` (shows the error otherwise).
 #[track_caller]
 pub fn succeeded<T: Default, E: std::fmt::Debug>(result: Result<T, E>) -> T {

@@ -137,12 +137,12 @@ mod tests {
     #[test]
     fn concurrent_request_body_has_the_seed_shape_and_retry_after() {
         let problem = Problem::new(ErrorCode::ConcurrentRequest, "busy").retry_after(2);
-        let body: Value = serde_json::from_slice(&problem.body()).unwrap();
+        let body: Value = crate::mock::succeeded(serde_json::from_slice(&problem.body()));
         assert_eq!(body["code"], "IDEMPOTENCY_CONCURRENT_REQUEST");
         assert_eq!(body["message"], "busy");
         assert_eq!(body["details"]["retryAfter"], 2);
         assert_eq!(body["status"], 409);
-        assert!(body["type"].as_str().unwrap().starts_with("urn:"));
+        assert!(body["type"].as_str().is_some_and(|t| t.starts_with("urn:")));
         assert!(problem
             .headers()
             .contains(&("retry-after".to_owned(), "2".to_owned())));

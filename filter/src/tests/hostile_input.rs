@@ -2,7 +2,7 @@
 //! kills the Wasm VM); malformed store replies must end in 503, never in forwarding.
 //!
 //! `PROPTEST_CASES` sets the cases per property (256 by default; `make fuzz` runs 200,000 each).
-#![cfg(test)] // test code only: unwrap, expect and panic are the assertions here
+#![cfg(test)] // test code only
 
 use std::rc::Rc;
 

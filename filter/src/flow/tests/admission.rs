@@ -1,5 +1,5 @@
-//! Unit tests of `admission.rs` (test code: unwrap and panic are the assertions here).
-#![cfg(test)] // test code only: unwrap, expect and panic are the assertions here
+//! Unit tests of `admission.rs` (test code).
+#![cfg(test)] // test code only
 
 use super::*;
 

@@ -1,6 +1,6 @@
 //! `record_mode: async`: the response goes on at once, the record is written (batched, retried,
 //! cached once acknowledged) by the root context.
-#![cfg(test)] // test code only: unwrap, expect and panic are the assertions here
+#![cfg(test)] // test code only
 
 use std::cell::RefCell;
 use std::rc::Rc;
