@@ -185,6 +185,43 @@ fn rss_kib(pid: u32) -> u64 {
         .unwrap_or(0)
 }
 
+/// One Envoy's memory: its RSS and, from its admin `/memory` (tcmalloc's counters), what its heap
+/// holds live against what the allocator keeps after use (free pages and per-thread caches,
+/// which count in RSS but are not Envoy's or the filter's data).
+async fn envoy_memory(client: &reqwest::Client, pid: Option<u32>, admin_port: u16) -> Value {
+    let heap: Value = match client
+        .get(format!("http://127.0.0.1:{admin_port}/memory"))
+        .send()
+        .await
+    {
+        Ok(reply) => reply.json().await.unwrap_or_default(),
+        Err(_) => Value::Null,
+    };
+    // The admin API prints these 64-bit counters as strings.
+    let kib = |field: &str| {
+        heap[field]
+            .as_str()
+            .and_then(|bytes| bytes.parse::<u64>().ok())
+            .map(|bytes| bytes / 1024)
+    };
+    json!({
+        "rss_kib": pid.map(rss_kib),
+        "heap_allocated_kib": kib("allocated"),
+        "heap_free_kib": kib("pageheap_free"),
+        "thread_caches_kib": kib("total_thread_cache"),
+    })
+}
+
+/// [`envoy_memory`] of each named Envoy, as one object keyed by name.
+async fn envoys_memory(envoys: &[(&str, Option<u32>, u16)]) -> Value {
+    let client = reqwest::Client::new();
+    let mut readings = serde_json::Map::new();
+    for (name, pid, admin_port) in envoys {
+        readings.insert((*name).to_owned(), envoy_memory(&client, *pid, *admin_port).await);
+    }
+    Value::Object(readings)
+}
+
 /// CPU time (user + system) of a process, in microseconds.
 fn cpu_us(pid: u32) -> u64 {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
@@ -505,6 +542,14 @@ async fn run(settings: Settings) {
         .await;
     }
 
+    // Memory before any request: the Wasm VMs are loaded and their modules compiled.
+    let measured_envoys = [
+        ("passthrough", plain.pid(), plain_ports.admin),
+        ("noop_wasm", noop.pid(), noop_ports.admin),
+        ("with_filter", filtered.pid(), filter_ports.admin),
+    ];
+    let envoy_memory_at_start = envoys_memory(&measured_envoys).await;
+
     let addr = |port: u16| SocketAddr::from(([127, 0, 0, 1], port));
     let any_2xx: fn(u16, bool) -> bool = |s, _| (200..300).contains(&s);
     let executed: fn(u16, bool) -> bool = |s, r| s == 201 && !r;
@@ -808,11 +853,7 @@ async fn run(settings: Settings) {
     // bodies (the module's linear memory keeps its high-water mark, so the final reading has it).
     // The store's memory along the run, to tell which scenario grows it.
     let mut store_rss_along = vec![json!({"after": "1 KiB rounds", "rss_kib": store.pid().map(rss_kib)})];
-    let envoy_rss_after_rounds = json!({
-        "passthrough_kib": plain.pid().map(rss_kib),
-        "with_filter_kib": filtered.pid().map(rss_kib),
-        "noop_wasm_kib": noop.pid().map(rss_kib),
-    });
+    let envoy_memory_after_rounds = envoys_memory(&measured_envoys).await;
     // What an idle proxy pays for a Wasm filter (its VMs' timers), after serving the rounds.
     let envoy_idle = idle_cost(
         &[
@@ -979,11 +1020,10 @@ async fn run(settings: Settings) {
     drop(grpc_filtered);
 
     store_rss_along.push(json!({"after": "gRPC replays", "rss_kib": store.pid().map(rss_kib)}));
-    let envoy_rss = json!({
-        "passthrough_kib": plain.pid().map(rss_kib),
-        "with_filter_kib": filtered.pid().map(rss_kib),
-        "noop_wasm_kib": noop.pid().map(rss_kib),
-        "after_1kib_rounds": envoy_rss_after_rounds,
+    let envoy_memory = json!({
+        "before_any_request": envoy_memory_at_start,
+        "after_1kib_rounds": envoy_memory_after_rounds,
+        "at_the_end": envoys_memory(&measured_envoys).await,
     });
 
     let store_alone = measure_store_alone(&store, store_port, store_connections, duration).await;
@@ -998,7 +1038,7 @@ async fn run(settings: Settings) {
         "rounds": results,
         "one_connection": added,
         "growth": growth,
-        "envoy_rss": envoy_rss,
+        "envoy_memory": envoy_memory,
         "envoy_idle": envoy_idle,
         "store_alone": store_alone["store_alone"],
         "store_rss_kib_at_live_records": store_alone["store_rss_kib_at_live_records"],
@@ -1506,16 +1546,7 @@ fn print_table(summary: &Value) {
             row["ratio"].as_f64().unwrap_or(0.0)
         );
     }
-    let rss = &summary["envoy_rss"];
-    let early = &rss["after_1kib_rounds"];
-    println!(
-        "\nEnvoy RSS after the 1 KiB rounds: pass-through {} KiB, no-op Wasm filter {} KiB, with filter {} KiB",
-        early["passthrough_kib"], early["noop_wasm_kib"], early["with_filter_kib"]
-    );
-    println!(
-        "Envoy RSS at the end (after 64 KiB and 1 MiB bodies): pass-through {} KiB, no-op Wasm filter {} KiB, with filter {} KiB",
-        rss["passthrough_kib"], rss["noop_wasm_kib"], rss["with_filter_kib"]
-    );
+    print_envoy_memory(&summary["envoy_memory"]);
     let idle = &summary["envoy_idle"];
     println!(
         "Envoy idle (3 s after the rounds), CPU µs/s and wake-ups/s: pass-through {:.0} / {:.1}, no-op Wasm filter {:.0} / {:.1}, with filter {:.0} / {:.1}",
@@ -1566,6 +1597,38 @@ fn metric_containing(text: &str, name: &str) -> f64 {
 }
 
 /// The store-alone lines of the table (also the whole output of `--store-only`).
+/// Envoy's memory at the three readings, pass-through against the no-op Wasm filter and the
+/// filter: RSS, and the heap's live bytes against what tcmalloc keeps after use.
+fn print_envoy_memory(memory: &Value) {
+    println!("\nEnvoy memory, KiB: RSS = heap live + heap free + thread caches + the rest (code, Wasm memories, V8)");
+    for (reading, label) in [
+        ("before_any_request", "before any request"),
+        ("after_1kib_rounds", "after the 1 KiB rounds"),
+        ("at_the_end", "at the end (after 64 KiB and 1 MiB bodies)"),
+    ] {
+        println!("  {label}:");
+        for (envoy, name) in [
+            ("passthrough", "pass-through"),
+            ("noop_wasm", "no-op Wasm filter"),
+            ("with_filter", "with filter"),
+        ] {
+            let row = &memory[reading][envoy];
+            let kib = |field: &str| {
+                row[field]
+                    .as_u64()
+                    .map_or_else(|| "?".to_owned(), |v| v.to_string())
+            };
+            println!(
+                "    {name:<18} RSS {:>7}  heap live {:>6}  heap free {:>6}  thread caches {:>6}",
+                kib("rss_kib"),
+                kib("heap_allocated_kib"),
+                kib("heap_free_kib"),
+                kib("thread_caches_kib")
+            );
+        }
+    }
+}
+
 fn print_store_alone(summary: &Value) {
     println!(
         "Store alone: {:.0} acquire+complete pairs/s (embedded, durable); one connection: p50 {} µs, p99 {} µs per durable operation, of which the commit's write and sync {:.0} µs (mean)",
