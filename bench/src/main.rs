@@ -1596,7 +1596,6 @@ fn metric_containing(text: &str, name: &str) -> f64 {
         .sum()
 }
 
-/// The store-alone lines of the table (also the whole output of `--store-only`).
 /// Envoy's memory at the three readings, pass-through against the no-op Wasm filter and the
 /// filter: RSS, and the heap's live bytes against what tcmalloc keeps after use.
 fn print_envoy_memory(memory: &Value) {
@@ -1629,6 +1628,7 @@ fn print_envoy_memory(memory: &Value) {
     }
 }
 
+/// The store-alone lines of the table (also the whole output of `--store-only`).
 fn print_store_alone(summary: &Value) {
     println!(
         "Store alone: {:.0} acquire+complete pairs/s (embedded, durable); one connection: p50 {} µs, p99 {} µs per durable operation, of which the commit's write and sync {:.0} µs (mean)",
