@@ -15,7 +15,7 @@
 )] // a benchmark harness
 
 use std::net::SocketAddr;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -267,11 +267,11 @@ fn store_request(path: &str, body: &Value) -> Request<Full<Bytes>> {
 }
 
 /// Write `results` to `target/bench/<name>` and say so.
-fn write_results(name: &str, results: &Value) {
-    let out = e2e::repo_root().join("target/bench");
-    std::fs::create_dir_all(&out).unwrap();
-    std::fs::write(out.join(name), serde_json::to_string_pretty(results).unwrap()).unwrap();
-    eprintln!("\nwritten to target/bench/{name}");
+fn write_results(out_dir: &Path, name: &str, results: &Value) {
+    std::fs::create_dir_all(out_dir).unwrap();
+    let path = out_dir.join(name);
+    std::fs::write(&path, serde_json::to_string_pretty(results).unwrap()).unwrap();
+    eprintln!("\nwritten to {}", path.display());
 }
 
 /// Free listener and admin ports for one more Envoy in front of the demo service and the store.
@@ -359,6 +359,12 @@ struct Settings {
         requires = "rounds_only"
     )]
     scenarios: Vec<String>,
+    /// Where the JSON results go [default: target/bench in the repository].
+    #[arg(long, env = "BENCH_OUT_DIR")]
+    out_dir: Option<PathBuf>,
+    /// Live records the store is filled to before its memory is read.
+    #[arg(long, env = "BENCH_STORE_RECORDS", default_value_t = 100_000)]
+    store_records: u64,
 }
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 1)]
@@ -395,7 +401,10 @@ async fn run(settings: Settings) {
         rounds_only,
         filter_config,
         scenarios: chosen,
+        out_dir,
+        store_records,
     } = settings;
+    let out_dir = out_dir.unwrap_or_else(|| e2e::repo_root().join("target/bench"));
     let filter_config: Value = serde_json::from_str(&filter_config)
         .unwrap_or_else(|e| panic!("--filter-config is not a JSON object: {e}"));
     let duration = Duration::from_secs_f64(seconds);
@@ -416,11 +425,11 @@ async fn run(settings: Settings) {
             Duration::from_secs(30),
         )
         .await;
-        let alone = measure_store_alone(&store, store_port, store_connections, duration).await;
+        let alone = measure_store_alone(&store, store_port, store_connections, duration, store_records).await;
         let result =
             json!({"machine": machine(), "store_args": store_args, "seconds": seconds, "store": alone});
         print_store_alone(&alone);
-        write_results("store.json", &result);
+        write_results(&out_dir, "store.json", &result);
         return;
     }
     let mut demo = spawn_demo(dir.path(), demo_port, store_port);
@@ -818,7 +827,7 @@ async fn run(settings: Settings) {
         let rounds = json!({"summary": summarize(&results), "rounds": results, "filter_config": filter_config,
             "store_batching": batching, "acquire_times": acquire_times});
         print_rounds(&rounds);
-        write_results("rounds.json", &rounds);
+        write_results(&out_dir, "rounds.json", &rounds);
         return;
     }
 
@@ -1026,7 +1035,8 @@ async fn run(settings: Settings) {
         "at_the_end": envoys_memory(&measured_envoys).await,
     });
 
-    let store_alone = measure_store_alone(&store, store_port, store_connections, duration).await;
+    let store_alone =
+        measure_store_alone(&store, store_port, store_connections, duration, store_records).await;
     let wasm_bytes = std::fs::metadata(wasm_path()).map(|m| m.len()).unwrap_or(0);
 
     let per_scenario = summarize(&results);
@@ -1051,7 +1061,7 @@ async fn run(settings: Settings) {
         "acquire_times": acquire_times,
     });
     print_table(&summary);
-    write_results("results.json", &summary);
+    write_results(&out_dir, "results.json", &summary);
 }
 
 /// The main table: every scenario of every round.
@@ -1085,6 +1095,7 @@ async fn measure_store_alone(
     store_port: u16,
     store_connections: usize,
     duration: Duration,
+    records: u64,
 ) -> Value {
     // The store alone: acquire + complete pairs per second, embedded backend, durable commits.
     // Envoy is idle now: give the store CPU 0 and keep the load generator on CPU 1.
@@ -1118,9 +1129,9 @@ async fn measure_store_alone(
     // As the filter sends them under load: 8 callers (workers), 16 calls per batch.
     let batched = store_pairs_batched(store_addr, 8, 16, duration).await;
     let consumer_dedup = consumer_dedup_cost(&format!("http://{store_addr}"), duration).await;
-    // Fill to 100k live records, then measure the store's memory.
+    // Fill to `records` live records (100k by default), then measure the store's memory.
     let mut filled = pairs.0 + single.0 + batched.0;
-    while filled < 100_000 {
+    while filled < records {
         filled += store_pairs(store_addr, store_connections, Duration::from_secs(2))
             .await
             .0;
