@@ -41,8 +41,8 @@ kafka-broker: ## Install tansu, a Kafka-protocol broker, for the Kafka tests (on
 
 build: setup wasm binaries ## Build the filter (.wasm) and the release binaries
 
-wasm:
-	$(CARGO) build --locked -p idempotency-filter --target wasm32-wasip1 --profile wasm-release
+wasm: ## The filter's .wasm, and the no-op filter the benchmark measures as its floor
+	$(CARGO) build --locked -p idempotency-filter -p noop-filter --target wasm32-wasip1 --profile wasm-release
 
 binaries:
 	$(CARGO) build --locked --release -p idempotency-store -p demo-orders -p idempotencyctl
@@ -73,7 +73,6 @@ fuzz: ## Long property run: 200,000 hostile inputs per filter parser (>= 10^6 in
 
 bench: build ## Benchmark: filter vs pass-through Envoy (interleaved rounds) and the store alone; target/bench/results.json
 	$(CARGO) build --locked --release -p idempotency-bench
-	$(CARGO) build --locked -p noop-filter --target wasm32-wasip1 --profile wasm-release
 	taskset -c 1 target/release/idempotency-bench
 
 audit: ## Dependency policy (licenses, bans, sources) with cargo-deny

@@ -1,0 +1,149 @@
+//! `make bench` in short, inside `make test`: every scenario runs against the real stack and is
+//! answered as it should be (the benchmark fails on any wrong answer), and the results file holds
+//! every figure the README's Performance section is read from.
+
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::indexing_slicing
+)] // test code
+
+use std::process::Command;
+
+use serde_json::Value;
+
+/// Rows of the main table; each must have been measured.
+const SCENARIOS: [&str; 12] = [
+    "demo service directly (POST)",
+    "pass-through Envoy (POST)",
+    "pass-through Envoy (GET)",
+    "no-op Wasm filter (POST), the floor",
+    "Wasm filter holding and reading both bodies",
+    "... and making one callout per request",
+    "filter, untouched GET",
+    "filter, untouched POST without key",
+    "filter, keyed POST that executes",
+    "filter, keyed POST that executes, store calls unbatched",
+    "filter, keyed POST that executes, record_mode async",
+    "filter, keyed POST that replays",
+];
+
+fn positive(value: &Value, what: &str) -> f64 {
+    let number = value.as_f64().unwrap_or(0.0);
+    assert!(number > 0.0, "{what}: expected a positive number, got {value}");
+    number
+}
+
+#[test]
+fn a_short_benchmark_measures_every_scenario_and_writes_every_figure() {
+    let out = tempfile::tempdir().unwrap();
+    let output = Command::new(env!("CARGO_BIN_EXE_idempotency-bench"))
+        .args(["--seconds", "0.3", "--rounds", "1", "--store-records", "1000"])
+        .arg("--out-dir")
+        .arg(out.path())
+        // The caller's `make bench` settings must not stretch the short form.
+        .env_remove("BENCH_SECONDS")
+        .env_remove("BENCH_ROUNDS")
+        .env_remove("BENCH_CONNECTIONS")
+        .env_remove("BENCH_STORE_CONNECTIONS")
+        .env_remove("BENCH_SCENARIOS")
+        .output()
+        .unwrap();
+    let printed = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "the benchmark failed:\n{printed}\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(
+        printed.contains("Envoy memory, KiB"),
+        "no memory table:\n{printed}"
+    );
+    let results: Value =
+        serde_json::from_str(&std::fs::read_to_string(out.path().join("results.json")).unwrap()).unwrap();
+
+    let summary = &results["summary"];
+    for name in SCENARIOS {
+        positive(&summary[name]["median_rps"], name);
+        if name.starts_with("filter") || name.contains("Wasm") || name.starts_with("...") {
+            positive(&summary[name]["median_ratio_to_passthrough"], name);
+            positive(&summary[name]["median_envoy_cpu_us_per_request"], name);
+        }
+    }
+    let one_connection = results["one_connection"].as_array().unwrap();
+    assert!(
+        one_connection
+            .iter()
+            .any(|row| row["scenario"] == "filter, keyed POST that executes"
+                && row["p50_us"].as_u64() > Some(0)),
+        "no one-connection execution: {one_connection:?}"
+    );
+    assert_eq!(
+        results["growth"].as_array().map(Vec::len),
+        Some(5),
+        "body and connection rows"
+    );
+
+    // Memory: the three readings of the three Envoys, read from their admin `/memory`.
+    for reading in ["before_any_request", "after_1kib_rounds", "at_the_end"] {
+        let memory = &results["envoy_memory"][reading];
+        for envoy in ["passthrough", "noop_wasm", "with_filter"] {
+            let row = &memory[envoy];
+            let what = format!("{reading}, {envoy}");
+            let rss = positive(&row["rss_kib"], &what);
+            let live = positive(&row["heap_allocated_kib"], &what);
+            assert!(live < rss, "{what}: live heap {live} KiB above RSS {rss} KiB");
+            assert!(
+                row["heap_free_kib"].is_u64() && row["thread_caches_kib"].is_u64(),
+                "{what}: {row}"
+            );
+        }
+        let rss = |envoy: &str| memory[envoy]["rss_kib"].as_f64().unwrap_or(0.0);
+        assert!(
+            rss("passthrough") < rss("with_filter"),
+            "{reading}: the filter's Envoy is not the larger: {memory}"
+        );
+    }
+    for envoy in ["passthrough", "noop_wasm", "with_filter"] {
+        positive(&results["envoy_idle"][envoy]["wakeups_per_s"], envoy);
+    }
+
+    // The store alone, retries of in-flight keys, gRPC replays, consumer dedup.
+    let store = &results["store_alone"];
+    positive(&store["pairs_per_second"], "store pairs/s");
+    positive(&store["batched"]["pairs_per_second"], "store batched pairs/s");
+    positive(
+        &store["one_connection_per_operation"]["p50_us"],
+        "store p50 per operation",
+    );
+    positive(
+        &store["one_connection_per_operation"]["mean_sync_us_per_commit"],
+        "sync per commit",
+    );
+    let records = &results["store_rss_kib_at_live_records"];
+    assert!(
+        records["records"].as_u64() >= Some(1000),
+        "filled records: {records}"
+    );
+    let retries = &results["in_flight_retries"];
+    positive(&retries["retries"], "in-flight retries");
+    assert_eq!(
+        retries["replayed"], retries["retries"],
+        "every waiting retry replayed: {retries}"
+    );
+    assert_eq!(
+        results["grpc"]["replay_unary"]["not_replayed"], 0,
+        "{}",
+        results["grpc"]
+    );
+    positive(&results["grpc"]["replay_unary"]["rps"], "gRPC replays");
+    positive(
+        &results["consumer_dedup"]["new_messages_per_second"],
+        "consumer dedup",
+    );
+    positive(
+        &results["store_batching"]["mean_calls_per_batch"],
+        "calls per batch",
+    );
+}
