@@ -71,6 +71,23 @@ fn a_short_benchmark_measures_every_scenario_and_writes_every_figure() {
             positive(&summary[name]["median_envoy_cpu_us_per_request"], name);
         }
     }
+    // Pass-through paced to the executions' rate: the fair baseline for an execution's Envoy CPU.
+    let same_rate = &summary["pass-through Envoy (POST) at the executions' rate"];
+    let paced = positive(&same_rate["median_rps"], "pass-through at the executions' rate");
+    let executions = positive(
+        &summary["filter, keyed POST that executes"]["median_rps"],
+        "executions",
+    );
+    assert!(
+        paced < executions * 1.5,
+        "pass-through was not paced to the executions' rate: {paced:.0}/s against {executions:.0}/s"
+    );
+    positive(&same_rate["median_envoy_cpu_us_per_request"], "its Envoy CPU");
+    assert!(
+        printed.contains("pass-through at the same rate"),
+        "no CPU comparison:\n{printed}"
+    );
+
     let one_connection = results["one_connection"].as_array().unwrap();
     assert!(
         one_connection
