@@ -1143,18 +1143,33 @@ fn print_rounds(summary: &Value) {
             row["envoy_cpu_us_per_request"].as_f64().unwrap_or(0.0)
         );
     }
-    let cpu = |name: &str| summary["summary"][name]["median_envoy_cpu_us_per_request"].as_f64();
-    if let (Some(execution), Some(closed_loop), Some(same_rate)) = (
-        cpu(EXECUTES),
-        cpu(PASSTHROUGH_POST),
-        cpu(PASSTHROUGH_AT_EXECUTION_RATE),
-    ) {
-        println!(
-            "Envoy CPU per execution {execution:.0} µs: {:.1}× pass-through at the same rate ({same_rate:.0} µs), \
-             {:.1}× pass-through at its own closed-loop rate ({closed_loop:.0} µs)",
-            execution / same_rate.max(f64::MIN_POSITIVE),
-            execution / closed_loop.max(f64::MIN_POSITIVE)
-        );
+    // Per round, since a disturbed round moves both rows of that round together.
+    let rounds = summary["rounds"]
+        .as_array()
+        .map(Vec::as_slice)
+        .unwrap_or_default();
+    let cpu_in = |round: &Value, name: &str| {
+        rounds
+            .iter()
+            .find(|row| row["round"] == *round && row["scenario"] == name)
+            .and_then(|row| row["envoy_cpu_us_per_request"].as_f64())
+            .filter(|cpu| *cpu > 0.0)
+    };
+    let mut round_numbers: Vec<&Value> = rounds.iter().map(|row| &row["round"]).collect();
+    round_numbers.dedup();
+    for round in round_numbers {
+        if let (Some(execution), Some(same_rate), Some(closed_loop)) = (
+            cpu_in(round, EXECUTES),
+            cpu_in(round, PASSTHROUGH_AT_EXECUTION_RATE),
+            cpu_in(round, PASSTHROUGH_POST),
+        ) {
+            println!(
+                "round {round}: Envoy CPU per execution {execution:.0} µs = {:.1}× pass-through at the same rate \
+                 ({same_rate:.0} µs), {:.1}× pass-through at its own closed-loop rate ({closed_loop:.0} µs)",
+                execution / same_rate,
+                execution / closed_loop
+            );
+        }
     }
 }
 
