@@ -127,6 +127,39 @@ async fn paced_load(
     gather(tasks, started).await
 }
 
+/// One row: `scenario`'s load against `target` (an address and the Envoy process serving it),
+/// paced when `interval` is given, and that Envoy's CPU per request. A response the scenario
+/// does not expect fails the benchmark ([`assert_clean`]); the row is reported as `name`.
+async fn measure(
+    name: &str,
+    scenario: &Scenario,
+    (target, envoy): (SocketAddr, Option<u32>),
+    connections: usize,
+    duration: Duration,
+    interval: Option<Duration>,
+) -> (Stats, f64) {
+    let cpu_before = envoy.map(cpu_us).unwrap_or(0);
+    let stats = paced_load(
+        target,
+        connections,
+        duration,
+        scenario.make.clone(),
+        scenario.expect,
+        interval,
+    )
+    .await;
+    let cpu = envoy
+        .map(|pid| cpu_us(pid).saturating_sub(cpu_before))
+        .unwrap_or(0);
+    assert_clean(name, &stats);
+    let cpu_per_request = if stats.requests > 0 {
+        cpu as f64 / stats.requests as f64
+    } else {
+        0.0
+    };
+    (stats, cpu_per_request)
+}
+
 /// Fail the benchmark when a row measured something other than its scenario: a response the
 /// scenario did not expect (a replay where an execution was meant, a refusal, an error status)
 /// or a broken connection. Such a row's figures would describe different work.
@@ -759,25 +792,15 @@ async fn run(settings: Settings) {
     for round in 1..=rounds {
         let mut round_stats: Vec<(&str, Stats, f64)> = Vec::new();
         for scenario in &scenarios {
-            let envoy_pid = pids(scenario.target);
-            let cpu_before = envoy_pid.map(cpu_us).unwrap_or(0);
-            let stats = load(
-                addr(port(scenario.target)),
+            let (stats, cpu_per_request) = measure(
+                scenario.name,
+                scenario,
+                (addr(port(scenario.target)), pids(scenario.target)),
                 connections,
                 duration,
-                scenario.make.clone(),
-                scenario.expect,
+                None,
             )
             .await;
-            let cpu = envoy_pid
-                .map(|p| cpu_us(p).saturating_sub(cpu_before))
-                .unwrap_or(0);
-            let cpu_per_request = if stats.requests > 0 {
-                cpu as f64 / stats.requests as f64
-            } else {
-                0.0
-            };
-            assert_clean(scenario.name, &stats);
             round_stats.push((scenario.name, stats, cpu_per_request));
         }
         // Envoy's CPU per request falls as its load rises (each wake-up of its event loop and
@@ -792,22 +815,15 @@ async fn run(settings: Settings) {
             execution_rate,
             scenarios.iter().find(|s| s.name == PASSTHROUGH_POST),
         ) {
-            let envoy_pid = pids(passthrough.target);
-            let cpu_before = envoy_pid.map(cpu_us).unwrap_or(0);
-            let stats = paced_load(
-                addr(port(passthrough.target)),
+            let (stats, cpu_per_request) = measure(
+                PASSTHROUGH_AT_EXECUTION_RATE,
+                passthrough,
+                (addr(port(passthrough.target)), pids(passthrough.target)),
                 connections,
                 duration,
-                passthrough.make.clone(),
-                passthrough.expect,
                 Some(Duration::from_secs_f64(connections as f64 / rate.max(1.0))),
             )
             .await;
-            let cpu = envoy_pid
-                .map(|p| cpu_us(p).saturating_sub(cpu_before))
-                .unwrap_or(0);
-            assert_clean(PASSTHROUGH_AT_EXECUTION_RATE, &stats);
-            let cpu_per_request = cpu as f64 / stats.requests.max(1) as f64;
             round_stats.push((PASSTHROUGH_AT_EXECUTION_RATE, stats, cpu_per_request));
         }
         for (name, stats, cpu) in &round_stats {
