@@ -323,7 +323,7 @@ fn store_request(path: &str, body: &Value) -> Request<Full<Bytes>> {
         .unwrap()
 }
 
-/// Write `results` to `target/bench/<name>` and say so.
+/// Write `results` to `<out_dir>/<name>` (`target/bench` unless `--out-dir`) and say so.
 fn write_results(out_dir: &Path, name: &str, results: &Value) {
     std::fs::create_dir_all(out_dir).unwrap();
     let path = out_dir.join(name);
@@ -1194,8 +1194,8 @@ fn print_rounds(summary: &Value) {
 }
 
 /// The store alone (Envoy idle or absent): per-operation latency at one connection, acquire +
-/// complete pairs per second at `connections`, consumer dedup per message, memory at 100k live
-/// records.
+/// complete pairs per second at `connections`, consumer dedup per message, memory at `records`
+/// live records (100k unless `--store-records`).
 async fn measure_store_alone(
     store: &Proc,
     store_port: u16,
