@@ -84,4 +84,7 @@ EOT
 
 # Exit (and clean up) as soon as any process dies, or on Ctrl-C.
 wait -n "${pids[@]}" || true
+# Ctrl-C reaches the children too, and one of them may exit before this shell runs its trap:
+# give the trap that moment, so a Ctrl-C is not reported as a process dying.
+sleep 0.2
 echo "a process exited; see $LOG_DIR/" >&2
