@@ -32,6 +32,8 @@ use http_body_util::{BodyExt, Full};
 use hyper::Request;
 use serde_json::{json, Value};
 
+mod steal;
+
 type MakeRequest = Arc<dyn Fn(usize, u64) -> Request<Full<Bytes>> + Send + Sync>;
 
 #[derive(Debug, Clone)]
@@ -131,9 +133,19 @@ async fn paced_load(
     gather(tasks, started).await
 }
 
+/// What one row measured.
+struct Measured {
+    stats: Stats,
+    /// The Envoy's CPU per request, µs.
+    cpu_per_request: f64,
+    /// The largest share of one CPU's time the hypervisor took meanwhile ([`steal`]).
+    stolen_percent: Option<f64>,
+}
+
 /// One row: `scenario`'s load against `target` (an address and the Envoy process serving it),
-/// paced when `interval` is given, and that Envoy's CPU per request. A response the scenario
-/// does not expect fails the benchmark ([`assert_clean`]); the row is reported as `name`.
+/// paced when `interval` is given, that Envoy's CPU per request and the CPU time the host took
+/// meanwhile. A response the scenario does not expect fails the benchmark ([`assert_clean`]);
+/// the row is reported as `name`.
 async fn measure(
     name: &str,
     scenario: &Scenario,
@@ -141,7 +153,8 @@ async fn measure(
     connections: usize,
     duration: Duration,
     interval: Option<Duration>,
-) -> (Stats, f64) {
+) -> Measured {
+    let host_before = steal::Snapshot::take();
     let cpu_before = envoy.map(cpu_us).unwrap_or(0);
     let stats = paced_load(
         target,
@@ -155,13 +168,25 @@ async fn measure(
     let cpu = envoy
         .map(|pid| cpu_us(pid).saturating_sub(cpu_before))
         .unwrap_or(0);
+    let stolen_percent = stolen_since(host_before);
     assert_clean(name, &stats);
     let cpu_per_request = if stats.requests > 0 {
         cpu as f64 / stats.requests as f64
     } else {
         0.0
     };
-    (stats, cpu_per_request)
+    Measured {
+        stats,
+        cpu_per_request,
+        stolen_percent,
+    }
+}
+
+/// The share of a CPU the host took since `before` (see [`steal`]).
+fn stolen_since(before: Option<steal::Snapshot>) -> Option<f64> {
+    before
+        .zip(steal::Snapshot::take())
+        .and_then(|(before, now)| before.stolen_percent_until(&now))
 }
 
 /// Fail the benchmark when a row measured something other than its scenario: a response the
@@ -794,9 +819,9 @@ async fn run(settings: Settings) {
     let mut results: Vec<Value> = Vec::new();
     eprintln!("{rounds} interleaved rounds, {seconds}s per scenario, {connections} connections");
     for round in 1..=rounds {
-        let mut round_stats: Vec<(&str, Stats, f64)> = Vec::new();
+        let mut round_stats: Vec<(&str, Measured)> = Vec::new();
         for scenario in &scenarios {
-            let (stats, cpu_per_request) = measure(
+            let measured = measure(
                 scenario.name,
                 scenario,
                 (addr(port(scenario.target)), pids(scenario.target)),
@@ -805,7 +830,7 @@ async fn run(settings: Settings) {
                 None,
             )
             .await;
-            round_stats.push((scenario.name, stats, cpu_per_request));
+            round_stats.push((scenario.name, measured));
         }
         // Envoy's CPU per request falls as its load rises (each wake-up of its event loop and
         // each syscall serves more requests), and executions run at a fifth of pass-through's
@@ -813,13 +838,13 @@ async fn run(settings: Settings) {
         // connections: the fair baseline for an execution's Envoy CPU.
         let execution_rate = round_stats
             .iter()
-            .find(|(name, _, _)| *name == EXECUTES)
-            .map(|(_, stats, _)| stats.rps());
+            .find(|(name, _)| *name == EXECUTES)
+            .map(|(_, row)| row.stats.rps());
         if let (Some(rate), Some(passthrough)) = (
             execution_rate,
             scenarios.iter().find(|s| s.name == PASSTHROUGH_POST),
         ) {
-            let (stats, cpu_per_request) = measure(
+            let measured = measure(
                 PASSTHROUGH_AT_EXECUTION_RATE,
                 passthrough,
                 (addr(port(passthrough.target)), pids(passthrough.target)),
@@ -828,20 +853,24 @@ async fn run(settings: Settings) {
                 Some(Duration::from_secs_f64(connections as f64 / rate.max(1.0))),
             )
             .await;
-            round_stats.push((PASSTHROUGH_AT_EXECUTION_RATE, stats, cpu_per_request));
+            round_stats.push((PASSTHROUGH_AT_EXECUTION_RATE, measured));
         }
-        for (name, stats, cpu) in &round_stats {
-            let baseline = scenarios
+        for (name, row) in &round_stats {
+            let baseline_name = scenarios
                 .iter()
                 .find(|s| s.name == *name)
-                .and_then(|scenario| scenario.baseline)
-                .and_then(|b| round_stats.iter().find(|(n, _, _)| *n == b))
-                .map(|(_, s, _)| s.rps());
+                .and_then(|scenario| scenario.baseline);
+            let baseline = baseline_name
+                .and_then(|b| round_stats.iter().find(|(n, _)| *n == b))
+                .map(|(_, baseline)| baseline.stats.rps());
+            let stats = &row.stats;
             let ratio = baseline.map(|b| stats.rps() / b);
             results.push(json!({
-                "round": round, "scenario": name, "connections": connections,
+                "round": round, "scenario": name, "baseline": baseline_name, "connections": connections,
                 "rps": stats.rps(), "p50_us": stats.p50_us(), "p99_us": stats.p99_us(),
-                "ratio_to_passthrough": ratio, "envoy_cpu_us_per_request": cpu,
+                "ratio_to_passthrough": ratio, "envoy_cpu_us_per_request": row.cpu_per_request,
+                "host_stolen_percent": row.stolen_percent,
+                "disturbed": steal::disturbed(row.stolen_percent),
                 "errors": stats.errors, "unexpected_responses": stats.unexpected,
             }));
         }
@@ -915,6 +944,7 @@ async fn run(settings: Settings) {
         .iter()
         .filter(|s| s.target != "demo" && !s.name.contains("GET"))
     {
+        let host_before = steal::Snapshot::take();
         let stats = load(
             addr(port(scenario.target)),
             1,
@@ -923,17 +953,21 @@ async fn run(settings: Settings) {
             scenario.expect,
         )
         .await;
+        let stolen = stolen_since(host_before);
         assert_clean(scenario.name, &stats);
-        single.push((scenario.name, stats.p50_us(), stats.p99_us()));
+        single.push((scenario.name, stats.p50_us(), stats.p99_us(), stolen));
     }
     let base_p50 = single
         .iter()
-        .find(|(n, _, _)| *n == PASSTHROUGH_POST)
+        .find(|(n, ..)| *n == PASSTHROUGH_POST)
         .map(|x| x.1)
         .unwrap_or(0);
     let added: Vec<Value> = single
         .iter()
-        .map(|(n, p50, p99)| json!({"scenario": n, "p50_us": p50, "p99_us": p99, "added_p50_us": p50.saturating_sub(base_p50)}))
+        .map(|(n, p50, p99, stolen)| {
+            json!({"scenario": n, "p50_us": p50, "p99_us": p99, "added_p50_us": p50.saturating_sub(base_p50),
+                "host_stolen_percent": stolen, "disturbed": steal::disturbed(*stolen)})
+        })
         .collect();
 
     // Envoy's memory after the 1 KiB rounds, before the growth rows buffer 64 KiB and 1 MiB
@@ -982,8 +1016,10 @@ async fn run(settings: Settings) {
             };
             let expect = if target == "plain" { any_2xx } else { executed };
             let envoy_pid = pids(target);
+            let host_before = steal::Snapshot::take();
             let cpu_before = envoy_pid.map(cpu_us).unwrap_or(0);
             let stats = load(addr(port(target)), conns, duration, make, expect).await;
+            let stolen = stolen_since(host_before);
             assert_clean(
                 &format!("growth, {label}, {body_bytes} B, {conns} connections"),
                 &stats,
@@ -993,6 +1029,7 @@ async fn run(settings: Settings) {
                 .unwrap_or(0);
             row[label] = json!({"rps": stats.rps(), "p50_us": stats.p50_us(), "p99_us": stats.p99_us(),
                 "envoy_cpu_us_per_request": cpu as f64 / stats.requests.max(1) as f64,
+                "host_stolen_percent": stolen, "disturbed": steal::disturbed(stolen),
                 "errors": stats.errors, "unexpected_responses": stats.unexpected});
         }
         row["ratio"] = json!(
@@ -1145,8 +1182,8 @@ async fn run(settings: Settings) {
 /// The main table: every scenario of every round.
 fn print_rounds(summary: &Value) {
     println!(
-        "\n{:<40} {:>10} {:>10} {:>10} {:>8} {:>12}",
-        "scenario (round)", "req/s", "p50 µs", "p99 µs", "ratio", "Envoy µs/req"
+        "\n{:<40} {:>10} {:>10} {:>10} {:>8} {:>12} {:>9}",
+        "scenario (round)", "req/s", "p50 µs", "p99 µs", "ratio", "Envoy µs/req", "stolen %"
     );
     for row in summary["rounds"].as_array().unwrap() {
         let ratio = row["ratio_to_passthrough"]
@@ -1154,13 +1191,32 @@ fn print_rounds(summary: &Value) {
             .map(|r| format!("{r:.2}"))
             .unwrap_or_else(|| "-".into());
         println!(
-            "{:<40} {:>10.0} {:>10} {:>10} {:>8} {:>12.1}",
+            "{:<40} {:>10.0} {:>10} {:>10} {:>8} {:>12.1} {:>9}{}",
             format!("{} ({})", row["scenario"].as_str().unwrap(), row["round"]),
             row["rps"].as_f64().unwrap(),
             row["p50_us"],
             row["p99_us"],
             ratio,
-            row["envoy_cpu_us_per_request"].as_f64().unwrap_or(0.0)
+            row["envoy_cpu_us_per_request"].as_f64().unwrap_or(0.0),
+            stolen_column(&row["host_stolen_percent"]),
+            if row["disturbed"] == true {
+                "  disturbed"
+            } else {
+                ""
+            }
+        );
+    }
+    let disturbed_rows = summary["rounds"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|row| row["disturbed"] == true)
+        .count();
+    if disturbed_rows > 0 {
+        println!(
+            "{disturbed_rows} rows ran while the host took more than {}% of a CPU (\"disturbed\"); \
+             the summary in the JSON also gives the medians over the rounds without them",
+            steal::DISTURBED_PERCENT
         );
     }
     // Per round, since a disturbed round moves both rows of that round together.
@@ -1191,6 +1247,14 @@ fn print_rounds(summary: &Value) {
             );
         }
     }
+}
+
+/// A row's stolen share of a CPU, for the tables ("-" where `/proc/stat` could not say).
+fn stolen_column(percent: &Value) -> String {
+    percent
+        .as_f64()
+        .map(|p| format!("{p:.1}"))
+        .unwrap_or_else(|| "-".into())
 }
 
 /// The store alone (Envoy idle or absent): per-operation latency at one connection, acquire +
@@ -1581,7 +1645,9 @@ async fn consumer_dedup_cost(store_url: &str, duration: Duration) -> Value {
 }
 
 /// Per scenario over the rounds: the median ratio to pass-through, median Envoy µs/request and
-/// median p50/p99 — the figures the README's table quotes.
+/// median p50/p99 — the figures the README's table quotes; and how many rounds the host
+/// disturbed (the row or its baseline, see [`steal`]), with the median ratio and Envoy
+/// µs/request over the other rounds.
 fn summarize(rounds: &[Value]) -> Value {
     fn median(mut values: Vec<f64>) -> Option<f64> {
         values.retain(|v| v.is_finite());
@@ -1596,11 +1662,20 @@ fn summarize(rounds: &[Value]) -> Value {
     let mut names: Vec<&str> = rounds.iter().filter_map(|r| r["scenario"].as_str()).collect();
     names.dedup();
     let mut summary = serde_json::Map::new();
+    let disturbed = |row: &Value| {
+        let baseline_disturbed = rounds.iter().any(|other| {
+            other["round"] == row["round"]
+                && other["scenario"] == row["baseline"]
+                && other["disturbed"] == true
+        });
+        row["disturbed"] == true || baseline_disturbed
+    };
     for name in names {
-        let of = |field: &str| -> Vec<f64> {
-            rounds
-                .iter()
-                .filter(|r| r["scenario"] == name)
+        let rows = || rounds.iter().filter(|r| r["scenario"] == name);
+        let of = |field: &str| -> Vec<f64> { rows().filter_map(|r| r[field].as_f64()).collect() };
+        let undisturbed = |field: &str| -> Vec<f64> {
+            rows()
+                .filter(|r| !disturbed(r))
                 .filter_map(|r| r[field].as_f64())
                 .collect()
         };
@@ -1612,6 +1687,9 @@ fn summarize(rounds: &[Value]) -> Value {
                 "median_rps": median(of("rps")),
                 "median_p50_us": median(of("p50_us")),
                 "median_p99_us": median(of("p99_us")),
+                "rounds_disturbed": rows().filter(|r| disturbed(r)).count(),
+                "undisturbed_median_ratio_to_passthrough": median(undisturbed("ratio_to_passthrough")),
+                "undisturbed_median_envoy_cpu_us_per_request": median(undisturbed("envoy_cpu_us_per_request")),
             }),
         );
     }
@@ -1645,22 +1723,31 @@ fn print_table(summary: &Value) {
     println!("\nOne connection:");
     for row in summary["one_connection"].as_array().unwrap() {
         println!(
-            "  {:<40} p50 {:>6} µs  p99 {:>6} µs  added p50 {:>6} µs",
+            "  {:<40} p50 {:>6} µs  p99 {:>6} µs  added p50 {:>6} µs  stolen {:>5} %{}",
             row["scenario"].as_str().unwrap(),
             row["p50_us"],
             row["p99_us"],
-            row["added_p50_us"]
+            row["added_p50_us"],
+            stolen_column(&row["host_stolen_percent"]),
+            if row["disturbed"] == true {
+                "  disturbed"
+            } else {
+                ""
+            }
         );
     }
     println!("\nCost by body size and connections (keyed POST that executes vs pass-through POST):");
     for row in summary["growth"].as_array().into_iter().flatten() {
+        let disturbed = row["passthrough"]["disturbed"] == true || row["executes"]["disturbed"] == true;
         println!(
-            "  {:>8} B, {:>2} conns: pass-through {:>6.0}/s p50 {:>6} µs; executes {:>6.0}/s p50 {:>6} µs, Envoy {:>6.0} µs/req; ratio {:.2}",
+            "  {:>8} B, {:>2} conns: pass-through {:>6.0}/s p50 {:>6} µs, Envoy {:>5.0} µs/req; executes {:>6.0}/s p50 {:>6} µs, Envoy {:>6.0} µs/req; ratio {:.2}{}",
             row["body_bytes"], row["connections"],
             row["passthrough"]["rps"].as_f64().unwrap_or(0.0), row["passthrough"]["p50_us"],
+            row["passthrough"]["envoy_cpu_us_per_request"].as_f64().unwrap_or(0.0),
             row["executes"]["rps"].as_f64().unwrap_or(0.0), row["executes"]["p50_us"],
             row["executes"]["envoy_cpu_us_per_request"].as_f64().unwrap_or(0.0),
-            row["ratio"].as_f64().unwrap_or(0.0)
+            row["ratio"].as_f64().unwrap_or(0.0),
+            if disturbed { "  disturbed" } else { "" }
         );
     }
     print_envoy_memory(&summary["envoy_memory"]);

@@ -88,7 +88,46 @@ fn a_short_benchmark_measures_every_scenario_and_writes_every_figure() {
         "no CPU comparison:\n{printed}"
     );
 
+    // The host's interference, per row: the share of a CPU the hypervisor took (read from
+    // `/proc/stat`), whether that made the row "disturbed", and the summary's count of such rounds.
+    let stolen_of = |row: &Value, what: &str| {
+        let stolen = row["host_stolen_percent"].as_f64();
+        assert!(
+            stolen.is_some_and(|p| (0.0..=100.0).contains(&p)),
+            "{what}: no share of CPU stolen by the host: {row}"
+        );
+        assert_eq!(
+            row["disturbed"].as_bool(),
+            stolen.map(|p| p > 2.0),
+            "{what}: disturbed must follow the stolen share: {row}"
+        );
+    };
+    for row in results["rounds"].as_array().unwrap() {
+        stolen_of(row, "a round's row");
+    }
+    for name in SCENARIOS {
+        let disturbed = summary[name]["rounds_disturbed"].as_u64();
+        assert!(
+            disturbed.is_some_and(|n| n <= 1),
+            "{name}: rounds_disturbed {disturbed:?}"
+        );
+        if disturbed == Some(0) && !summary[name]["median_ratio_to_passthrough"].is_null() {
+            assert_eq!(
+                summary[name]["undisturbed_median_ratio_to_passthrough"],
+                summary[name]["median_ratio_to_passthrough"],
+                "{name}: with no round disturbed, both medians are over the same rounds"
+            );
+        }
+    }
+
     let one_connection = results["one_connection"].as_array().unwrap();
+    for row in one_connection {
+        stolen_of(row, "a one-connection row");
+    }
+    for row in results["growth"].as_array().unwrap() {
+        stolen_of(&row["passthrough"], "a growth row");
+        stolen_of(&row["executes"], "a growth row");
+    }
     assert!(
         one_connection
             .iter()
