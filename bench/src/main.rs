@@ -1233,6 +1233,14 @@ fn print_rounds(summary: &Value) {
     };
     let mut round_numbers: Vec<&Value> = rounds.iter().map(|row| &row["round"]).collect();
     round_numbers.dedup();
+    let disturbed_in = |round: &Value| {
+        rounds.iter().any(|row| {
+            row["round"] == *round
+                && [EXECUTES, PASSTHROUGH_AT_EXECUTION_RATE, PASSTHROUGH_POST]
+                    .contains(&row["scenario"].as_str().unwrap_or(""))
+                && row["disturbed"] == true
+        })
+    };
     for round in round_numbers {
         if let (Some(execution), Some(same_rate), Some(closed_loop)) = (
             cpu_in(round, EXECUTES),
@@ -1241,9 +1249,10 @@ fn print_rounds(summary: &Value) {
         ) {
             println!(
                 "round {round}: Envoy CPU per execution {execution:.0} µs = {:.1}× pass-through at the same rate \
-                 ({same_rate:.0} µs), {:.1}× pass-through at its own closed-loop rate ({closed_loop:.0} µs)",
+                 ({same_rate:.0} µs), {:.1}× pass-through at its own closed-loop rate ({closed_loop:.0} µs){}",
                 execution / same_rate,
-                execution / closed_loop
+                execution / closed_loop,
+                if disturbed_in(round) { " (disturbed)" } else { "" }
             );
         }
     }
