@@ -1199,11 +1199,7 @@ fn print_rounds(summary: &Value) {
             ratio,
             row["envoy_cpu_us_per_request"].as_f64().unwrap_or(0.0),
             stolen_column(&row["host_stolen_percent"]),
-            if row["disturbed"] == true {
-                "  disturbed"
-            } else {
-                ""
-            }
+            disturbed_marker(row["disturbed"] == true)
         );
     }
     let disturbed_rows = summary["rounds"]
@@ -1255,6 +1251,15 @@ fn print_rounds(summary: &Value) {
                 if disturbed_in(round) { " (disturbed)" } else { "" }
             );
         }
+    }
+}
+
+/// What the tables print after a disturbed row.
+fn disturbed_marker(disturbed: bool) -> &'static str {
+    if disturbed {
+        "  disturbed"
+    } else {
+        ""
     }
 }
 
@@ -1738,11 +1743,7 @@ fn print_table(summary: &Value) {
             row["p99_us"],
             row["added_p50_us"],
             stolen_column(&row["host_stolen_percent"]),
-            if row["disturbed"] == true {
-                "  disturbed"
-            } else {
-                ""
-            }
+            disturbed_marker(row["disturbed"] == true)
         );
     }
     println!("\nCost by body size and connections (keyed POST that executes vs pass-through POST):");
@@ -1756,7 +1757,7 @@ fn print_table(summary: &Value) {
             row["executes"]["rps"].as_f64().unwrap_or(0.0), row["executes"]["p50_us"],
             row["executes"]["envoy_cpu_us_per_request"].as_f64().unwrap_or(0.0),
             row["ratio"].as_f64().unwrap_or(0.0),
-            if disturbed { "  disturbed" } else { "" }
+            disturbed_marker(disturbed)
         );
     }
     print_envoy_memory(&summary["envoy_memory"]);
