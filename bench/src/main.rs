@@ -1300,7 +1300,9 @@ async fn measure_store_alone(
         )
     };
     let (commits_before, synced_before) = disk_totals(&e2e::get_text(&client, &metrics_url).await);
+    let host_before = steal::Snapshot::take();
     let single = store_pairs(store_addr, 1, duration).await;
+    let single_stolen = stolen_since(host_before);
     let (commits_after, synced_after) = disk_totals(&e2e::get_text(&client, &metrics_url).await);
     let commits = commits_after - commits_before;
     let store_latency = json!({
@@ -1308,10 +1310,15 @@ async fn measure_store_alone(
         "p50_us": single.2.value_at_quantile(0.5),
         "p99_us": single.2.value_at_quantile(0.99),
         "mean_sync_us_per_commit": if commits > 0.0 { (synced_after - synced_before) * 1e6 / commits } else { 0.0 },
+        "host_stolen_percent": single_stolen, "disturbed": steal::disturbed(single_stolen),
     });
+    let host_before = steal::Snapshot::take();
     let pairs = store_pairs(store_addr, store_connections, duration).await;
+    let pairs_stolen = stolen_since(host_before);
     // As the filter sends them under load: 8 callers (workers), 16 calls per batch.
+    let host_before = steal::Snapshot::take();
     let batched = store_pairs_batched(store_addr, 8, 16, duration).await;
+    let batched_stolen = stolen_since(host_before);
     let consumer_dedup = consumer_dedup_cost(&format!("http://{store_addr}"), duration).await;
     // Fill to `records` live records (100k by default), then measure the store's memory.
     let mut filled = pairs.0 + single.0 + batched.0;
@@ -1328,8 +1335,10 @@ async fn measure_store_alone(
     let store_rss_idle = store.pid().map(rss_kib);
     json!({
         "store_alone": {"pairs_per_second": pairs.0 as f64 / pairs.1, "connections": store_connections,
+                        "host_stolen_percent": pairs_stolen, "disturbed": steal::disturbed(pairs_stolen),
                         "one_connection_per_operation": store_latency,
-                        "batched": {"pairs_per_second": batched.0 as f64 / batched.1, "connections": 8, "calls_per_batch": 16}},
+                        "batched": {"pairs_per_second": batched.0 as f64 / batched.1, "connections": 8, "calls_per_batch": 16,
+                                    "host_stolen_percent": batched_stolen, "disturbed": steal::disturbed(batched_stolen)}},
         "store_rss_kib_at_live_records": {"records": filled, "rss_kib": store_rss,
                                           "write_buffer_kib": write_buffer_kib, "rss_kib_5s_idle": store_rss_idle},
         "consumer_dedup": consumer_dedup,
@@ -1844,18 +1853,34 @@ fn print_envoy_memory(memory: &Value) {
 
 /// The store-alone lines of the table (also the whole output of `--store-only`).
 fn print_store_alone(summary: &Value) {
+    let alone = &summary["store_alone"];
+    let single = &alone["one_connection_per_operation"];
+    let stolen = |phase: &Value| {
+        format!(
+            " (stolen {} %{})",
+            stolen_column(&phase["host_stolen_percent"]),
+            if phase["disturbed"] == true {
+                ", disturbed"
+            } else {
+                ""
+            }
+        )
+    };
     println!(
-        "Store alone: {:.0} acquire+complete pairs/s (embedded, durable); one connection: p50 {} µs, p99 {} µs per durable operation, of which the commit's write and sync {:.0} µs (mean)",
-        summary["store_alone"]["pairs_per_second"].as_f64().unwrap_or(0.0),
-        summary["store_alone"]["one_connection_per_operation"]["p50_us"],
-        summary["store_alone"]["one_connection_per_operation"]["p99_us"],
-        summary["store_alone"]["one_connection_per_operation"]["mean_sync_us_per_commit"].as_f64().unwrap_or(0.0)
+        "Store alone: {:.0} acquire+complete pairs/s (embedded, durable){}; one connection: p50 {} µs, p99 {} µs per durable operation, of which the commit's write and sync {:.0} µs (mean){}",
+        alone["pairs_per_second"].as_f64().unwrap_or(0.0),
+        stolen(alone),
+        single["p50_us"],
+        single["p99_us"],
+        single["mean_sync_us_per_commit"].as_f64().unwrap_or(0.0),
+        stolen(single)
     );
     println!(
-        "Store alone, batched as the filter sends under load ({} callers, {} calls per /v1/batch): {:.0} pairs/s",
-        summary["store_alone"]["batched"]["connections"],
-        summary["store_alone"]["batched"]["calls_per_batch"],
-        summary["store_alone"]["batched"]["pairs_per_second"].as_f64().unwrap_or(0.0)
+        "Store alone, batched as the filter sends under load ({} callers, {} calls per /v1/batch): {:.0} pairs/s{}",
+        alone["batched"]["connections"],
+        alone["batched"]["calls_per_batch"],
+        alone["batched"]["pairs_per_second"].as_f64().unwrap_or(0.0),
+        stolen(&alone["batched"])
     );
     let at_records = &summary["store_rss_kib_at_live_records"];
     println!(

@@ -177,6 +177,12 @@ fn a_short_benchmark_measures_every_scenario_and_writes_every_figure() {
         &store["one_connection_per_operation"]["mean_sync_us_per_commit"],
         "sync per commit",
     );
+    stolen_of(store, "the store alone");
+    stolen_of(&store["batched"], "the store alone, batched");
+    stolen_of(
+        &store["one_connection_per_operation"],
+        "the store alone, one connection",
+    );
     let records = &results["store_rss_kib_at_live_records"];
     assert!(
         records["records"].as_u64() >= Some(1000),
