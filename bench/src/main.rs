@@ -32,14 +32,11 @@ mod steal;
 mod store_alone;
 mod traffic;
 
-use process::{cpu_us, envoys_memory, fresh_ports, idle_cost, machine, pinned_envoy, rss_kib};
+use process::{envoys_memory, fresh_ports, idle_cost, machine, pinned_envoy, rss_kib};
 use report::{metric_containing, print_rounds, print_store_alone, print_table, summarize, write_results};
 use retries::{grpc_load, hold_waiters, in_flight_retries};
 use store_alone::measure_store_alone;
-use traffic::{
-    assert_clean, body_1k, get, load, measure, post, post_body, sized_body, stolen_since, MakeRequest,
-    Measured,
-};
+use traffic::{body_1k, get, load, measure, post, post_body, sized_body, MakeRequest, Measured};
 
 /// The baseline row: pass-through Envoy, 1 KiB POST, closed loop.
 const PASSTHROUGH_POST: &str = "pass-through Envoy (POST)";
@@ -597,18 +594,21 @@ async fn run(settings: Settings) {
         .iter()
         .filter(|s| s.target != "demo" && !s.name.contains("GET"))
     {
-        let host_before = steal::Snapshot::take();
-        let stats = load(
-            addr(port(scenario.target)),
+        let row = measure(
+            scenario.name,
+            scenario,
+            (addr(port(scenario.target)), pids(scenario.target)),
             1,
             duration,
-            scenario.make.clone(),
-            scenario.expect,
+            None,
         )
         .await;
-        let stolen = stolen_since(host_before);
-        assert_clean(scenario.name, &stats);
-        single.push((scenario.name, stats.p50_us(), stats.p99_us(), stolen));
+        single.push((
+            scenario.name,
+            row.stats.p50_us(),
+            row.stats.p99_us(),
+            row.stolen_percent,
+        ));
     }
     let base_p50 = single
         .iter()
@@ -667,21 +667,25 @@ async fn run(settings: Settings) {
                     )
                 })
             };
-            let expect = if target == "plain" { any_2xx } else { executed };
-            let envoy_pid = pids(target);
-            let host_before = steal::Snapshot::take();
-            let cpu_before = envoy_pid.map(cpu_us).unwrap_or(0);
-            let stats = load(addr(port(target)), conns, duration, make, expect).await;
-            let stolen = stolen_since(host_before);
-            assert_clean(
+            let scenario = Scenario {
+                name: label,
+                target,
+                baseline: None,
+                make,
+                expect: if target == "plain" { any_2xx } else { executed },
+            };
+            let measured = measure(
                 &format!("growth, {label}, {body_bytes} B, {conns} connections"),
-                &stats,
-            );
-            let cpu = envoy_pid
-                .map(|p| cpu_us(p).saturating_sub(cpu_before))
-                .unwrap_or(0);
+                &scenario,
+                (addr(port(target)), pids(target)),
+                conns,
+                duration,
+                None,
+            )
+            .await;
+            let (stats, stolen) = (&measured.stats, measured.stolen_percent);
             row[label] = json!({"rps": stats.rps(), "p50_us": stats.p50_us(), "p99_us": stats.p99_us(),
-                "envoy_cpu_us_per_request": cpu as f64 / stats.requests.max(1) as f64,
+                "envoy_cpu_us_per_request": measured.cpu_per_request,
                 "host_stolen_percent": stolen, "disturbed": steal::disturbed(stolen),
                 "errors": stats.errors, "unexpected_responses": stats.unexpected});
         }

@@ -172,7 +172,7 @@ pub(crate) fn stolen_since(before: Option<steal::Snapshot>) -> Option<f64> {
 /// Fail the benchmark when a row measured something other than its scenario: a response the
 /// scenario did not expect (a replay where an execution was meant, a refusal, an error status)
 /// or a broken connection. Such a row's figures would describe different work.
-pub(crate) fn assert_clean(scenario: &str, stats: &Stats) {
+fn assert_clean(scenario: &str, stats: &Stats) {
     assert!(
         stats.unexpected == 0 && stats.errors == 0,
         "{scenario}: {} of {} responses were not what the scenario measures and {} connections failed; the figures would be wrong",
