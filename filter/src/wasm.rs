@@ -296,11 +296,14 @@ impl Context for Root {
         let reply = host.callout_reply(body_size);
         if self.batcher.owns(token_id) {
             let deliveries = self.batcher.on_reply(&host, token_id, reply).unwrap_or_default();
+            // The slot this reply freed goes first to the calls that queued meanwhile: the next
+            // batch is on its way to the store before these replies resume their streams.
+            self.drain_background_and_flush();
             self.deliver(deliveries);
         } else if let Some(config) = self.config.clone() {
             self.background.on_reply(&host, &config, token_id, reply);
         }
-        // A callout slot is free: what queued meanwhile leaves now, together.
+        // A callout slot is free: what queued meanwhile (or while delivering) leaves now.
         self.drain_background_and_flush();
         self.retune_tick_or_log();
     }
