@@ -499,10 +499,16 @@ fn host_error(call: &'static str) -> impl Fn(Status) -> HostError {
     }
 }
 
+/// Header values as text: valid UTF-8 keeps its buffer (no copy per header); anything else is
+/// replaced lossily.
 fn string_pairs(pairs: Vec<(String, Vec<u8>)>) -> Vec<(String, String)> {
     pairs
         .into_iter()
-        .map(|(name, value)| (name, String::from_utf8_lossy(&value).into_owned()))
+        .map(|(name, value)| {
+            let value = String::from_utf8(value)
+                .unwrap_or_else(|invalid| String::from_utf8_lossy(invalid.as_bytes()).into_owned());
+            (name, value)
+        })
         .collect()
 }
 

@@ -110,3 +110,51 @@ async fn response_over_max_response_size_is_recorded_without_body_and_replayed_w
         "never silently re-executed"
     );
 }
+
+/// Header values that are not UTF-8 (obs-text bytes, which Envoy passes through) reach the
+/// filter as text with replacement characters: such a request still runs once and is replayed,
+/// a key made of such bytes is refused with a 400 that names the character, and the Wasm VM
+/// keeps serving.
+#[tokio::test]
+async fn header_values_that_are_not_utf8_are_served_once_and_a_key_of_them_is_refused() {
+    use reqwest::header::HeaderValue;
+    let stack = Stack::start().await;
+    let note = HeaderValue::from_bytes(b"caf\xe9 \xff\xfe").unwrap();
+    for attempt in 0..2 {
+        let response = stack
+            .post_order(Some("not-utf8-1"), &json!({"n": 1}))
+            .header("x-note", note.clone())
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 201, "attempt {attempt}");
+        assert_eq!(
+            response.headers().contains_key("idempotent-replayed"),
+            attempt == 1,
+            "attempt {attempt}: the second is a replay"
+        );
+    }
+    assert_eq!(stack.executions_of("not-utf8-1").await, 1);
+
+    let response = stack
+        .post_order(None, &json!({}))
+        .header("idempotency-key", HeaderValue::from_bytes(b"order-\xff").unwrap())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 400);
+    let body: Value = response.json().await.unwrap();
+    assert_eq!(body["code"], "IDEMPOTENCY_KEY_INVALID", "{body}");
+    assert!(
+        body["message"].as_str().unwrap().contains("position 7"),
+        "the message says where: {body}"
+    );
+
+    let after = stack
+        .post_order(Some("not-utf8-2"), &json!({}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(after.status(), 201, "the VM still serves");
+    assert_eq!(stack.executions_of("not-utf8-2").await, 1);
+}
