@@ -3,9 +3,7 @@
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use hdrhistogram::Histogram;
-
-use crate::traffic::{body_1k, gather, Stats};
+use crate::traffic::{body_1k, gather, latency_histogram, Stats};
 
 /// Closed-loop unary gRPC calls through Envoy on `port`: `replay` sends one seeded key per
 /// connection (every call after the first is a replay), otherwise keyless calls that execute.
@@ -19,7 +17,7 @@ pub(crate) async fn grpc_load(port: u16, connections: usize, duration: Duration,
             let url = url.clone();
             tokio::spawn(async move {
                 let mut client = OrdersClient::connect(url).await.unwrap();
-                let mut latency = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).unwrap();
+                let mut latency = latency_histogram();
                 let (mut requests, mut errors, mut unexpected) = (0u64, 0u64, 0u64);
                 let key = format!("grpc-replay-{}-{c}", std::process::id());
                 let message = CreateRequest {

@@ -14,7 +14,7 @@ use serde_json::{json, Value};
 
 use crate::process::rss_kib;
 use crate::steal;
-use crate::traffic::{keep_alive_connection, stolen_since};
+use crate::traffic::{keep_alive_connection, latency_histogram, stolen_since};
 
 /// A JSON POST to the store API, with the bench's token.
 pub(crate) fn store_request(path: &str, body: &Value) -> Request<Full<Bytes>> {
@@ -119,7 +119,7 @@ pub(crate) async fn store_pairs(
                 let mut sender = keep_alive_connection(addr).await;
                 let body = "e".repeat(1024);
                 let mut done = 0u64;
-                let mut latency = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).unwrap();
+                let mut latency = latency_histogram();
                 while Instant::now() < deadline {
                     let key = format!("pair-{run}-{nonce}-{c}-{done}");
                     let acquire = json!({"service": "bench", "scope": "", "key": key, "fingerprint": "f", "method": "POST",
@@ -147,7 +147,7 @@ pub(crate) async fn store_pairs(
         })
         .collect();
     let mut total = 0;
-    let mut latency = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).unwrap();
+    let mut latency = latency_histogram();
     for task in tasks {
         // A connection that failed its checks fails the benchmark: its figures would be wrong.
         let (done, part) = task.await.unwrap();
@@ -243,7 +243,7 @@ pub(crate) async fn consumer_dedup_cost(store_url: &str, duration: Duration) -> 
             .build()
             .unwrap()
     };
-    let mut new_message = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).unwrap();
+    let mut new_message = latency_histogram();
     let started = Instant::now();
     let mut n = 0u64;
     while started.elapsed() < duration {
@@ -255,7 +255,7 @@ pub(crate) async fn consumer_dedup_cost(store_url: &str, duration: Duration) -> 
         n += 1;
     }
     let seconds = started.elapsed().as_secs_f64();
-    let mut duplicate = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).unwrap();
+    let mut duplicate = latency_histogram();
     for m in 0..n.min(2000) {
         let sent = Instant::now();
         assert_eq!(handler.handle(event(m)).await.unwrap(), Outcome::Duplicate);

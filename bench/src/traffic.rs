@@ -72,7 +72,7 @@ pub(crate) async fn paced_load(
         .map(|c| {
             let make = make.clone();
             tokio::spawn(async move {
-                let mut latency = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).unwrap();
+                let mut latency = latency_histogram();
                 let (mut requests, mut errors, mut unexpected) = (0u64, 0u64, 0u64);
                 let mut sender = keep_alive_connection(addr).await;
                 let mut i = first_request;
@@ -182,6 +182,12 @@ fn assert_clean(scenario: &str, stats: &Stats) {
     );
 }
 
+/// A latency histogram in µs: 1 µs to 60 s, three significant digits (every latency the bench
+/// records).
+pub(crate) fn latency_histogram() -> Histogram<u64> {
+    Histogram::new_with_bounds(1, 60_000_000, 3).unwrap()
+}
+
 /// What one connection of a closed loop measured.
 pub(crate) type ConnectionStats = (Histogram<u64>, u64, u64, u64);
 
@@ -192,7 +198,7 @@ pub(crate) async fn gather(tasks: Vec<tokio::task::JoinHandle<ConnectionStats>>,
         errors: 0,
         unexpected: 0,
         seconds: 0.0,
-        latency: Histogram::new_with_bounds(1, 60_000_000, 3).unwrap(),
+        latency: latency_histogram(),
     };
     for task in tasks {
         let (latency, requests, errors, unexpected) = task.await.unwrap();
