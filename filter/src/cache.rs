@@ -64,7 +64,7 @@ pub struct RequestParts<'a> {
     /// Request path with query.
     pub path: &'a str,
     /// The configured fingerprint headers present on the request, in request order.
-    pub headers: &'a [(String, String)],
+    pub headers: &'a [(String, Vec<u8>)],
     /// Whether the body is canonicalised as JSON.
     pub json: bool,
     /// JSON pointers removed before hashing (the route's setting).
@@ -78,7 +78,7 @@ pub struct RequestParts<'a> {
 pub struct ExactRequest {
     method: String,
     path: String,
-    headers: Vec<(String, String)>,
+    headers: Vec<(String, Vec<u8>)>,
     json: bool,
     exclude_fields: Vec<String>,
     body: Vec<u8>,
@@ -279,7 +279,11 @@ mod tests {
         }
     }
 
-    fn parts<'a>(headers: &'a [(String, String)], exclude: &'a [String], body: &'a [u8]) -> RequestParts<'a> {
+    fn parts<'a>(
+        headers: &'a [(String, Vec<u8>)],
+        exclude: &'a [String],
+        body: &'a [u8],
+    ) -> RequestParts<'a> {
         RequestParts {
             method: "POST",
             path: "/orders",
@@ -292,7 +296,7 @@ mod tests {
 
     #[test]
     fn an_exact_request_matches_only_the_same_parts() {
-        let tenant = vec![("x-tenant".to_owned(), "a".to_owned())];
+        let tenant = vec![("x-tenant".to_owned(), b"a".to_vec())];
         let kept = ExactRequest::keep(&parts(&tenant, &[], b"{\"a\":1}"));
         assert!(kept.is_some(), "a small request is kept");
         let Some(kept) = kept else { return };
@@ -302,7 +306,7 @@ mod tests {
             !kept.matches(&parts(&tenant, &[], b"{ \"a\":1}")),
             "same JSON, other bytes: fingerprint decides"
         );
-        let other_tenant = vec![("x-tenant".to_owned(), "b".to_owned())];
+        let other_tenant = vec![("x-tenant".to_owned(), b"b".to_vec())];
         assert!(
             !kept.matches(&parts(&other_tenant, &[], b"{\"a\":1}")),
             "other header"

@@ -330,7 +330,7 @@ pub fn fingerprint_body<'a>(body: &'a [u8], json: bool, exclude: &[&str]) -> Cow
 /// Each part is length-prefixed, so no choice of values can make two different requests hash
 /// alike by shifting bytes between parts. `headers` must already be the configured subset, with
 /// lower-case names; their order does not matter.
-pub fn fingerprint(method: &str, path: &str, headers: &[(String, String)], body: &[u8]) -> String {
+pub fn fingerprint(method: &str, path: &str, headers: &[(String, Vec<u8>)], body: &[u8]) -> String {
     let mut hasher = Sha256::new();
     let mut part = |bytes: &[u8]| {
         hasher.update((bytes.len() as u64).to_be_bytes());
@@ -338,11 +338,11 @@ pub fn fingerprint(method: &str, path: &str, headers: &[(String, String)], body:
     };
     part(method.as_bytes());
     part(path.as_bytes());
-    let mut sorted: Vec<&(String, String)> = headers.iter().collect();
+    let mut sorted: Vec<&(String, Vec<u8>)> = headers.iter().collect();
     sorted.sort();
     for (name, value) in sorted {
         part(name.as_bytes());
-        part(value.as_bytes());
+        part(value);
     }
     part(body);
     hex::encode(hasher.finalize())
@@ -352,10 +352,10 @@ pub fn fingerprint(method: &str, path: &str, headers: &[(String, String)], body:
 mod tests {
     use super::*;
 
-    fn h(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+    fn h(pairs: &[(&str, &str)]) -> Vec<(String, Vec<u8>)> {
         pairs
             .iter()
-            .map(|(n, v)| ((*n).to_owned(), (*v).to_owned()))
+            .map(|(n, v)| ((*n).to_owned(), v.as_bytes().to_vec()))
             .collect()
     }
 

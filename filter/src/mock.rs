@@ -36,6 +36,9 @@ pub type SentResponse = (u16, Vec<(String, String)>, String);
 #[derive(Debug, Default)]
 pub struct MockHost {
     pub request_headers: RefCell<Vec<(String, String)>>,
+    /// Request header values that are not UTF-8, by name: `request_headers` holds their text
+    /// (U+FFFD for each bad sequence, as the Wasm host gives it), `request_header_bytes` these.
+    pub request_header_bytes: RefCell<Vec<(String, Vec<u8>)>>,
     pub request_body: RefCell<Vec<u8>>,
     pub response_headers: RefCell<Vec<(String, String)>>,
     pub response_body: RefCell<Vec<u8>>,
@@ -71,6 +74,15 @@ impl MockHost {
         *host.request_headers.borrow_mut() = all;
         *host.request_body.borrow_mut() = body.to_vec();
         host
+    }
+
+    /// Add a request header whose value is `bytes`, which may not be UTF-8.
+    pub fn add_request_header_bytes(&self, name: &str, bytes: &[u8]) {
+        let text = String::from_utf8_lossy(bytes).into_owned();
+        self.request_headers.borrow_mut().push((name.to_owned(), text));
+        self.request_header_bytes
+            .borrow_mut()
+            .push((name.to_owned(), bytes.to_vec()));
     }
 
     pub fn set_response(&self, status: u16, headers: &[(&str, &str)], body: &[u8]) {
@@ -141,6 +153,23 @@ impl Host for MockHost {
     fn request_headers(&self) -> Result<Vec<(String, String)>, HostError> {
         self.tally("request_headers");
         Ok(self.request_headers.borrow().clone())
+    }
+
+    fn request_header_bytes(&self, name: &str) -> Result<Option<Vec<u8>>, HostError> {
+        self.tally("request_header_bytes");
+        let first = |pairs: &[(String, String)]| {
+            pairs
+                .iter()
+                .find(|(n, _)| n == name)
+                .map(|(_, v)| v.clone().into_bytes())
+        };
+        let raw = self
+            .request_header_bytes
+            .borrow()
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, v)| v.clone());
+        Ok(raw.or_else(|| first(&self.request_headers.borrow())))
     }
 
     fn set_request_header(&self, name: &str, value: Option<&str>) -> Result<(), HostError> {

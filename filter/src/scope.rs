@@ -39,24 +39,32 @@ fn bounded(prefix: &str, value: &str) -> String {
     }
 }
 
-/// Resolve the scope of a request. `header` looks up a request header; `property` reads an Envoy
-/// property. Returns the empty (shared) scope when no source is present.
+/// The scope of a header value's exact bytes: trimmed text in clear (hashed when long), or the
+/// hash of the bytes when they are not UTF-8 (so two such values never share a scope).
+fn header_scope(bytes: &[u8]) -> Option<String> {
+    match std::str::from_utf8(bytes) {
+        Ok(text) => Some(text.trim())
+            .filter(|v| !v.is_empty())
+            .map(|v| bounded("header", v)),
+        Err(_) => Some(format!("header:sha256:{}", hashed(bytes.trim_ascii()))),
+    }
+}
+
+/// Resolve the scope of a request. `header` gives a request header's exact bytes; `property`
+/// reads an Envoy property. Returns the empty (shared) scope when no source is present.
 pub fn resolve_scope(
     sources: &[ScopeSource],
     jwt_payload_key: &str,
     scope_secret: &[u8],
-    header: impl Fn(&str) -> Option<String>,
+    header: impl Fn(&str) -> Option<Vec<u8>>,
     property: impl Fn(&[&str]) -> Option<Vec<u8>>,
 ) -> String {
     for source in sources {
         let scope = match source {
-            ScopeSource::Header(name) => header(name)
-                .map(|v| v.trim().to_owned())
-                .filter(|v| !v.is_empty())
-                .map(|v| bounded("header", &v)),
+            ScopeSource::Header(name) => header(name).and_then(|v| header_scope(&v)),
             ScopeSource::AuthorizationHash => header("authorization")
-                .filter(|v| !v.trim().is_empty())
-                .map(|v| format!("auth:{}", keyed_hash(scope_secret, v.as_bytes()))),
+                .filter(|v| !String::from_utf8_lossy(v).trim().is_empty())
+                .map(|v| format!("auth:{}", keyed_hash(scope_secret, &v))),
             ScopeSource::PeerPrincipal => property(&PEER_PRINCIPAL_PROPERTY)
                 .and_then(|b| String::from_utf8(b).ok())
                 .filter(|v| !v.is_empty())
@@ -83,12 +91,12 @@ pub fn resolve_scope(
 mod tests {
     use super::*;
 
-    fn headers(pairs: &'static [(&'static str, &'static str)]) -> impl Fn(&str) -> Option<String> {
+    fn headers(pairs: &'static [(&'static str, &'static str)]) -> impl Fn(&str) -> Option<Vec<u8>> {
         move |name| {
             pairs
                 .iter()
                 .find(|(n, _)| *n == name)
-                .map(|(_, v)| (*v).to_owned())
+                .map(|(_, v)| v.as_bytes().to_vec())
         }
     }
 
@@ -115,6 +123,35 @@ mod tests {
         );
         assert_eq!(a, "header:acme");
         assert_ne!(a, b);
+    }
+
+    #[test]
+    fn header_values_that_are_not_utf8_scope_by_their_bytes() {
+        let scope_of = |value: &'static [u8]| {
+            resolve_scope(
+                &[ScopeSource::Header("x-tenant-id".into())],
+                "jwt_payload",
+                b"test-secret",
+                move |_| Some(value.to_vec()),
+                no_properties,
+            )
+        };
+        let a = scope_of(b" acme-\xff ");
+        assert!(a.starts_with("header:sha256:"), "{a}");
+        assert_eq!(a, scope_of(b"acme-\xff"), "trimmed like text");
+        assert_ne!(a, scope_of(b"acme-\xfe"));
+        assert_ne!(a, scope_of("acme-\u{fffd}".as_bytes()));
+        let auth = |value: &'static [u8]| {
+            resolve_scope(
+                &[ScopeSource::AuthorizationHash],
+                "jwt_payload",
+                b"test-secret",
+                move |_| Some(value.to_vec()),
+                no_properties,
+            )
+        };
+        assert_ne!(auth(b"Bearer \xff"), auth(b"Bearer \xfe"));
+        assert_ne!(auth(b"Bearer \xff"), auth("Bearer \u{fffd}".as_bytes()));
     }
 
     #[test]

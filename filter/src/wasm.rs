@@ -538,6 +538,11 @@ impl Host for WasmHost {
             .map_err(host_error("get_request_headers"))
     }
 
+    fn request_header_bytes(&self, name: &str) -> Result<Option<Vec<u8>>, HostError> {
+        hostcalls::get_map_value_bytes(MapType::HttpRequestHeaders, name)
+            .map_err(host_error("get_request_header"))
+    }
+
     fn set_request_header(&self, name: &str, value: Option<&str>) -> Result<(), HostError> {
         hostcalls::set_map_value(MapType::HttpRequestHeaders, name, value)
             .map_err(host_error("set_request_header"))

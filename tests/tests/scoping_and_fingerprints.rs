@@ -89,3 +89,51 @@ async fn reordered_json_is_the_same_request_and_excluded_fields_do_not_count() {
     assert_eq!(changed.status(), 422);
     assert_eq!(stack.executions_of("canon-1").await, 1);
 }
+
+/// Scope and fingerprint headers whose values are not UTF-8 (obs-text bytes, which Envoy passes
+/// through) are told apart by their bytes: two tenants that differ only in such bytes get a
+/// record each, and a retry whose fingerprinted header differs only there is a different request
+/// (422), not a replay of someone else's answer.
+#[tokio::test]
+async fn scope_and_fingerprint_headers_that_are_not_utf8_are_told_apart_by_their_bytes() {
+    use reqwest::header::HeaderValue;
+    let stack = Stack::start_with(StackOptions::plugin(json!({
+        "scope_from": ["header:x-tenant-id"],
+        "fingerprint_headers": ["x-currency"],
+    })))
+    .await;
+    let send = |tenant: &'static [u8], currency: &'static [u8]| {
+        stack
+            .post_order(Some("bytes-key"), &json!({"sku": "A"}))
+            .header("x-tenant-id", HeaderValue::from_bytes(tenant).unwrap())
+            .header("x-currency", HeaderValue::from_bytes(currency).unwrap())
+            .send()
+    };
+    let a = send(b"tenant-\xff", b"\xe9").await.unwrap();
+    assert_eq!(a.status(), 201);
+    let a: Value = a.json().await.unwrap();
+    let b = send(b"tenant-\xfe", b"\xe9").await.unwrap();
+    assert_eq!(b.status(), 201);
+    assert!(
+        b.headers().get("idempotent-replayed").is_none(),
+        "another tenant's bytes: another record"
+    );
+    let b: Value = b.json().await.unwrap();
+    assert_ne!(a["orderId"], b["orderId"]);
+    assert_eq!(stack.executions_of("bytes-key").await, 2);
+
+    let a_again = send(b"tenant-\xff", b"\xe9").await.unwrap();
+    assert_eq!(a_again.headers()["idempotent-replayed"], "true");
+    let a_again: Value = a_again.json().await.unwrap();
+    assert_eq!(a_again["orderId"], a["orderId"], "each tenant replays its own");
+
+    let other_currency = send(b"tenant-\xff", b"\xe8").await.unwrap();
+    assert_eq!(
+        other_currency.status(),
+        422,
+        "other fingerprinted bytes: other parameters"
+    );
+    let body: Value = other_currency.json().await.unwrap();
+    assert_eq!(body["code"], "IDEMPOTENCY_PARAMETER_MISMATCH", "{body}");
+    assert_eq!(stack.executions_of("bytes-key").await, 2);
+}

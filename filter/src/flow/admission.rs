@@ -25,8 +25,8 @@ pub struct Pending {
     pub method: String,
     /// Request path with query.
     pub path: String,
-    /// The configured fingerprint headers present on the request.
-    pub fingerprint_headers: Vec<(String, String)>,
+    /// The configured fingerprint headers present on the request, with their exact bytes.
+    pub fingerprint_headers: Vec<(String, Vec<u8>)>,
     /// Canonicalise the body as JSON before hashing.
     pub json: bool,
     /// JSON pointers removed before hashing.
@@ -92,15 +92,28 @@ impl Admission {
 }
 
 /// Decide for a request with `headers` (pseudo-headers included, names lower case).
-/// `overrides` reads the route's metadata and `property` an Envoy property; both are called only
-/// when needed (a non-mutating request costs neither).
+/// `overrides` reads the route's metadata, `property` an Envoy property and `header_bytes` a
+/// header's exact bytes; each is called only when needed (a non-mutating request costs none, and
+/// `header_bytes` is read only for a scope or fingerprint header whose text shows U+FFFD).
 pub fn admit(
     config: &Config,
     headers: &[(String, String)],
     overrides: impl FnOnce() -> Option<RouteOverrides>,
     property: impl Fn(&[&str]) -> Option<Vec<u8>>,
+    header_bytes: impl Fn(&str) -> Option<Vec<u8>>,
 ) -> Admission {
     let header = |wanted: &str| headers.iter().find(|(n, _)| n == wanted).map(|(_, v)| v.as_str());
+    // A header that decides the record's identity, as bytes: text that shows U+FFFD may stand
+    // for bytes that are not UTF-8, and two such values must not scope or fingerprint alike.
+    let identity_header = |name: &str| {
+        let text = header(name)?;
+        if text.contains(char::REPLACEMENT_CHARACTER) {
+            if let Some(bytes) = header_bytes(name) {
+                return Some(bytes);
+            }
+        }
+        Some(text.as_bytes().to_vec())
+    };
     let method = header(":method").unwrap_or_default();
     let path = header(":path").unwrap_or_default();
     let candidate = config.acts_on_method(method)
@@ -178,13 +191,13 @@ pub fn admit(
             .as_deref()
             .map(str::as_bytes)
             .unwrap_or_default(),
-        |name| header(name).map(str::to_owned),
+        identity_header,
         property,
     );
     let fingerprint_headers = config
         .fingerprint_headers
         .iter()
-        .filter_map(|name| header(name).map(|v| (name.clone(), v.to_owned())))
+        .filter_map(|name| identity_header(name).map(|v| (name.clone(), v)))
         .collect();
     let json = config.json_canonical && header("content-type").is_some_and(is_json_content_type);
     let exclude_fields = config

@@ -206,7 +206,23 @@ impl RequestFlow {
             })
         };
         let config = self.config.clone();
-        let admission = admit(&config, &request_headers, overrides, |path| host.property(path));
+        let header_bytes = |name: &str| match host.request_header_bytes(name) {
+            Ok(bytes) => bytes,
+            Err(e) => {
+                host.log(
+                    Level::Warn,
+                    &format!("idempotency: {e}; header {name} is read as text"),
+                );
+                None
+            }
+        };
+        let admission = admit(
+            &config,
+            &request_headers,
+            overrides,
+            |path| host.property(path),
+            header_bytes,
+        );
         for counter in &admission.counters {
             host.count(*counter);
         }

@@ -15,7 +15,7 @@ fn head(method: &str, pairs: &[(&str, &str)]) -> Vec<(String, String)> {
 }
 
 fn decide(config: &Config, headers: &[(String, String)]) -> Admission {
-    admit(config, headers, || None, |_| None)
+    admit(config, headers, || None, |_| None, |_| None)
 }
 
 #[test]
@@ -27,6 +27,10 @@ fn reads_neither_metadata_nor_properties_for_requests_it_does_not_act_on() {
         &head("GET", &[("idempotency-key", "k")]),
         || {
             metadata_read.set(true);
+            None
+        },
+        |_| {
+            property_read.set(true);
             None
         },
         |_| {

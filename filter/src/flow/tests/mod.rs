@@ -622,6 +622,49 @@ fn scope_comes_from_the_configured_header() {
     assert_eq!(acquire_body_of(&host)["scope"], "header:acme");
 }
 
+/// Scope and fingerprint headers whose values are not UTF-8 are read as bytes: the host's text
+/// shows U+FFFD for any bad byte, and two callers (or two requests) that differ only there must
+/// not share a record (or a fingerprint). Values that are UTF-8 cost no extra host call.
+#[test]
+fn scope_and_fingerprint_headers_that_are_not_utf8_are_told_apart_by_their_bytes() {
+    let config = r#","scope_from":["header:x-tenant-id"],"fingerprint_headers":["x-currency"]"#;
+    let acquire_with = |tenant: &[u8], currency: &[u8]| {
+        let mut flow = flow(config);
+        let host = json_post("k1", "{}", &[]);
+        host.add_request_header_bytes("x-tenant-id", tenant);
+        host.add_request_header_bytes("x-currency", currency);
+        start_keyed_post(&mut flow, &host);
+        let bytes_read = host
+            .host_calls
+            .borrow()
+            .get("request_header_bytes")
+            .copied()
+            .unwrap_or_default();
+        (acquire_body_of(&host), bytes_read)
+    };
+    let (a, a_reads) = acquire_with(b"t\xff", b"\xe9");
+    let (b, _) = acquire_with(b"t\xfe", b"\xe8");
+    assert_ne!(a["scope"], b["scope"], "two tenants");
+    assert!(present(a["scope"].as_str()).starts_with("header:sha256:"));
+    assert_ne!(a["fingerprint"], b["fingerprint"], "two currencies");
+    assert_eq!(a_reads, 2, "both headers read as bytes");
+
+    let (c, c_reads) = acquire_with(b"t\xff", b"\xe8");
+    assert_eq!(c["scope"], a["scope"], "the same bytes, the same tenant");
+    assert_eq!(
+        c["fingerprint"], b["fingerprint"],
+        "the same bytes, the same fingerprint"
+    );
+    assert_eq!(c_reads, 2);
+
+    let (text, text_reads) = acquire_with("t\u{e9}".as_bytes(), "\u{fffd}".as_bytes());
+    assert_eq!(text["scope"], "header:t\u{e9}", "UTF-8 stays in clear");
+    assert_eq!(text_reads, 1, "only the value showing U+FFFD is read again");
+    let (plain, plain_reads) = acquire_with(b"acme", b"EUR");
+    assert_eq!(plain["scope"], "header:acme");
+    assert_eq!(plain_reads, 0, "UTF-8 values cost no extra host call");
+}
+
 #[test]
 fn route_rules_choose_the_mode() {
     let config = r#","mode":"optional","routes":[{"path_prefix":"/api/v1/orders","mode":"required"},{"path_prefix":"/legacy","mode":"off"}]"#;
