@@ -55,11 +55,11 @@ pub struct CalloutReply {
 pub trait Host {
     /// All request headers, pseudo-headers included, names lower case.
     fn request_headers(&self) -> Result<Vec<(String, String)>, HostError>;
-    /// The exact bytes of a request header's first value. [`Host::request_headers`] gives text,
-    /// with bytes that are not UTF-8 read as U+FFFD; where a value decides a record's identity
-    /// (fingerprint and scope headers) two such values must not read alike, so the flow asks for
-    /// the bytes of a value that shows U+FFFD.
-    fn request_header_bytes(&self, name: &str) -> Result<Option<Vec<u8>>, HostError>;
+    /// Every value of a request header (one per field line, in order), as exact bytes.
+    /// [`Host::request_headers`] gives text, with bytes that are not UTF-8 read as U+FFFD; where
+    /// a value decides a record's identity (fingerprint and scope headers) two such values must
+    /// not read alike, so the flow asks for the bytes of a header whose text shows U+FFFD.
+    fn request_header_bytes(&self, name: &str) -> Result<Vec<Vec<u8>>, HostError>;
     /// Set (`Some`) or remove (`None`) a request header.
     fn set_request_header(&self, name: &str, value: Option<&str>) -> Result<(), HostError>;
     /// The buffered request body.

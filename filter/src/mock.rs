@@ -36,8 +36,9 @@ pub type SentResponse = (u16, Vec<(String, String)>, String);
 #[derive(Debug, Default)]
 pub struct MockHost {
     pub request_headers: RefCell<Vec<(String, String)>>,
-    /// Request header values that are not UTF-8, by name: `request_headers` holds their text
-    /// (U+FFFD for each bad sequence, as the Wasm host gives it), `request_header_bytes` these.
+    /// Request headers added as bytes (values that may not be UTF-8): `request_headers` holds
+    /// their text (U+FFFD for each bad sequence, as the Wasm host gives it) and
+    /// `request_header_bytes` answers with these for their name.
     pub request_header_bytes: RefCell<Vec<(String, Vec<u8>)>>,
     pub request_body: RefCell<Vec<u8>>,
     pub response_headers: RefCell<Vec<(String, String)>>,
@@ -155,21 +156,23 @@ impl Host for MockHost {
         Ok(self.request_headers.borrow().clone())
     }
 
-    fn request_header_bytes(&self, name: &str) -> Result<Option<Vec<u8>>, HostError> {
+    fn request_header_bytes(&self, name: &str) -> Result<Vec<Vec<u8>>, HostError> {
         self.tally("request_header_bytes");
-        let first = |pairs: &[(String, String)]| {
+        let values_of = |pairs: Vec<(String, Vec<u8>)>| -> Vec<Vec<u8>> {
             pairs
-                .iter()
-                .find(|(n, _)| n == name)
-                .map(|(_, v)| v.clone().into_bytes())
+                .into_iter()
+                .filter(|(n, _)| n == name)
+                .map(|(_, v)| v)
+                .collect()
         };
-        let raw = self
-            .request_header_bytes
-            .borrow()
-            .iter()
-            .find(|(n, _)| n == name)
-            .map(|(_, v)| v.clone());
-        Ok(raw.or_else(|| first(&self.request_headers.borrow())))
+        let added_as_bytes = values_of(self.request_header_bytes.borrow().clone());
+        if !added_as_bytes.is_empty() {
+            return Ok(added_as_bytes);
+        }
+        let text = self.request_headers.borrow().clone();
+        Ok(values_of(
+            text.into_iter().map(|(n, v)| (n, v.into_bytes())).collect(),
+        ))
     }
 
     fn set_request_header(&self, name: &str, value: Option<&str>) -> Result<(), HostError> {

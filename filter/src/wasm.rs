@@ -538,9 +538,17 @@ impl Host for WasmHost {
             .map_err(host_error("get_request_headers"))
     }
 
-    fn request_header_bytes(&self, name: &str) -> Result<Option<Vec<u8>>, HostError> {
-        hostcalls::get_map_value_bytes(MapType::HttpRequestHeaders, name)
-            .map_err(host_error("get_request_header"))
+    fn request_header_bytes(&self, name: &str) -> Result<Vec<Vec<u8>>, HostError> {
+        // The whole map: a single-value lookup gives only the first field line.
+        hostcalls::get_map_bytes(MapType::HttpRequestHeaders)
+            .map(|pairs| {
+                pairs
+                    .into_iter()
+                    .filter(|(n, _)| n == name)
+                    .map(|(_, value)| value)
+                    .collect()
+            })
+            .map_err(host_error("get_request_headers"))
     }
 
     fn set_request_header(&self, name: &str, value: Option<&str>) -> Result<(), HostError> {

@@ -137,3 +137,51 @@ async fn scope_and_fingerprint_headers_that_are_not_utf8_are_told_apart_by_their
     assert_eq!(body["code"], "IDEMPOTENCY_PARAMETER_MISMATCH", "{body}");
     assert_eq!(stack.executions_of("bytes-key").await, 2);
 }
+
+/// A scope or fingerprint header sent on two field lines counts both, as HTTP joins them: a
+/// retry that adds a second currency line is another request (422), and a second tenant line
+/// does not borrow the first tenant's record.
+#[tokio::test]
+async fn scope_and_fingerprint_headers_count_every_field_line() {
+    let stack = Stack::start_with(StackOptions::plugin(json!({
+        "scope_from": ["header:x-tenant-id"],
+        "fingerprint_headers": ["x-currency"],
+    })))
+    .await;
+    let send = |tenants: &'static [&'static str], currencies: &'static [&'static str]| {
+        let mut request = stack.post_order(Some("lines-key"), &json!({"sku": "A"}));
+        for tenant in tenants {
+            request = request.header("x-tenant-id", *tenant);
+        }
+        for currency in currencies {
+            request = request.header("x-currency", *currency);
+        }
+        request.send()
+    };
+    let first = send(&["acme"], &["EUR"]).await.unwrap();
+    assert_eq!(first.status(), 201);
+    let first: Value = first.json().await.unwrap();
+
+    let second_currency = send(&["acme"], &["EUR", "USD"]).await.unwrap();
+    assert_eq!(
+        second_currency.status(),
+        422,
+        "a second currency line is another request"
+    );
+
+    let joined = send(&["acme"], &["EUR, USD"]).await.unwrap();
+    assert_eq!(joined.status(), 422, "the same as one line holding both");
+
+    let second_tenant = send(&["acme", "mallory"], &["EUR"]).await.unwrap();
+    assert_eq!(second_tenant.status(), 201);
+    assert!(
+        second_tenant.headers().get("idempotent-replayed").is_none(),
+        "a second tenant line is another caller, not acme"
+    );
+    let second_tenant: Value = second_tenant.json().await.unwrap();
+    assert_ne!(second_tenant["orderId"], first["orderId"]);
+
+    let acme_again = send(&["acme"], &["EUR"]).await.unwrap();
+    assert_eq!(acme_again.headers()["idempotent-replayed"], "true");
+    assert_eq!(stack.executions_of("lines-key").await, 2);
+}

@@ -92,28 +92,19 @@ impl Admission {
 }
 
 /// Decide for a request with `headers` (pseudo-headers included, names lower case).
-/// `overrides` reads the route's metadata, `property` an Envoy property and `header_bytes` a
-/// header's exact bytes; each is called only when needed (a non-mutating request costs none, and
-/// `header_bytes` is read only for a scope or fingerprint header whose text shows U+FFFD).
+/// `overrides` reads the route's metadata, `property` an Envoy property and `header_bytes` every
+/// value of a header as exact bytes; each is called only when needed (a non-mutating request
+/// costs none, and `header_bytes` is read only for a scope or fingerprint header whose text shows
+/// U+FFFD).
 pub fn admit(
     config: &Config,
     headers: &[(String, String)],
     overrides: impl FnOnce() -> Option<RouteOverrides>,
     property: impl Fn(&[&str]) -> Option<Vec<u8>>,
-    header_bytes: impl Fn(&str) -> Option<Vec<u8>>,
+    header_bytes: impl Fn(&str) -> Option<Vec<Vec<u8>>>,
 ) -> Admission {
     let header = |wanted: &str| headers.iter().find(|(n, _)| n == wanted).map(|(_, v)| v.as_str());
-    // A header that decides the record's identity, as bytes: text that shows U+FFFD may stand
-    // for bytes that are not UTF-8, and two such values must not scope or fingerprint alike.
-    let identity_header = |name: &str| {
-        let text = header(name)?;
-        if text.contains(char::REPLACEMENT_CHARACTER) {
-            if let Some(bytes) = header_bytes(name) {
-                return Some(bytes);
-            }
-        }
-        Some(text.as_bytes().to_vec())
-    };
+    let identity_header = |name: &str| identity_header(headers, name, &header_bytes);
     let method = header(":method").unwrap_or_default();
     let path = header(":path").unwrap_or_default();
     let candidate = config.acts_on_method(method)
@@ -225,6 +216,32 @@ pub fn admit(
             grpc,
         }),
     }
+}
+
+/// A header that decides the record's identity (a scope or fingerprint header), as bytes:
+/// every field line's value, joined with `, ` as HTTP combines them (RFC 9110 §5.3), so a
+/// second line counts as much as the first. Text that shows U+FFFD may stand for bytes that are
+/// not UTF-8, and two such values must not scope or fingerprint alike: then the exact bytes are
+/// read. `None` when the request has no such header.
+fn identity_header(
+    headers: &[(String, String)],
+    name: &str,
+    header_bytes: impl Fn(&str) -> Option<Vec<Vec<u8>>>,
+) -> Option<Vec<u8>> {
+    let values: Vec<&str> = headers
+        .iter()
+        .filter(|(n, _)| n == name)
+        .map(|(_, v)| v.as_str())
+        .collect();
+    if values.is_empty() {
+        return None;
+    }
+    if values.iter().any(|v| v.contains(char::REPLACEMENT_CHARACTER)) {
+        if let Some(exact) = header_bytes(name).filter(|exact| !exact.is_empty()) {
+            return Some(exact.join(b", ".as_slice()));
+        }
+    }
+    Some(values.join(", ").into_bytes())
 }
 
 /// The 413 for a body over `limit` bytes.

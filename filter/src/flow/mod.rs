@@ -207,7 +207,7 @@ impl RequestFlow {
         };
         let config = self.config.clone();
         let header_bytes = |name: &str| match host.request_header_bytes(name) {
-            Ok(bytes) => bytes,
+            Ok(values) => Some(values),
             Err(e) => {
                 host.log(
                     Level::Warn,

@@ -67,6 +67,48 @@ fn a_valid_key_is_tracked_with_its_identity_and_wait() {
     assert_eq!(pending.in_progress_wait, Duration::from_secs(2));
 }
 
+/// A scope or fingerprint header sent on several field lines counts every line, joined as HTTP
+/// joins them: a second line can neither be ignored (another request replayed) nor borrow the
+/// first line's tenant.
+#[test]
+fn scope_and_fingerprint_headers_count_every_field_line() {
+    let config = config(r#","scope_from":["header:x-tenant"],"fingerprint_headers":["x-currency"]"#);
+    let track = |pairs: &[(&str, &str)]| {
+        let mut all = vec![("idempotency-key", "k-1")];
+        all.extend_from_slice(pairs);
+        match decide(&config, &head("POST", &all)).decision {
+            Decision::Track(pending) => Some(pending),
+            _ => None,
+        }
+    };
+    let tracked = [
+        track(&[
+            ("x-tenant", "acme"),
+            ("x-currency", "EUR"),
+            ("x-tenant", "globex"),
+            ("x-currency", "USD"),
+        ]),
+        track(&[("x-tenant", "acme"), ("x-currency", "EUR")]),
+        track(&[("x-tenant", "acme, globex"), ("x-currency", "EUR, USD")]),
+    ];
+    assert!(tracked.iter().all(Option::is_some), "{tracked:?}");
+    let [Some(two_lines), Some(one_line), Some(joined)] = tracked else {
+        return;
+    };
+    assert_eq!(two_lines.id.scope, "header:acme, globex");
+    assert_eq!(
+        two_lines.fingerprint_headers,
+        vec![("x-currency".to_owned(), b"EUR, USD".to_vec())]
+    );
+    assert_eq!(one_line.id.scope, "header:acme");
+    assert_eq!(
+        one_line.fingerprint_headers,
+        vec![("x-currency".to_owned(), b"EUR".to_vec())]
+    );
+    assert_eq!(joined.id, two_lines.id, "one line or two, the same field value");
+    assert_eq!(joined.fingerprint_headers, two_lines.fingerprint_headers);
+}
+
 #[test]
 fn missing_and_invalid_keys_by_mode() {
     let required = config(r#","mode":"required""#);

@@ -663,6 +663,21 @@ fn scope_and_fingerprint_headers_that_are_not_utf8_are_told_apart_by_their_bytes
     let (plain, plain_reads) = acquire_with(b"acme", b"EUR");
     assert_eq!(plain["scope"], "header:acme");
     assert_eq!(plain_reads, 0, "UTF-8 values cost no extra host call");
+
+    // Two field lines of such bytes: both count.
+    let mut flow = flow(config);
+    let host = json_post("k1", "{}", &[]);
+    host.add_request_header_bytes("x-tenant-id", b"t\xff");
+    host.add_request_header_bytes("x-currency", b"\xe8");
+    host.add_request_header_bytes("x-currency", b"\xe9");
+    start_keyed_post(&mut flow, &host);
+    let two_lines = acquire_body_of(&host);
+    assert_eq!(two_lines["scope"], a["scope"]);
+    assert_ne!(
+        two_lines["fingerprint"], b["fingerprint"],
+        "the second line counts"
+    );
+    assert_ne!(two_lines["fingerprint"], a["fingerprint"]);
 }
 
 #[test]
