@@ -90,6 +90,15 @@ async fn reordered_json_is_the_same_request_and_excluded_fields_do_not_count() {
     assert_eq!(stack.executions_of("canon-1").await, 1);
 }
 
+/// A stack scoped by `x-tenant-id` that fingerprints `x-currency`.
+async fn tenant_and_currency_stack() -> Stack {
+    Stack::start_with(StackOptions::plugin(json!({
+        "scope_from": ["header:x-tenant-id"],
+        "fingerprint_headers": ["x-currency"],
+    })))
+    .await
+}
+
 /// Scope and fingerprint headers whose values are not UTF-8 (obs-text bytes, which Envoy passes
 /// through) are told apart by their bytes: two tenants that differ only in such bytes get a
 /// record each, and a retry whose fingerprinted header differs only there is a different request
@@ -97,11 +106,7 @@ async fn reordered_json_is_the_same_request_and_excluded_fields_do_not_count() {
 #[tokio::test]
 async fn scope_and_fingerprint_headers_that_are_not_utf8_are_told_apart_by_their_bytes() {
     use reqwest::header::HeaderValue;
-    let stack = Stack::start_with(StackOptions::plugin(json!({
-        "scope_from": ["header:x-tenant-id"],
-        "fingerprint_headers": ["x-currency"],
-    })))
-    .await;
+    let stack = tenant_and_currency_stack().await;
     let send = |tenant: &'static [u8], currency: &'static [u8]| {
         stack
             .post_order(Some("bytes-key"), &json!({"sku": "A"}))
@@ -143,11 +148,7 @@ async fn scope_and_fingerprint_headers_that_are_not_utf8_are_told_apart_by_their
 /// does not borrow the first tenant's record.
 #[tokio::test]
 async fn scope_and_fingerprint_headers_count_every_field_line() {
-    let stack = Stack::start_with(StackOptions::plugin(json!({
-        "scope_from": ["header:x-tenant-id"],
-        "fingerprint_headers": ["x-currency"],
-    })))
-    .await;
+    let stack = tenant_and_currency_stack().await;
     let send = |tenants: &'static [&'static str], currencies: &'static [&'static str]| {
         let mut request = stack.post_order(Some("lines-key"), &json!({"sku": "A"}));
         for tenant in tenants {
