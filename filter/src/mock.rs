@@ -158,21 +158,23 @@ impl Host for MockHost {
 
     fn request_header_bytes(&self, name: &str) -> Result<Vec<Vec<u8>>, HostError> {
         self.tally("request_header_bytes");
-        let values_of = |pairs: Vec<(String, Vec<u8>)>| -> Vec<Vec<u8>> {
-            pairs
-                .into_iter()
-                .filter(|(n, _)| n == name)
-                .map(|(_, v)| v)
-                .collect()
-        };
-        let added_as_bytes = values_of(self.request_header_bytes.borrow().clone());
+        let added_as_bytes: Vec<Vec<u8>> = self
+            .request_header_bytes
+            .borrow()
+            .iter()
+            .filter(|(n, _)| n == name)
+            .map(|(_, v)| v.clone())
+            .collect();
         if !added_as_bytes.is_empty() {
             return Ok(added_as_bytes);
         }
-        let text = self.request_headers.borrow().clone();
-        Ok(values_of(
-            text.into_iter().map(|(n, v)| (n, v.into_bytes())).collect(),
-        ))
+        Ok(self
+            .request_headers
+            .borrow()
+            .iter()
+            .filter(|(n, _)| n == name)
+            .map(|(_, v)| v.clone().into_bytes())
+            .collect())
     }
 
     fn set_request_header(&self, name: &str, value: Option<&str>) -> Result<(), HostError> {
