@@ -749,7 +749,10 @@ async fn run(settings: Settings) {
     .await;
     let held = holder.await.unwrap();
     let in_flight_retries = json!({
-        "retries": in_flight.0, "replayed": in_flight.1, "retry_p50_ms": in_flight.2, "retry_p99_ms": in_flight.3,
+        "keys": in_flight.keys, "keys_run_once": in_flight.keys_run_once,
+        "retries": in_flight.retries, "replayed": in_flight.replayed, "ran_the_key": in_flight.ran_the_key,
+        "other_answers": in_flight.other_answers,
+        "retry_p50_ms": in_flight.retry_p50_ms, "retry_p99_ms": in_flight.retry_p99_ms,
         "first_attempt_ms": 200,
         "executes_rps_alone": alone.rps(), "executes_rps_beside_64_waiters": beside.rps(),
         "ratio": beside.rps() / alone.rps().max(1.0), "waiting_retries_served": held,

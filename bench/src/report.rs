@@ -207,6 +207,10 @@ pub(crate) fn print_table(summary: &Value) {
         waits["retry_p99_ms"].as_f64().unwrap_or(0.0), waits["first_attempt_ms"]
     );
     println!(
+        "  {} of {} keys ran once with every answer a 201; {} retries reached the store before their first attempt and ran the key; answers other than 201: {}",
+        waits["keys_run_once"], waits["keys"], waits["ran_the_key"], waits["other_answers"]
+    );
+    println!(
         "  executing keyed POSTs: {:.0}/s alone, {:.0}/s beside 64 waiting retries (ratio {:.2})",
         waits["executes_rps_alone"].as_f64().unwrap_or(0.0),
         waits["executes_rps_beside_64_waiters"].as_f64().unwrap_or(0.0),

@@ -83,9 +83,25 @@ pub(crate) async fn keyed(
     }
 }
 
+/// What the client saw for one key: its first attempt and its retries, each (status, replayed,
+/// milliseconds).
+pub(crate) struct KeyAnswers {
+    first: (u16, bool, f64),
+    retries: Vec<(u16, bool, f64)>,
+}
+
+impl KeyAnswers {
+    /// Every answer a 201 and exactly one of them not a replay: the key ran once, whichever of
+    /// its requests reached the store first.
+    fn ran_once(&self) -> bool {
+        let all = || std::iter::once(&self.first).chain(&self.retries);
+        all().all(|(status, _, _)| *status == 201) && all().filter(|(_, replayed, _)| !replayed).count() == 1
+    }
+}
+
 /// `workers` loops, each: a first attempt of a fresh key that takes the upstream `first_ms`, then
-/// `retries` retries of that key 20 ms later, which wait in the store for it. Returns every
-/// retry's (replayed with 201, milliseconds).
+/// `retries` retries of that key 20 ms later, which wait in the store for it. Returns what the
+/// client saw for every key.
 pub(crate) async fn retries_of_in_flight_keys(
     addr: SocketAddr,
     label: &'static str,
@@ -93,7 +109,7 @@ pub(crate) async fn retries_of_in_flight_keys(
     first_ms: u64,
     retries: usize,
     duration: Duration,
-) -> Vec<(bool, f64)> {
+) -> Vec<KeyAnswers> {
     let client = reqwest::Client::builder()
         .pool_max_idle_per_host(256)
         .build()
@@ -115,12 +131,11 @@ pub(crate) async fn retries_of_in_flight_keys(
                     tokio::time::sleep(Duration::from_millis(20)).await;
                     let waited =
                         futures::future::join_all((0..retries).map(|_| keyed(&client, addr, &key, 0))).await;
-                    let _ = first.await;
-                    answers.extend(
-                        waited
-                            .into_iter()
-                            .map(|(status, replayed, ms)| (status == 201 && replayed, ms)),
-                    );
+                    let first = first.await.unwrap_or((0, false, 0.0));
+                    answers.push(KeyAnswers {
+                        first,
+                        retries: waited,
+                    });
                 }
                 answers
             })
@@ -133,15 +148,42 @@ pub(crate) async fn retries_of_in_flight_keys(
     all
 }
 
-/// Retries waiting for a 200 ms first attempt: (retries, replayed, p50 ms, p99 ms).
+/// Retries of in-flight keys, as the clients saw them.
+#[derive(Debug, Clone)]
+pub(crate) struct InFlightRetries {
+    /// Keys tried (a first attempt and its retries each).
+    pub keys: u64,
+    /// Keys whose requests all got a 201 and ran once (one answer not a replay).
+    pub keys_run_once: u64,
+    /// Retries sent.
+    pub retries: u64,
+    /// Retries answered with the replay (201, `Idempotent-Replayed`).
+    pub replayed: u64,
+    /// Retries that reached the store before their first attempt and ran the key themselves
+    /// (201, not a replay; the first attempt then waited and got the replay).
+    pub ran_the_key: u64,
+    /// Statuses of answers, first attempts included, that were not a 201 (0: no answer).
+    pub other_answers: Vec<u16>,
+    pub retry_p50_ms: f64,
+    pub retry_p99_ms: f64,
+}
+
+/// Retries waiting for a 200 ms first attempt.
 pub(crate) async fn in_flight_retries(
     addr: SocketAddr,
     workers: usize,
     duration: Duration,
-) -> (u64, u64, f64, f64) {
-    let answers = retries_of_in_flight_keys(addr, "inflight", workers, 200, 4, duration).await;
-    let replayed = answers.iter().filter(|(replayed, _)| *replayed).count() as u64;
-    let mut latencies: Vec<f64> = answers.into_iter().map(|(_, ms)| ms).collect();
+) -> InFlightRetries {
+    let keys = retries_of_in_flight_keys(addr, "inflight", workers, 200, 4, duration).await;
+    let retries = || keys.iter().flat_map(|k| &k.retries);
+    let count = |wanted: fn(&(u16, bool, f64)) -> bool| retries().filter(|a| wanted(a)).count() as u64;
+    let other_answers = keys
+        .iter()
+        .flat_map(|k| std::iter::once(&k.first).chain(&k.retries))
+        .filter(|(status, _, _)| *status != 201)
+        .map(|(status, _, _)| *status)
+        .collect();
+    let mut latencies: Vec<f64> = retries().map(|(_, _, ms)| *ms).collect();
     latencies.sort_by(f64::total_cmp);
     let at = |q: f64| {
         latencies
@@ -149,12 +191,24 @@ pub(crate) async fn in_flight_retries(
             .copied()
             .unwrap_or(0.0)
     };
-    (latencies.len() as u64, replayed, at(0.5), at(0.99))
+    InFlightRetries {
+        keys: keys.len() as u64,
+        keys_run_once: keys.iter().filter(|k| k.ran_once()).count() as u64,
+        retries: latencies.len() as u64,
+        replayed: count(|(status, replayed, _)| *status == 201 && *replayed),
+        ran_the_key: count(|(status, replayed, _)| *status == 201 && !*replayed),
+        other_answers,
+        retry_p50_ms: at(0.5),
+        retry_p99_ms: at(0.99),
+    }
 }
 
 /// Keep `firsts × retries` acquires waiting in the store for `duration` (first attempts that
 /// take the upstream 1 s); returns the retries served with a replay.
 pub(crate) async fn hold_waiters(addr: SocketAddr, firsts: usize, retries: usize, duration: Duration) -> u64 {
-    let answers = retries_of_in_flight_keys(addr, "held", firsts, 1_000, retries, duration).await;
-    answers.iter().filter(|(replayed, _)| *replayed).count() as u64
+    let keys = retries_of_in_flight_keys(addr, "held", firsts, 1_000, retries, duration).await;
+    keys.iter()
+        .flat_map(|k| &k.retries)
+        .filter(|(status, replayed, _)| *status == 201 && *replayed)
+        .count() as u64
 }
