@@ -25,6 +25,7 @@ use e2e::envoy_config::{
 use e2e::{free_port, plugin_config, spawn_demo, spawn_store, wait_ready, wasm_path};
 use serde_json::{json, Value};
 
+mod floor;
 mod process;
 mod report;
 mod retries;
@@ -164,7 +165,15 @@ async fn run(settings: Settings) {
             Duration::from_secs(30),
         )
         .await;
-        let alone = measure_store_alone(&store, store_port, store_connections, duration, store_records).await;
+        let alone = measure_store_alone(
+            &store,
+            dir.path(),
+            store_port,
+            store_connections,
+            duration,
+            store_records,
+        )
+        .await;
         let result =
             json!({"machine": machine(), "store_args": store_args, "seconds": seconds, "store": alone});
         print_store_alone(&alone);
@@ -810,8 +819,15 @@ async fn run(settings: Settings) {
         "at_the_end": envoys_memory(&measured_envoys).await,
     });
 
-    let store_alone =
-        measure_store_alone(&store, store_port, store_connections, duration, store_records).await;
+    let store_alone = measure_store_alone(
+        &store,
+        dir.path(),
+        store_port,
+        store_connections,
+        duration,
+        store_records,
+    )
+    .await;
     let wasm_bytes = std::fs::metadata(wasm_path()).map(|m| m.len()).unwrap_or(0);
 
     let per_scenario = summarize(&results);

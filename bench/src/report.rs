@@ -297,6 +297,17 @@ pub(crate) fn print_store_alone(summary: &Value) {
         single["mean_sync_us_per_commit"].as_f64().unwrap_or(0.0),
         stolen(single)
     );
+    let floor = &single["floor"];
+    println!(
+        "  this machine's floor under a durable operation: a {} B write + fdatasync p50 {} µs (p99 {}), an HTTP round trip to the store p50 {} µs (p99 {}): {} µs{}",
+        floor["write_and_fdatasync"]["bytes"],
+        floor["write_and_fdatasync"]["p50_us"],
+        floor["write_and_fdatasync"]["p99_us"],
+        floor["http_round_trip"]["p50_us"],
+        floor["http_round_trip"]["p99_us"],
+        floor["sum_p50_us"],
+        stolen(floor)
+    );
     println!(
         "Store alone, batched as the filter sends under load ({} callers, {} calls per /v1/batch): {:.0} pairs/s{}",
         alone["batched"]["connections"],

@@ -2,6 +2,7 @@
 //! second (one call per request and batched), consumer dedup, memory at a number of records.
 
 use std::net::SocketAddr;
+use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
@@ -26,11 +27,13 @@ pub(crate) fn store_request(path: &str, body: &Value) -> Request<Full<Bytes>> {
         .unwrap()
 }
 
-/// The store alone (Envoy idle or absent): per-operation latency at one connection, acquire +
-/// complete pairs per second at `connections`, consumer dedup per message, memory at `records`
-/// live records (100k unless `--store-records`).
+/// The store alone (Envoy idle or absent): per-operation latency at one connection beside this
+/// machine's floor under it (the disk's write + sync and an HTTP round trip, probed in
+/// `data_dir`, the store's filesystem), acquire + complete pairs per second at `connections`,
+/// consumer dedup per message, memory at `records` live records (100k unless `--store-records`).
 pub(crate) async fn measure_store_alone(
     store: &Proc,
+    data_dir: &Path,
     store_port: u16,
     store_connections: usize,
     duration: Duration,
@@ -54,6 +57,11 @@ pub(crate) async fn measure_store_alone(
             e2e::metric_sum(text, "idempotency_store_durable_commit_sync_seconds_total"),
         )
     };
+    let host_before = steal::Snapshot::take();
+    let mut floor = crate::floor::measure(data_dir, store_addr).await;
+    let floor_stolen = stolen_since(host_before);
+    floor["host_stolen_percent"] = json!(floor_stolen);
+    floor["disturbed"] = json!(steal::disturbed(floor_stolen));
     let (commits_before, synced_before) = disk_totals(&e2e::get_text(&client, &metrics_url).await);
     let host_before = steal::Snapshot::take();
     let single = store_pairs(store_addr, 1, duration).await;
@@ -66,6 +74,7 @@ pub(crate) async fn measure_store_alone(
         "p99_us": single.2.value_at_quantile(0.99),
         "mean_sync_us_per_commit": if commits > 0.0 { (synced_after - synced_before) * 1e6 / commits } else { 0.0 },
         "host_stolen_percent": single_stolen, "disturbed": steal::disturbed(single_stolen),
+        "floor": floor,
     });
     let host_before = steal::Snapshot::take();
     let pairs = store_pairs(store_addr, store_connections, duration).await;

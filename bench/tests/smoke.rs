@@ -177,6 +177,18 @@ fn a_short_benchmark_measures_every_scenario_and_writes_every_figure() {
         &store["one_connection_per_operation"]["mean_sync_us_per_commit"],
         "sync per commit",
     );
+    let floor = &store["one_connection_per_operation"]["floor"];
+    let disk = positive(&floor["write_and_fdatasync"]["p50_us"], "the disk's write + sync");
+    let http = positive(
+        &floor["http_round_trip"]["p50_us"],
+        "an HTTP round trip to the store",
+    );
+    assert_eq!(
+        floor["sum_p50_us"].as_f64(),
+        Some(disk + http),
+        "the floor is the sum of its parts: {floor}"
+    );
+    stolen_of(floor, "the floor probes");
     stolen_of(store, "the store alone");
     stolen_of(&store["batched"], "the store alone, batched");
     stolen_of(

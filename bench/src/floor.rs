@@ -1,0 +1,106 @@
+//! This machine's floor under one durable store operation: the disk's own write + `fdatasync`
+//! and an HTTP round trip to the store, measured beside the store's per-operation latency.
+//!
+//! A durable operation cannot cost less than one sync of its write plus one round trip to the
+//! store's HTTP stack, whatever the engine. Printing both beside the store's figure tells an
+//! operator whether the store or the machine sets the pace (on the Intel VM used for the README
+//! the floor alone is above the performance issue's 150 µs target).
+
+use std::fs::{File, OpenOptions};
+use std::io::{Seek, SeekFrom, Write};
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::Instant;
+
+use bytes::Bytes;
+use hdrhistogram::Histogram;
+use http_body_util::{BodyExt, Full};
+use hyper::Request;
+use serde_json::{json, Value};
+
+use crate::traffic::{keep_alive_connection, latency_histogram};
+
+/// Bytes of one probe write: about one `complete` of a 1 KiB response as the journal holds it.
+const WRITE_BYTES: usize = 1536;
+/// The probe file is written (and synced) in full first, so the probe's writes land on blocks
+/// the filesystem has already allocated: no metadata to commit, only the data and the device's
+/// cache flush — the least any durable write can cost on this disk.
+const FILE_BYTES: u64 = 4 << 20;
+
+/// Writes and syncs `writes` blocks of [`WRITE_BYTES`] one after another in a file under `dir`
+/// (the store's filesystem); returns the latency of each write + `fdatasync`, in µs.
+pub(crate) fn disk_write_and_sync(dir: &Path, writes: usize) -> std::io::Result<Histogram<u64>> {
+    let path = dir.join("floor-probe");
+    let mut file = OpenOptions::new()
+        .create(true)
+        .truncate(true)
+        .read(true)
+        .write(true)
+        .open(&path)?;
+    preallocate(&mut file)?;
+    let block = vec![0x5a_u8; WRITE_BYTES];
+    let mut latency = latency_histogram();
+    let slots = FILE_BYTES / WRITE_BYTES as u64;
+    for i in 0..writes as u64 {
+        file.seek(SeekFrom::Start((i % slots) * WRITE_BYTES as u64))?;
+        let started = Instant::now();
+        file.write_all(&block)?;
+        file.sync_data()?;
+        let _ = latency.record(started.elapsed().as_micros().max(1) as u64);
+    }
+    drop(file);
+    std::fs::remove_file(&path)?;
+    Ok(latency)
+}
+
+fn preallocate(file: &mut File) -> std::io::Result<()> {
+    let chunk = vec![0_u8; 64 << 10];
+    let mut written = 0;
+    while written < FILE_BYTES {
+        file.write_all(&chunk)?;
+        written += chunk.len() as u64;
+    }
+    file.sync_all()
+}
+
+/// `GET /healthz` on one keep-alive connection, `requests` times: the store's HTTP stack with
+/// no storage behind it. Returns the latency of each round trip, in µs.
+pub(crate) async fn http_round_trip(addr: SocketAddr, requests: usize) -> Histogram<u64> {
+    let mut sender = keep_alive_connection(addr).await;
+    let mut latency = latency_histogram();
+    for _ in 0..requests {
+        let request = Request::get("/healthz")
+            .header("host", "store")
+            .body(Full::new(Bytes::new()))
+            .unwrap();
+        // The connection takes the next request once it has finished the last response.
+        sender.ready().await.unwrap();
+        let started = Instant::now();
+        let response = sender.send_request(request).await.unwrap();
+        assert!(
+            response.status().is_success(),
+            "/healthz answered {}",
+            response.status()
+        );
+        let _ = response.into_body().collect().await;
+        let _ = latency.record(started.elapsed().as_micros().max(1) as u64);
+    }
+    latency
+}
+
+/// Both probes, as the JSON `store_alone.one_connection_per_operation.floor`.
+pub(crate) async fn measure(dir: &Path, store: SocketAddr) -> Value {
+    let dir = dir.to_path_buf();
+    let disk = tokio::task::spawn_blocking(move || disk_write_and_sync(&dir, 500))
+        .await
+        .unwrap()
+        .unwrap_or_else(|e| panic!("the disk probe failed: {e}"));
+    let http = http_round_trip(store, 2000).await;
+    let (disk_p50, http_p50) = (disk.value_at_quantile(0.5), http.value_at_quantile(0.5));
+    json!({
+        "write_and_fdatasync": {"bytes": WRITE_BYTES, "writes": disk.len(),
+                                "p50_us": disk_p50, "p99_us": disk.value_at_quantile(0.99)},
+        "http_round_trip": {"requests": http.len(), "p50_us": http_p50, "p99_us": http.value_at_quantile(0.99)},
+        "sum_p50_us": disk_p50 + http_p50,
+    })
+}
