@@ -104,3 +104,37 @@ pub(crate) async fn measure(dir: &Path, store: SocketAddr) -> Value {
         "sum_p50_us": disk_p50 + http_p50,
     })
 }
+
+/// What an execution must add at one connection on this machine, whatever the store engine:
+/// it holds both bodies (the "holding" row) and makes two callouts in turn (each as the
+/// "one callout" row's, over the holding), each of which waits for one write + `fdatasync`.
+/// Medians added together, so an estimate, not a bound to the microsecond.
+pub(crate) fn execution_floor_at_one_connection(one_connection: &Value, store_floor: &Value) -> Value {
+    let added = |name: &str| {
+        one_connection
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|row| row["scenario"] == name)
+            .and_then(|row| row["added_p50_us"].as_u64())
+    };
+    let (Some(holding), Some(callout), Some(sync)) = (
+        added(HOLDING),
+        added(ONE_CALLOUT),
+        store_floor["write_and_fdatasync"]["p50_us"].as_u64(),
+    ) else {
+        return Value::Null;
+    };
+    let callout_alone = callout.saturating_sub(holding);
+    json!({
+        "holding_both_bodies_us": holding,
+        "one_callout_us": callout_alone,
+        "write_and_fdatasync_us": sync,
+        "added_p50_us": holding + 2 * (callout_alone + sync),
+    })
+}
+
+/// The one-connection rows the execution floor is built from.
+pub(crate) const HOLDING: &str = "Wasm filter holding and reading both bodies";
+/// See [`HOLDING`].
+pub(crate) const ONE_CALLOUT: &str = "... and making one callout per request";

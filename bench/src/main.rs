@@ -341,14 +341,14 @@ async fn run(settings: Settings) {
             expect: any_2xx,
         },
         Scenario {
-            name: "Wasm filter holding and reading both bodies",
+            name: floor::HOLDING,
             target: "noop-buffer",
             baseline: Some(PASSTHROUGH_POST),
             make: Arc::new(|_, _| post("/api/v1/orders", None)),
             expect: any_2xx,
         },
         Scenario {
-            name: "... and making one callout per request",
+            name: floor::ONE_CALLOUT,
             target: "noop-callout",
             baseline: Some(PASSTHROUGH_POST),
             make: Arc::new(|_, _| post("/api/v1/orders", None)),
@@ -837,6 +837,10 @@ async fn run(settings: Settings) {
         "settings": {"seconds_per_scenario": seconds, "rounds": rounds, "connections": connections,
                      "body_bytes": 1024, "envoy_concurrency": 1},
         "rounds": results,
+        "one_connection_execution_floor": floor::execution_floor_at_one_connection(
+            &json!(added),
+            &store_alone["store_alone"]["one_connection_per_operation"]["floor"],
+        ),
         "one_connection": added,
         "growth": growth,
         "envoy_memory": envoy_memory,

@@ -60,6 +60,9 @@ fn a_short_benchmark_measures_every_scenario_and_writes_every_figure() {
         printed.contains("Envoy memory, KiB"),
         "no memory table:\n{printed}"
     );
+    for floor in ["an execution's floor here", "floor under a durable operation"] {
+        assert!(printed.contains(floor), "no line for {floor:?}:\n{printed}");
+    }
     let results: Value =
         serde_json::from_str(&std::fs::read_to_string(out.path().join("results.json")).unwrap()).unwrap();
 
@@ -189,6 +192,25 @@ fn a_short_benchmark_measures_every_scenario_and_writes_every_figure() {
         "the floor is the sum of its parts: {floor}"
     );
     stolen_of(floor, "the floor probes");
+    let execution_floor = &results["one_connection_execution_floor"];
+    let part = |name: &str| execution_floor[name].as_f64().unwrap_or(-1.0);
+    assert!(
+        part("holding_both_bodies_us") >= 0.0 && part("one_callout_us") >= 0.0,
+        "the execution floor's parts: {execution_floor}"
+    );
+    assert_eq!(
+        part("write_and_fdatasync_us"),
+        disk,
+        "the execution floor takes the disk probe's p50: {execution_floor}"
+    );
+    assert_eq!(
+        positive(
+            &execution_floor["added_p50_us"],
+            "an execution's floor at one connection"
+        ),
+        part("holding_both_bodies_us") + 2.0 * (part("one_callout_us") + disk),
+        "an execution's floor holds both bodies and makes two callouts, each with a sync: {execution_floor}"
+    );
     stolen_of(store, "the store alone");
     stolen_of(&store["batched"], "the store alone, batched");
     stolen_of(
