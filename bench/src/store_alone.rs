@@ -17,6 +17,9 @@ use crate::process::rss_kib;
 use crate::steal;
 use crate::traffic::{keep_alive_connection, latency_histogram, stolen_since};
 
+/// The CPU the store runs on for the store-alone phases (the load generator keeps the other).
+const STORE_ALONE_CPU: usize = 0;
+
 /// A JSON POST to the store API, with the bench's token.
 pub(crate) fn store_request(path: &str, body: &Value) -> Request<Full<Bytes>> {
     Request::post(path)
@@ -43,7 +46,7 @@ pub(crate) async fn measure_store_alone(
     // Envoy is idle now: give the store CPU 0 and keep the load generator on CPU 1.
     if let Some(pid) = store.pid() {
         let _ = Command::new("taskset")
-            .args(["-a", "-p", "-c", "0", &pid.to_string()])
+            .args(["-a", "-p", "-c", &STORE_ALONE_CPU.to_string(), &pid.to_string()])
             .output();
     }
     let store_addr = SocketAddr::from(([127, 0, 0, 1], store_port));
@@ -58,7 +61,7 @@ pub(crate) async fn measure_store_alone(
         )
     };
     let host_before = steal::Snapshot::take();
-    let mut floor = crate::floor::measure(data_dir, store_addr).await;
+    let mut floor = crate::floor::measure(data_dir, store_addr, STORE_ALONE_CPU).await;
     let floor_stolen = stolen_since(host_before);
     floor["host_stolen_percent"] = json!(floor_stolen);
     floor["disturbed"] = json!(steal::disturbed(floor_stolen));

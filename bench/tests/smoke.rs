@@ -182,6 +182,14 @@ fn a_short_benchmark_measures_every_scenario_and_writes_every_figure() {
     );
     let floor = &store["one_connection_per_operation"]["floor"];
     let disk = positive(&floor["write_and_fdatasync"]["p50_us"], "the disk's write + sync");
+    positive(
+        &floor["write_and_fdatasync"]["back_to_back"]["p50_us"],
+        "the disk's write + sync, back to back",
+    );
+    assert_eq!(
+        floor["write_and_fdatasync"]["on_the_store_cpu"], true,
+        "the disk probe ran on the store's CPU: {floor}"
+    );
     let http = positive(
         &floor["http_round_trip"]["p50_us"],
         "an HTTP round trip to the store",
