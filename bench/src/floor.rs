@@ -160,6 +160,7 @@ pub(crate) fn execution_floor_at_one_connection(one_connection: &Value, store_fl
         "holding_both_bodies_us": holding,
         "one_callout_us": callout_alone,
         "write_and_fdatasync_us": sync,
+        "probed_on_cpu": store_floor["write_and_fdatasync"]["cpu"],
         "added_p50_us": holding + 2 * (callout_alone + sync),
     })
 }
