@@ -24,7 +24,9 @@ use http_body_util::{BodyExt, Full};
 use hyper::Request;
 use serde_json::{json, Value};
 
-use crate::traffic::{keep_alive_connection, latency_histogram};
+use crate::steal;
+use crate::traffic::{keep_alive_connection, latency_histogram, stolen_since};
+use crate::PASSTHROUGH_POST;
 
 /// Bytes of one probe write: about one `complete` of a 1 KiB response as the journal holds it.
 const WRITE_BYTES: usize = 1536;
@@ -107,6 +109,7 @@ pub(crate) async fn http_round_trip(addr: SocketAddr, requests: usize) -> Histog
 /// trip first, then the disk probe on `cpu` (the store's), paced by that round trip and back to
 /// back.
 pub(crate) async fn measure(dir: &Path, store: SocketAddr, cpu: usize) -> Value {
+    let host_before = steal::Snapshot::take();
     let http = http_round_trip(store, 2000).await;
     let http_p50 = http.value_at_quantile(0.5);
     let probe = |gap: Duration| {
@@ -124,6 +127,7 @@ pub(crate) async fn measure(dir: &Path, store: SocketAddr, cpu: usize) -> Value 
     let (paced, pinned) = probe(Duration::from_micros(http_p50)).await;
     let (back_to_back, _) = probe(Duration::ZERO).await;
     let disk_p50 = paced.value_at_quantile(0.5);
+    let stolen = stolen_since(host_before);
     json!({
         "write_and_fdatasync": {"bytes": WRITE_BYTES, "writes": paced.len(), "cpu": cpu, "on_the_store_cpu": pinned,
                                 "gap_us": http_p50, "p50_us": disk_p50, "p99_us": paced.value_at_quantile(0.99),
@@ -132,6 +136,8 @@ pub(crate) async fn measure(dir: &Path, store: SocketAddr, cpu: usize) -> Value 
                                                  "p99_us": back_to_back.value_at_quantile(0.99)}},
         "http_round_trip": {"requests": http.len(), "p50_us": http_p50, "p99_us": http.value_at_quantile(0.99)},
         "sum_p50_us": disk_p50 + http_p50,
+        "host_stolen_percent": stolen,
+        "disturbed": steal::disturbed(stolen),
     })
 }
 
@@ -140,14 +146,19 @@ pub(crate) async fn measure(dir: &Path, store: SocketAddr, cpu: usize) -> Value 
 /// "one callout" row's, over the holding), each of which waits for one write + `fdatasync`.
 /// Medians added together, so an estimate, not a bound to the microsecond.
 pub(crate) fn execution_floor_at_one_connection(one_connection: &Value, store_floor: &Value) -> Value {
-    let added = |name: &str| {
+    let row = |name: &str| {
         one_connection
             .as_array()
             .into_iter()
             .flatten()
             .find(|row| row["scenario"] == name)
-            .and_then(|row| row["added_p50_us"].as_u64())
     };
+    let added = |name: &str| row(name).and_then(|row| row["added_p50_us"].as_u64());
+    // Rows the host disturbed (the baseline's included) make the estimate say little.
+    let disturbed = store_floor["disturbed"] == true
+        || [HOLDING, ONE_CALLOUT, PASSTHROUGH_POST]
+            .iter()
+            .any(|name| row(name).is_none_or(|row| row["disturbed"] == true));
     let (Some(holding), Some(callout), Some(sync)) = (
         added(HOLDING),
         added(ONE_CALLOUT),
@@ -162,6 +173,7 @@ pub(crate) fn execution_floor_at_one_connection(one_connection: &Value, store_fl
         "write_and_fdatasync_us": sync,
         "probed_on_cpu": store_floor["write_and_fdatasync"]["cpu"],
         "added_p50_us": holding + 2 * (callout_alone + sync),
+        "disturbed": disturbed,
     })
 }
 

@@ -175,11 +175,12 @@ pub(crate) fn print_table(summary: &Value) {
     }
     let floor = &summary["one_connection_execution_floor"];
     println!(
-        "  an execution's floor here, estimated: holding both bodies {} µs + 2 × (a callout {} µs + a write and fdatasync {} µs) = {} µs added",
+        "  an execution's floor here, estimated: holding both bodies {} µs + 2 × (a callout {} µs + a write and fdatasync {} µs) = {} µs added{}",
         floor["holding_both_bodies_us"],
         floor["one_callout_us"],
         floor["write_and_fdatasync_us"],
-        floor["added_p50_us"]
+        floor["added_p50_us"],
+        disturbed_marker(floor["disturbed"] == true)
     );
     println!("\nCost by body size and connections (keyed POST that executes vs pass-through POST):");
     for row in summary["growth"].as_array().into_iter().flatten() {

@@ -60,11 +60,7 @@ pub(crate) async fn measure_store_alone(
             e2e::metric_sum(text, "idempotency_store_durable_commit_sync_seconds_total"),
         )
     };
-    let host_before = steal::Snapshot::take();
-    let mut floor = crate::floor::measure(data_dir, store_addr, STORE_ALONE_CPU).await;
-    let floor_stolen = stolen_since(host_before);
-    floor["host_stolen_percent"] = json!(floor_stolen);
-    floor["disturbed"] = json!(steal::disturbed(floor_stolen));
+    let floor = crate::floor::measure(data_dir, store_addr, STORE_ALONE_CPU).await;
     let (commits_before, synced_before) = disk_totals(&e2e::get_text(&client, &metrics_url).await);
     let host_before = steal::Snapshot::take();
     let single = store_pairs(store_addr, 1, duration).await;

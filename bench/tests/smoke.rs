@@ -206,6 +206,10 @@ fn a_short_benchmark_measures_every_scenario_and_writes_every_figure() {
         part("holding_both_bodies_us") >= 0.0 && part("one_callout_us") >= 0.0,
         "the execution floor's parts: {execution_floor}"
     );
+    assert!(
+        execution_floor["disturbed"].is_boolean(),
+        "the execution floor says whether its rows were disturbed: {execution_floor}"
+    );
     let sync = positive(
         &execution_floor["write_and_fdatasync_us"],
         "a sync under the one-connection rows",
