@@ -1,5 +1,5 @@
-//! This machine's floor under one durable store operation: the disk's own write + `fdatasync`
-//! and an HTTP round trip to the store, measured beside the store's per-operation latency.
+//! This machine's floor under one durable store operation (the disk's own write + `fdatasync`
+//! and an HTTP round trip to the store) and, from it, under an execution at one connection.
 //!
 //! A durable operation cannot cost less than one sync of its write plus one round trip to the
 //! store's HTTP stack, whatever the engine. Printing both beside the store's figure tells an
@@ -115,13 +115,17 @@ pub(crate) async fn measure(dir: &Path, store: SocketAddr, cpu: usize) -> Value 
     let probe = |gap: Duration| {
         let dir = dir.to_path_buf();
         async move {
-            tokio::task::spawn_blocking(move || {
+            // A thread of its own: pinning one of tokio's pooled threads would leave it pinned
+            // for whatever blocking work reuses it.
+            let probe = std::thread::spawn(move || {
                 let pinned = core_affinity::set_for_current(core_affinity::CoreId { id: cpu });
                 disk_write_and_sync(&dir, 500, gap).map(|latency| (latency, pinned))
-            })
-            .await
-            .unwrap()
-            .unwrap_or_else(|e| panic!("the disk probe failed: {e}"))
+            });
+            tokio::task::spawn_blocking(move || probe.join())
+                .await
+                .unwrap()
+                .unwrap()
+                .unwrap_or_else(|e| panic!("the disk probe failed: {e}"))
         }
     };
     let (paced, pinned) = probe(Duration::from_micros(http_p50)).await;
