@@ -26,10 +26,6 @@ use e2e::{free_port, plugin_config, spawn_demo, spawn_store, wait_ready, wasm_pa
 use serde_json::{json, Value};
 
 mod floor;
-
-/// The CPU `make bench` pins the bench to (`taskset -c 1`), and with it the store, the demo
-/// service and the load generator; Envoy gets CPU 0.
-const STORE_CPU_IN_ROUNDS: usize = 1;
 mod process;
 mod report;
 mod retries;
@@ -42,6 +38,10 @@ use report::{metric_containing, print_rounds, print_store_alone, print_table, su
 use retries::{grpc_load, hold_waiters, in_flight_retries};
 use store_alone::measure_store_alone;
 use traffic::{body_1k, get, load, measure, post, post_body, sized_body, MakeRequest, Measured};
+
+/// The CPU `make bench` pins the bench to (`taskset -c 1`), and with it the store, the demo
+/// service and the load generator; Envoy gets CPU 0.
+const STORE_CPU_IN_ROUNDS: usize = 1;
 
 /// The baseline row: pass-through Envoy, 1 KiB POST, closed loop.
 const PASSTHROUGH_POST: &str = "pass-through Envoy (POST)";
@@ -637,10 +637,9 @@ async fn run(settings: Settings) {
         .collect();
     // The disk under those rows, probed where the store ran them (`make bench` pins the bench,
     // and so the store, to CPU 1): an execution's two syncs cost at least this much each.
-    let store_addr = SocketAddr::from(([127, 0, 0, 1], store_port));
     let execution_floor = floor::execution_floor_at_one_connection(
         &json!(added),
-        &floor::measure(dir.path(), store_addr, STORE_CPU_IN_ROUNDS).await,
+        &floor::measure(dir.path(), addr(store_port), STORE_CPU_IN_ROUNDS).await,
     );
 
     // Envoy's memory after the 1 KiB rounds, before the growth rows buffer 64 KiB and 1 MiB
