@@ -1,10 +1,11 @@
 //! HTTP API: `/v1/*` operations (bearer tokens with roles, `auth.rs`), `/healthz`, `/readyz`,
-//! `/metrics`.
+//! `/metrics`; and the replay listener's router, which serves `/v1/replay` alone.
 
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use axum::extract::{DefaultBodyLimit, Query, Request, State};
+use axum::extract::{ConnectInfo, DefaultBodyLimit, Query, Request, State};
 use axum::http::{header, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
@@ -18,6 +19,7 @@ use serde_json::json;
 
 use crate::auth::{Authenticator, Permission, Principal};
 use crate::error::ApiError;
+use crate::identity::{xfcc_identities, PeerIdentity, TrustedProxies, XFCC};
 use crate::messages;
 use crate::metrics::Metrics;
 use crate::record::Record;
@@ -27,8 +29,9 @@ use crate::wait::Waiters;
 
 mod batch;
 
-/// Largest request body accepted (a 1 MiB response is ~1.4 MiB as base64 JSON).
-pub const MAX_BODY_BYTES: usize = 16 * 1024 * 1024;
+/// Largest request body accepted by default (a 1 MiB response is ~1.4 MiB as base64 JSON);
+/// the filter refuses a `max_response_size` whose record would not fit.
+pub const MAX_BODY_BYTES: usize = idempotency_wire::MAX_STORE_REQUEST_BYTES;
 /// Longest key, scope or service name accepted.
 pub const MAX_IDENTITY_PART: usize = 1024;
 /// Longest `in_progress_wait` the store honours, whatever the proxy asks.
@@ -54,6 +57,11 @@ pub struct AppState {
     pub waiters: Arc<Waiters>,
     /// Replay tickets for gRPC replays (`/v1/replay`).
     pub tickets: Arc<ReplayTickets>,
+    /// Largest request body accepted (`--max-request-bytes`); larger ones get 413.
+    pub max_request_bytes: usize,
+    /// With `--trust-forwarded-client-cert`: the peers whose `x-forwarded-client-cert` names
+    /// the caller; `None`: the header is never read.
+    pub forwarded_identity: Option<Arc<TrustedProxies>>,
 }
 
 impl AppState {
@@ -71,6 +79,8 @@ impl AppState {
                 )
             }),
             waiters: Arc::new(Waiters::new(DEFAULT_MAX_WAITERS, DEFAULT_WAIT_POLL)),
+            max_request_bytes: MAX_BODY_BYTES,
+            forwarded_identity: None,
         }
     }
 }
@@ -83,7 +93,9 @@ pub fn now_ms() -> u64 {
         .unwrap_or(0)
 }
 
-/// The router with all routes; tests drive it with `oneshot`.
+/// The API's router (every route but `/v1/replay`); tests drive it with `oneshot`. Every answer
+/// carries `x-idempotency-store: api`, so a client answered by it (a misrouted request) and a
+/// filter whose replay came from here both can tell.
 pub fn app(state: AppState) -> Router {
     let v1 = Router::new()
         .route(paths::ACQUIRE, post(acquire))
@@ -101,13 +113,37 @@ pub fn app(state: AppState) -> Router {
         .route_layer(middleware::from_fn_with_state(state.clone(), require_token));
     Router::new()
         .merge(v1)
-        // Authenticated by its ticket, not the bearer token: Envoy routes client requests here.
-        .route(paths::REPLAY, post(replay))
-        .route("/healthz", get(|| async { "ok" }))
+        .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
-        .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
+        .layer(DefaultBodyLimit::max(state.max_request_bytes))
+        .layer(middleware::map_response(|r| mark(r, ANSWERED_BY_API)))
         .with_state(state)
+}
+
+/// The replay listener's router (`--replay-listen`): `/v1/replay`, authenticated by its ticket,
+/// and nothing else; every answer carries `x-idempotency-store: replay`.
+pub fn replay_app(state: AppState) -> Router {
+    Router::new()
+        .route(paths::REPLAY, post(replay))
+        .layer(DefaultBodyLimit::max(REPLAY_BODY_LIMIT))
+        .layer(middleware::map_response(|r| mark(r, ANSWERED_BY_REPLAY)))
+        .with_state(state)
+}
+
+/// `x-idempotency-store` value on the API's answers.
+pub const ANSWERED_BY_API: &str = "api";
+/// `x-idempotency-store` value on the replay listener's answers.
+pub const ANSWERED_BY_REPLAY: &str = "replay";
+/// A replay's request body is the client's gRPC message, which the store ignores.
+const REPLAY_BODY_LIMIT: usize = 4 * 1024 * 1024;
+
+async fn mark(mut response: Response, listener: &'static str) -> Response {
+    response.headers_mut().insert(
+        idempotency_wire::headers::ANSWERED_BY,
+        header::HeaderValue::from_static(listener),
+    );
+    response
 }
 
 fn empty_authenticator() -> Authenticator {
@@ -126,8 +162,33 @@ fn permission_for(method: &axum::http::Method, path: &str) -> Permission {
     }
 }
 
-/// Authenticate the bearer token and check the role the path needs; the caller travels on as
-/// a request extension for service-bound checks and audit lines.
+/// The mesh identities of a request's caller: its connection's client certificate (mTLS
+/// terminated by the store), else the `x-forwarded-client-cert` header when the connection comes
+/// from a trusted proxy (`--trust-forwarded-client-cert`). A client's own XFCC header, sent
+/// from anywhere else, is ignored.
+fn caller_identities(state: &AppState, request: &Request) -> Vec<String> {
+    if let Some(PeerIdentity(identities)) = request.extensions().get::<PeerIdentity>() {
+        if !identities.is_empty() {
+            return identities.to_vec();
+        }
+    }
+    let Some(trusted) = &state.forwarded_identity else {
+        return Vec::new();
+    };
+    let Some(header) = request.headers().get(XFCC).and_then(|v| v.to_str().ok()) else {
+        return Vec::new();
+    };
+    match request.extensions().get::<ConnectInfo<SocketAddr>>() {
+        Some(ConnectInfo(peer)) if trusted.trusts(peer) => xfcc_identities(header),
+        peer => {
+            tracing::debug!(peer = ?peer.map(|p| p.0), "x-forwarded-client-cert from an untrusted peer ignored");
+            Vec::new()
+        }
+    }
+}
+
+/// Authenticate the caller — bearer token, else mesh identity — and check the role the path
+/// needs; the caller travels on as a request extension for service-bound checks and audit lines.
 async fn require_token(State(state): State<AppState>, mut request: Request, next: Next) -> Response {
     let principal = match &state.auth {
         None => Arc::new(Principal::all_roles("unauthenticated")),
@@ -136,9 +197,12 @@ async fn require_token(State(state): State<AppState>, mut request: Request, next
                 .headers()
                 .get(header::AUTHORIZATION)
                 .and_then(|v| v.to_str().ok())
-                .and_then(|v| v.strip_prefix("Bearer "))
-                .unwrap_or("");
-            match auth.authenticate(presented) {
+                .and_then(|v| v.strip_prefix("Bearer "));
+            let found = match presented {
+                Some(token) => auth.authenticate(token),
+                None => auth.authenticate_identity(&caller_identities(&state, &request)),
+            };
+            match found {
                 Some(principal) => principal,
                 None => {
                     state
@@ -171,7 +235,7 @@ async fn require_token(State(state): State<AppState>, mut request: Request, next
 
 /// A `service` credential may act only for its own services.
 fn check_service(principal: &Principal, service: &str, permission: Permission) -> Result<(), ApiError> {
-    if principal.may_act_for(service) {
+    if principal.may_act_for(permission, service) {
         Ok(())
     } else {
         Err(ApiError::Forbidden {
@@ -180,6 +244,20 @@ fn check_service(principal: &Principal, service: &str, permission: Permission) -
             service: Some(service.to_owned()),
         })
     }
+}
+
+/// A proxy call names a record of a service its credential is bound to, and never a
+/// consumer's `message:` record: only the messages API claims those, for its own service (else a
+/// proxy credential could complete another service's message and make its consumer skip it).
+fn check_proxy_call(principal: &Principal, id: &RecordId) -> Result<(), ApiError> {
+    check_service(principal, &id.service, Permission::ProxyCalls)?;
+    if id.scope.starts_with(messages::SCOPE_PREFIX) {
+        return Err(ApiError::MessageScope {
+            credential: principal.name.clone(),
+            service: id.service.clone(),
+        });
+    }
+    Ok(())
 }
 
 /// One structured line per admin action: who (credential name, never the token), what, which.
@@ -256,11 +334,13 @@ fn observe<T>(
     }
 }
 
-async fn acquire(
+pub(crate) async fn acquire(
     State(state): State<AppState>,
+    Extension(principal): Extension<Arc<Principal>>,
     Json(mut request): Json<AcquireRequest>,
 ) -> Result<Json<AcquireResponse>, ApiError> {
     check_identity(&request.id)?;
+    check_proxy_call(&principal, &request.id)?;
     if request.attempt_id.is_empty() {
         // Every lock gets a secret holder proof, even for callers that send no attempt id.
         request.attempt_id = uuid::Uuid::new_v4().simple().to_string();
@@ -280,8 +360,18 @@ async fn acquire(
         .observe(started.elapsed().as_secs_f64());
     let mut response = result?;
     if request.replay_ticket {
-        if let AcquireResponse::Completed { replay_ticket, .. } = &mut response {
-            *replay_ticket = Some(state.tickets.issue(&request.id, now_ms()));
+        if let AcquireResponse::Completed {
+            replay_ticket,
+            record_id,
+            ..
+        } = &mut response
+        {
+            *replay_ticket = Some(state.tickets.issue(
+                &request.id,
+                record_id.as_deref().unwrap_or_default(),
+                &request.fingerprint,
+                now_ms(),
+            ));
         }
     }
     match &response {
@@ -372,15 +462,24 @@ async fn replay(State(state): State<AppState>, headers: axum::http::HeaderMap) -
     let count = |outcome: &str| {
         state.metrics.replays_served.with_label_values(&[outcome]).inc();
     };
-    let id = match state.tickets.verify(ticket, now_ms()) {
-        Ok(id) => id,
+    let claims = match state.tickets.verify(ticket, now_ms()) {
+        Ok(claims) => claims,
         Err(e) => {
             count("refused");
             tracing::warn!(error = %e, "replay refused");
             return crate::replay::grpc_unavailable(&format!("{e}; retry with the same key"));
         }
     };
-    match state.storage.get(&id, now_ms()).await {
+    match state.storage.get(&claims.id(), now_ms()).await {
+        // Purged and created again since the ticket was issued: not the response it was for.
+        Ok(Some(record))
+            if record.record_id != claims.record_id || record.fingerprint != claims.fingerprint =>
+        {
+            count("changed");
+            crate::replay::grpc_unavailable(
+                "the record changed since the replay was granted; retry with the same key",
+            )
+        }
         Ok(Some(record)) => match record.response {
             Some(stored) if record.state == crate::record::RecordState::Completed => {
                 count("served");
@@ -403,11 +502,13 @@ async fn replay(State(state): State<AppState>, headers: axum::http::HeaderMap) -
     }
 }
 
-async fn outcome_unknown(
+pub(crate) async fn outcome_unknown(
     State(state): State<AppState>,
+    Extension(principal): Extension<Arc<Principal>>,
     Json(request): Json<OutcomeUnknownRequest>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
     check_identity(&request.id)?;
+    check_proxy_call(&principal, &request.id)?;
     if request.reason.is_empty() || request.reason.len() > 128 {
         return Err(ApiError::BadRequest("reason must be 1 to 128 bytes".into()));
     }
@@ -430,11 +531,13 @@ async fn outcome_unknown(
     Ok(Json(json!({"ok": true})))
 }
 
-async fn abandon(
+pub(crate) async fn abandon(
     State(state): State<AppState>,
+    Extension(principal): Extension<Arc<Principal>>,
     Json(request): Json<AbandonRequest>,
 ) -> Result<Json<AbandonResponse>, ApiError> {
     check_identity(&request.id)?;
+    check_proxy_call(&principal, &request.id)?;
     let started = Instant::now();
     let result = state.storage.abandon(&request, now_ms()).await;
     observe(&state, "abandon", &request.id.service, started, &result);
@@ -453,11 +556,13 @@ async fn abandon(
     Ok(Json(AbandonResponse { released }))
 }
 
-async fn complete(
+pub(crate) async fn complete(
     State(state): State<AppState>,
+    Extension(principal): Extension<Arc<Principal>>,
     Json(request): Json<CompleteRequest>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
     check_identity(&request.id)?;
+    check_proxy_call(&principal, &request.id)?;
     let started = Instant::now();
     let result = state.storage.complete(&request, now_ms()).await;
     observe(&state, "complete", &request.id.service, started, &result);
@@ -466,11 +571,13 @@ async fn complete(
     Ok(Json(json!({"ok": true})))
 }
 
-async fn release(
+pub(crate) async fn release(
     State(state): State<AppState>,
+    Extension(principal): Extension<Arc<Principal>>,
     Json(request): Json<ReleaseRequest>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
     check_identity(&request.id)?;
+    check_proxy_call(&principal, &request.id)?;
     let started = Instant::now();
     let result = state.storage.release(&request, now_ms()).await;
     observe(&state, "release", &request.id.service, started, &result);
@@ -648,6 +755,15 @@ async fn release_message(
     observe(&state, "message_release", &done.id.service, started, &result);
     result?;
     Ok(Json(json!({"ok": true})))
+}
+
+/// Liveness: fails only when the process cannot recover without a restart (a failed journal
+/// sync), so an orchestrator restarts it.
+async fn healthz(State(state): State<AppState>) -> Response {
+    match state.storage.live() {
+        Ok(()) => (StatusCode::OK, "ok").into_response(),
+        Err(e) => (StatusCode::SERVICE_UNAVAILABLE, format!("not live: {e}")).into_response(),
+    }
 }
 
 async fn readyz(State(state): State<AppState>) -> Response {

@@ -1,14 +1,16 @@
-//! Who may call what: bearer tokens mapped to credentials with roles — `proxy` (the mesh's
-//! filters), `service` (bound to service names: phase checkpoints and message dedup), `admin`
-//! (record lookup, purge, listing) — loaded from a YAML file and reloaded without a restart.
+//! Who may call what: bearer tokens or mesh identities (`identity.rs`) mapped to credentials
+//! with roles — `proxy` (the mesh's
+//! filters) and `service` (phase checkpoints and message dedup), both bound to service names,
+//! and `admin` (record lookup, purge, listing) — loaded from a YAML file and reloaded without a
+//! restart.
 //!
 //! Tokens are kept only as SHA-256 digests and compared in constant time against every known
 //! digest (no early exit), so neither timing nor a memory dump of the store gives them away.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use serde::Deserialize;
 use sha2::{Digest, Sha256};
@@ -25,6 +27,17 @@ pub enum Role {
     Service,
     /// Operators: look up, list and purge records.
     Admin,
+}
+
+impl Role {
+    /// The role's name as the credentials file spells it.
+    pub fn name(self) -> &'static str {
+        match self {
+            Role::Proxy => "proxy",
+            Role::Service => "service",
+            Role::Admin => "admin",
+        }
+    }
 }
 
 /// What a call needs.
@@ -64,15 +77,24 @@ impl Permission {
     }
 }
 
+/// One role a caller holds, and the services it may act for in it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Grant {
+    /// The role.
+    pub role: Role,
+    /// Services it may act for; `None`: any (admin, the `--token` shortcut, or a `proxy`
+    /// credential that lists `"*"`).
+    pub services: Option<BTreeSet<String>>,
+}
+
 /// The authenticated caller of one request.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Principal {
-    /// Credential name (logged; the token never is).
+    /// Credential name (logged; the token never is); for an identity listed by several
+    /// credentials, their names joined with `+`.
     pub name: String,
-    /// Roles held.
-    pub roles: BTreeSet<Role>,
-    /// Services a `service` credential may act for; `None`: any.
-    pub services: Option<BTreeSet<String>>,
+    /// What it may do.
+    pub grants: Vec<Grant>,
 }
 
 impl Principal {
@@ -80,19 +102,24 @@ impl Principal {
     pub fn all_roles(name: &str) -> Principal {
         Principal {
             name: name.to_owned(),
-            roles: [Role::Proxy, Role::Service, Role::Admin].into(),
-            services: None,
+            grants: [Role::Proxy, Role::Service, Role::Admin]
+                .into_iter()
+                .map(|role| Grant { role, services: None })
+                .collect(),
         }
     }
 
     /// True when some role grants `permission`.
     pub fn may(&self, permission: Permission) -> bool {
-        self.roles.iter().any(|role| permission.granted_by(*role))
+        self.grants.iter().any(|g| permission.granted_by(g.role))
     }
 
-    /// True when this caller may act for `service` (service-bound calls).
-    pub fn may_act_for(&self, service: &str) -> bool {
-        self.services.as_ref().is_none_or(|s| s.contains(service))
+    /// True when a role that grants `permission` may use it for `service` (every call that
+    /// names a service).
+    pub fn may_act_for(&self, permission: Permission, service: &str) -> bool {
+        self.grants
+            .iter()
+            .any(|g| permission.granted_by(g.role) && g.services.as_ref().is_none_or(|s| s.contains(service)))
     }
 }
 
@@ -125,8 +152,51 @@ struct RawCredential {
     role: Role,
     #[serde(default)]
     services: Vec<String>,
+    #[serde(default)]
     tokens: Vec<String>,
+    #[serde(default)]
+    identities: Vec<String>,
 }
+
+/// The services a credential of `role` may act for, from its `services` list: required for
+/// `proxy` and `service` (a proxy credential may say `["*"]` for every service, explicitly;
+/// a `service` credential must name them), refused for `admin`.
+fn bound_services(
+    at: &str,
+    role: Role,
+    services: Vec<String>,
+) -> Result<Option<BTreeSet<String>>, CredentialsError> {
+    let wildcard = services.iter().any(|s| s == ANY_SERVICE);
+    match role {
+        _ if services.iter().any(|s| s.trim().is_empty()) => Err(CredentialsError::Invalid(format!(
+            "{at}: `services` must not contain empty names"
+        ))),
+        Role::Admin if !services.is_empty() => Err(CredentialsError::Invalid(format!(
+            "{at}: `services` does not apply to role `admin` (admins act for every service)"
+        ))),
+        Role::Admin => Ok(None),
+        _ if services.is_empty() => Err(CredentialsError::Invalid(format!(
+            "{at}: a `{}` credential needs `services`: the service names it may act for{}",
+            role.name(),
+            if role == Role::Proxy {
+                " (the `service_name` of the filters that use it; `[\"*\"]` for every service, which lets one leaked token lock and complete any service's keys)"
+            } else {
+                ""
+            }
+        ))),
+        Role::Service if wildcard => Err(CredentialsError::Invalid(format!(
+            "{at}: a `service` credential must name its services; `*` is only for `proxy`"
+        ))),
+        Role::Proxy if wildcard && services.len() > 1 => Err(CredentialsError::Invalid(format!(
+            "{at}: `services: [\"*\"]` stands alone"
+        ))),
+        _ if wildcard => Ok(None),
+        _ => Ok(Some(services.into_iter().collect())),
+    }
+}
+
+/// The `services` entry that lets a `proxy` credential act for every service.
+pub const ANY_SERVICE: &str = "*";
 
 /// Shortest token accepted from a credentials file.
 pub const MIN_TOKEN_LENGTH: usize = 16;
@@ -135,10 +205,13 @@ fn digest(token: &str) -> [u8; 32] {
     Sha256::digest(token.as_bytes()).into()
 }
 
-/// A set of credentials: token digests and who they belong to.
+/// A set of credentials: token digests and mesh identities, and who they belong to.
 #[derive(Debug, Default)]
 pub struct Credentials {
     entries: Vec<([u8; 32], Arc<Principal>)>,
+    /// Mesh identities (certificate URI or DNS SANs); one listed by several credentials holds
+    /// all their grants (in a mesh a workload's sidecar and the workload share one identity).
+    identities: HashMap<String, Arc<Principal>>,
 }
 
 impl Credentials {
@@ -146,6 +219,7 @@ impl Credentials {
     pub fn all_roles(token: &str) -> Credentials {
         Credentials {
             entries: vec![(digest(token), Arc::new(Principal::all_roles("--token")))],
+            identities: HashMap::new(),
         }
     }
 
@@ -156,6 +230,7 @@ impl Credentials {
         let mut names = BTreeSet::new();
         let mut seen_tokens = BTreeSet::new();
         let mut entries = Vec::new();
+        let mut identities: HashMap<String, Principal> = HashMap::new();
         for (i, credential) in raw.credentials.into_iter().enumerate() {
             let at = format!("credentials[{i}] ({:?})", credential.name);
             if credential.name.trim().is_empty() || !names.insert(credential.name.clone()) {
@@ -163,29 +238,34 @@ impl Credentials {
                     "{at}: `name` must be set and unique"
                 )));
             }
-            if credential.tokens.is_empty() {
+            if credential.tokens.is_empty() && credential.identities.is_empty() {
                 return Err(CredentialsError::Invalid(format!(
-                    "{at}: `tokens` must list at least one token"
+                    "{at}: `tokens` or `identities` must list at least one token or mesh identity"
                 )));
             }
-            let services = match (credential.role, credential.services.is_empty()) {
-                (Role::Service, true) => {
-                    return Err(CredentialsError::Invalid(format!(
-                        "{at}: a `service` credential needs `services` (the service names it may act for)"
-                    )))
-                }
-                (Role::Service, false) => Some(credential.services.into_iter().collect()),
-                (_, true) => None,
-                (_, false) => {
-                    return Err(CredentialsError::Invalid(format!(
-                        "{at}: `services` only applies to role `service`"
-                    )))
-                }
+            let grant = Grant {
+                role: credential.role,
+                services: bound_services(&at, credential.role, credential.services)?,
             };
+            for (n, identity) in credential.identities.iter().enumerate() {
+                if identity.trim().is_empty() || identity.trim() != identity {
+                    return Err(CredentialsError::Invalid(format!(
+                        "{at}: identities[{n}] must be a certificate URI or DNS SAN such as spiffe://cluster.local/ns/shop/sa/orders"
+                    )));
+                }
+                let entry = identities.entry(identity.clone()).or_insert_with(|| Principal {
+                    name: String::new(),
+                    grants: Vec::new(),
+                });
+                if !entry.name.is_empty() {
+                    entry.name.push('+');
+                }
+                entry.name.push_str(&credential.name);
+                entry.grants.push(grant.clone());
+            }
             let principal = Arc::new(Principal {
                 name: credential.name,
-                roles: [credential.role].into(),
-                services,
+                grants: vec![grant],
             });
             for (t, token) in credential.tokens.iter().enumerate() {
                 if token.len() < MIN_TOKEN_LENGTH {
@@ -202,7 +282,13 @@ impl Credentials {
                 entries.push((hash, principal.clone()));
             }
         }
-        Ok(Credentials { entries })
+        Ok(Credentials {
+            entries,
+            identities: identities
+                .into_iter()
+                .map(|(identity, principal)| (identity, Arc::new(principal)))
+                .collect(),
+        })
     }
 
     /// Read and parse a credentials file.
@@ -217,12 +303,23 @@ impl Credentials {
     /// Add every credential of `other`.
     pub fn merge(mut self, other: Credentials) -> Credentials {
         self.entries.extend(other.entries);
+        self.identities.extend(other.identities);
         self
     }
 
     /// Number of tokens.
     pub fn tokens(&self) -> usize {
         self.entries.len()
+    }
+
+    /// Number of mesh identities.
+    pub fn identities(&self) -> usize {
+        self.identities.len()
+    }
+
+    /// Who the first known of `identities` (a caller's SANs, URI SANs first) is, if any.
+    pub fn authenticate_identity(&self, identities: &[String]) -> Option<Arc<Principal>> {
+        identities.iter().find_map(|id| self.identities.get(id).cloned())
     }
 
     /// Who presented `token`, if anyone. Compares against every digest in constant time.
@@ -279,6 +376,19 @@ impl Authenticator {
         self.current.read().ok()?.authenticate(token)
     }
 
+    /// Who the caller with these mesh identities is.
+    pub fn authenticate_identity(&self, identities: &[String]) -> Option<Arc<Principal>> {
+        self.current.read().ok()?.authenticate_identity(identities)
+    }
+
+    /// (tokens, identities) in force, for logs.
+    pub fn counts(&self) -> (usize, usize) {
+        self.current
+            .read()
+            .map(|c| (c.tokens(), c.identities()))
+            .unwrap_or_default()
+    }
+
     /// The credentials file, if any.
     pub fn file(&self) -> Option<&Path> {
         self.file.as_deref()
@@ -291,39 +401,16 @@ pub async fn watch(authenticator: Arc<Authenticator>, poll: Duration) {
     let Some(path) = authenticator.file().map(Path::to_owned) else {
         return;
     };
-    let modified = |path: &Path| std::fs::metadata(path).and_then(|m| m.modified()).ok();
-    let mut last: Option<SystemTime> = modified(&path);
-    #[cfg(unix)]
-    let mut hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
-    loop {
-        #[cfg(unix)]
-        let signalled = match hangup.as_mut() {
-            Some(signal) => tokio::select! {
-                _ = signal.recv() => true,
-                () = tokio::time::sleep(poll) => false,
-            },
-            None => {
-                tokio::time::sleep(poll).await;
-                false
-            }
-        };
-        #[cfg(not(unix))]
-        let signalled = {
-            tokio::time::sleep(poll).await;
-            false
-        };
-        let now = modified(&path);
-        if !signalled && now == last {
-            continue;
-        }
-        last = now;
-        match authenticator.reload() {
-            Ok(tokens) => tracing::info!(file = %path.display(), tokens, "credentials reloaded"),
-            Err(e) => {
-                tracing::error!(error = %e, "credentials not reloaded; the previous ones stay in force")
-            }
-        }
-    }
+    crate::reload::watch_file(path, poll, "credentials", move || {
+        authenticator
+            .reload()
+            .map(|tokens| {
+                let (_, identities) = authenticator.counts();
+                format!("{tokens} tokens, {identities} identities")
+            })
+            .map_err(|e| e.to_string())
+    })
+    .await;
 }
 
 #[cfg(test)]
@@ -332,7 +419,8 @@ mod tests {
 
     const FILE: &str = r#"
 credentials:
-  - {name: mesh-proxies, role: proxy, tokens: ["proxy-token-0000001", "proxy-token-0000002"]}
+  - {name: mesh-proxies, role: proxy, services: [orders], tokens: ["proxy-token-0000001", "proxy-token-0000002"]}
+  - {name: edge-proxies, role: proxy, services: ["*"], tokens: ["edge-token-00000001"]}
   - {name: orders-service, role: service, services: [orders], tokens: ["orders-token-000001"]}
   - {name: oncall, role: admin, tokens: ["admin-token-0000001"]}
 "#;
@@ -343,9 +431,16 @@ credentials:
         let proxy = credentials.authenticate("proxy-token-0000002").unwrap();
         assert_eq!(proxy.name, "mesh-proxies");
         assert!(proxy.may(Permission::ProxyCalls) && !proxy.may(Permission::AdminRead));
+        let proxy_calls = Permission::ProxyCalls;
+        assert!(proxy.may_act_for(proxy_calls, "orders") && !proxy.may_act_for(proxy_calls, "payments"));
+        let edge = credentials.authenticate("edge-token-00000001").unwrap();
+        assert!(edge.may_act_for(proxy_calls, "orders") && edge.may_act_for(proxy_calls, "payments"));
         let service = credentials.authenticate("orders-token-000001").unwrap();
         assert!(service.may(Permission::Checkpoint) && !service.may(Permission::ProxyCalls));
-        assert!(service.may_act_for("orders") && !service.may_act_for("payments"));
+        assert!(
+            service.may_act_for(Permission::Checkpoint, "orders")
+                && !service.may_act_for(Permission::Checkpoint, "payments")
+        );
         let admin = credentials.authenticate("admin-token-0000001").unwrap();
         assert!(admin.may(Permission::AdminPurge) && !admin.may(Permission::Messages));
         assert!(credentials.authenticate("nope").is_none());
@@ -355,11 +450,16 @@ credentials:
     fn bad_files_are_refused_naming_the_field() {
         for (text, expected) in [
             ("credentials: [{name: a, role: root, tokens: [x]}]", "role"),
-            ("credentials: [{name: a, role: proxy, tokens: []}]", "`tokens`"),
+            ("credentials: [{name: a, role: proxy, services: [o], tokens: []}]", "`tokens` or `identities`"),
+            ("credentials: [{name: a, role: proxy, services: [o], identities: [\" x\"]}]", "identities[0]"),
             ("credentials: [{name: a, role: service, tokens: [aaaaaaaaaaaaaaaaaa]}]", "`services`"),
-            ("credentials: [{name: a, role: proxy, tokens: [short]}]", "shorter than 16"),
-            ("credentials: [{name: a, role: proxy, tokens: [aaaaaaaaaaaaaaaaaa]}, {name: a, role: admin, tokens: [bbbbbbbbbbbbbbbbbbbb]}]", "unique"),
-            ("credentials: [{name: a, role: proxy, tokens: [aaaaaaaaaaaaaaaaaa], extra: 1}]", "extra"),
+            ("credentials: [{name: a, role: proxy, services: [o], tokens: [short]}]", "shorter than 16"),
+            ("credentials: [{name: a, role: proxy, services: [o], tokens: [aaaaaaaaaaaaaaaaaa]}, {name: a, role: admin, tokens: [bbbbbbbbbbbbbbbbbbbb]}]", "unique"),
+            ("credentials: [{name: a, role: proxy, services: [o], tokens: [aaaaaaaaaaaaaaaaaa], extra: 1}]", "extra"),
+            ("credentials: [{name: a, role: proxy, tokens: [aaaaaaaaaaaaaaaaaa]}]", "a `proxy` credential needs `services`"),
+            ("credentials: [{name: a, role: proxy, services: [\"*\", o], tokens: [aaaaaaaaaaaaaaaaaa]}]", "stands alone"),
+            ("credentials: [{name: a, role: service, services: [\"*\"], tokens: [aaaaaaaaaaaaaaaaaa]}]", "must name its services"),
+            ("credentials: [{name: a, role: admin, services: [o], tokens: [aaaaaaaaaaaaaaaaaa]}]", "does not apply to role `admin`"),
         ] {
             let error = Credentials::from_yaml(text).unwrap_err().to_string();
             assert!(error.contains(expected), "{text}: {error}");
@@ -367,11 +467,43 @@ credentials:
     }
 
     #[test]
+    fn an_identity_holds_the_grants_of_every_credential_that_lists_it() {
+        let credentials = Credentials::from_yaml(
+            r#"
+credentials:
+  - {name: orders-proxies, role: proxy, services: [orders], identities: ["spiffe://c/ns/shop/sa/orders"]}
+  - {name: orders-service, role: service, services: [orders], identities: ["spiffe://c/ns/shop/sa/orders"]}
+  - {name: payments-proxies, role: proxy, services: [payments], identities: ["spiffe://c/ns/pay/sa/payments", "payments.pay"]}
+"#,
+        )
+        .unwrap();
+        let orders = credentials
+            .authenticate_identity(&["spiffe://c/ns/shop/sa/orders".into()])
+            .unwrap();
+        assert_eq!(orders.name, "orders-proxies+orders-service");
+        assert!(orders.may_act_for(Permission::ProxyCalls, "orders"));
+        assert!(orders.may_act_for(Permission::Messages, "orders"));
+        assert!(!orders.may_act_for(Permission::ProxyCalls, "payments"));
+        assert!(!orders.may(Permission::AdminRead));
+        let by_dns = credentials
+            .authenticate_identity(&["spiffe://unknown".into(), "payments.pay".into()])
+            .unwrap();
+        assert_eq!(by_dns.name, "payments-proxies");
+        assert!(credentials
+            .authenticate_identity(&["spiffe://c/ns/shop/sa/other".into()])
+            .is_none());
+        assert!(
+            credentials.authenticate("spiffe://c/ns/shop/sa/orders").is_none(),
+            "an identity is not a token"
+        );
+    }
+
+    #[test]
     fn the_token_shortcut_holds_every_role() {
         let credentials = Credentials::all_roles("dev-token");
         let principal = credentials.authenticate("dev-token").unwrap();
         assert!(principal.may(Permission::ProxyCalls) && principal.may(Permission::AdminPurge));
-        assert!(principal.may_act_for("anything"));
+        assert!(principal.may_act_for(Permission::ProxyCalls, "anything"));
     }
 
     #[test]
@@ -383,7 +515,7 @@ credentials:
         assert!(authenticator.authenticate("proxy-token-0000001").is_some());
         std::fs::write(
             &path,
-            "credentials: [{name: mesh-proxies, role: proxy, tokens: [proxy-token-0000002]}]",
+            "credentials: [{name: mesh-proxies, role: proxy, services: [orders], tokens: [proxy-token-0000002]}]",
         )
         .unwrap();
         authenticator.reload().unwrap();

@@ -11,8 +11,8 @@ use crate::storage::StorageError;
 /// Errors returned by the store API.
 #[derive(Debug, Error)]
 pub enum ApiError {
-    /// Missing or wrong bearer token (401).
-    #[error("missing or invalid bearer token")]
+    /// Missing or wrong bearer token, and no known mesh identity (401).
+    #[error("missing or invalid bearer token, and no known mesh identity")]
     Unauthorized,
     /// The credential is valid but lacks the permission (403).
     #[error("credential {credential:?} lacks permission {permission:?}{}", service.as_ref().map(|s| format!(" for service {s:?}")).unwrap_or_default())]
@@ -23,6 +23,14 @@ pub enum ApiError {
         permission: &'static str,
         /// The service it asked to act for, for service-bound calls.
         service: Option<String>,
+    },
+    /// A proxy call named a consumer's message record (403).
+    #[error("credential {credential:?} may not use the proxy API on message-deduplication records (scope `message:...`) of service {service:?}; consumers claim messages through /v1/messages with a `service` credential")]
+    MessageScope {
+        /// Credential name.
+        credential: String,
+        /// The service named.
+        service: String,
     },
     /// The request is well-formed JSON but not acceptable (400).
     #[error("{0}")]
@@ -37,7 +45,9 @@ impl ApiError {
         match self {
             ApiError::Unauthorized => (StatusCode::UNAUTHORIZED, "unauthorized"),
             ApiError::BadRequest(_) => (StatusCode::BAD_REQUEST, "bad_request"),
-            ApiError::Forbidden { .. } => (StatusCode::FORBIDDEN, "forbidden"),
+            ApiError::Forbidden { .. } | ApiError::MessageScope { .. } => {
+                (StatusCode::FORBIDDEN, "forbidden")
+            }
             ApiError::Storage(StorageError::NotFound(_)) => (StatusCode::NOT_FOUND, "not_found"),
             ApiError::Storage(StorageError::StaleToken { .. }) => {
                 (StatusCode::CONFLICT, "stale_fencing_token")

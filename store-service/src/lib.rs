@@ -5,12 +5,15 @@ pub mod api;
 pub mod auth;
 pub mod config;
 pub mod error;
+pub mod identity;
 pub mod messages;
 pub mod metrics;
 pub mod record;
+pub mod reload;
 pub mod replay;
 pub mod shutdown;
 pub mod storage;
+pub mod tls;
 pub mod wait;
 
 use std::sync::Arc;

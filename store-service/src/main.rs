@@ -9,11 +9,12 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 use clap::Parser;
-use idempotency_store::api::{app, AppState};
+use idempotency_store::api::{app, replay_app, AppState};
 use idempotency_store::auth::Authenticator;
 use idempotency_store::config::{Backend, LogFormat, StoreConfig};
+use idempotency_store::identity::TrustedProxies;
 use idempotency_store::metrics::Metrics;
-use idempotency_store::replay::ReplayTickets;
+use idempotency_store::replay::{parse_secrets, ReplayTickets};
 use idempotency_store::shutdown::shutdown_signal;
 use idempotency_store::storage::embedded::EmbeddedStorage;
 use idempotency_store::storage::mongo::MongoStorage;
@@ -22,8 +23,92 @@ use idempotency_store::sweep_loop;
 use idempotency_store::wait::Waiters;
 use tracing_subscriber::EnvFilter;
 
-/// How often the credentials file is checked for changes (SIGHUP reloads at once).
+/// How often the credentials and replay secret files are checked for changes (SIGHUP reloads
+/// at once).
 const CREDENTIALS_POLL: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// The replay ticket keys: from --replay-secret-file (watched), --replay-secret, the --token
+/// shortcut (local runs), or else a per-process key (a single replica only).
+fn replay_tickets(config: &StoreConfig) -> Result<Arc<ReplayTickets>, String> {
+    if let Some(path) = &config.replay_secret_file {
+        let load = {
+            let path = path.clone();
+            move || {
+                std::fs::read_to_string(&path)
+                    .map_err(|e| format!("cannot read {}: {e}", path.display()))
+                    .and_then(|text| parse_secrets(&text).map_err(|e| e.to_string()))
+            }
+        };
+        let tickets = Arc::new(ReplayTickets::with_secrets(
+            &load().map_err(|e| format!("--replay-secret-file: {e}"))?,
+        ));
+        let watched = tickets.clone();
+        tokio::spawn(idempotency_store::reload::watch_file(
+            path.clone(),
+            CREDENTIALS_POLL,
+            "replay secrets",
+            move || {
+                let secrets = load()?;
+                watched.replace(&secrets);
+                Ok(format!("{} secrets", secrets.len()))
+            },
+        ));
+        return Ok(tickets);
+    }
+    let secret = match (&config.replay_secret, &config.token) {
+        (Some(secret), _) => secret.clone().into_bytes(),
+        (None, Some(token)) => token.clone().into_bytes(),
+        (None, None) => {
+            tracing::warn!("no --replay-secret or --replay-secret-file: replay tickets use a per-process key, so with several replicas a gRPC replay granted by one is refused by another (the client's retry is answered UNAVAILABLE)");
+            uuid::Uuid::new_v4().as_bytes().to_vec()
+        }
+    };
+    Ok(Arc::new(ReplayTickets::new(&secret)))
+}
+
+/// Bind `address` and serve `router` on it (over mTLS with `tls`) until shutdown; `None`
+/// (logged) when it cannot bind. Handlers see the peer address (`ConnectInfo`), which decides
+/// whether an `x-forwarded-client-cert` header is believed.
+async fn serve(
+    address: std::net::SocketAddr,
+    router: axum::Router,
+    tls: Option<tokio_rustls::TlsAcceptor>,
+) -> Option<std::pin::Pin<Box<dyn std::future::Future<Output = std::io::Result<()>> + Send>>> {
+    let listener = match tokio::net::TcpListener::bind(address).await {
+        Ok(l) => l,
+        Err(e) => {
+            tracing::error!("cannot listen on {address}: {e}");
+            return None;
+        }
+    };
+    if let Some(acceptor) = tls {
+        return Some(Box::pin(idempotency_store::tls::serve(
+            listener,
+            acceptor,
+            router,
+            shutdown_signal(),
+        )));
+    }
+    // Answers leave at once: without TCP_NODELAY a reply written in pieces (HTTP/2 frames) can
+    // wait for the peer's delayed ACK, ~40 ms on Linux, which showed as a 40-50 ms p99.
+    let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
+        if let Err(e) = tcp.set_nodelay(true) {
+            tracing::debug!("cannot set TCP_NODELAY: {e}");
+        }
+    });
+    let server = axum::serve(
+        listener,
+        router.into_make_service_with_connect_info::<std::net::SocketAddr>(),
+    )
+    .with_graceful_shutdown(shutdown_signal());
+    Some(Box::pin(async move {
+        let result = server.await;
+        if let Err(e) = &result {
+            tracing::error!("server on {address} failed: {e}");
+        }
+        result
+    }))
+}
 
 fn init_logging(format: LogFormat) {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
@@ -112,40 +197,68 @@ async fn main() -> ExitCode {
     if let Some(auth) = &auth {
         tokio::spawn(idempotency_store::auth::watch(auth.clone(), CREDENTIALS_POLL));
     }
-    // Replay tickets must verify on every replica: derive their key from what replicas share.
-    let replay_secret = match (&config.replay_secret, &config.token, &config.credentials) {
-        (Some(secret), _, _) => secret.clone().into_bytes(),
-        (None, Some(token), _) => token.clone().into_bytes(),
-        (None, None, Some(path)) => std::fs::read(path).unwrap_or_default(),
-        (None, None, None) => {
-            tracing::warn!("no --replay-secret: replay tickets use a per-process key (set --replay-secret when running several replicas)");
-            uuid::Uuid::new_v4().as_bytes().to_vec()
+    let tickets = match replay_tickets(&config) {
+        Ok(tickets) => tickets,
+        Err(message) => {
+            tracing::error!("invalid configuration: {message}");
+            return ExitCode::from(2);
         }
     };
+    let forwarded_identity = if config.trust_forwarded_client_cert {
+        match TrustedProxies::parse(&config.trusted_proxies) {
+            Ok(trusted) => Some(Arc::new(trusted)),
+            Err(e) => {
+                tracing::error!("invalid configuration: {e}");
+                return ExitCode::from(2);
+            }
+        }
+    } else {
+        None
+    };
+    let tls = match (&config.tls_cert, &config.tls_key, &config.client_ca) {
+        (Some(cert), Some(key), Some(ca)) => match idempotency_store::tls::acceptor(cert, key, ca) {
+            Ok(acceptor) => Some(acceptor),
+            Err(e) => {
+                tracing::error!("invalid configuration: {e}");
+                return ExitCode::from(2);
+            }
+        },
+        _ => None,
+    };
     let state = AppState {
-        tickets: Arc::new(ReplayTickets::new(&replay_secret)),
+        tickets,
         waiters: Arc::new(Waiters::new(config.max_waiters, config.wait_poll)),
+        max_request_bytes: config.max_request_bytes,
+        forwarded_identity,
         auth,
         ..AppState::new(storage.clone(), metrics, None)
     };
-    let listener = match tokio::net::TcpListener::bind(config.listen).await {
-        Ok(l) => l,
-        Err(e) => {
-            tracing::error!("cannot listen on {}: {e}", config.listen);
-            return ExitCode::from(1);
+    let (api, replays) = match config.replay_listen {
+        Some(_) => (app(state.clone()), Some(replay_app(state))),
+        None => {
+            tracing::warn!("no --replay-listen: /v1/replay is served on --listen beside the API; give replays a listener of their own so a misrouted request can reach nothing but a ticket check");
+            (app(state.clone()).merge(replay_app(state)), None)
         }
     };
-    // Answers leave at once: without TCP_NODELAY a reply written in pieces (HTTP/2 frames) can
-    // wait for the peer's delayed ACK, ~40 ms on Linux, which showed as a 40-50 ms p99.
-    let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
-        if let Err(e) = tcp.set_nodelay(true) {
-            tracing::debug!("cannot set TCP_NODELAY: {e}");
+    let Some(api) = serve(config.listen, api, tls.clone()).await else {
+        return ExitCode::from(1);
+    };
+    let replays = match (config.replay_listen, replays) {
+        (Some(address), Some(router)) => match serve(address, router, tls).await {
+            Some(server) => Some(server),
+            None => return ExitCode::from(1),
+        },
+        _ => None,
+    };
+    tracing::info!(listen = %config.listen, replay_listen = ?config.replay_listen, backend = storage.name(), "idempotency store ready");
+    let failed = match replays {
+        Some(replays) => {
+            let (api, replays) = tokio::join!(api, replays);
+            api.is_err() || replays.is_err()
         }
-    });
-    tracing::info!(listen = %config.listen, backend = storage.name(), "idempotency store ready");
-    let server = axum::serve(listener, app(state)).with_graceful_shutdown(shutdown_signal());
-    if let Err(e) = server.await {
-        tracing::error!("server failed: {e}");
+        None => api.await.is_err(),
+    };
+    if failed {
         return ExitCode::from(1);
     }
     sweeper.abort();

@@ -13,6 +13,10 @@ use idempotency_wire::{
 
 use crate::storage::StorageError;
 
+/// Every message record's scope starts with this; the proxy API refuses such scopes (filters
+/// never make one: theirs start with `header:`, `auth:`, `peer:` or `jwt:`, or are empty).
+pub const SCOPE_PREFIX: &str = "message:";
+
 /// Fingerprint of every message record (a message id has no parameters to compare).
 pub const MESSAGE_FINGERPRINT: &str = "message";
 
@@ -20,7 +24,12 @@ pub const MESSAGE_FINGERPRINT: &str = "message";
 pub fn record_id(id: &MessageId) -> RecordId {
     RecordId {
         service: id.service.clone(),
-        scope: format!("message:{}:{}:{}", id.topic.len(), id.topic, id.consumer_group),
+        scope: format!(
+            "{SCOPE_PREFIX}{}:{}:{}",
+            id.topic.len(),
+            id.topic,
+            id.consumer_group
+        ),
         key: id.message_id.clone(),
     }
 }
@@ -122,6 +131,7 @@ mod tests {
             .response,
             expires_at_ms: None,
             replay_ticket: None,
+            record_id: None,
         };
         assert_eq!(claim_response(response).unwrap(), ClaimResponse::Duplicate);
     }

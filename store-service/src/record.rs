@@ -202,6 +202,7 @@ pub fn decide_acquire(
                 }),
                 expires_at_ms: Some(record.expires_ms),
                 replay_ticket: None,
+                record_id: Some(record.record_id.clone()),
             },
             write: None,
         },
@@ -350,7 +351,11 @@ pub fn apply_abandon(record: Option<Record>, request: &AbandonRequest, now_ms: u
         !r.is_expired(now_ms)
             && r.state == RecordState::InProgress
             && !request.attempt_id.is_empty()
-            && r.attempt_id == request.attempt_id
+            // Constant time, like every holder check: the attempt id is the holder's secret.
+            && bool::from(subtle::ConstantTimeEq::ct_eq(
+                r.attempt_id.as_bytes(),
+                request.attempt_id.as_bytes(),
+            ))
             && r.locked_until_ms > now_ms
     })?;
     record.locked_until_ms = 0;

@@ -3,11 +3,17 @@
 //! to whoever presents it. Envoy routes a gRPC replay here (the filter sets the ticket header),
 //! because its own local replies cannot carry a gRPC message.
 //!
-//! A ticket is `base64url(service, scope, key, expiry)` + `.` + `base64url(HMAC-SHA256)`, keyed
-//! with `--replay-secret` (every replica must share it; it defaults to one derived from the store
-//! token). It names exactly one record and expires in seconds, so it reveals nothing a client
-//! could not get by retrying with its own key, and no store token travels with the replay.
+//! A ticket is `base64url(claims)` + `.` + `base64url(HMAC-SHA256)`. The claims name exactly one
+//! record — its identity (service, scope, key), its record id and its fingerprint — and expire in
+//! seconds: a record purged and created again (a new record id, perhaps other parameters) inside a
+//! ticket's life is not served to it. It reveals nothing a client could not get by retrying with
+//! its own key, and no store token travels with the replay.
+//!
+//! The signing keys come from `--replay-secret` or `--replay-secret-file` (one secret per line,
+//! reloaded when the file changes: the first line signs, every line verifies, so replicas can
+//! rotate it without refusing each other's tickets). Every replica must share them.
 
+use std::sync::RwLock;
 use std::time::Duration;
 
 use axum::body::Body;
@@ -28,6 +34,9 @@ use thiserror::Error;
 /// How long a ticket is valid: the proxy uses it at once.
 pub const TICKET_TTL: Duration = Duration::from_secs(10);
 
+/// Shortest replay secret accepted.
+pub const MIN_SECRET_LENGTH: usize = 16;
+
 /// Why a ticket was not accepted.
 #[derive(Debug, Error, PartialEq, Eq)]
 pub enum TicketError {
@@ -39,19 +48,77 @@ pub enum TicketError {
     Expired,
 }
 
-#[derive(Serialize, Deserialize)]
-struct Claims {
-    s: String,
-    c: String,
-    k: String,
-    e: u64,
+/// Why replay secrets were refused.
+#[derive(Debug, Error)]
+pub enum SecretError {
+    /// The file could not be read.
+    #[error("cannot read replay secret file {path}: {error}")]
+    Read {
+        /// The file.
+        path: std::path::PathBuf,
+        /// Why.
+        error: std::io::Error,
+    },
+    /// No secret, or one too short.
+    #[error("replay secrets: {0}")]
+    Invalid(String),
+}
+
+/// The record a ticket was issued for.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TicketClaims {
+    /// Service.
+    #[serde(rename = "s")]
+    pub service: String,
+    /// Scope.
+    #[serde(rename = "c")]
+    pub scope: String,
+    /// Key.
+    #[serde(rename = "k")]
+    pub key: String,
+    /// Record id: a record created again after a purge has another.
+    #[serde(rename = "r")]
+    pub record_id: String,
+    /// Fingerprint of the request the ticket answers.
+    #[serde(rename = "f")]
+    pub fingerprint: String,
+    /// Expiry, Unix ms.
+    #[serde(rename = "e")]
+    pub expires_ms: u64,
+}
+
+impl TicketClaims {
+    /// The record identity.
+    pub fn id(&self) -> RecordId {
+        RecordId {
+            service: self.service.clone(),
+            scope: self.scope.clone(),
+            key: self.key.clone(),
+        }
+    }
+}
+
+/// One SHA-256 block (64 bytes): HMAC's infallible key size.
+type TicketKey = [u8; 64];
+
+fn derive_key(secret: &[u8]) -> TicketKey {
+    let half = |label: &[u8]| -> [u8; 32] {
+        let mut hasher = Sha256::new();
+        hasher.update(label);
+        hasher.update(secret);
+        hasher.finalize().into()
+    };
+    let mut key = [0u8; 64];
+    let (first, second) = key.split_at_mut(32);
+    first.copy_from_slice(&half(b"idempotency-replay-ticket:1:"));
+    second.copy_from_slice(&half(b"idempotency-replay-ticket:2:"));
+    key
 }
 
 /// Issues and checks replay tickets.
-#[derive(Clone)]
 pub struct ReplayTickets {
-    /// One SHA-256 block (64 bytes): HMAC's infallible key size.
-    key: [u8; 64],
+    /// The first key signs; every key verifies (rotation).
+    keys: RwLock<Vec<TicketKey>>,
 }
 
 impl std::fmt::Debug for ReplayTickets {
@@ -60,63 +127,111 @@ impl std::fmt::Debug for ReplayTickets {
     }
 }
 
+/// The secrets of a replay secret file: one per non-empty line (trimmed), `#` lines ignored.
+pub fn parse_secrets(text: &str) -> Result<Vec<Vec<u8>>, SecretError> {
+    let secrets: Vec<Vec<u8>> = text
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.starts_with('#'))
+        .map(|l| l.as_bytes().to_vec())
+        .collect();
+    if secrets.is_empty() {
+        return Err(SecretError::Invalid("the file holds no secret".into()));
+    }
+    if let Some(line) = secrets.iter().position(|s| s.len() < MIN_SECRET_LENGTH) {
+        return Err(SecretError::Invalid(format!(
+            "secret {} is shorter than {MIN_SECRET_LENGTH} characters",
+            line + 1
+        )));
+    }
+    Ok(secrets)
+}
+
 impl ReplayTickets {
     /// Tickets signed with a key derived from `secret`.
     pub fn new(secret: &[u8]) -> ReplayTickets {
-        let half = |label: &[u8]| -> [u8; 32] {
-            let mut hasher = Sha256::new();
-            hasher.update(label);
-            hasher.update(secret);
-            hasher.finalize().into()
-        };
-        let mut key = [0u8; 64];
-        let (first, second) = key.split_at_mut(32);
-        first.copy_from_slice(&half(b"idempotency-replay-ticket:1:"));
-        second.copy_from_slice(&half(b"idempotency-replay-ticket:2:"));
-        ReplayTickets { key }
+        ReplayTickets {
+            keys: RwLock::new(vec![derive_key(secret)]),
+        }
     }
 
-    fn mac(&self, payload: &[u8]) -> Hmac<Sha256> {
-        let mut mac = <Hmac<Sha256> as KeyInit>::new(&self.key.into());
+    /// Tickets signed with the first of `secrets`, verified with any of them.
+    pub fn with_secrets(secrets: &[Vec<u8>]) -> ReplayTickets {
+        let tickets = ReplayTickets::new(b"");
+        tickets.replace(secrets);
+        tickets
+    }
+
+    /// Put `secrets` in force (a reload). Empty: kept as they are.
+    pub fn replace(&self, secrets: &[Vec<u8>]) {
+        if secrets.is_empty() {
+            return;
+        }
+        let keys = secrets.iter().map(|s| derive_key(s)).collect();
+        if let Ok(mut current) = self.keys.write() {
+            *current = keys;
+        }
+    }
+
+    fn mac(key: &TicketKey, payload: &[u8]) -> Hmac<Sha256> {
+        let mut mac = <Hmac<Sha256> as KeyInit>::new(key.into());
         mac.update(payload);
         mac
     }
 
-    /// A ticket for `id`, valid until `now_ms` + [`TICKET_TTL`].
-    pub fn issue(&self, id: &RecordId, now_ms: u64) -> String {
-        let claims = Claims {
-            s: id.service.clone(),
-            c: id.scope.clone(),
-            k: id.key.clone(),
-            e: now_ms.saturating_add(u64::try_from(TICKET_TTL.as_millis()).unwrap_or(u64::MAX)),
+    /// A ticket for record `record_id` of `id`, answering a request of `fingerprint`, valid
+    /// until `now_ms` + [`TICKET_TTL`].
+    pub fn issue(&self, id: &RecordId, record_id: &str, fingerprint: &str, now_ms: u64) -> String {
+        let claims = TicketClaims {
+            service: id.service.clone(),
+            scope: id.scope.clone(),
+            key: id.key.clone(),
+            record_id: record_id.to_owned(),
+            fingerprint: fingerprint.to_owned(),
+            expires_ms: now_ms.saturating_add(u64::try_from(TICKET_TTL.as_millis()).unwrap_or(u64::MAX)),
         };
         let payload = URL_SAFE_NO_PAD.encode(serde_json::to_vec(&claims).unwrap_or_default());
-        let signature = URL_SAFE_NO_PAD.encode(self.mac(payload.as_bytes()).finalize().into_bytes());
+        let signature = self
+            .keys
+            .read()
+            .ok()
+            .and_then(|keys| {
+                keys.first()
+                    .map(|key| Self::mac(key, payload.as_bytes()).finalize().into_bytes())
+            })
+            .map(|mac| URL_SAFE_NO_PAD.encode(mac))
+            .unwrap_or_default();
         format!("{payload}.{signature}")
     }
 
-    /// The record a ticket names, if it is ours and still valid.
-    pub fn verify(&self, ticket: &str, now_ms: u64) -> Result<RecordId, TicketError> {
+    /// The claims of a ticket, if it is ours (signed by any key in force) and still valid.
+    pub fn verify(&self, ticket: &str, now_ms: u64) -> Result<TicketClaims, TicketError> {
         let (payload, signature) = ticket.split_once('.').ok_or(TicketError::Invalid)?;
         let signature = URL_SAFE_NO_PAD
             .decode(signature)
             .map_err(|_| TicketError::Invalid)?;
-        self.mac(payload.as_bytes())
-            .verify_slice(&signature)
-            .map_err(|_| TicketError::Invalid)?;
-        let claims: Claims = URL_SAFE_NO_PAD
+        let signed = self.keys.read().map_err(|_| TicketError::Invalid)?.iter().fold(
+            false,
+            // Every key is tried (no early exit): the time taken says nothing about which matched.
+            |found, key| {
+                Self::mac(key, payload.as_bytes())
+                    .verify_slice(&signature)
+                    .is_ok()
+                    | found
+            },
+        );
+        if !signed {
+            return Err(TicketError::Invalid);
+        }
+        let claims: TicketClaims = URL_SAFE_NO_PAD
             .decode(payload)
             .ok()
             .and_then(|bytes| serde_json::from_slice(&bytes).ok())
             .ok_or(TicketError::Invalid)?;
-        if claims.e <= now_ms {
+        if claims.expires_ms <= now_ms {
             return Err(TicketError::Expired);
         }
-        Ok(RecordId {
-            service: claims.s,
-            scope: claims.c,
-            key: claims.k,
-        })
+        Ok(claims)
     }
 }
 
@@ -176,29 +291,69 @@ mod tests {
     #[test]
     fn a_ticket_names_its_record_until_it_expires() {
         let tickets = ReplayTickets::new(b"secret");
-        let ticket = tickets.issue(&id(), 1_000);
-        assert_eq!(tickets.verify(&ticket, 1_500), Ok(id()));
+        let ticket = tickets.issue(&id(), "rec-1", "fp", 1_000);
+        let claims = tickets.verify(&ticket, 1_500).unwrap();
+        assert_eq!(claims.id(), id());
+        assert_eq!(
+            (claims.record_id.as_str(), claims.fingerprint.as_str()),
+            ("rec-1", "fp")
+        );
         assert_eq!(tickets.verify(&ticket, 1_000 + 10_000), Err(TicketError::Expired));
     }
 
     #[test]
     fn forged_or_foreign_tickets_are_refused() {
         let tickets = ReplayTickets::new(b"secret");
-        let ticket = tickets.issue(&id(), 1_000);
+        let ticket = tickets.issue(&id(), "rec-1", "fp", 1_000);
         assert_eq!(
             ReplayTickets::new(b"other").verify(&ticket, 1_500),
             Err(TicketError::Invalid)
         );
-        let (payload, _) = ticket.split_once('.').unwrap();
-        let forged_claims = URL_SAFE_NO_PAD.encode(br#"{"s":"orders","c":"other-tenant","k":"k","e":99999}"#);
+        let (payload, signature) = ticket.split_once('.').unwrap();
+        let forged_claims = URL_SAFE_NO_PAD
+            .encode(br#"{"s":"orders","c":"other-tenant","k":"k","r":"rec-1","f":"fp","e":99999}"#);
         assert_eq!(
-            tickets.verify(
-                &format!("{forged_claims}.{}", ticket.split_once('.').unwrap().1),
-                1_500
-            ),
+            tickets.verify(&format!("{forged_claims}.{signature}"), 1_500),
             Err(TicketError::Invalid)
         );
         assert_eq!(tickets.verify(payload, 1_500), Err(TicketError::Invalid));
         assert_eq!(tickets.verify("", 1_500), Err(TicketError::Invalid));
+    }
+
+    #[test]
+    fn a_rotation_keeps_the_previous_secret_verifying_until_it_is_removed() {
+        let old = b"old-secret-0000000".to_vec();
+        let new = b"new-secret-0000000".to_vec();
+        let tickets = ReplayTickets::with_secrets(std::slice::from_ref(&old));
+        let issued_before = tickets.issue(&id(), "r", "f", 1_000);
+        tickets.replace(&[new.clone(), old]);
+        let issued_after = tickets.issue(&id(), "r", "f", 1_000);
+        assert!(
+            tickets.verify(&issued_before, 1_500).is_ok(),
+            "old tickets still verify"
+        );
+        assert!(
+            ReplayTickets::with_secrets(std::slice::from_ref(&new))
+                .verify(&issued_after, 1_500)
+                .is_ok(),
+            "the new secret signs"
+        );
+        tickets.replace(&[new]);
+        assert_eq!(tickets.verify(&issued_before, 1_500), Err(TicketError::Invalid));
+    }
+
+    #[test]
+    fn secret_files_need_long_enough_secrets() {
+        assert!(parse_secrets("# only a comment\n\n").is_err());
+        assert!(parse_secrets("short\n")
+            .unwrap_err()
+            .to_string()
+            .contains("secret 1"));
+        assert_eq!(
+            parse_secrets("# rotated on 1 Dec\nnew-secret-0000000\n  old-secret-0000000  \n")
+                .unwrap()
+                .len(),
+            2
+        );
     }
 }

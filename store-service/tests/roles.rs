@@ -1,5 +1,6 @@
 //! The role matrix: every `/v1` endpoint × every role → allowed or 403 naming the permission;
-//! unknown tokens → 401; a service credential acts only for its own services.
+//! unknown tokens → 401; proxy and service credentials act only for their own services, and the
+//! proxy API never touches a consumer's message records.
 
 #![allow(
     clippy::unwrap_used,
@@ -29,7 +30,7 @@ fn router(dir: &tempfile::TempDir) -> axum::Router {
     std::fs::write(
         &path,
         format!(
-            "credentials:\n  - {{name: mesh-proxies, role: proxy, tokens: [{PROXY}]}}\n  - {{name: orders-service, role: service, services: [orders], tokens: [{ORDERS}]}}\n  - {{name: oncall, role: admin, tokens: [{ADMIN}]}}\n"
+            "credentials:\n  - {{name: mesh-proxies, role: proxy, services: [orders], tokens: [{PROXY}]}}\n  - {{name: orders-service, role: service, services: [orders], tokens: [{ORDERS}]}}\n  - {{name: oncall, role: admin, tokens: [{ADMIN}]}}\n"
         ),
     )
     .unwrap();
@@ -206,4 +207,87 @@ async fn a_service_credential_cannot_act_for_another_service() {
                        "lock_timeout_ms": 1000, "retention_ms": 1000});
     let (status, _) = call(&router, "POST", "/v1/messages/claim", ORDERS, claim).await;
     assert_eq!(status, StatusCode::FORBIDDEN);
+}
+
+/// The five proxy calls (and the same calls inside `/v1/batch`) for `id`.
+fn proxy_calls(id: &Value) -> Vec<(&'static str, Value)> {
+    let holder = json!({"record_id": "r", "fencing_token": 1, "attempt_id": "a"});
+    vec![
+        (
+            "/v1/acquire",
+            with(
+                id.clone(),
+                json!({"fingerprint": "f", "method": "POST", "path": "/", "lock_timeout_ms": 1000, "retention_ms": 1000}),
+            ),
+        ),
+        (
+            "/v1/complete",
+            with(
+                with(id.clone(), holder.clone()),
+                json!({"response": {"status": 200}}),
+            ),
+        ),
+        ("/v1/release", with(id.clone(), holder.clone())),
+        (
+            "/v1/outcome-unknown",
+            with(with(id.clone(), holder), json!({"reason": "x"})),
+        ),
+        ("/v1/abandon", with(id.clone(), json!({"attempt_id": "a"}))),
+    ]
+}
+
+#[tokio::test]
+async fn a_proxy_credential_acts_only_for_its_services_alone_and_in_batches() {
+    let dir = tempfile::tempdir().unwrap();
+    let router = router(&dir);
+    for (path, body) in proxy_calls(&identity("payments")) {
+        let (status, answer) = call(&router, "POST", path, PROXY, body.clone()).await;
+        assert_eq!(status, StatusCode::FORBIDDEN, "{path}: {answer}");
+        let message = answer["message"].as_str().unwrap();
+        assert!(
+            message.contains("mesh-proxies") && message.contains("proxy") && message.contains("payments"),
+            "names credential, permission and service: {answer}"
+        );
+        let batch = json!({"calls": [{"path": path, "body": body}]});
+        let (status, answer) = call(&router, "POST", "/v1/batch", PROXY, batch).await;
+        assert_eq!(status, StatusCode::OK, "{answer}");
+        assert_eq!(answer["replies"][0]["status"], 403, "{path} in a batch: {answer}");
+        assert!(
+            answer["replies"][0]["body"]["message"]
+                .as_str()
+                .unwrap()
+                .contains("payments"),
+            "{answer}"
+        );
+    }
+    // Its own service still works.
+    let (path, body) = proxy_calls(&identity("orders")).remove(0);
+    let (status, answer) = call(&router, "POST", path, PROXY, body).await;
+    assert_eq!(status, StatusCode::OK, "{answer}");
+    assert_eq!(answer["outcome"], "acquired");
+}
+
+#[tokio::test]
+async fn a_proxy_credential_cannot_complete_a_consumers_message_so_the_consumer_still_handles_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let router = router(&dir);
+    // The record a claim of message m on topic t, group g of `orders` maps to.
+    let message_scope = json!({"service": "orders", "scope": "message:1:t:g", "key": "m"});
+    for (path, body) in proxy_calls(&message_scope) {
+        let (status, answer) = call(&router, "POST", path, PROXY, body.clone()).await;
+        assert_eq!(status, StatusCode::FORBIDDEN, "{path}: {answer}");
+        assert!(
+            answer["message"].as_str().unwrap().contains("/v1/messages"),
+            "says where messages are claimed: {answer}"
+        );
+        let batch = json!({"calls": [{"path": path, "body": body}]});
+        let (_, answer) = call(&router, "POST", "/v1/batch", PROXY, batch).await;
+        assert_eq!(answer["replies"][0]["status"], 403, "{path} in a batch: {answer}");
+    }
+    // The consumer's claim is untouched: it gets the message to handle, not "duplicate".
+    let claim = json!({"service": "orders", "topic": "t", "consumer_group": "g", "message_id": "m",
+                       "lock_timeout_ms": 1000, "retention_ms": 1000});
+    let (status, answer) = call(&router, "POST", "/v1/messages/claim", ORDERS, claim).await;
+    assert_eq!(status, StatusCode::OK, "{answer}");
+    assert_eq!(answer["outcome"], "claimed", "{answer}");
 }

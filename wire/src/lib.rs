@@ -9,6 +9,14 @@
 
 use serde::{Deserialize, Serialize};
 
+/// Largest request body the store accepts.
+pub const MAX_STORE_REQUEST_BYTES: usize = 16 * 1024 * 1024;
+/// Largest response body the filter may record (`max_response_size`): base64 makes it 4/3 as
+/// large, and a `complete` also carries up to 64 KiB of headers and trailers, which all fits in
+/// [`MAX_STORE_REQUEST_BYTES`].
+pub const MAX_RECORDED_BODY: usize = 8 * 1024 * 1024;
+const _: () = assert!(MAX_RECORDED_BODY / 3 * 4 + 4 + 2 * 64 * 1024 + 4096 < MAX_STORE_REQUEST_BYTES);
+
 /// Paths of the store API, relative to the store's base URL.
 pub mod paths {
     /// Take the lock for a record, or learn that it is completed, in progress or mismatched.
@@ -73,6 +81,10 @@ pub mod headers {
     /// Replay ticket the filter sets on a gRPC replay it routes to the store (`/v1/replay`);
     /// the route to the store matches on this header.
     pub const REPLAY_TICKET: &str = "x-idempotency-replay-ticket";
+    /// Response header on every store answer: `api` from the API listener, `replay` from the
+    /// replay listener. The filter checks it on a routed gRPC replay (and removes it); a
+    /// client that sees it was answered by the store, which a shipped config never allows.
+    pub const ANSWERED_BY: &str = "x-idempotency-store";
     /// Every internal header the filter sets.
     pub const ALL: [&str; 9] = [
         RECORD_ID,
@@ -154,6 +166,9 @@ pub enum AcquireResponse {
         /// A short-lived ticket for `/v1/replay`, when the acquire asked for one.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         replay_ticket: Option<String>,
+        /// The completed record's id (a replay ticket is bound to it).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        record_id: Option<String>,
     },
     /// Another attempt holds the lock right now.
     InProgress {
@@ -493,6 +508,7 @@ mod tests {
         let completed = AcquireResponse::Completed {
             expires_at_ms: Some(5),
             replay_ticket: None,
+            record_id: Some("r".into()),
             response: StoredResponse {
                 status: 201,
                 headers: vec![("content-type".into(), "application/json".into())],

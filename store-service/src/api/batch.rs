@@ -9,18 +9,25 @@ use axum::body::Bytes;
 use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
-use axum::Json;
+use axum::{Extension, Json};
 use idempotency_wire::{paths, BatchRequest};
 use serde::de::DeserializeOwned;
 
+use std::sync::Arc;
+
 use super::AppState;
+use crate::auth::Principal;
 use crate::error::ApiError;
 
 /// Most calls one batch may carry (the filter sends at most its `store_batch_max_calls`).
 pub const MAX_BATCH_CALLS: usize = 256;
 
 /// `POST /v1/batch`.
-pub async fn batch(State(state): State<AppState>, body: Bytes) -> Response {
+pub async fn batch(
+    State(state): State<AppState>,
+    Extension(principal): Extension<Arc<Principal>>,
+    body: Bytes,
+) -> Response {
     let request: BatchRequest<'_> = match serde_json::from_slice(&body) {
         Ok(request) => request,
         Err(e) => return ApiError::BadRequest(format!("invalid batch: {e}")).into_response(),
@@ -51,7 +58,7 @@ pub async fn batch(State(state): State<AppState>, body: Bytes) -> Response {
         request
             .calls
             .iter()
-            .map(|call| run(&state, &call.path, call.body.get())),
+            .map(|call| run(&state, &principal, &call.path, call.body.get())),
     );
     state
         .storage
@@ -78,14 +85,15 @@ pub async fn batch(State(state): State<AppState>, body: Bytes) -> Response {
         .into_response()
 }
 
-/// Run one call through its own handler; its status and (JSON) body.
-async fn run(state: &AppState, path: &str, body: &str) -> (StatusCode, Bytes) {
+/// Run one call through its own handler (as the batch's caller: every item is checked against
+/// its credential's services); its status and (JSON) body.
+async fn run(state: &AppState, principal: &Arc<Principal>, path: &str, body: &str) -> (StatusCode, Bytes) {
     let response = match path {
-        p if p == paths::ACQUIRE => call(state, body, super::acquire).await,
-        p if p == paths::COMPLETE => call(state, body, super::complete).await,
-        p if p == paths::RELEASE => call(state, body, super::release).await,
-        p if p == paths::OUTCOME_UNKNOWN => call(state, body, super::outcome_unknown).await,
-        p if p == paths::ABANDON => call(state, body, super::abandon).await,
+        p if p == paths::ACQUIRE => call(state, principal, body, super::acquire).await,
+        p if p == paths::COMPLETE => call(state, principal, body, super::complete).await,
+        p if p == paths::RELEASE => call(state, principal, body, super::release).await,
+        p if p == paths::OUTCOME_UNKNOWN => call(state, principal, body, super::outcome_unknown).await,
+        p if p == paths::ABANDON => call(state, principal, body, super::abandon).await,
         _ => ApiError::BadRequest(format!("`{path}` cannot be batched")).into_response(),
     };
     let status = response.status();
@@ -97,15 +105,17 @@ async fn run(state: &AppState, path: &str, body: &str) -> (StatusCode, Bytes) {
 }
 
 /// Parse `body` as the handler's request and run the handler.
-async fn call<T, R, F, Fut>(state: &AppState, body: &str, handler: F) -> Response
+async fn call<T, R, F, Fut>(state: &AppState, principal: &Arc<Principal>, body: &str, handler: F) -> Response
 where
     T: DeserializeOwned,
     R: IntoResponse,
-    F: FnOnce(State<AppState>, Json<T>) -> Fut,
+    F: FnOnce(State<AppState>, Extension<Arc<Principal>>, Json<T>) -> Fut,
     Fut: std::future::Future<Output = R>,
 {
     match serde_json::from_str::<T>(body) {
-        Ok(request) => handler(State(state.clone()), Json(request)).await.into_response(),
+        Ok(request) => handler(State(state.clone()), Extension(principal.clone()), Json(request))
+            .await
+            .into_response(),
         Err(e) => ApiError::BadRequest(format!("invalid body: {e}")).into_response(),
     }
 }

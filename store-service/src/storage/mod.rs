@@ -90,6 +90,12 @@ pub trait Storage: Send + Sync + 'static {
     async fn record_count(&self) -> Result<u64, StorageError>;
     /// Ok when the backend can serve requests.
     async fn ready(&self) -> Result<(), StorageError>;
+    /// Ok while the process can go on serving: the liveness check (`/healthz`). An embedded
+    /// store whose journal sync failed cannot (it refuses every write until restarted), so an
+    /// orchestrator should restart it; a MongoDB outage is no reason to restart a replica.
+    fn live(&self) -> Result<(), StorageError> {
+        Ok(())
+    }
     /// Bytes of written data the backend holds in memory until it flushes them (the embedded
     /// engine's memtables); `None` when it keeps none (MongoDB).
     fn write_buffer_bytes(&self) -> Option<u64> {

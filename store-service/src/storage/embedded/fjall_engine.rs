@@ -217,7 +217,31 @@ impl Engine for FjallEngine {
         self.check()
     }
 
+    fn live(&self) -> Result<(), StorageError> {
+        self.check()
+    }
+
     fn write_buffer_bytes(&self) -> Option<u64> {
         Some(self.db.write_buffer_size())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn after_a_failed_journal_sync_the_engine_is_neither_ready_nor_live() {
+        let dir = tempfile::tempdir().unwrap();
+        let engine = FjallEngine::open(&dir.path().join("store"), 1024 * 1024).unwrap();
+        assert!(engine.ready().is_ok() && engine.live().is_ok());
+        // What `write_batch` records when fdatasync fails.
+        engine.failed.store(true, Ordering::Release);
+        assert!(engine.ready().is_err(), "not ready: refuses every operation");
+        let error = engine.live().unwrap_err().to_string();
+        assert!(
+            error.contains("restart"),
+            "liveness fails, so it is restarted: {error}"
+        );
     }
 }

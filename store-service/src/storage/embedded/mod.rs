@@ -95,6 +95,10 @@ pub(crate) trait Engine: Send + Sync + 'static {
     fn count(&self) -> Result<u64, StorageError>;
     /// Ok when the engine can serve requests.
     fn ready(&self) -> Result<(), StorageError>;
+    /// Ok unless the engine can never serve writes again without a restart (a failed sync).
+    fn live(&self) -> Result<(), StorageError> {
+        Ok(())
+    }
     /// Bytes of written data held in memory until flushed to table files (fjall's memtables,
     /// active and sealed); `None` when the engine has no such buffer.
     fn write_buffer_bytes(&self) -> Option<u64> {
@@ -546,6 +550,10 @@ impl Storage for EmbeddedStorage {
 
     async fn ready(&self) -> Result<(), StorageError> {
         self.read(|engine| engine.ready()).await
+    }
+
+    fn live(&self) -> Result<(), StorageError> {
+        self.engine.live()
     }
 
     fn write_buffer_bytes(&self) -> Option<u64> {
