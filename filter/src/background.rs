@@ -61,6 +61,9 @@ pub struct BackgroundCall {
     pub batched: bool,
     /// Cached once the store acknowledged it (an async `complete`).
     pub cache: Option<CacheCandidate>,
+    /// Made instead when the store refuses this call as too large (413): a `complete` becomes
+    /// the `outcome-unknown` that keeps its lock.
+    pub if_too_large: Option<Box<BackgroundCall>>,
     tries: u32,
     not_before: Duration,
 }
@@ -76,6 +79,7 @@ impl BackgroundCall {
             settle: Settle::OnSuccess,
             batched: false,
             cache: None,
+            if_too_large: None,
             tries: 0,
             not_before: Duration::ZERO,
         }
@@ -124,6 +128,14 @@ impl BackgroundCall {
         BackgroundCall { cache, ..self }
     }
 
+    /// The same call, replaced by `fallback` should the store refuse it as too large.
+    pub fn if_too_large(self, fallback: Option<BackgroundCall>) -> BackgroundCall {
+        BackgroundCall {
+            if_too_large: fallback.map(Box::new),
+            ..self
+        }
+    }
+
     /// Number of tries so far.
     pub fn tries(&self) -> u32 {
         self.tries
@@ -155,7 +167,35 @@ pub struct Background {
 enum Verdict {
     Done,
     Refused,
+    TooLarge,
     Retry,
+}
+
+/// How a holder write's reply status is read, in the stream and here alike.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WriteReply {
+    /// Acknowledged.
+    Done,
+    /// Refused for good (fenced out, record gone, malformed): nothing to retry.
+    Refused,
+    /// 413: the store does not take a request this large; a `complete` keeps its lock instead.
+    TooLarge,
+    /// Worth another try: no reply, 5xx, 408, 429, and 401/403 (credentials being rotated, or a
+    /// binding being fixed: the write is retried until the lock expires rather than lost).
+    Retry,
+}
+
+impl WriteReply {
+    /// Read a reply status.
+    pub fn of(status: Option<u16>) -> WriteReply {
+        match status {
+            Some(200) => WriteReply::Done,
+            Some(413) => WriteReply::TooLarge,
+            Some(401 | 403 | 408 | 429) | None => WriteReply::Retry,
+            Some(400..=499) => WriteReply::Refused,
+            Some(_) => WriteReply::Retry,
+        }
+    }
 }
 
 impl Background {
@@ -264,8 +304,8 @@ impl Background {
             }
             return;
         }
-        let verdict = match reply.status {
-            Some(200) => match call.settle {
+        let verdict = match WriteReply::of(reply.status) {
+            WriteReply::Done => match call.settle {
                 Settle::OnSuccess => Verdict::Done,
                 Settle::AbandonAfter(settle_after) => {
                     match serde_json::from_slice::<AbandonResponse>(&reply.body) {
@@ -280,8 +320,9 @@ impl Background {
                     }
                 }
             },
-            Some(400..=407 | 409..=428 | 430..=499) => Verdict::Refused,
-            _ => Verdict::Retry,
+            WriteReply::Refused => Verdict::Refused,
+            WriteReply::TooLarge => Verdict::TooLarge,
+            WriteReply::Retry => Verdict::Retry,
         };
         match verdict {
             Verdict::Done => {
@@ -306,6 +347,24 @@ impl Background {
                     String::from_utf8_lossy(reply.body.get(..200).unwrap_or(&reply.body))
                 ),
             ),
+            Verdict::TooLarge => {
+                host.count(Counter::StorageError);
+                host.log(
+                    Level::Error,
+                    &format!(
+                        "idempotency: store refused background {} as too large (413){}",
+                        call.path,
+                        if call.if_too_large.is_some() {
+                            "; keeping the lock as outcome unknown (record_refused_by_store)"
+                        } else {
+                            ""
+                        }
+                    ),
+                );
+                if let Some(fallback) = call.if_too_large.take() {
+                    self.enqueue(host, *fallback);
+                }
+            }
             Verdict::Retry => {
                 let reason = format!("status {:?}", reply.status);
                 self.retry_or_give_up(host, call, &reason);
@@ -317,6 +376,26 @@ impl Background {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn write_replies_retry_auth_failures_and_keep_the_lock_on_too_large() {
+        assert_eq!(WriteReply::of(Some(200)), WriteReply::Done);
+        for status in [
+            None,
+            Some(401),
+            Some(403),
+            Some(408),
+            Some(429),
+            Some(500),
+            Some(503),
+        ] {
+            assert_eq!(WriteReply::of(status), WriteReply::Retry, "{status:?}");
+        }
+        assert_eq!(WriteReply::of(Some(413)), WriteReply::TooLarge);
+        for status in [400, 404, 409, 422] {
+            assert_eq!(WriteReply::of(Some(status)), WriteReply::Refused, "{status}");
+        }
+    }
 
     #[test]
     fn backoff_doubles_up_to_the_cap() {

@@ -655,10 +655,14 @@ impl Config {
             return Err(field_error("store_timeout", "must be at most 60s"));
         }
         const MAX_BODY: usize = 64 * 1024 * 1024;
-        if raw.max_response_size > MAX_BODY {
+        if raw.max_response_size > idempotency_wire::MAX_RECORDED_BODY {
             return Err(field_error(
                 "max_response_size",
-                format!("must be at most {MAX_BODY} bytes"),
+                format!(
+                    "must be at most {} bytes: the store takes a recorded response of at most that size (base64 in a {}-byte request); a larger response streams through and is recorded without its body",
+                    idempotency_wire::MAX_RECORDED_BODY,
+                    idempotency_wire::MAX_STORE_REQUEST_BYTES
+                ),
             ));
         }
         if raw.max_request_body == 0 || raw.max_request_body > MAX_BODY {
@@ -939,6 +943,17 @@ pub(crate) mod tests {
     fn unknown_field_is_refused_by_name() {
         let err = refused(r#"{"service_name":"o","requir_key":true}"#);
         assert!(err.to_string().contains("requir_key"), "{err}");
+    }
+
+    #[test]
+    fn a_max_response_size_the_store_would_refuse_to_record_is_refused_at_load() {
+        let err = refused(r#"{"service_name":"o","max_response_size":67108864}"#);
+        assert!(
+            err.contains("`max_response_size`") && err.contains("8388608"),
+            "{err}"
+        );
+        let config = parsed(r#"{"service_name":"o","max_response_size":8388608}"#);
+        assert_eq!(config.max_response_size, idempotency_wire::MAX_RECORDED_BODY);
     }
 
     #[test]

@@ -66,6 +66,8 @@ pub trait Host {
     fn request_body(&self, size: usize) -> Result<Vec<u8>, HostError>;
     /// All response headers, `:status` included.
     fn response_headers(&self) -> Result<Vec<(String, String)>, HostError>;
+    /// Set (`Some`) or remove (`None`) a response header.
+    fn set_response_header(&self, name: &str, value: Option<&str>) -> Result<(), HostError>;
     /// The buffered response body.
     fn response_body(&self, size: usize) -> Result<Vec<u8>, HostError>;
     /// All response trailers.

@@ -2,11 +2,11 @@
 //! `Idempotency-Key`, fingerprints the request, takes a lock in the store service, then replays,
 //! refuses or forwards, and records the upstream's response before releasing it to the client.
 //!
-//! Layout: [`config`] (plugin configuration), [`policy`] and [`metadata`] (per-route mode),
+//! Layout: [`config`] (plugin configuration), [`credentials`] (the store token a call presents), [`policy`] and [`metadata`] (per-route mode),
 //! [`key`], [`scope`] (caller isolation), [`fingerprint`], [`problem`] (error bodies), [`replay`]
 //! (stored headers), [`outcome`] (whether a forwarded request's lock may be released),
 //! [`attempt`] (attempt ids), [`batch`] (store calls of all streams, batched while the store is
-//! busy), [`flow`] (admission, the per-request state machine and its store
+//! busy), [`store_check`] (the start-up check of the store route), [`flow`] (admission, the per-request state machine and its store
 //! calls, plain Rust behind [`host::Host`]), [`background`] (root-context calls, retried), [`tick`] (the root's timer), and
 //! `wasm` (the only module that talks to proxy-wasm).
 
@@ -15,6 +15,7 @@ pub mod background;
 pub mod batch;
 pub mod cache;
 pub mod config;
+pub mod credentials;
 pub mod fingerprint;
 pub mod flow;
 pub mod grpc;
@@ -27,6 +28,7 @@ pub mod policy;
 pub mod problem;
 pub mod replay;
 pub mod scope;
+pub mod store_check;
 pub mod tick;
 
 #[cfg(test)]

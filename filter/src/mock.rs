@@ -195,6 +195,16 @@ impl Host for MockHost {
         Ok(self.request_body.borrow().iter().take(size).copied().collect())
     }
 
+    fn set_response_header(&self, name: &str, value: Option<&str>) -> Result<(), HostError> {
+        self.tally("set_response_header");
+        let mut headers = self.response_headers.borrow_mut();
+        headers.retain(|(n, _)| n != name);
+        if let Some(v) = value {
+            headers.push((name.to_owned(), v.to_owned()));
+        }
+        Ok(())
+    }
+
     fn response_headers(&self) -> Result<Vec<(String, String)>, HostError> {
         self.tally("response_headers");
         Ok(self.response_headers.borrow().clone())

@@ -40,6 +40,9 @@ pub enum UnknownReason {
     /// A gRPC response outgrew `max_response_size`: it streamed through and cannot be replayed,
     /// so its record is kept locked rather than stored without its messages.
     ResponseTooLargeToReplay,
+    /// The upstream answered, but the store refused to record the response (413: larger than it
+    /// accepts): the work is done and cannot be replayed, so the lock is kept.
+    RecordRefusedByStore,
 }
 
 impl UnknownReason {
@@ -53,6 +56,7 @@ impl UnknownReason {
             UnknownReason::ResponseIncomplete => "response_incomplete",
             UnknownReason::ProxyFailure => "proxy_failure",
             UnknownReason::ResponseTooLargeToReplay => "response_too_large_to_replay",
+            UnknownReason::RecordRefusedByStore => "record_refused_by_store",
         }
     }
 }

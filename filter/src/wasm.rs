@@ -97,10 +97,7 @@ impl Doorbell {
             .ok()
             .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
             .unwrap_or_default();
-        let name = format!(
-            "idempotency-calls-{}",
-            crate::attempt::new_attempt_id(now, "calls")
-        );
+        let name = format!("idempotency-calls-{}", crate::attempt::unique_name(now, "calls"));
         self.queue.set(Some(hostcalls::register_shared_queue(&name)?));
         Ok(())
     }
@@ -143,6 +140,16 @@ pub struct Root {
     debug: Rc<Cell<bool>>,
     /// The tick period set with the host (zero: none yet).
     tick: Cell<Duration>,
+    /// The start-up check of `store_cluster`: not yet sent (`Pending`), or its callout token.
+    store_check: Cell<StoreCheck>,
+}
+
+/// Where the start-up check of the store route stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum StoreCheck {
+    Pending,
+    Sent(u32),
+    Done,
 }
 
 fn debug_logging() -> bool {
@@ -162,6 +169,7 @@ impl Root {
             doorbell: Rc::default(),
             debug: Rc::default(),
             tick: Cell::new(Duration::ZERO),
+            store_check: Cell::new(StoreCheck::Pending),
         }
     }
 
@@ -284,6 +292,54 @@ impl Root {
     }
 }
 
+impl Root {
+    /// Send the start-up check of `store_cluster` (see `store_check`); a missing cluster is
+    /// known at once.
+    fn send_store_check(&self) {
+        let Some(config) = self.config.as_ref() else {
+            return;
+        };
+        let headers = vec![
+            (":method", "GET"),
+            (":path", crate::store_check::PROBE_PATH),
+            (":authority", config.store_authority.as_str()),
+        ];
+        match hostcalls::dispatch_http_call(
+            &config.store_cluster,
+            headers,
+            None,
+            Vec::new(),
+            config.store_timeout,
+        ) {
+            Ok(token) => self.store_check.set(StoreCheck::Sent(token)),
+            Err(status) => {
+                log(
+                    LogLevel::Error,
+                    &crate::store_check::dispatch_failed(&config.store_cluster, &format!("{status:?}")),
+                );
+                self.store_check.set(StoreCheck::Done);
+            }
+        }
+    }
+
+    fn on_store_check_reply(&self) {
+        self.store_check.set(StoreCheck::Done);
+        let Some(config) = self.config.as_ref() else {
+            return;
+        };
+        let headers = hostcalls::get_map(MapType::HttpCallResponseHeaders).unwrap_or_default();
+        let value = |name: &str| headers.iter().find(|(n, _)| n == name).map(|(_, v)| v.as_str());
+        let status = value(":status").and_then(|s| s.parse().ok());
+        if let Some(problem) = crate::store_check::reply_problem(
+            &config.store_cluster,
+            status,
+            value(idempotency_wire::headers::ANSWERED_BY),
+        ) {
+            log(LogLevel::Error, &problem);
+        }
+    }
+}
+
 impl Context for Root {
     fn on_http_call_response(
         &mut self,
@@ -292,6 +348,10 @@ impl Context for Root {
         body_size: usize,
         _num_trailers: usize,
     ) {
+        if self.store_check.get() == StoreCheck::Sent(token_id) {
+            self.on_store_check_reply();
+            return;
+        }
         let host = self.host();
         let reply = host.callout_reply(body_size);
         if self.batcher.owns(token_id) {
@@ -346,6 +406,7 @@ impl RootContext for Root {
                         &format!("idempotency: cannot register the call queue ({status:?}); store calls wait for the tick"),
                     );
                 }
+                crate::credentials::publish(&config);
                 self.config = Some(Rc::new(config));
                 self.debug.set(debug_logging());
                 if let Err(status) = self.retune_tick() {
@@ -366,6 +427,9 @@ impl RootContext for Root {
 
     fn on_tick(&mut self) {
         self.debug.set(debug_logging());
+        if self.store_check.get() == StoreCheck::Pending {
+            self.send_store_check();
+        }
         // Should a ring ever go unanswered, the doorbell must not stay silent: at worst this
         // costs one extra wake-up.
         self.doorbell.rung.set(false);
@@ -562,6 +626,11 @@ impl Host for WasmHost {
             .map_err(host_error("get_request_body"))
     }
 
+    fn set_response_header(&self, name: &str, value: Option<&str>) -> Result<(), HostError> {
+        hostcalls::set_map_value(MapType::HttpResponseHeaders, name, value)
+            .map_err(host_error("set_response_header"))
+    }
+
     fn response_headers(&self) -> Result<Vec<(String, String)>, HostError> {
         hostcalls::get_map_bytes(MapType::HttpResponseHeaders)
             .map(string_pairs)
@@ -621,14 +690,15 @@ impl Host for WasmHost {
                 status: "no configuration".to_owned(),
             });
         };
-        let authorization = config.store_token.as_ref().map(|t| format!("Bearer {t}"));
+        // The newest token configured for this store and service (a rotation loses no write).
+        let token = crate::credentials::current(config);
         let mut headers = vec![
             (":method", "POST"),
             (":path", callout.path),
             (":authority", config.store_authority.as_str()),
             ("content-type", "application/json"),
         ];
-        if let Some(value) = authorization.as_deref() {
+        if let Some(value) = token.authorization.as_deref() {
             headers.push(("authorization", value));
         }
         hostcalls::dispatch_http_call(

@@ -31,12 +31,26 @@ pub struct HolderWrite {
     pub body: Vec<u8>,
     /// Host time when the lock expires.
     pub retry_until: Duration,
+    /// A `complete` the store refuses as too large (413) becomes this `outcome-unknown` body:
+    /// the upstream ran, so the lock must stay, with the reason on the record.
+    pub if_too_large: Option<Vec<u8>>,
 }
 
 impl HolderWrite {
     /// The same write, made from the root context with retries.
     pub fn in_background(self) -> BackgroundCall {
-        BackgroundCall::retried(self.path, self.body, self.retry_until)
+        let fallback = self
+            .if_too_large
+            .map(|body| BackgroundCall::retried(paths::OUTCOME_UNKNOWN, body, self.retry_until));
+        BackgroundCall::retried(self.path, self.body, self.retry_until).if_too_large(fallback)
+    }
+
+    /// What to send instead when the store refused this write as too large: the
+    /// `outcome-unknown` that keeps the lock, retried until the lock expires.
+    pub fn too_large_fallback(&self) -> Option<BackgroundCall> {
+        self.if_too_large
+            .clone()
+            .map(|body| BackgroundCall::retried(paths::OUTCOME_UNKNOWN, body, self.retry_until))
     }
 }
 
@@ -91,11 +105,13 @@ pub fn complete(
         response,
         retention_ms: millis(retention),
     })?;
+    let if_too_large = outcome_unknown(held, UnknownReason::RecordRefusedByStore)?.body;
     Ok(HolderWrite {
         path: paths::COMPLETE,
         operation: "complete",
         body,
         retry_until: held.lock_expires_at,
+        if_too_large: Some(if_too_large),
     })
 }
 
@@ -112,6 +128,7 @@ pub fn release(held: &Held) -> Result<HolderWrite, serde_json::Error> {
         operation: "release",
         body,
         retry_until: held.lock_expires_at,
+        if_too_large: None,
     })
 }
 
@@ -129,6 +146,7 @@ pub fn outcome_unknown(held: &Held, reason: UnknownReason) -> Result<HolderWrite
         operation: "outcome-unknown",
         body,
         retry_until: held.lock_expires_at,
+        if_too_large: None,
     })
 }
 

@@ -35,6 +35,7 @@ use std::cell::RefCell;
 use shadow::ShadowJob;
 
 use crate::attempt::new_attempt_id;
+use crate::background::WriteReply;
 use crate::background::{Background, BackgroundCall};
 use crate::cache::{CacheCandidate, ExactRequest, ReplayCache, RequestMatch};
 use crate::outcome::{classify, ResponseOutcome, UnknownReason};
@@ -454,17 +455,34 @@ impl RequestFlow {
         }
     }
 
-    /// The store's answer to a routed gRPC replay: pass it on (it carries `Idempotent-Replayed`).
+    /// The store's answer to a routed gRPC replay: pass it on (it carries `Idempotent-Replayed`),
+    /// without the store's `x-idempotency-store` mark, which says which listener answered: a
+    /// replay must come from the replay listener; anything else is a routing mistake, logged
+    /// with its fix.
     fn on_replay_headers(&mut self, host: &dyn Host) -> Verdict {
-        let from_store = host
+        let answered_by = host
             .response_headers()
-            .map(|h| h.iter().any(|(n, _)| n == crate::replay::REPLAYED_HEADER))
-            .unwrap_or(false);
-        if !from_store {
-            host.log(
+            .ok()
+            .and_then(|h| h.into_iter().find(|(n, _)| n == headers::ANSWERED_BY))
+            .map(|(_, v)| v);
+        match answered_by.as_deref() {
+            Some(REPLAY_LISTENER) => {}
+            Some(_) => host.log(
                 Level::Error,
-                "idempotency: a gRPC replay was not answered by the store: the route for x-idempotency-replay-ticket is missing (see README)",
-            );
+                "idempotency: a gRPC replay was answered by the store's API listener: point the replay route (path /v1/replay with x-idempotency-replay-ticket) at a cluster for the store's --replay-listen port, never at the API (see README, gRPC)",
+            ),
+            None => host.log(
+                Level::Error,
+                "idempotency: a gRPC replay was not answered by the store: add the replay route (path /v1/replay with x-idempotency-replay-ticket, first in the route table) to a cluster for the store's --replay-listen port (see README, gRPC)",
+            ),
+        }
+        if answered_by.is_some() {
+            if let Err(e) = host.set_response_header(headers::ANSWERED_BY, None) {
+                host.log(
+                    Level::Warn,
+                    &format!("idempotency: cannot remove {}: {e}", headers::ANSWERED_BY),
+                );
+            }
         }
         self.state = State::Finished;
         Verdict::Continue
@@ -555,14 +573,16 @@ impl RequestFlow {
                 write,
                 cache,
             } if expected == token => {
-                match reply.status {
-                    Some(200) => {
+                let body =
+                    || String::from_utf8_lossy(reply.body.get(..200).unwrap_or(&reply.body)).into_owned();
+                match WriteReply::of(reply.status) {
+                    WriteReply::Done => {
                         if let Some(candidate) = cache {
                             candidate.acknowledged(host.now(), self.config.replay_cache_ttl);
                         }
                     }
-                    // Refused for good (fenced out, record gone): nothing to retry.
-                    Some(400..=407 | 409..=428 | 430..=499) => {
+                    // Fenced out, record gone: nothing to retry.
+                    WriteReply::Refused => {
                         host.count(Counter::StorageError);
                         host.log(
                             Level::Warn,
@@ -570,18 +590,40 @@ impl RequestFlow {
                                 "idempotency: store refused {} (status {:?}: {}); delivering the upstream response",
                                 write.operation,
                                 reply.status,
-                                String::from_utf8_lossy(reply.body.get(..200).unwrap_or(&reply.body))
+                                body()
                             ),
                         );
                     }
-                    // Transient: deliver the upstream's answer now, keep trying in the background.
-                    other => {
+                    // The upstream ran and its response cannot be recorded: keep the lock, with
+                    // the reason on the record, rather than leave a silent in-progress record.
+                    WriteReply::TooLarge => {
+                        host.count(Counter::StorageError);
+                        host.count(Counter::OutcomeUnknown);
+                        host.log(
+                            Level::Error,
+                            &format!(
+                                "idempotency: store refused {} as too large (413: {}); the lock is kept as outcome unknown (record_refused_by_store): lower max_response_size",
+                                write.operation,
+                                body()
+                            ),
+                        );
+                        self.in_background(host, write.too_large_fallback());
+                    }
+                    // Transient (401/403 included: credentials rotating): deliver the upstream's
+                    // answer now, keep trying in the background until the lock expires.
+                    WriteReply::Retry => {
                         host.count(Counter::StorageError);
                         host.log(
                             Level::Warn,
                             &format!(
-                                "idempotency: store {} failed (status {other:?}); retrying in the background, delivering the upstream response",
-                                write.operation
+                                "idempotency: store {} failed (status {:?}{}); retrying in the background, delivering the upstream response",
+                                write.operation,
+                                reply.status,
+                                if matches!(reply.status, Some(401 | 403)) {
+                                    ": check store_token and that its credential is bound to this service"
+                                } else {
+                                    ""
+                                }
                             ),
                         );
                         self.retry_write(host, write);
@@ -942,7 +984,12 @@ impl RequestFlow {
             None
         };
         let request = RequestMatch { fingerprint, exact };
-        let attempt_id = new_attempt_id(now, &pending.id.key);
+        let attempt_id = match new_attempt_id() {
+            Ok(id) => id,
+            // A guessable attempt id would let anyone who can guess it checkpoint or abandon
+            // this lock: refuse to track the request instead (as a store failure would).
+            Err(e) => return self.storage_failure(host, &e.to_string()),
+        };
         let wait = if pending.shadow {
             Duration::ZERO
         } else {
@@ -1233,6 +1280,9 @@ fn set_internal_headers(host: &dyn Host, held: &Held) -> Result<(), crate::host:
 }
 
 pub(crate) use calls::millis;
+
+/// The store's `x-idempotency-store` value on answers from its replay listener.
+const REPLAY_LISTENER: &str = "replay";
 
 /// Short, stable, non-reversible name for a key in logs (never log the raw key).
 pub fn key_hash(key: &str) -> String {

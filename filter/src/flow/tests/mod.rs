@@ -19,6 +19,9 @@ mod support;
 /// `record_mode: async`: the response does not wait for its record.
 mod record_mode;
 
+/// The store refuses a holder write (too large, credentials), and where a gRPC replay came from.
+mod store_refusals;
+
 use support::*;
 
 #[test]
@@ -374,6 +377,7 @@ fn completed_record_is_replayed_with_marker_and_no_upstream() {
         },
         expires_at_ms: None,
         replay_ticket: None,
+        record_id: None,
     };
     flow.on_callout_reply(&host, token, reply(200, &stored));
     let (status, headers, body) = present(host.sent_response());
@@ -798,6 +802,7 @@ fn shadow_counts_what_enforcement_would_have_done() {
                 },
                 expires_at_ms: None,
                 replay_ticket: None,
+                record_id: None,
             },
             Counter::ShadowWouldReplay,
         ),
@@ -977,6 +982,7 @@ fn a_cached_replay_never_outlives_its_record() {
         },
         expires_at_ms: Some(now_ms + 30_000),
         replay_ticket: None,
+        record_id: None,
     };
     first.on_callout_reply(&host, token, reply(200, &stored));
 
@@ -1147,6 +1153,7 @@ fn a_completed_grpc_call_is_routed_to_the_stores_replay_with_its_ticket() {
         },
         expires_at_ms: None,
         replay_ticket: Some("ticket-1".into()),
+        record_id: None,
     };
     flow.on_callout_reply(&host, token, reply(200, &done));
     let calls = host.calls();
