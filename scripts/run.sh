@@ -10,7 +10,7 @@ STORE_TOKEN="${STORE_TOKEN:-dev-token}"   # must match store_token in envoy/envo
 LOG_DIR="${LOG_DIR:-data/logs}"
 mkdir -p "$LOG_DIR"
 
-for port in 8080 8081 9901 10000; do
+for port in 8080 8081 8082 9901 10000; do
   if (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then
     echo "error: 127.0.0.1:$port is already in use; stop whatever listens there first." >&2
     exit 1
@@ -29,7 +29,8 @@ cleanup() {
 trap 'cleanup; exit 0' INT TERM
 trap cleanup EXIT
 
-store_args=(--listen 127.0.0.1:8081 --token "$STORE_TOKEN" --log-format text)
+# 8082: the replay listener (gRPC replays, ticket-checked, nothing else): envoy.yaml's replay route.
+store_args=(--listen 127.0.0.1:8081 --replay-listen 127.0.0.1:8082 --token "$STORE_TOKEN" --log-format text)
 case "$STORE" in
   embedded) store_args+=(--storage embedded --data-path data/idempotency) ;;
   mongodb)
@@ -74,6 +75,7 @@ Running (logs in $LOG_DIR/):
   Envoy + idempotency filter  http://127.0.0.1:10000   (admin http://127.0.0.1:9901, stats at /stats/prometheus)
   demo orders service         http://127.0.0.1:8080    (executions: GET /_demo/executions)
   store service ($STORE)   http://127.0.0.1:8081    (/healthz /readyz /metrics; /v1 needs "Authorization: Bearer $STORE_TOKEN")
+                            http://127.0.0.1:8082    (replays only: Envoy's replay route leads here)
 
 Try it (run it twice: the second answer is replayed, with Idempotent-Replayed: true):
   curl -i -X POST http://127.0.0.1:10000/api/v1/orders -H 'Idempotency-Key: order-123' -H 'Content-Type: application/json' -d '{"customerId":"CUST-001","items":[{"sku":"SKU-001","quantity":2}]}'

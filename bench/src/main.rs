@@ -154,7 +154,9 @@ async fn run(settings: Settings) {
     let duration = Duration::from_secs_f64(seconds);
     let dir = tempfile::tempdir().unwrap();
 
-    let (store_port, demo_port) = (free_port(), free_port());
+    let (store_port, demo_port, replay_port) = (free_port(), free_port(), free_port());
+    let mut store_args = store_args;
+    store_args.extend(["--replay-listen".to_owned(), format!("127.0.0.1:{replay_port}")]);
     let mut store = spawn_store(
         dir.path(),
         store_port,
@@ -185,16 +187,16 @@ async fn run(settings: Settings) {
         return;
     }
     let mut demo = spawn_demo(dir.path(), demo_port, store_port);
-    let plain_ports = fresh_ports(demo_port, store_port);
-    let filter_ports = fresh_ports(demo_port, store_port);
-    let unbatched_ports = fresh_ports(demo_port, store_port);
-    let async_ports = fresh_ports(demo_port, store_port);
+    let plain_ports = fresh_ports(demo_port, store_port, replay_port);
+    let filter_ports = fresh_ports(demo_port, store_port, replay_port);
+    let unbatched_ports = fresh_ports(demo_port, store_port, replay_port);
+    let async_ports = fresh_ports(demo_port, store_port, replay_port);
     let mut plain = pinned_envoy(
         dir.path(),
         &passthrough_bootstrap(&plain_ports),
         "envoy-passthrough",
     );
-    let noop_ports = fresh_ports(demo_port, store_port);
+    let noop_ports = fresh_ports(demo_port, store_port, replay_port);
     let noop_wasm = e2e::repo_root().join("target/wasm32-wasip1/wasm-release/noop_filter.wasm");
     assert!(
         noop_wasm.exists(),
@@ -209,13 +211,13 @@ async fn run(settings: Settings) {
     // The mechanics of an execution without the idempotency logic: both bodies held and read
     // into the VM, then also one callout per request. Together with the floor they show where
     // an execution's Envoy CPU goes.
-    let buffer_ports = fresh_ports(demo_port, store_port);
+    let buffer_ports = fresh_ports(demo_port, store_port, replay_port);
     let mut buffering = pinned_envoy(
         dir.path(),
         &noop_wasm_bootstrap_with(&buffer_ports, &noop_wasm, "buffer"),
         "envoy-noop-buffer",
     );
-    let callout_ports = fresh_ports(demo_port, store_port);
+    let callout_ports = fresh_ports(demo_port, store_port, replay_port);
     let mut calling = pinned_envoy(
         dir.path(),
         &noop_wasm_bootstrap_with(&callout_ports, &noop_wasm, "buffer+callout"),
@@ -720,7 +722,7 @@ async fn run(settings: Settings) {
     // Retries of in-flight keys (`in_progress_wait`): the store holds a retry's acquire until the
     // first attempt completes, then answers with the replay. Measured on its own Envoy: how long a
     // waiting retry takes, and whether held waiters slow everything else down.
-    let wait_ports = fresh_ports(demo_port, store_port);
+    let wait_ports = fresh_ports(demo_port, store_port, replay_port);
     let mut waiting_envoy = pinned_envoy(
         dir.path(),
         &bootstrap_with(
@@ -783,8 +785,8 @@ async fn run(settings: Settings) {
     // executed through pass-through Envoy, with a stock tonic client and server.
     let grpc_port = e2e::grpc::start_server(e2e::grpc::OrdersService::default()).await;
     let (grpc_plain_ports, grpc_filter_ports) = (
-        fresh_ports(demo_port, store_port),
-        fresh_ports(demo_port, store_port),
+        fresh_ports(demo_port, store_port, replay_port),
+        fresh_ports(demo_port, store_port, replay_port),
     );
     let mut grpc_plain = pinned_envoy(
         dir.path(),

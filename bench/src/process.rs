@@ -91,13 +91,15 @@ pub(crate) async fn idle_cost(envoys: &[(&str, Option<u32>)], window: Duration) 
     Value::Object(cost)
 }
 
-/// Free listener and admin ports for one more Envoy in front of the demo service and the store.
-pub(crate) fn fresh_ports(demo_port: u16, store_port: u16) -> Ports {
+/// Free listener and admin ports for one more Envoy in front of the demo service and the store
+/// (its API and its replay listener).
+pub(crate) fn fresh_ports(demo_port: u16, store_port: u16, replay_port: u16) -> Ports {
     Ports {
         listener: free_port(),
         admin: free_port(),
         upstream: demo_port,
         stores: vec![store_port],
+        replays: vec![replay_port],
     }
 }
 

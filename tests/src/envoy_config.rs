@@ -15,6 +15,9 @@ pub struct Ports {
     pub upstream: u16,
     /// Store service replicas.
     pub stores: Vec<u16>,
+    /// Their replay listeners (`--replay-listen`); empty: the replay route leads to `stores`
+    /// (a store without a replay listener serves `/v1/replay` beside its API).
+    pub replays: Vec<u16>,
 }
 
 fn endpoint(port: u16) -> Value {
@@ -46,8 +49,29 @@ pub fn wasm_filter(plugin: &Value) -> Value {
     })
 }
 
-/// The shipped filter chain: strip internal headers, the idempotency filter instantiated (by a
-/// composite filter) only for mutating methods, the router.
+/// The connection manager's early header mutation that removes client-sent internal headers
+/// before Envoy picks a route, as every shipped config has it.
+pub fn early_strip() -> Value {
+    let internal: Vec<Value> = idempotency_wire::headers::ALL
+        .iter()
+        .map(|h| json!({"remove": h}))
+        .collect();
+    json!([{"name": "strip-internal-headers", "typed_config": {
+        "@type": "type.googleapis.com/envoy.extensions.http.early_header_mutation.header_mutation.v3.HeaderMutation",
+        "mutations": internal}}])
+}
+
+/// The replay route as every shipped config has it: only what the filter produces (POST
+/// `/v1/replay` with a ticket), to the store's replay listener.
+pub fn replay_route(cluster: &str) -> Value {
+    json!({"match": {"path": idempotency_wire::paths::REPLAY, "headers": [
+            {"name": idempotency_wire::headers::REPLAY_TICKET, "present_match": true},
+            {"name": ":method", "string_match": {"exact": "POST"}}]},
+        "route": {"cluster": cluster, "timeout": "5s"}})
+}
+
+/// The shipped filter chain: the idempotency filter instantiated (by a composite filter) only
+/// for mutating methods, the router. (Internal headers are stripped earlier: [`early_strip`].)
 pub fn http_filters(plugin: &Value) -> Value {
     http_filters_with(plugin, false)
 }
@@ -78,14 +102,7 @@ fn run_predicate(keyed_only: bool) -> Value {
 /// `ExtensionWithMatcher` with `SkipFilter` still creates a Wasm context per request — ~5 µs of
 /// Envoy CPU on every GET.)
 pub fn http_filters_with(plugin: &Value, keyed_only: bool) -> Value {
-    let internal: Vec<Value> = idempotency_wire::headers::ALL
-        .iter()
-        .map(|h| json!({"remove": h}))
-        .collect();
     json!([
-        {"name": "strip-internal-headers", "typed_config": {
-            "@type": "type.googleapis.com/envoy.extensions.filters.http.header_mutation.v3.HeaderMutation",
-            "mutations": {"request_mutations": internal}}},
         {"name": "idempotency", "typed_config": {
             "@type": "type.googleapis.com/envoy.extensions.common.matching.v3.ExtensionWithMatcher",
             "extension_config": {"name": "composite", "typed_config": {
@@ -115,6 +132,14 @@ pub fn bootstrap(ports: &Ports, plugin: &Value) -> String {
 /// A complete bootstrap whose matcher also keeps keyless requests out of the filter.
 pub fn bootstrap_with(ports: &Ports, plugin: &Value, keyed_only: bool) -> String {
     let stores: Vec<Value> = ports.stores.iter().map(|p| endpoint(*p)).collect();
+    let replays: Vec<Value> = if ports.replays.is_empty() {
+        stores.clone()
+    } else {
+        ports.replays.iter().map(|p| endpoint(*p)).collect()
+    };
+    let h2 = json!({"envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
+        "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
+        "explicit_http_config": {"http2_protocol_options": {}}}});
     json!({
         "admin": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": ports.admin}}},
         "stats_config": {"stats_tags": [{"tag_name": "service",
@@ -129,13 +154,12 @@ pub fn bootstrap_with(ports: &Ports, plugin: &Value, keyed_only: bool) -> String
                     "typed_config": {
                         "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
                         "stat_prefix": "ingress",
+                        "early_header_mutation_extensions": early_strip(),
                         "route_config": {"name": "local", "virtual_hosts": [{
                             "name": "orders", "domains": ["*"],
                             "routes": [
-                                // gRPC replays go to the store (the filter sets the ticket).
-                                {"match": {"prefix": "/", "headers": [{"name": "x-idempotency-replay-ticket",
-                                    "present_match": true}]},
-                                 "route": {"cluster": "idempotency_store", "timeout": "5s"}},
+                                // gRPC replays go to the store's replay listener.
+                                replay_route("idempotency_store_replay"),
                                 // Tests pick a 300 ms route timeout with `x-e2e-route: short-timeout`.
                                 {"match": {"prefix": "/", "headers": [{"name": "x-e2e-route",
                                     "string_match": {"exact": "short-timeout"}}]},
@@ -151,10 +175,11 @@ pub fn bootstrap_with(ports: &Ports, plugin: &Value, keyed_only: bool) -> String
                 {"name": "orders", "type": "STATIC", "connect_timeout": "1s",
                  "load_assignment": {"cluster_name": "orders", "endpoints": [{"lb_endpoints": [endpoint(ports.upstream)]}]}},
                 {"name": "idempotency_store", "type": "STATIC", "connect_timeout": "1s",
-                 "typed_extension_protocol_options": {"envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
-                     "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
-                     "explicit_http_config": {"http2_protocol_options": {}}}},
-                 "load_assignment": {"cluster_name": "idempotency_store", "endpoints": [{"lb_endpoints": stores}]}}
+                 "typed_extension_protocol_options": h2,
+                 "load_assignment": {"cluster_name": "idempotency_store", "endpoints": [{"lb_endpoints": stores}]}},
+                {"name": "idempotency_store_replay", "type": "STATIC", "connect_timeout": "1s",
+                 "typed_extension_protocol_options": h2,
+                 "load_assignment": {"cluster_name": "idempotency_store_replay", "endpoints": [{"lb_endpoints": replays}]}}
             ]
         }
     })

@@ -146,9 +146,9 @@ pub async fn start_server(service: OrdersService) -> u16 {
     panic!("gRPC test server did not start on {port}")
 }
 
-/// The test bootstrap with the gRPC routes added in front, as `envoy/envoy.yaml` has them: the
-/// replay route (matched by `x-idempotency-replay-ticket`) to the store, `/demo.Orders/` to the
-/// gRPC service over HTTP/2.
+/// The test bootstrap with the gRPC routes added, as `envoy/envoy-grpc.yaml` has them: the
+/// replay route (POST `/v1/replay` with `x-idempotency-replay-ticket`) first, to the store's
+/// replay listener, then `/demo.Orders/` to the gRPC service over HTTP/2.
 pub fn grpc_bootstrap(ports: &Ports, grpc_port: u16, plugin: &Value) -> String {
     with_grpc_service(&bootstrap(ports, plugin), grpc_port)
 }
@@ -169,8 +169,9 @@ fn with_grpc_service(base: &str, grpc_port: u16) -> String {
         .unwrap()
         .as_array_mut()
         .unwrap();
+    // After the replay route, which stays first.
     routes.insert(
-        0,
+        1.min(routes.len()),
         json!({"match": {"prefix": "/demo.Orders/"}, "route": {"cluster": "grpc", "timeout": "30s"}}),
     );
     let clusters = config
@@ -216,12 +217,12 @@ impl GrpcStack {
         let service = OrdersService::default();
         let executions = service.executions.clone();
         let grpc_port = start_server(service).await;
-        let (store_port, listener, admin) = (free_port(), free_port(), free_port());
+        let (store_port, replay_port, listener, admin) = (free_port(), free_port(), free_port(), free_port());
         let mut store = spawn_store(
             dir.path(),
             store_port,
             &dir.path().join("store-data"),
-            &[],
+            &["--replay-listen".to_owned(), format!("127.0.0.1:{replay_port}")],
             "store.log",
         );
         let ports = Ports {
@@ -229,6 +230,7 @@ impl GrpcStack {
             admin,
             upstream: free_port(), // the HTTP demo is not used here
             stores: vec![store_port],
+            replays: vec![replay_port],
         };
         let mut envoy = start_envoy(
             dir.path(),

@@ -382,6 +382,7 @@ impl Stack {
                 admin: admin_port,
                 upstream: demo_port,
                 stores: envoy_store_ports,
+                replays: Vec::new(),
             },
             &plugin_config(&options.plugin),
         );
@@ -792,22 +793,41 @@ impl ShippedStack {
     /// Start `envoy/<file>` with fresh ports.
     pub async fn start(file: &str) -> ShippedStack {
         let text = std::fs::read_to_string(repo_root().join("envoy").join(file)).unwrap();
-        let (listener, admin, demo, store) = (free_port(), free_port(), free_port(), free_port());
-        let text = text
+        ShippedStack::start_config(&text).await
+    }
+
+    /// Start an Envoy bootstrap written for the shipped ports (listener 10000, admin 9901, demo
+    /// 8080 or gRPC 50051, store 8081, store replays 8082; the compose file's host names and
+    /// module path too) on fresh ones, with the test token as the filter's `store_token`.
+    pub async fn start_config(text: &str) -> ShippedStack {
+        let (listener, admin, demo, store, replay) =
+            (free_port(), free_port(), free_port(), free_port(), free_port());
+        let mut text = text
             .replace("port_value: 10000", &format!("port_value: {listener}"))
             .replace("port_value: 9901", &format!("port_value: {admin}"))
             .replace("port_value: 8080", &format!("port_value: {demo}"))
+            .replace("port_value: 50051", &format!("port_value: {demo}"))
             .replace("port_value: 8081", &format!("port_value: {store}"))
+            .replace("port_value: 8082", &format!("port_value: {replay}"))
+            // The compose file's addresses and module path.
+            .replace("address: 0.0.0.0", "address: 127.0.0.1")
+            .replace("address: demo,", "address: 127.0.0.1,")
+            .replace("address: store,", "address: 127.0.0.1,")
             .replace(
-                "\"store_token\": \"dev-token\"",
-                &format!("\"store_token\": \"{STORE_TOKEN}\""),
+                "filename: /etc/envoy/idempotency_filter.wasm",
+                &format!("filename: {}", wasm_path().display()),
             );
+        if let Some((before, rest)) = text.split_once("\"store_token\": \"") {
+            if let Some((_, after)) = rest.split_once('"') {
+                text = format!("{before}\"store_token\": \"{STORE_TOKEN}\"{after}");
+            }
+        }
         let dir = tempfile::tempdir().unwrap();
         let mut store_proc = spawn_store(
             dir.path(),
             store,
             &dir.path().join("store-data"),
-            &[],
+            &["--replay-listen".to_owned(), format!("127.0.0.1:{replay}")],
             "store.log",
         );
         let mut demo_proc = spawn_demo(dir.path(), demo, store);
@@ -918,6 +938,17 @@ pub fn istio_envoyfilter_filters(store_token: &str, store_cluster: Option<&str>)
     istio_envoyfilter_parts("envoy/istio/envoyfilter.yaml", store_token, store_cluster).0
 }
 
+/// What an Istio `EnvoyFilter` file patches into a sidecar's inbound listener.
+#[derive(Debug, Clone)]
+pub struct IstioPatches {
+    /// The HTTP filters (as [`istio_envoyfilter_filters`]) and the shipped plugin configuration.
+    pub filters: (Vec<Value>, Value),
+    /// Routes it inserts.
+    pub routes: Vec<Value>,
+    /// Fields it merges into the connection manager's `typed_config` (`NETWORK_FILTER` MERGE).
+    pub hcm_merge: Value,
+}
+
 /// The HTTP filters (as [`istio_envoyfilter_filters`]) and the routes an Istio `EnvoyFilter`
 /// file patches in: `((filters, shipped plugin configuration), routes)`.
 pub fn istio_envoyfilter_parts(
@@ -925,6 +956,13 @@ pub fn istio_envoyfilter_parts(
     store_token: &str,
     store_cluster: Option<&str>,
 ) -> ((Vec<Value>, Value), Vec<Value>) {
+    let patches = istio_patches(file, store_token, store_cluster);
+    (patches.filters, patches.routes)
+}
+
+/// Everything an Istio `EnvoyFilter` file patches in, with the module, token and store cluster
+/// swapped as in [`istio_envoyfilter_filters`].
+pub fn istio_patches(file: &str, store_token: &str, store_cluster: Option<&str>) -> IstioPatches {
     let text = std::fs::read_to_string(repo_root().join(file)).unwrap();
     let doc: serde_yaml::Value = serde_yaml::from_str(&text).unwrap();
     let patches = doc["spec"]["configPatches"].as_sequence().unwrap();
@@ -936,6 +974,11 @@ pub fn istio_envoyfilter_parts(
             .collect()
     };
     let routes = of("HTTP_ROUTE");
+    let hcm_merge = of("NETWORK_FILTER")
+        .into_iter()
+        .find(|v| v["name"] == "envoy.filters.network.http_connection_manager")
+        .map(|v| v["typed_config"].clone())
+        .unwrap_or_else(|| json!({}));
     let mut filters = of("HTTP_FILTER");
     let wasm = filters.iter_mut().find(|v| v["name"] == "idempotency").unwrap();
     let config = envoy_config::shipped_wasm_config(wasm);
@@ -949,7 +992,29 @@ pub fn istio_envoyfilter_parts(
     config["configuration"]["value"] = json!(plugin.to_string());
     filters.push(json!({"name": "envoy.filters.http.router", "typed_config": {
         "@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"}}));
-    ((filters, shipped), routes)
+    IstioPatches {
+        filters: (filters, shipped),
+        routes,
+        hcm_merge,
+    }
+}
+
+/// `bootstrap` (from [`inbound_bootstrap`]) with `merge`'s fields merged into its connection
+/// manager, as Istio applies a `NETWORK_FILTER` MERGE patch.
+pub fn with_hcm_merge(mut bootstrap: Value, merge: &Value) -> Value {
+    if let (Some(hcm), Some(fields)) = (
+        bootstrap
+            .pointer_mut("/static_resources/listeners/0/filter_chains/0/filters/0/typed_config")
+            .and_then(Value::as_object_mut),
+        merge.as_object(),
+    ) {
+        for (k, v) in fields {
+            if k != "@type" {
+                hcm.insert(k.clone(), v.clone());
+            }
+        }
+    }
+    bootstrap
 }
 
 /// Wait until a store, a demo service and an Envoy (admin port) all answer ready.

@@ -83,6 +83,7 @@ async fn invalid_plugin_configuration_is_refused_naming_the_field() {
         admin: free_port(),
         upstream: free_port(),
         stores: vec![free_port()],
+        replays: Vec::new(),
     };
     let config = bootstrap(&ports, &plugin_config(&json!({"lock_timeout": "soon"})));
     let mut envoy = start_envoy(dir.path(), &config, "envoy.log");

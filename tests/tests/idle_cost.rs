@@ -50,6 +50,7 @@ async fn an_idle_envoy_wakes_about_as_often_with_the_filter_as_without_also_afte
         admin: free_port(),
         upstream: demo_port,
         stores: stack.store_ports.clone(),
+        replays: Vec::new(),
     };
     let mut plain = start_envoy(
         stack.dir(),

@@ -112,6 +112,9 @@ fn istio_envoyfilter_patch_is_accepted_by_envoy_and_its_plugin_config_by_the_fil
             e2e::static_cluster(&store_cluster, 1),
         ],
     );
+    let hcm = e2e::istio_patches("envoy/istio/envoyfilter.yaml", "token", None).hcm_merge;
+    assert!(hcm["early_header_mutation_extensions"].is_array(), "{hcm}");
+    let bootstrap = e2e::with_hcm_merge(bootstrap, &hcm);
     e2e::assert_envoy_accepts(&bootstrap.to_string(), "envoyfilter-bootstrap.json");
 }
 
@@ -166,20 +169,35 @@ fn kubernetes_store_deployment_uses_only_what_the_store_reads() {
         }
         names.insert(name.to_owned());
     }
-    for required in ["MONGODB_URI", "STORE_CREDENTIALS", "STORE_REPLAY_SECRET"] {
+    for required in ["MONGODB_URI", "STORE_CREDENTIALS", "STORE_REPLAY_SECRET_FILE"] {
         assert!(names.contains(required), "{required} must be set");
     }
     assert!(
         !names.contains("STORE_TOKEN"),
         "production uses roles, not the all-roles token"
     );
-    // The mounted credentials file is the Secret's, and the store's own parser accepts it.
+    // The mounted credentials and replay secrets are the Secret's, and the store's own parsers
+    // accept them; the proxies are known by their mesh identity, bound to their service.
     let file = secret["stringData"]["credentials.yaml"].as_str().unwrap();
-    idempotency_store::auth::Credentials::from_yaml(file).unwrap();
-    assert_eq!(
-        get(deployment, &["spec", "template", "spec", "volumes"])[0]["secret"]["items"][0]["key"],
-        "credentials.yaml"
-    );
+    let credentials = idempotency_store::auth::Credentials::from_yaml(file).unwrap();
+    let orders = credentials
+        .authenticate_identity(&["spiffe://cluster.local/ns/shop/sa/orders".into()])
+        .expect("the orders workload's identity is a credential");
+    assert!(orders.may_act_for(idempotency_store::auth::Permission::ProxyCalls, "orders"));
+    assert!(!orders.may_act_for(idempotency_store::auth::Permission::ProxyCalls, "payments"));
+    idempotency_store::replay::parse_secrets(secret["stringData"]["replay-secrets"].as_str().unwrap())
+        .unwrap();
+    let items: Vec<&str> = get(deployment, &["spec", "template", "spec", "volumes"])[0]["secret"]["items"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .map(|i| i["key"].as_str().unwrap())
+        .collect();
+    assert_eq!(items, ["credentials.yaml", "replay-secrets"]);
+    // The replay port is the store's --replay-listen, and the Service exposes it.
+    let replay = args[args.iter().position(|a| *a == "--replay-listen").unwrap() + 1];
+    let replay_port: u64 = replay.rsplit(':').next().unwrap().parse().unwrap();
+    assert_eq!(container["ports"][1]["containerPort"].as_u64(), Some(replay_port));
     assert_eq!(container["readinessProbe"]["httpGet"]["path"], "/readyz");
     assert_eq!(container["livenessProbe"]["httpGet"]["path"], "/healthz");
     assert!(!container["resources"]["requests"].is_null() && !container["resources"]["limits"].is_null());
@@ -205,20 +223,31 @@ fn compose_store_environment_uses_only_what_the_store_reads() {
 }
 
 #[test]
-fn every_shipped_header_strip_removes_every_internal_header() {
+fn every_shipped_config_that_runs_the_filter_removes_every_internal_header_before_routing() {
+    let mut checked = 0;
     for path in shipped_yaml_files() {
         let text = std::fs::read_to_string(&path).unwrap();
-        if !text.contains("strip-internal-headers") {
+        if !text.contains("envoy.filters.http.wasm.v3.Wasm") {
             continue;
         }
+        checked += 1;
+        let name = path.display();
+        assert!(
+            text.contains("early_header_mutation_extensions"),
+            "{name}: internal headers must be removed before route selection"
+        );
+        assert!(
+            !text.contains("filters.http.header_mutation.v3"),
+            "{name}: an HTTP-filter strip runs after routing"
+        );
         for header in idempotency_wire::headers::ALL {
             assert!(
                 text.contains(&format!("remove: {header}")),
-                "{} does not strip {header}",
-                path.display()
+                "{name} does not strip {header}"
             );
         }
     }
+    assert!(checked >= 6, "{checked} configs");
 }
 
 #[test]
@@ -232,10 +261,12 @@ fn istio_envoyfilter_for_grpc_adds_the_replay_route_first_and_envoy_accepts_it()
         routes[0]["match"]["headers"][0]["name"],
         idempotency_wire::headers::REPLAY_TICKET
     );
-    let store_cluster = routes[0]["route"]["cluster"].as_str().unwrap().to_owned();
+    assert_eq!(routes[0]["match"]["path"], idempotency_wire::paths::REPLAY);
+    let replay_cluster = routes[0]["route"]["cluster"].as_str().unwrap().to_owned();
     assert_eq!(
-        store_cluster, config.store_cluster,
-        "the replay goes to the store the filter calls"
+        replay_cluster,
+        config.store_cluster.replace("|8081|", "|8082|"),
+        "the replay goes to the replay port of the store the filter calls"
     );
     let mut all_routes = routes.clone();
     all_routes.push(serde_json::json!({"match": {"prefix": "/"}, "route": {"cluster": "app"}}));
@@ -247,9 +278,12 @@ fn istio_envoyfilter_for_grpc_adds_the_replay_route_first_and_envoy_accepts_it()
         filters,
         vec![
             e2e::static_cluster("app", 1),
-            e2e::static_cluster(&store_cluster, 1),
+            e2e::static_cluster(&config.store_cluster, 1),
+            e2e::static_cluster(&replay_cluster, 1),
         ],
     );
+    let hcm = e2e::istio_patches("envoy/istio/envoyfilter-grpc.yaml", "token", None).hcm_merge;
+    let bootstrap = e2e::with_hcm_merge(bootstrap, &hcm);
     e2e::assert_envoy_accepts(&bootstrap.to_string(), "envoyfilter-grpc-bootstrap.json");
 }
 
@@ -266,7 +300,11 @@ fn compose_tokens_match_the_roles_in_its_credentials_file() {
     let proxy = credentials
         .authenticate(proxy_token)
         .expect("Envoy's store_token is a known token");
-    assert!(proxy.may(idempotency_store::auth::Permission::ProxyCalls));
+    assert!(proxy.may_act_for(idempotency_store::auth::Permission::ProxyCalls, "orders"));
+    assert!(
+        !proxy.may_act_for(idempotency_store::auth::Permission::ProxyCalls, "payments"),
+        "the proxy credential is bound to its service"
+    );
     let compose = &documents("envoy/compose/docker-compose.yaml")[0];
     let demo_token = compose["services"]["demo"]["environment"]["DEMO_STORE_TOKEN"]
         .as_str()
@@ -274,6 +312,6 @@ fn compose_tokens_match_the_roles_in_its_credentials_file() {
     let demo = credentials
         .authenticate(demo_token)
         .expect("the demo's token is a known token");
-    assert!(demo.may(idempotency_store::auth::Permission::Checkpoint) && demo.may_act_for("orders"));
+    assert!(demo.may_act_for(idempotency_store::auth::Permission::Checkpoint, "orders"));
     assert!(!demo.may(idempotency_store::auth::Permission::ProxyCalls));
 }

@@ -23,7 +23,7 @@ fn write_credentials(path: &std::path::Path, proxy_tokens: &[&str]) {
     std::fs::write(
         path,
         format!(
-            "credentials:\n  - {{name: mesh-proxies, role: proxy, tokens: [{}]}}\n  - {{name: oncall, role: admin, tokens: [\"{ADMIN}\"]}}\n",
+            "credentials:\n  - {{name: mesh-proxies, role: proxy, services: [orders], tokens: [{}]}}\n  - {{name: oncall, role: admin, tokens: [\"{ADMIN}\"]}}\n",
             tokens.join(", ")
         ),
     )
