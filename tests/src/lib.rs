@@ -19,6 +19,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
+pub mod certs;
 pub mod envoy_config;
 pub mod grpc;
 pub mod old_store;
