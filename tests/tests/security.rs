@@ -138,3 +138,119 @@ async fn tokens_rotate_without_a_restart_and_admin_actions_are_audited_without_t
     }
     assert!(log.contains("credentials reloaded"), "{log}");
 }
+
+/// A ticket for `g1` (completed by then) from the store at `url`.
+async fn replay_ticket(client: &reqwest::Client, url: &str) -> String {
+    let acquire = json!({"service": "orders", "scope": "", "key": "g1", "fingerprint": "f", "method": "POST",
+        "path": "/demo.Orders/Create", "lock_timeout_ms": 60000, "retention_ms": 60000, "replay_ticket": true});
+    let answer: serde_json::Value = client
+        .post(format!("{url}/v1/acquire"))
+        .bearer_auth(e2e::STORE_TOKEN)
+        .json(&acquire)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    if answer["outcome"] == "acquired" {
+        let complete = json!({"service": "orders", "scope": "", "key": "g1", "fencing_token": answer["fencing_token"],
+            "record_id": answer["record_id"], "attempt_id": answer["attempt_id"], "retention_ms": 60000,
+            "response": {"status": 200, "headers": [["content-type", "application/grpc"]], "body": "AAAAAAA=",
+                         "trailers": [["grpc-status", "0"]]}});
+        let done = client
+            .post(format!("{url}/v1/complete"))
+            .bearer_auth(e2e::STORE_TOKEN)
+            .json(&complete)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(done.status(), 200);
+        return Box::pin(replay_ticket(client, url)).await;
+    }
+    answer["replay_ticket"].as_str().unwrap().to_owned()
+}
+
+/// The grpc-status a replay of `ticket` on the replay listener answers ("0": served).
+async fn replayed_status(client: &reqwest::Client, replay_url: &str, ticket: &str) -> String {
+    let response = client
+        .post(format!("{replay_url}/v1/replay"))
+        .header("x-idempotency-replay-ticket", ticket)
+        .send()
+        .await
+        .unwrap();
+    let headers = response.headers().clone();
+    // A served replay carries its status in the trailers; a refusal is trailers-only.
+    match headers.get("grpc-status") {
+        Some(status) => status.to_str().unwrap().to_owned(),
+        None => {
+            assert_eq!(headers["idempotent-replayed"], "true");
+            "0".to_owned()
+        }
+    }
+}
+
+fn write_secrets(path: &std::path::Path, secrets: &[&str]) {
+    let staged = path.with_extension("staged");
+    std::fs::write(&staged, secrets.join("\n")).unwrap();
+    std::fs::rename(&staged, path).unwrap();
+}
+
+async fn reloaded(store: &Proc, times: usize) {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while store.output().matches("replay secrets reloaded").count() < times {
+        assert!(Instant::now() < deadline, "{}", store.output());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test]
+async fn replay_secrets_rotate_without_a_restart_and_without_refusing_tickets_in_flight() {
+    let dir = tempfile::tempdir().unwrap();
+    let secrets = dir.path().join("replay-secrets");
+    write_secrets(&secrets, &["old-replay-secret-0001"]);
+    let (port, replay_port) = (free_port(), free_port());
+    let mut store = e2e::spawn_store(
+        dir.path(),
+        port,
+        &dir.path().join("store-data"),
+        &[
+            "--replay-listen".into(),
+            format!("127.0.0.1:{replay_port}"),
+            "--replay-secret-file".into(),
+            secrets.display().to_string(),
+        ],
+        "store.log",
+    );
+    let url = format!("http://127.0.0.1:{port}");
+    let replay_url = format!("http://127.0.0.1:{replay_port}");
+    wait_ready(&format!("{url}/readyz"), &mut store, Duration::from_secs(30)).await;
+    let client = reqwest::Client::new();
+    let before = replay_ticket(&client, &url).await;
+    assert_eq!(replayed_status(&client, &replay_url, &before).await, "0");
+
+    // Step 1: the new secret signs, the old one still verifies.
+    write_secrets(&secrets, &["new-replay-secret-0001", "old-replay-secret-0001"]);
+    Command::new("kill")
+        .arg("-HUP")
+        .arg(store.pid().unwrap().to_string())
+        .status()
+        .unwrap();
+    reloaded(&store, 1).await;
+    let after = replay_ticket(&client, &url).await;
+    assert_eq!(
+        replayed_status(&client, &replay_url, &before).await,
+        "0",
+        "issued before: still served"
+    );
+    assert_eq!(replayed_status(&client, &replay_url, &after).await, "0");
+    // Step 2: the old secret removed (the file changed; no signal).
+    write_secrets(&secrets, &["new-replay-secret-0001"]);
+    reloaded(&store, 2).await;
+    assert_eq!(
+        replayed_status(&client, &replay_url, &before).await,
+        "14",
+        "the old key is gone"
+    );
+    assert_eq!(replayed_status(&client, &replay_url, &after).await, "0");
+}
