@@ -8,7 +8,8 @@ RUN cargo build --locked --release -p idempotency-store -p demo-orders
 
 FROM gcr.io/distroless/cc-debian12:nonroot AS store
 COPY --from=build /src/target/release/idempotency-store /usr/local/bin/idempotency-store
-EXPOSE 8081
+# 8081: the API; 8082: the replay listener (--replay-listen).
+EXPOSE 8081 8082
 ENTRYPOINT ["/usr/local/bin/idempotency-store"]
 
 FROM gcr.io/distroless/cc-debian12:nonroot AS demo
