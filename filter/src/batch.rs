@@ -343,6 +343,20 @@ impl<O: Owner> Batcher<O> {
             }
             return Some(Vec::new());
         }
+        if reply.status == Some(413) {
+            // The store takes smaller requests than this batch (`--max-request-bytes`): send
+            // its calls again, alone, so each gets its own answer — a `complete` its own 413,
+            // which keeps its lock as outcome unknown, an acquire its lock.
+            host.log(
+                Level::Warn,
+                &format!(
+                    "idempotency: the store refused a batch of {} calls as too large (413); sending them one by one",
+                    calls.len()
+                ),
+            );
+            self.unbatchable.borrow_mut().extend(calls);
+            return Some(Vec::new());
+        }
         let split = (reply.status == Some(200))
             .then(|| serde_json::from_slice::<BatchResponse<'_>>(&reply.body).ok())
             .flatten()

@@ -162,6 +162,12 @@ pub struct Config {
     pub max_request_body: usize,
     /// Store outage behaviour.
     pub failure_mode: FailureMode,
+    /// Tell Envoy's router not to retry a tracked request (`x-envoy-max-retries: 0`), whatever
+    /// the route's `retry_policy` or the caller's `x-envoy-*` retry headers say: a retry after
+    /// the request may have reached the upstream runs it again behind the filter's back, and
+    /// the filter sees one response. A request that never left Envoy is released instead, and
+    /// the client's keyed retry runs it once. On by default.
+    pub block_router_retries: bool,
     /// Envoy cluster of the store service.
     pub store_cluster: String,
     /// `:authority` sent to the store.
@@ -301,6 +307,8 @@ struct RawConfig {
     max_request_body: usize,
     #[serde(default = "default_failure_mode")]
     failure_mode: FailureMode,
+    #[serde(default = "default_true")]
+    block_router_retries: bool,
     store_cluster: Option<String>,
     store_authority: Option<String>,
     store_token: Option<String>,
@@ -377,6 +385,7 @@ fn default_max_key_length() -> usize {
 fn default_body_limit() -> usize {
     1024 * 1024
 }
+
 fn default_failure_mode() -> FailureMode {
     FailureMode::Closed
 }
@@ -784,6 +793,7 @@ impl Config {
             record_mode: raw.record_mode,
             retention_period,
             max_response_size: raw.max_response_size,
+            block_router_retries: raw.block_router_retries,
             max_request_body: raw.max_request_body,
             failure_mode: raw.failure_mode,
             store_cluster,

@@ -327,8 +327,15 @@ impl Root {
         let Some(config) = self.config.as_ref() else {
             return;
         };
-        let headers = hostcalls::get_map(MapType::HttpCallResponseHeaders).unwrap_or_default();
-        let value = |name: &str| headers.iter().find(|(n, _)| n == name).map(|(_, v)| v.as_str());
+        // As bytes: the SDK's text form panics on a value that is not UTF-8, and this answer may
+        // come from anything the cluster leads to.
+        let headers = hostcalls::get_map_bytes(MapType::HttpCallResponseHeaders).unwrap_or_default();
+        let value = |name: &str| {
+            headers
+                .iter()
+                .find(|(n, _)| n == name)
+                .and_then(|(_, v)| std::str::from_utf8(v).ok())
+        };
         let status = value(":status").and_then(|s| s.parse().ok());
         if let Some(problem) = crate::store_check::reply_problem(
             &config.store_cluster,
@@ -406,7 +413,6 @@ impl RootContext for Root {
                         &format!("idempotency: cannot register the call queue ({status:?}); store calls wait for the tick"),
                     );
                 }
-                crate::credentials::publish(&config);
                 self.config = Some(Rc::new(config));
                 self.debug.set(debug_logging());
                 if let Err(status) = self.retune_tick() {
@@ -415,6 +421,10 @@ impl RootContext for Root {
                         &format!("idempotency: cannot start the background tick: {status:?}"),
                     );
                     return false;
+                }
+                // Only a configuration Envoy keeps may replace the token others present.
+                if let Some(config) = &self.config {
+                    crate::credentials::publish(config);
                 }
                 true
             }

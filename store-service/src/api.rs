@@ -70,9 +70,12 @@ impl AppState {
         AppState {
             storage,
             metrics: Arc::new(metrics),
-            tickets: Arc::new(ReplayTickets::new(
-                token.as_deref().map(str::as_bytes).unwrap_or_default(),
-            )),
+            // Without a token, a key of this process alone (an empty one would make tickets
+            // forgeable by anyone who knows the derivation).
+            tickets: Arc::new(ReplayTickets::new(&token.as_deref().map_or_else(
+                || uuid::Uuid::new_v4().as_bytes().to_vec(),
+                |t| t.as_bytes().to_vec(),
+            ))),
             auth: token.as_deref().map(|t| {
                 Arc::new(
                     Authenticator::new(None, Some(t.to_owned())).unwrap_or_else(|_| empty_authenticator()),
@@ -167,15 +170,16 @@ fn permission_for(method: &axum::http::Method, path: &str) -> Permission {
 /// from a trusted proxy (`--trust-forwarded-client-cert`). A client's own XFCC header, sent
 /// from anywhere else, is ignored.
 fn caller_identities(state: &AppState, request: &Request) -> Vec<String> {
+    // An mTLS connection the store terminated names its caller by its certificate, only.
     if let Some(PeerIdentity(identities)) = request.extensions().get::<PeerIdentity>() {
-        if !identities.is_empty() {
-            return identities.to_vec();
-        }
+        return identities.to_vec();
     }
     let Some(trusted) = &state.forwarded_identity else {
         return Vec::new();
     };
-    let Some(header) = request.headers().get(XFCC).and_then(|v| v.to_str().ok()) else {
+    let mut values = request.headers().get_all(XFCC).iter();
+    // Several header lines: not what one sidecar sets; believe none of them.
+    let (Some(header), None) = (values.next().and_then(|v| v.to_str().ok()), values.next()) else {
         return Vec::new();
     };
     match request.extensions().get::<ConnectInfo<SocketAddr>>() {
@@ -519,7 +523,7 @@ pub(crate) async fn outcome_unknown(
     state
         .metrics
         .outcome_unknown
-        .with_label_values(&[request.id.service.as_str(), request.reason.as_str()])
+        .with_label_values(&[request.id.service.as_str(), reason_label(&request.reason)])
         .inc();
     tracing::warn!(
         service = %request.id.service,
@@ -529,6 +533,27 @@ pub(crate) async fn outcome_unknown(
         "outcome unknown: the lock is kept until it expires"
     );
     Ok(Json(json!({"ok": true})))
+}
+
+/// The reasons a filter reports (its `UnknownReason`): any other becomes `other` in the metric's
+/// label, so a caller cannot grow the store's series without bound (the record keeps the text).
+const KNOWN_UNKNOWN_REASONS: [&str; 8] = [
+    "downstream_disconnect",
+    "upstream_timeout",
+    "upstream_reset",
+    "local_reply",
+    "response_incomplete",
+    "proxy_failure",
+    "response_too_large_to_replay",
+    "record_refused_by_store",
+];
+
+fn reason_label(reason: &str) -> &str {
+    if KNOWN_UNKNOWN_REASONS.contains(&reason) {
+        reason
+    } else {
+        "other"
+    }
 }
 
 pub(crate) async fn abandon(

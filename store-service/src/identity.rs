@@ -45,14 +45,19 @@ pub fn certificate_identities(der: &[u8]) -> Vec<String> {
 
 /// The identities in an XFCC header value: the `URI` and `DNS` fields of its **last** element,
 /// the one added by the proxy nearest the store (with `SANITIZE_SET` the only one; with
-/// `APPEND_FORWARD` earlier elements come from further away and are not the caller's).
+/// `APPEND_FORWARD` earlier elements come from the caller and are not believed). A value whose
+/// quotes do not balance names nobody: an open quote sent by a caller would otherwise swallow the
+/// `,` before the element its proxy appended and make the caller's own element the last.
 pub fn xfcc_identities(value: &str) -> Vec<String> {
-    let Some(element) = split_outside_quotes(value, ',').pop() else {
+    let Some(element) = split_outside_quotes(value, ',').and_then(|mut elements| elements.pop()) else {
+        return Vec::new();
+    };
+    let Some(pairs) = split_outside_quotes(&element, ';') else {
         return Vec::new();
     };
     let mut uris = Vec::new();
     let mut names = Vec::new();
-    for pair in split_outside_quotes(&element, ';') {
+    for pair in pairs {
         let Some((key, raw)) = pair.split_once('=') else {
             continue;
         };
@@ -70,8 +75,9 @@ pub fn xfcc_identities(value: &str) -> Vec<String> {
     uris
 }
 
-/// Split on `separator` where it is not inside double quotes (`\"` escapes a quote).
-fn split_outside_quotes(text: &str, separator: char) -> Vec<String> {
+/// Split on `separator` where it is not inside double quotes (`\"` escapes a quote); `None` when
+/// a quote is left open or an escape unfinished.
+fn split_outside_quotes(text: &str, separator: char) -> Option<Vec<String>> {
     let mut parts = Vec::new();
     let mut current = String::new();
     let (mut quoted, mut escaped) = (false, false);
@@ -92,10 +98,13 @@ fn split_outside_quotes(text: &str, separator: char) -> Vec<String> {
         }
         current.push(c);
     }
+    if quoted || escaped {
+        return None;
+    }
     if !current.trim().is_empty() {
         parts.push(current);
     }
-    parts
+    Some(parts)
 }
 
 fn unquote(value: &str) -> String {
@@ -107,8 +116,8 @@ fn unquote(value: &str) -> String {
 
 /// Why `--trusted-proxies` was refused.
 #[derive(Debug, Error)]
-#[error("--trusted-proxies: {0:?} is not an address or CIDR block (e.g. 127.0.0.6/32)")]
-pub struct BadProxy(String);
+#[error("--trusted-proxies: {0:?} {1}")]
+pub struct BadProxy(String, &'static str);
 
 /// The peer addresses whose XFCC header is believed (`--trusted-proxies`).
 #[derive(Debug, Clone, Default)]
@@ -121,10 +130,28 @@ impl TrustedProxies {
             .iter()
             .map(|entry| {
                 let entry = entry.trim();
-                entry
+                let net = entry
                     .parse::<IpNet>()
                     .or_else(|_| entry.parse::<IpAddr>().map(IpNet::from))
-                    .map_err(|_| BadProxy(entry.to_owned()))
+                    .map_err(|_| {
+                        BadProxy(
+                            entry.to_owned(),
+                            "is not an address or CIDR block (e.g. 127.0.0.6/32)",
+                        )
+                    })?;
+                if net.prefix_len() == 0 {
+                    return Err(BadProxy(
+                        entry.to_owned(),
+                        "trusts every address: any client could name itself in x-forwarded-client-cert",
+                    ));
+                }
+                if matches!(net, IpNet::V6(v6) if v6.addr().to_ipv4_mapped().is_some()) {
+                    return Err(BadProxy(
+                        entry.to_owned(),
+                        "is IPv4-mapped: give the IPv4 address (peers are compared as IPv4)",
+                    ));
+                }
+                Ok(net)
             })
             .collect::<Result<Vec<_>, _>>()
             .map(TrustedProxies)
@@ -165,6 +192,24 @@ mod tests {
         );
         assert!(xfcc_identities("Hash=abc;Subject=\"CN=x\"").is_empty());
         assert!(xfcc_identities("").is_empty());
+    }
+
+    #[test]
+    fn an_open_quote_cannot_make_the_callers_element_the_last() {
+        // APPEND_FORWARD: the caller's `x="` would swallow the `,` before its proxy's element.
+        let header = concat!(
+            r#"URI=spiffe://cluster.local/ns/pay/sa/payments;x=","#,
+            r#"By=spiffe://cluster.local/ns/idempotency/sa/store;Hash=def;Subject="";URI=spiffe://cluster.local/ns/shop/sa/orders"#
+        );
+        assert!(
+            xfcc_identities(header).is_empty(),
+            "{:?}",
+            xfcc_identities(header)
+        );
+        assert!(
+            xfcc_identities(r#"URI=spiffe://x;Subject="CN=a"#).is_empty(),
+            "unfinished escape"
+        );
     }
 
     #[test]

@@ -21,6 +21,12 @@ use tokio_rustls::TlsAcceptor;
 
 use crate::identity::{certificate_identities, PeerIdentity};
 
+/// Longest a TLS handshake may take: a peer that opens connections and never finishes them
+/// holds nothing longer than this.
+pub const HANDSHAKE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+/// Pause after a failed accept (e.g. out of file descriptors).
+const ACCEPT_BACKOFF: std::time::Duration = std::time::Duration::from_millis(100);
+
 /// Why the TLS configuration was refused (the message names the flag).
 #[derive(Debug, Error)]
 pub enum TlsError {
@@ -101,7 +107,9 @@ pub async fn serve(
             accepted = listener.accept() => match accepted {
                 Ok(accepted) => accepted,
                 Err(e) => {
-                    tracing::debug!("accept failed: {e}");
+                    // Out of file descriptors, say: pause rather than spin on the error.
+                    tracing::warn!("accept failed: {e}");
+                    tokio::time::sleep(ACCEPT_BACKOFF).await;
                     continue;
                 }
             },
@@ -113,11 +121,15 @@ pub async fn serve(
         let (acceptor, router) = (acceptor.clone(), router.clone());
         let watcher = graceful.watcher();
         tokio::spawn(async move {
-            let tls = match acceptor.accept(tcp).await {
-                Ok(tls) => tls,
-                Err(e) => {
+            let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+                Ok(Ok(tls)) => tls,
+                Ok(Err(e)) => {
                     // No certificate, or one the CA did not sign: the connection ends here.
                     tracing::info!(peer = %peer, error = %e, "TLS handshake refused");
+                    return;
+                }
+                Err(_) => {
+                    tracing::info!(peer = %peer, "TLS handshake timed out");
                     return;
                 }
             };

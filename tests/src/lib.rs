@@ -500,14 +500,7 @@ impl Stack {
 
     /// The demo service's execution counts: `{"total": N, "byKey": {...}}`.
     pub async fn executions(&self) -> Value {
-        self.client
-            .get(format!("{}/_demo/executions", self.demo_url))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap()
+        demo_executions(&self.client, &self.demo_url).await
     }
 
     /// Executions of one key.
@@ -665,6 +658,19 @@ pub async fn replay_of(key: &str, request: impl Fn() -> reqwest::RequestBuilder)
             other => panic!("{key}: unexpected {other}: {}", retry.text().await.unwrap()),
         }
     }
+}
+
+/// The demo service's execution ledger (`GET /_demo/executions`) at `demo_url`: counts per key,
+/// kept in a file that survives the demo's restarts.
+pub async fn demo_executions(client: &reqwest::Client, demo_url: &str) -> Value {
+    client
+        .get(format!("{demo_url}/_demo/executions"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap()
 }
 
 /// Value of a counter or gauge line `name{labels} value` in Prometheus text (sum over labels).
@@ -853,16 +859,9 @@ impl ShippedStack {
 
     /// Executions of one key at the demo service.
     pub async fn executions_of(&self, key: &str) -> u64 {
-        let body: Value = self
-            .client
-            .get(format!("{}/_demo/executions", self.demo_url))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
-        body["byKey"][key].as_u64().unwrap_or(0)
+        demo_executions(&self.client, &self.demo_url).await["byKey"][key]
+            .as_u64()
+            .unwrap_or(0)
     }
 
     /// Envoy's Prometheus text.

@@ -220,20 +220,22 @@ async fn rotating_the_proxy_credential_under_load_loses_no_record() {
         .collect();
     let others: Vec<(&String, &u16)> = answers.iter().filter(|(_, s)| **s != 201).collect();
     assert!(executed.len() > 200, "{} executed", executed.len());
+    // Old connections kept running under the old configuration after its token was dropped;
+    // none of their calls was refused, because every call presents the newest token.
+    let store_metrics = e2e::get_text(&client, &format!("http://127.0.0.1:{store_port}/metrics")).await;
+    let refused: f64 = store_metrics
+        .lines()
+        .filter(|l| l.starts_with("idempotency_store_requests_total{") && l.contains("unauthorized"))
+        .filter_map(|l| l.rsplit_once(' ').and_then(|(_, v)| v.parse::<f64>().ok()))
+        .sum();
+    assert_eq!(refused, 0.0, "calls the store refused during the rotation");
     assert!(
         others.is_empty(),
         "the rotation showed to {} clients, e.g. {:?}",
         others.len(),
         &others[..others.len().min(10)]
     );
-    let executions: Value = client
-        .get(format!("http://127.0.0.1:{demo_port}/_demo/executions"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let executions = e2e::demo_executions(&client, &format!("http://127.0.0.1:{demo_port}")).await;
     let mut lost = Vec::new();
     for key in &executed {
         let retry = client

@@ -126,14 +126,7 @@ async fn executes_once_and_replays(url: &str, demo_url: &str, key: &str) {
     let again = post().send().await.unwrap();
     assert_eq!(again.status(), 201);
     assert_eq!(again.headers()["idempotent-replayed"], "true");
-    let executions: Value = client
-        .get(format!("{demo_url}/_demo/executions"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let executions = e2e::demo_executions(&client, demo_url).await;
     assert_eq!(executions["byKey"][key], 1);
 }
 
@@ -217,6 +210,19 @@ async fn the_store_terminating_mtls_maps_each_workload_certificate_to_its_own_se
 /// An Envoy in front of the store, as its sidecar: terminates mTLS, sets XFCC (replacing any the
 /// client sent), and connects to the store from 127.0.0.2, the one address the store trusts.
 fn sidecar_bootstrap(listener: u16, admin: u16, store_port: u16, server: &PemFiles, ca: &Path) -> String {
+    sidecar_bootstrap_with(listener, admin, store_port, server, ca, "SANITIZE_SET")
+}
+
+/// [`sidecar_bootstrap`] with another `forward_client_cert_details` (Istio's inbound default is
+/// `APPEND_FORWARD`: the client's own XFCC stays, the sidecar's element is appended).
+fn sidecar_bootstrap_with(
+    listener: u16,
+    admin: u16,
+    store_port: u16,
+    server: &PemFiles,
+    ca: &Path,
+    forward: &str,
+) -> String {
     json!({
         "admin": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": admin}}},
         "static_resources": {
@@ -233,7 +239,7 @@ fn sidecar_bootstrap(listener: u16, admin: u16, store_port: u16, server: &PemFil
                     "filters": [{"name": "envoy.filters.network.http_connection_manager", "typed_config": {
                         "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
                         "stat_prefix": "store_inbound",
-                        "forward_client_cert_details": "SANITIZE_SET",
+                        "forward_client_cert_details": forward,
                         "set_current_client_cert_details": {"uri": true, "dns": true},
                         "route_config": {"virtual_hosts": [{"name": "store", "domains": ["*"],
                             "routes": [{"match": {"prefix": "/"}, "route": {"cluster": "store"}}]}]},
@@ -317,4 +323,70 @@ async fn behind_its_sidecar_the_store_reads_the_callers_identity_from_xfcc_and_i
     // The mesh's shape: the filter's callouts leave through mTLS with the workload's identity.
     let (_envoy, _demo, url, demo_url) = proxy_envoy(dir.path(), sidecar_port, &orders, &pki.ca()).await;
     executes_once_and_replays(&url, &demo_url, "xfcc-1").await;
+}
+
+#[tokio::test]
+async fn behind_an_append_forward_sidecar_a_caller_cannot_smuggle_its_own_xfcc_element_in() {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = Pki::new(dir.path(), "mesh");
+    let server = pki.server("sidecar");
+    let orders = pki.workload("orders", ORDERS_ID);
+    let (store_port, sidecar_port, sidecar_admin) = (free_port(), free_port(), free_port());
+    let mut store = spawn_store(
+        dir.path(),
+        store_port,
+        &[
+            "--trust-forwarded-client-cert".into(),
+            "--trusted-proxies".into(),
+            "127.0.0.2/32".into(),
+        ],
+    );
+    wait_ready(
+        &format!("http://127.0.0.1:{store_port}/readyz"),
+        &mut store,
+        Duration::from_secs(30),
+    )
+    .await;
+    let mut sidecar = start_envoy(
+        dir.path(),
+        &sidecar_bootstrap_with(
+            sidecar_port,
+            sidecar_admin,
+            store_port,
+            &server,
+            &pki.ca(),
+            "APPEND_FORWARD",
+        ),
+        "sidecar-envoy.log",
+    );
+    wait_ready(
+        &format!("http://127.0.0.1:{sidecar_admin}/ready"),
+        &mut sidecar,
+        Duration::from_secs(60),
+    )
+    .await;
+    let as_orders = TlsClient::new(&pki.ca(), Some(&orders));
+    let (status, body) = acquire_status(&as_orders, sidecar_port, "orders", "a1").await;
+    assert_eq!(
+        (status, body["outcome"].as_str()),
+        (200, Some("acquired")),
+        "{body}"
+    );
+    // The caller's own element comes first; the sidecar's is appended and names orders.
+    let plain = format!("URI={PAYMENTS_ID}");
+    // An open quote would swallow the `,` before the sidecar's element.
+    let smuggled = format!("URI={PAYMENTS_ID};x=\"");
+    for forged in [plain.as_str(), smuggled.as_str()] {
+        let (status, body) = as_orders
+            .send(
+                sidecar_port,
+                "POST",
+                "/v1/acquire",
+                &[("x-forwarded-client-cert", forged)],
+                Some(&acquire("payments", "a2")),
+            )
+            .await
+            .unwrap();
+        assert_ne!(status, 200, "{forged}: the caller acted as payments: {body}");
+    }
 }

@@ -233,6 +233,50 @@ fn a_store_without_batch_support_gets_the_calls_again_one_by_one() {
 }
 
 #[test]
+fn a_batch_the_store_refuses_as_too_large_is_sent_again_call_by_call_and_batching_goes_on() {
+    let host = MockHost::default();
+    let batcher = Batcher::new(64, 1);
+    batcher.submit(stream(1), &call(paths::ACQUIRE, "{}"));
+    batcher.flush(&host);
+    batcher.submit(stream(2), &call(paths::COMPLETE, r#"{"n":2}"#));
+    batcher.submit(stream(3), &call(paths::ACQUIRE, r#"{"n":3}"#));
+    batcher.on_reply(&host, dispatched(&host)[0].2, ok("{}"));
+    batcher.flush(&host);
+    let batch = dispatched(&host)[1].clone();
+    assert_eq!(batch.0, paths::BATCH);
+    let delivered = present(batcher.on_reply(
+        &host,
+        batch.2,
+        CalloutReply {
+            status: Some(413),
+            body: Vec::new(),
+        },
+    ));
+    assert!(delivered.is_empty(), "no call is failed for its batch's size");
+    batcher.flush(&host);
+    let sent = dispatched(&host);
+    assert_eq!(
+        sent[2..]
+            .iter()
+            .map(|s| (s.0.as_str(), s.1.as_str()))
+            .collect::<Vec<_>>(),
+        vec![(paths::COMPLETE, r#"{"n":2}"#), (paths::ACQUIRE, r#"{"n":3}"#)],
+        "each alone, so each gets its own answer"
+    );
+    // A lone call's own 413 is its answer.
+    let own = present(batcher.on_reply(
+        &host,
+        sent[2].2,
+        CalloutReply {
+            status: Some(413),
+            body: Vec::new(),
+        },
+    ));
+    assert_eq!(own[0].reply.status, Some(413));
+    assert!(batcher.batching(), "later calls are batched again");
+}
+
+#[test]
 fn a_call_the_store_may_hold_leaves_at_once_alone_and_keeps_no_one_waiting() {
     let host = MockHost::default();
     let batcher = Batcher::new(64, 1);

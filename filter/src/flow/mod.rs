@@ -714,7 +714,7 @@ impl RequestFlow {
                     grpc: self.grpc,
                     record_mode: pending.record_mode,
                 };
-                if let Err(e) = set_internal_headers(host, &held) {
+                if let Err(e) = set_internal_headers(host, &held, self.config.block_router_retries) {
                     // We hold the lock but cannot tell the upstream; the request never left.
                     if let Ok(write) = calls::release(&held) {
                         host.count(Counter::LockReleased);
@@ -838,6 +838,8 @@ impl RequestFlow {
         let routed = host
             .set_request_header(headers::REPLAY_TICKET, Some(ticket))
             .and_then(|()| host.set_request_header(":path", Some(paths::REPLAY)))
+            // The replay route matches POST only: a gRPC-typed PUT/PATCH/DELETE is a replay too.
+            .and_then(|()| host.set_request_header(":method", Some("POST")))
             .and_then(|()| host.set_request_header(":authority", Some(&self.config.store_authority)))
             .and_then(|()| host.clear_route_cache());
         if let Err(e) = routed {
@@ -1262,8 +1264,24 @@ fn humantime_secs(duration: Duration) -> String {
     format!("{}s", duration.as_secs())
 }
 
-/// Tell the upstream which record it runs under (and where to resume).
-fn set_internal_headers(host: &dyn Host, held: &Held) -> Result<(), crate::host::HostError> {
+/// Envoy's router reads this request header (from a filter as from an internal caller) over
+/// the route's `num_retries`, and a caller's `x-envoy-retry-on`/`-retriable-status-codes`/
+/// `-hedge-on-per-try-timeout` all spend those retries: `0` leaves none, so one tracked request
+/// reaches the upstream at most once. (Envoy cannot narrow a route's `retry_on` per request, so
+/// even `connect-failure` retries go: such a request never left Envoy, its lock is released and
+/// the client's own retry runs it.)
+pub const MAX_RETRIES_HEADER: &str = "x-envoy-max-retries";
+
+/// Tell the upstream which record it runs under (and where to resume), and, with
+/// `block_router_retries`, tell Envoy's router to send it once.
+fn set_internal_headers(
+    host: &dyn Host,
+    held: &Held,
+    block_router_retries: bool,
+) -> Result<(), crate::host::HostError> {
+    if block_router_retries {
+        host.set_request_header(MAX_RETRIES_HEADER, Some("0"))?;
+    }
     host.set_request_header(headers::RECORD_ID, Some(&held.lock.record_id))?;
     host.set_request_header(headers::FENCING_TOKEN, Some(&held.lock.fencing_token.to_string()))?;
     host.set_request_header(headers::ATTEMPT_ID, Some(&held.lock.attempt_id))?;

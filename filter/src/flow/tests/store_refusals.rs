@@ -168,3 +168,21 @@ fn a_replay_answered_by_the_api_listener_or_not_by_the_store_logs_the_fix() {
         "{logs:?}"
     );
 }
+
+#[test]
+fn a_tracked_request_tells_envoys_router_to_send_it_once_unless_configured_otherwise() {
+    for (extra, expected) in [
+        ("", Some("0".to_owned())),
+        (r#","block_router_retries":false"#, None),
+    ] {
+        let mut flow = flow(extra);
+        let host = post("k1", b"{}");
+        let token = start_keyed_post(&mut flow, &host);
+        flow.on_callout_reply(&host, token, reply(200, &acquired(1, None)));
+        let set = host.calls().into_iter().find_map(|call| match call {
+            Call::SetRequestHeader(name, value) if name == "x-envoy-max-retries" => Some(value),
+            _ => None,
+        });
+        assert_eq!(set.flatten(), expected, "{extra:?}");
+    }
+}
