@@ -227,7 +227,7 @@ fn every_shipped_config_that_runs_the_filter_removes_every_internal_header_befor
     let mut checked = 0;
     for path in shipped_yaml_files() {
         let text = std::fs::read_to_string(&path).unwrap();
-        if !text.contains("envoy.filters.http.wasm.v3.Wasm") {
+        if !text.contains("filters.http.wasm.v3.Wasm") {
             continue;
         }
         checked += 1;
