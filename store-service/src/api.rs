@@ -420,7 +420,6 @@ async fn acquire_or_wait(
             .inc();
         return first;
     };
-    state.metrics.acquire_waiters.inc();
     let wait_end = Instant::now() + budget;
     let mut answer = first;
     while let Ok(AcquireResponse::InProgress {
@@ -440,7 +439,6 @@ async fn acquire_or_wait(
         let _ = tokio::time::timeout(nap, notified).await;
         answer = state.storage.acquire(request, now_ms()).await;
     }
-    state.metrics.acquire_waiters.dec();
     let outcome = match &answer {
         Ok(AcquireResponse::Completed { .. }) => "completed",
         Ok(AcquireResponse::Acquired(_)) => "acquired",
@@ -799,6 +797,12 @@ async fn readyz(State(state): State<AppState>) -> Response {
 }
 
 async fn metrics(State(state): State<AppState>) -> Response {
+    // Read from the slots themselves, which free on drop: a wait whose proxy went away (its
+    // future dropped mid-wait) is gone from the gauge too.
+    state
+        .metrics
+        .acquire_waiters
+        .set(i64::try_from(state.waiters.active()).unwrap_or(i64::MAX));
     if let Ok(count) = state.storage.record_count().await {
         state
             .metrics

@@ -53,8 +53,11 @@ impl Drop for WaitSlot<'_> {
     fn drop(&mut self) {
         self.waiters.active.fetch_sub(1, Ordering::AcqRel);
         if let Ok(mut keys) = self.waiters.keys.lock() {
-            // The map and this slot hold the only references: nobody else waits on this key.
-            if Arc::strong_count(&self.notify) == 2 {
+            // Every reference is taken (`enter`) and let go (here) under the lock, so the count
+            // read under it is exact: this slot's reference goes first, then the entry goes if
+            // the map's is the last (two slots dropping at once each saw the other's otherwise).
+            drop(std::mem::replace(&mut self.notify, Arc::new(Notify::new())));
+            if keys.get(&self.key).is_some_and(|n| Arc::strong_count(n) == 1) {
                 keys.remove(&self.key);
             }
         }
@@ -94,16 +97,21 @@ impl Waiters {
         })
     }
 
-    /// Wake every acquire waiting on `id` (after a complete, release or abandon).
+    /// Wake every acquire waiting on `id` (after a complete, release or abandon). The wake-up is
+    /// sent under the map's lock, holding no reference of its own afterwards: a reference kept
+    /// past the lock made a slot dropped meanwhile think another waiter remained, and leave its
+    /// key's entry in the map for ever.
     pub fn wake(&self, id: &RecordId) {
-        let notify = self
-            .keys
-            .lock()
-            .ok()
-            .and_then(|keys| keys.get(&crate::record::identity_key(id)).cloned());
-        if let Some(notify) = notify {
-            notify.notify_waiters();
+        if let Ok(keys) = self.keys.lock() {
+            if let Some(notify) = keys.get(&crate::record::identity_key(id)) {
+                notify.notify_waiters();
+            }
         }
+    }
+
+    /// Keys with a waiter entry right now.
+    pub fn keys(&self) -> usize {
+        self.keys.lock().map(|keys| keys.len()).unwrap_or_default()
     }
 
     /// Acquires waiting right now.
@@ -148,6 +156,37 @@ mod tests {
         tokio::time::timeout(Duration::from_secs(1), notified)
             .await
             .unwrap();
+    }
+
+    #[test]
+    fn racing_wake_ups_leave_no_entry_behind() {
+        let waiters = Arc::new(Waiters::new(64, Duration::from_millis(50)));
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let waker = {
+            let (waiters, stop) = (waiters.clone(), stop.clone());
+            std::thread::spawn(move || {
+                while !stop.load(Ordering::Relaxed) {
+                    waiters.wake(&id("k"));
+                }
+            })
+        };
+        let entrants: Vec<_> = (0..2)
+            .map(|_| {
+                let waiters = waiters.clone();
+                std::thread::spawn(move || {
+                    for _ in 0..20_000 {
+                        drop(waiters.enter(&id("k")));
+                    }
+                })
+            })
+            .collect();
+        for entrant in entrants {
+            entrant.join().unwrap();
+        }
+        stop.store(true, Ordering::Relaxed);
+        waker.join().unwrap();
+        assert_eq!(waiters.active(), 0);
+        assert_eq!(waiters.keys(), 0, "an entry outlived its last waiter");
     }
 
     #[test]

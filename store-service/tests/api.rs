@@ -438,3 +438,28 @@ async fn a_batch_carries_only_proxy_calls_and_needs_the_token() {
     let (status, body) = call(&router, "POST", "/v1/batch", Some(TOKEN), json!({"calls": []})).await;
     assert_eq!((status, body), (StatusCode::OK, json!({"replies": []})));
 }
+
+#[tokio::test]
+async fn a_wait_whose_proxy_went_away_leaves_the_waiter_gauge() {
+    let dir = tempfile::tempdir().unwrap();
+    let router = app(state(&dir));
+    call(&router, "POST", "/v1/acquire", Some(TOKEN), acquire_body("gone")).await;
+    let mut waiting = acquire_body("gone");
+    waiting["wait_ms"] = json!(30_000);
+    let waiter = {
+        let router = router.clone();
+        tokio::spawn(async move { call(&router, "POST", "/v1/acquire", Some(TOKEN), waiting).await })
+    };
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    assert_eq!(
+        series(&metrics_text(&router).await, "idempotency_acquire_waiters"),
+        1.0
+    );
+    // The proxy's connection closes: its handler's future is dropped mid-wait.
+    waiter.abort();
+    let _ = waiter.await;
+    assert_eq!(
+        series(&metrics_text(&router).await, "idempotency_acquire_waiters"),
+        0.0
+    );
+}
