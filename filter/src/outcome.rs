@@ -64,9 +64,9 @@ impl UnknownReason {
 /// True when Envoy's details prove the request never left Envoy: the connection to the upstream
 /// was never established, or no upstream was chosen at all.
 ///
-/// With a route retry policy that retries after a request was sent (`5xx`, `reset`), the details
-/// describe only the last try; such policies must not be used on routes this filter enforces
-/// (the client's keyed retry is the safe retry). `connect-failure` retries are fine.
+/// The filter tells Envoy's router to send a tracked request once (`block_router_retries`, on by
+/// default), so the details describe that one try. With it off and a route retry policy that
+/// retries after a request was sent (`5xx`, `reset`), they would describe only the last try.
 pub fn never_left_envoy(details: &str) -> bool {
     const NEVER_SENT: [&str; 5] = [
         "no_healthy_upstream",
