@@ -45,13 +45,13 @@ mod tests {
             "not ready is an outage, not a mistake"
         );
         assert!(reply_problem("store", Some(404), Some("replay"))
-            .unwrap()
+            .unwrap_or_default()
             .contains("--listen"));
         assert!(reply_problem("store", Some(200), None)
-            .unwrap()
+            .unwrap_or_default()
             .contains("endpoints"));
         assert!(reply_problem("store", None, None)
-            .unwrap()
+            .unwrap_or_default()
             .contains("did not answer"));
         assert!(dispatch_failed("stor", "BadArgument").contains("not a cluster"));
     }

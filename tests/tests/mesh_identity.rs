@@ -209,12 +209,9 @@ async fn the_store_terminating_mtls_maps_each_workload_certificate_to_its_own_se
 
 /// An Envoy in front of the store, as its sidecar: terminates mTLS, sets XFCC (replacing any the
 /// client sent), and connects to the store from 127.0.0.2, the one address the store trusts.
-fn sidecar_bootstrap(listener: u16, admin: u16, store_port: u16, server: &PemFiles, ca: &Path) -> String {
-    sidecar_bootstrap_with(listener, admin, store_port, server, ca, "SANITIZE_SET")
-}
-
-/// [`sidecar_bootstrap`] with another `forward_client_cert_details` (Istio's inbound default is
-/// `APPEND_FORWARD`: the client's own XFCC stays, the sidecar's element is appended).
+///
+/// `forward`: its `forward_client_cert_details` (`SANITIZE_SET` replaces a client's XFCC;
+/// Istio's inbound default `APPEND_FORWARD` keeps it and appends the sidecar's element).
 fn sidecar_bootstrap_with(
     listener: u16,
     admin: u16,
@@ -254,8 +251,19 @@ fn sidecar_bootstrap_with(
     .to_string()
 }
 
-#[tokio::test]
-async fn behind_its_sidecar_the_store_reads_the_callers_identity_from_xfcc_and_ignores_forged_ones() {
+/// A store trusting XFCC from 127.0.0.2 only, behind a sidecar Envoy (`forward`) that connects
+/// from there; the workload `orders`'s certificate, the CA.
+struct SidecarStack {
+    dir: tempfile::TempDir,
+    pki: Pki,
+    orders: PemFiles,
+    store_port: u16,
+    sidecar_port: u16,
+    _store: Proc,
+    _sidecar: Proc,
+}
+
+async fn sidecar_stack(forward: &str) -> SidecarStack {
     let dir = tempfile::tempdir().unwrap();
     let pki = Pki::new(dir.path(), "mesh");
     let server = pki.server("sidecar");
@@ -278,7 +286,14 @@ async fn behind_its_sidecar_the_store_reads_the_callers_identity_from_xfcc_and_i
     .await;
     let mut sidecar = start_envoy(
         dir.path(),
-        &sidecar_bootstrap(sidecar_port, sidecar_admin, store_port, &server, &pki.ca()),
+        &sidecar_bootstrap_with(
+            sidecar_port,
+            sidecar_admin,
+            store_port,
+            &server,
+            &pki.ca(),
+            forward,
+        ),
         "sidecar-envoy.log",
     );
     wait_ready(
@@ -287,7 +302,29 @@ async fn behind_its_sidecar_the_store_reads_the_callers_identity_from_xfcc_and_i
         Duration::from_secs(60),
     )
     .await;
-    let as_orders = TlsClient::new(&pki.ca(), Some(&orders));
+    SidecarStack {
+        dir,
+        pki,
+        orders,
+        store_port,
+        sidecar_port,
+        _store: store,
+        _sidecar: sidecar,
+    }
+}
+
+#[tokio::test]
+async fn behind_its_sidecar_the_store_reads_the_callers_identity_from_xfcc_and_ignores_forged_ones() {
+    let SidecarStack {
+        dir,
+        pki,
+        orders,
+        store_port,
+        sidecar_port,
+        ..
+    } = &sidecar_stack("SANITIZE_SET").await;
+    let (store_port, sidecar_port) = (*store_port, *sidecar_port);
+    let as_orders = TlsClient::new(&pki.ca(), Some(orders));
 
     let (status, body) = acquire_status(&as_orders, sidecar_port, "orders", "x1").await;
     assert_eq!(
@@ -321,51 +358,20 @@ async fn behind_its_sidecar_the_store_reads_the_callers_identity_from_xfcc_and_i
     assert_eq!(direct.status(), 401, "XFCC from an untrusted peer");
 
     // The mesh's shape: the filter's callouts leave through mTLS with the workload's identity.
-    let (_envoy, _demo, url, demo_url) = proxy_envoy(dir.path(), sidecar_port, &orders, &pki.ca()).await;
+    let (_envoy, _demo, url, demo_url) = proxy_envoy(dir.path(), sidecar_port, orders, &pki.ca()).await;
     executes_once_and_replays(&url, &demo_url, "xfcc-1").await;
 }
 
 #[tokio::test]
 async fn behind_an_append_forward_sidecar_a_caller_cannot_smuggle_its_own_xfcc_element_in() {
-    let dir = tempfile::tempdir().unwrap();
-    let pki = Pki::new(dir.path(), "mesh");
-    let server = pki.server("sidecar");
-    let orders = pki.workload("orders", ORDERS_ID);
-    let (store_port, sidecar_port, sidecar_admin) = (free_port(), free_port(), free_port());
-    let mut store = spawn_store(
-        dir.path(),
-        store_port,
-        &[
-            "--trust-forwarded-client-cert".into(),
-            "--trusted-proxies".into(),
-            "127.0.0.2/32".into(),
-        ],
-    );
-    wait_ready(
-        &format!("http://127.0.0.1:{store_port}/readyz"),
-        &mut store,
-        Duration::from_secs(30),
-    )
-    .await;
-    let mut sidecar = start_envoy(
-        dir.path(),
-        &sidecar_bootstrap_with(
-            sidecar_port,
-            sidecar_admin,
-            store_port,
-            &server,
-            &pki.ca(),
-            "APPEND_FORWARD",
-        ),
-        "sidecar-envoy.log",
-    );
-    wait_ready(
-        &format!("http://127.0.0.1:{sidecar_admin}/ready"),
-        &mut sidecar,
-        Duration::from_secs(60),
-    )
-    .await;
-    let as_orders = TlsClient::new(&pki.ca(), Some(&orders));
+    let SidecarStack {
+        pki,
+        orders,
+        sidecar_port,
+        ..
+    } = &sidecar_stack("APPEND_FORWARD").await;
+    let sidecar_port = *sidecar_port;
+    let as_orders = TlsClient::new(&pki.ca(), Some(orders));
     let (status, body) = acquire_status(&as_orders, sidecar_port, "orders", "a1").await;
     assert_eq!(
         (status, body["outcome"].as_str()),
