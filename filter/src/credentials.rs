@@ -16,7 +16,9 @@ use std::rc::Rc;
 use crate::config::Config;
 
 thread_local! {
-    static NEWEST: RefCell<HashMap<(String, String), Rc<Token>>> = RefCell::new(HashMap::new());
+    /// Store cluster → service → the newest token (two levels, so a call looks up by `&str`,
+    /// allocating nothing).
+    static NEWEST: RefCell<HashMap<String, HashMap<String, Rc<Token>>>> = RefCell::new(HashMap::new());
 }
 
 /// A published token: the `Authorization` value, built once.
@@ -26,17 +28,17 @@ pub struct Token {
     pub authorization: Option<String>,
 }
 
-fn slot(config: &Config) -> (String, String) {
-    (config.store_cluster.clone(), config.service_name.clone())
-}
-
 /// `config` was just configured: its token is the newest for its store cluster and service.
 pub fn publish(config: &Config) {
     let token = Rc::new(Token {
         authorization: config.store_token.as_ref().map(|t| format!("Bearer {t}")),
     });
     NEWEST.with(|newest| {
-        newest.borrow_mut().insert(slot(config), token);
+        newest
+            .borrow_mut()
+            .entry(config.store_cluster.clone())
+            .or_default()
+            .insert(config.service_name.clone(), token);
     });
 }
 
@@ -44,7 +46,13 @@ pub fn publish(config: &Config) {
 /// and service (its own, unless a newer configuration replaced it).
 pub fn current(config: &Config) -> Rc<Token> {
     NEWEST
-        .with(|newest| newest.borrow().get(&slot(config)).cloned())
+        .with(|newest| {
+            newest
+                .borrow()
+                .get(config.store_cluster.as_str())
+                .and_then(|services| services.get(config.service_name.as_str()))
+                .cloned()
+        })
         .unwrap_or_else(|| {
             Rc::new(Token {
                 authorization: config.store_token.as_ref().map(|t| format!("Bearer {t}")),
