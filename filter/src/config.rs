@@ -11,6 +11,8 @@ use std::time::Duration;
 use serde::Deserialize;
 use thiserror::Error;
 
+use crate::outcome::StatusVerdict;
+
 /// What the filter does for a request on a route.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[cfg_attr(test, derive(Default))] // tests only: see `Config`
@@ -54,8 +56,8 @@ pub enum RecordMode {
     Async,
 }
 
-/// Which upstream statuses release the lock instead of being stored.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// An entry of `release_statuses` / `unknown_statuses`: one status or a class.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum StatusMatcher {
     /// One exact status, e.g. `429`.
     Exact(u16),
@@ -178,10 +180,14 @@ pub struct Config {
     pub store_timeout: Duration,
     /// Request headers (lower case, sorted) included in the fingerprint.
     pub fingerprint_headers: Vec<String>,
-    /// Statuses that release the lock instead of being stored.
+    /// Upstream statuses that release the lock instead of being stored.
     pub release_statuses: Vec<StatusMatcher>,
+    /// Upstream statuses that keep the lock as outcome unknown (a gateway that gave up waiting).
+    pub unknown_statuses: Vec<StatusMatcher>,
     /// gRPC statuses that release the lock instead of being stored (`release_grpc_statuses`).
     pub release_grpc_statuses: Vec<u32>,
+    /// gRPC statuses that keep the lock as outcome unknown (`unknown_grpc_statuses`).
+    pub unknown_grpc_statuses: Vec<u32>,
     /// Paths (`/package.Service/Method`) of client- and bidi-streaming gRPC methods: passed
     /// through untracked (counted) unless a route rule sets `track_streaming`.
     pub streaming_methods: BTreeSet<String>,
@@ -245,14 +251,27 @@ impl Config {
 }
 
 impl Config {
-    /// True when a response with this status is stored (otherwise the lock is released).
-    pub fn stores_status(&self, status: u16) -> bool {
-        !self.release_statuses.iter().any(|m| m.matches(status))
+    /// What an upstream's HTTP status proves: stored, released or outcome unknown (the two
+    /// lists never overlap: load refuses a status in both).
+    pub fn judge_status(&self, status: u16) -> StatusVerdict {
+        if self.unknown_statuses.iter().any(|m| m.matches(status)) {
+            StatusVerdict::Unknown
+        } else if self.release_statuses.iter().any(|m| m.matches(status)) {
+            StatusVerdict::Release
+        } else {
+            StatusVerdict::Store
+        }
     }
 
-    /// True when a gRPC response with this `grpc-status` is stored (otherwise released).
-    pub fn stores_grpc_status(&self, status: u32) -> bool {
-        !self.release_grpc_statuses.contains(&status)
+    /// What an upstream's `grpc-status` proves: stored, released or outcome unknown.
+    pub fn judge_grpc_status(&self, status: u32) -> StatusVerdict {
+        if self.unknown_grpc_statuses.contains(&status) {
+            StatusVerdict::Unknown
+        } else if self.release_grpc_statuses.contains(&status) {
+            StatusVerdict::Release
+        } else {
+            StatusVerdict::Store
+        }
     }
 
     /// True when the filter acts on this method.
@@ -316,7 +335,9 @@ struct RawConfig {
     #[serde(default)]
     fingerprint_headers: Vec<String>,
     release_statuses: Option<Vec<String>>,
+    unknown_statuses: Option<Vec<String>>,
     release_grpc_statuses: Option<Vec<String>>,
+    unknown_grpc_statuses: Option<Vec<String>>,
     #[serde(default)]
     streaming_methods: Vec<String>,
     replay_header_denylist: Option<Vec<String>>,
@@ -448,20 +469,66 @@ fn parse_duration(
     Ok(duration)
 }
 
-fn parse_status_matcher(text: &str) -> Result<StatusMatcher, ConfigError> {
+fn parse_status_matcher(field: &'static str, text: &str) -> Result<StatusMatcher, ConfigError> {
     let lower = text.trim().to_ascii_lowercase();
     let reason = || format!("expected a status like \"429\" or a class like \"5xx\", got {text:?}");
     if let Some(class) = lower.strip_suffix("xx") {
         return match class.parse::<u16>() {
             Ok(digit @ 1..=5) if class.len() == 1 => Ok(StatusMatcher::Class(digit)),
-            _ => Err(field_error("release_statuses", reason())),
+            _ => Err(field_error(field, reason())),
         };
     }
     match lower.parse::<u16>() {
         Ok(code @ 100..=599) => Ok(StatusMatcher::Exact(code)),
-        _ => Err(field_error("release_statuses", reason())),
+        _ => Err(field_error(field, reason())),
     }
 }
+
+/// `release_statuses` or `unknown_statuses` from the raw list, or `default` when absent.
+fn status_list(
+    field: &'static str,
+    raw: Option<Vec<String>>,
+    default: &[StatusMatcher],
+) -> Result<Vec<StatusMatcher>, ConfigError> {
+    match raw {
+        None => Ok(default.to_vec()),
+        Some(list) => list.iter().map(|s| parse_status_matcher(field, s)).collect(),
+    }
+}
+
+/// `release_grpc_statuses` or `unknown_grpc_statuses` from the raw list (names or numbers).
+fn grpc_status_list(
+    field: &'static str,
+    raw: Option<Vec<String>>,
+    default: &[u32],
+) -> Result<Vec<u32>, ConfigError> {
+    match raw {
+        None => Ok(default.to_vec()),
+        Some(list) => list
+            .iter()
+            .map(|s| {
+                crate::grpc::parse_code(s).ok_or_else(|| {
+                    field_error(
+                        field,
+                        format!("{s:?} is not a gRPC status (a name like \"UNAVAILABLE\" or a number 0-16)"),
+                    )
+                })
+            })
+            .collect(),
+    }
+}
+
+/// The default `release_statuses`: the service says it did not do the work, or failed.
+const DEFAULT_RELEASE_STATUSES: [StatusMatcher; 5] = [
+    StatusMatcher::Exact(408),
+    StatusMatcher::Exact(425),
+    StatusMatcher::Exact(429),
+    StatusMatcher::Exact(500),
+    StatusMatcher::Exact(503),
+];
+
+/// The default `unknown_statuses`: a gateway in front of the app gave up waiting.
+const DEFAULT_UNKNOWN_STATUSES: [StatusMatcher; 2] = [StatusMatcher::Exact(502), StatusMatcher::Exact(504)];
 
 fn parse_methods(field: &'static str, methods: Vec<String>) -> Result<BTreeSet<String>, ConfigError> {
     let mut set = BTreeSet::new();
@@ -710,33 +777,43 @@ impl Config {
         fingerprint_headers.sort();
         fingerprint_headers.dedup();
 
-        let release_statuses = match raw.release_statuses {
-            None => vec![
-                StatusMatcher::Class(5),
-                StatusMatcher::Exact(408),
-                StatusMatcher::Exact(429),
-            ],
-            Some(list) => list
-                .iter()
-                .map(|s| parse_status_matcher(s))
-                .collect::<Result<_, _>>()?,
-        };
-        let release_grpc_statuses = match raw.release_grpc_statuses {
-            None => crate::grpc::DEFAULT_RELEASE_STATUSES.to_vec(),
-            Some(list) => list
-                .iter()
-                .map(|s| {
-                    crate::grpc::parse_code(s).ok_or_else(|| {
-                        field_error(
-                            "release_grpc_statuses",
-                            format!(
-                                "{s:?} is not a gRPC status (a name like \"UNAVAILABLE\" or a number 0-16)"
-                            ),
-                        )
-                    })
-                })
-                .collect::<Result<_, _>>()?,
-        };
+        let release_statuses = status_list(
+            "release_statuses",
+            raw.release_statuses,
+            &DEFAULT_RELEASE_STATUSES,
+        )?;
+        let unknown_statuses = status_list(
+            "unknown_statuses",
+            raw.unknown_statuses,
+            &DEFAULT_UNKNOWN_STATUSES,
+        )?;
+        if let Some(status) = (100..=599).find(|&s| {
+            release_statuses.iter().any(|m| m.matches(s)) && unknown_statuses.iter().any(|m| m.matches(s))
+        }) {
+            return Err(field_error(
+                "unknown_statuses",
+                format!("status {status} is also in `release_statuses`: a status either proves the work was not done or proves nothing, remove it from one list"),
+            ));
+        }
+        let release_grpc_statuses = grpc_status_list(
+            "release_grpc_statuses",
+            raw.release_grpc_statuses,
+            &crate::grpc::DEFAULT_RELEASE_STATUSES,
+        )?;
+        let unknown_grpc_statuses = grpc_status_list(
+            "unknown_grpc_statuses",
+            raw.unknown_grpc_statuses,
+            &crate::grpc::DEFAULT_UNKNOWN_STATUSES,
+        )?;
+        if let Some(status) = release_grpc_statuses
+            .iter()
+            .find(|s| unknown_grpc_statuses.contains(s))
+        {
+            return Err(field_error(
+                "unknown_grpc_statuses",
+                format!("gRPC status {status} is also in `release_grpc_statuses`: remove it from one list"),
+            ));
+        }
         let replay_header_denylist = match raw.replay_header_denylist {
             None => DEFAULT_REPLAY_DENYLIST.iter().map(|h| (*h).to_owned()).collect(),
             Some(list) => header_names("replay_header_denylist", list)?
@@ -802,7 +879,9 @@ impl Config {
             store_timeout,
             fingerprint_headers,
             release_statuses,
+            unknown_statuses,
             release_grpc_statuses,
+            unknown_grpc_statuses,
             streaming_methods: raw
                 .streaming_methods
                 .into_iter()
@@ -910,8 +989,19 @@ pub(crate) mod tests {
         assert_eq!(config.max_response_size, 1_048_576);
         assert_eq!(config.failure_mode, FailureMode::Closed);
         assert!(config.acts_on_method("POST") && !config.acts_on_method("GET"));
-        assert!(!config.stores_status(503) && !config.stores_status(429) && !config.stores_status(408));
-        assert!(config.stores_status(201) && config.stores_status(404));
+        for released in [408, 425, 429, 500, 503] {
+            assert_eq!(
+                config.judge_status(released),
+                StatusVerdict::Release,
+                "{released}"
+            );
+        }
+        for unknown in [502, 504] {
+            assert_eq!(config.judge_status(unknown), StatusVerdict::Unknown, "{unknown}");
+        }
+        for stored in [200, 201, 404, 409, 422, 501] {
+            assert_eq!(config.judge_status(stored), StatusVerdict::Store, "{stored}");
+        }
     }
 
     #[test]
@@ -1081,20 +1171,56 @@ pub(crate) mod tests {
     }
 
     #[test]
-    fn release_grpc_statuses_default_to_the_retryable_ones_and_bad_names_are_refused() {
+    fn grpc_statuses_default_to_what_each_proves_and_bad_names_are_refused() {
         let config = parsed(r#"{"service_name":"o"}"#);
-        assert!(!config.stores_grpc_status(14) && !config.stores_grpc_status(4));
-        assert!(config.stores_grpc_status(0) && config.stores_grpc_status(3) && config.stores_grpc_status(6));
+        for released in [2, 8, 10, 13, 14] {
+            assert_eq!(
+                config.judge_grpc_status(released),
+                StatusVerdict::Release,
+                "{released}"
+            );
+        }
+        for unknown in [1, 4] {
+            assert_eq!(
+                config.judge_grpc_status(unknown),
+                StatusVerdict::Unknown,
+                "{unknown}"
+            );
+        }
+        for stored in [0, 3, 5, 6, 9, 12] {
+            assert_eq!(config.judge_grpc_status(stored), StatusVerdict::Store, "{stored}");
+        }
         let custom = parsed(r#"{"service_name":"o","release_grpc_statuses":["UNAVAILABLE","10"]}"#);
         assert_eq!(custom.release_grpc_statuses, vec![14, 10]);
         let err = refused(r#"{"service_name":"o","release_grpc_statuses":["SOMETIMES"]}"#);
         assert!(err.to_string().contains("`release_grpc_statuses`"), "{err}");
+        let err = refused(r#"{"service_name":"o","release_grpc_statuses":["DEADLINE_EXCEEDED"]}"#);
+        assert!(err.to_string().contains("`unknown_grpc_statuses`"), "{err}");
+        let err = refused(r#"{"service_name":"o","unknown_grpc_statuses":["NOPE"]}"#);
+        assert!(err.to_string().contains("`unknown_grpc_statuses`"), "{err}");
     }
 
     #[test]
     fn release_statuses_accept_codes_and_classes() {
         let config = parsed(r#"{"service_name":"o","release_statuses":["503","4xx"]}"#);
-        assert!(!config.stores_status(503) && !config.stores_status(404));
-        assert!(config.stores_status(500) && config.stores_status(201));
+        assert_eq!(config.judge_status(503), StatusVerdict::Release);
+        assert_eq!(config.judge_status(404), StatusVerdict::Release);
+        assert_eq!(config.judge_status(500), StatusVerdict::Store);
+        assert_eq!(config.judge_status(201), StatusVerdict::Store);
+    }
+
+    #[test]
+    fn a_status_in_both_lists_is_refused_naming_it() {
+        // The old default ("5xx" released) now overlaps the unknown 502/504.
+        let err = refused(r#"{"service_name":"o","release_statuses":["5xx"]}"#);
+        let text = err.to_string();
+        assert!(
+            text.contains("`unknown_statuses`") && text.contains("502"),
+            "{text}"
+        );
+        let config = parsed(r#"{"service_name":"o","release_statuses":["5xx"],"unknown_statuses":[]}"#);
+        assert_eq!(config.judge_status(504), StatusVerdict::Release);
+        let err = refused(r#"{"service_name":"o","unknown_statuses":["5x"]}"#);
+        assert!(err.to_string().contains("`unknown_statuses`"), "{err}");
     }
 }

@@ -63,16 +63,21 @@ pub const CODE_NAMES: [&str; 17] = [
     "UNAUTHENTICATED",
 ];
 
-/// The default `release_grpc_statuses`: outcomes that say "not done, or may be retried".
-pub const DEFAULT_RELEASE_STATUSES: [u32; 7] = [
-    code::CANCELLED,
+/// The default `release_grpc_statuses`: the server says it did not do the work, or failed
+/// (`UNAVAILABLE`: not served; `RESOURCE_EXHAUSTED`: refused for load or quota; `ABORTED`: its
+/// transaction was aborted; `UNKNOWN`, `INTERNAL`: the handler failed).
+pub const DEFAULT_RELEASE_STATUSES: [u32; 5] = [
     code::UNKNOWN,
-    code::DEADLINE_EXCEEDED,
     code::RESOURCE_EXHAUSTED,
     code::ABORTED,
     code::INTERNAL,
     code::UNAVAILABLE,
 ];
+
+/// The default `unknown_grpc_statuses`: the call stopped waiting, which says nothing about the
+/// work (`DEADLINE_EXCEEDED`: the deadline fired, perhaps midway through a handler that then
+/// finished; `CANCELLED`: the call was cancelled while the handler may have been running).
+pub const DEFAULT_UNKNOWN_STATUSES: [u32; 2] = [code::DEADLINE_EXCEEDED, code::CANCELLED];
 
 /// A code from its name (`UNAVAILABLE`, case-insensitive) or number (`14`).
 pub fn parse_code(text: &str) -> Option<u32> {

@@ -4,11 +4,25 @@
 //! Only two things release a forwarded request's lock: an answer *from the upstream* whose
 //! status is in `release_statuses` (the service said "not done, retry"), or a local reply whose
 //! details prove the request never left Envoy (no connection to the upstream was ever made).
-//! Every other local reply — a route timeout (504), a reset after the request was sent (503),
-//! anything unrecognised — means the outcome is unknown, and the lock is kept until it expires.
+//! An upstream answer in `unknown_statuses` (a gateway in front of the app that gave up waiting:
+//! 502, 504) and every other local reply — a route timeout (504), a reset after the request was
+//! sent (503), anything unrecognised — mean the outcome is unknown, and the lock is kept until it
+//! expires.
 
 /// `response.code_details` of a response the upstream sent.
 pub const VIA_UPSTREAM: &str = "via_upstream";
+
+/// What an upstream's status (HTTP or gRPC) proves about the work, per the configured lists.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StatusVerdict {
+    /// A definite answer: store it and replay it to retries.
+    Store,
+    /// The service said it did not do the work (or failed before doing it): release the lock.
+    Release,
+    /// The status says nothing about whether the work was done (a gateway that gave up
+    /// waiting): keep the lock as outcome unknown.
+    Unknown,
+}
 
 /// What to do with a forwarded request's lock once response headers arrive.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -43,6 +57,15 @@ pub enum UnknownReason {
     /// The upstream answered, but the store refused to record the response (413: larger than it
     /// accepts): the work is done and cannot be replayed, so the lock is kept.
     RecordRefusedByStore,
+    /// The upstream's HTTP status is in `unknown_statuses` (by default 502 and 504: a gateway
+    /// between Envoy and the app gave up waiting, the app may have finished the work).
+    UpstreamStatus,
+    /// The upstream's gRPC status is in `unknown_grpc_statuses` (by default `DEADLINE_EXCEEDED`
+    /// and `CANCELLED`: the server stopped waiting, its handler may have finished the work).
+    UpstreamGrpcStatus,
+    /// Envoy's router made more than one attempt and not every earlier one provably never
+    /// reached the upstream (retries or an internal redirect).
+    SeveralAttempts,
 }
 
 impl UnknownReason {
@@ -57,6 +80,9 @@ impl UnknownReason {
             UnknownReason::ProxyFailure => "proxy_failure",
             UnknownReason::ResponseTooLargeToReplay => "response_too_large_to_replay",
             UnknownReason::RecordRefusedByStore => "record_refused_by_store",
+            UnknownReason::UpstreamStatus => "upstream_status",
+            UnknownReason::UpstreamGrpcStatus => "upstream_grpc_status",
+            UnknownReason::SeveralAttempts => "several_attempts",
         }
     }
 }
@@ -81,11 +107,15 @@ pub fn never_left_envoy(details: &str) -> bool {
     details.starts_with("upstream_reset_before_response_started{") && details.contains("connection_failure")
 }
 
-/// Decide for a response with `status` and Envoy's `details` (`None` when Envoy did not say).
-pub fn classify(status: u16, details: Option<&str>, releases: impl Fn(u16) -> bool) -> ResponseOutcome {
+/// Decide for a response with `status` and Envoy's `details` (`None` when Envoy did not say);
+/// `judge` applies the configured status lists to an upstream's status.
+pub fn classify(status: u16, details: Option<&str>, judge: impl Fn(u16) -> StatusVerdict) -> ResponseOutcome {
     match details {
-        Some(VIA_UPSTREAM) if releases(status) => ResponseOutcome::Release,
-        Some(VIA_UPSTREAM) => ResponseOutcome::Store,
+        Some(VIA_UPSTREAM) => match judge(status) {
+            StatusVerdict::Store => ResponseOutcome::Store,
+            StatusVerdict::Release => ResponseOutcome::Release,
+            StatusVerdict::Unknown => ResponseOutcome::Unknown(UnknownReason::UpstreamStatus),
+        },
         Some(details) if never_left_envoy(details) => ResponseOutcome::Release,
         Some(details) if details.contains("timeout") => {
             ResponseOutcome::Unknown(UnknownReason::UpstreamTimeout)
@@ -96,8 +126,11 @@ pub fn classify(status: u16, details: Option<&str>, releases: impl Fn(u16) -> bo
         Some(_) => ResponseOutcome::Unknown(UnknownReason::LocalReply),
         // No details: trust a stored status (only an upstream produces those in practice) but
         // never release on a guess.
-        None if releases(status) => ResponseOutcome::Unknown(UnknownReason::LocalReply),
-        None => ResponseOutcome::Store,
+        None => match judge(status) {
+            StatusVerdict::Store => ResponseOutcome::Store,
+            StatusVerdict::Release => ResponseOutcome::Unknown(UnknownReason::LocalReply),
+            StatusVerdict::Unknown => ResponseOutcome::Unknown(UnknownReason::UpstreamStatus),
+        },
     }
 }
 
@@ -105,8 +138,12 @@ pub fn classify(status: u16, details: Option<&str>, releases: impl Fn(u16) -> bo
 mod tests {
     use super::*;
 
-    fn releases(status: u16) -> bool {
-        status >= 500 || status == 408 || status == 429
+    fn releases(status: u16) -> StatusVerdict {
+        match status {
+            502 | 504 => StatusVerdict::Unknown,
+            408 | 425 | 429 | 500 | 503 => StatusVerdict::Release,
+            _ => StatusVerdict::Store,
+        }
     }
 
     #[test]
@@ -123,6 +160,20 @@ mod tests {
             classify(503, Some(VIA_UPSTREAM), releases),
             ResponseOutcome::Release
         );
+    }
+
+    #[test]
+    fn a_gateway_that_gave_up_proves_nothing() {
+        for status in [502, 504] {
+            assert_eq!(
+                classify(status, Some(VIA_UPSTREAM), releases),
+                ResponseOutcome::Unknown(UnknownReason::UpstreamStatus)
+            );
+            assert_eq!(
+                classify(status, None, releases),
+                ResponseOutcome::Unknown(UnknownReason::UpstreamStatus)
+            );
+        }
     }
 
     #[test]

@@ -535,7 +535,7 @@ pub(crate) async fn outcome_unknown(
 
 /// The reasons a filter reports (its `UnknownReason`): any other becomes `other` in the metric's
 /// label, so a caller cannot grow the store's series without bound (the record keeps the text).
-const KNOWN_UNKNOWN_REASONS: [&str; 8] = [
+const KNOWN_UNKNOWN_REASONS: [&str; 11] = [
     "downstream_disconnect",
     "upstream_timeout",
     "upstream_reset",
@@ -544,6 +544,9 @@ const KNOWN_UNKNOWN_REASONS: [&str; 8] = [
     "proxy_failure",
     "response_too_large_to_replay",
     "record_refused_by_store",
+    "upstream_status",
+    "upstream_grpc_status",
+    "several_attempts",
 ];
 
 fn reason_label(reason: &str) -> &str {

@@ -21,6 +21,7 @@ use serde_json::{json, Value};
 
 pub mod certs;
 pub mod envoy_config;
+pub mod gateway;
 pub mod grpc;
 pub mod old_store;
 

@@ -145,6 +145,45 @@ async fn unavailable_releases_the_lock_in_either_framing_and_the_retry_recovers(
 }
 
 #[tokio::test]
+async fn a_deadline_or_cancellation_after_the_work_keeps_the_lock_in_either_framing() {
+    // The handler did the work, then its deadline fired (or the call was cancelled): the status
+    // says nothing about the order, so a retry must not run it again.
+    let stack = GrpcStack::start(json!({})).await;
+    let mut client = stack.client().await;
+    for code in [Code::DeadlineExceeded, Code::Cancelled] {
+        let key = format!("g-deadline-{}", code as i32);
+        let request = CreateRequest {
+            sku: "A".into(),
+            fail_code: code as i32,
+            fail_once: true,
+            ..CreateRequest::default()
+        };
+        let first = client.create(keyed(&key, request.clone())).await.unwrap_err();
+        assert_eq!(first.code(), code);
+        let retry = client.create(keyed(&key, request)).await.unwrap_err();
+        assert_eq!(retry.code(), Code::Aborted, "kept: {}", retry.message());
+        assert_eq!(stack.executions_of(&key), 1, "{code:?}: not run again");
+
+        // Ending a server stream, after its messages.
+        let key = format!("g-deadline-stream-{}", code as i32);
+        let events = EventsRequest {
+            count: 1,
+            padding_bytes: 0,
+            fail_code: code as i32,
+        };
+        let (_, status) = read(client.events(keyed(&key, events)).await.unwrap().into_inner()).await;
+        assert_eq!(status, code);
+        let retry = client.events(keyed(&key, events)).await;
+        let refused = match retry {
+            Err(status) => status.code(),
+            Ok(stream) => read(stream.into_inner()).await.1,
+        };
+        assert_eq!(refused, Code::Aborted, "{code:?}");
+        assert_eq!(stack.executions_of(&key), 1, "{code:?}: stream not run again");
+    }
+}
+
+#[tokio::test]
 async fn deterministic_errors_are_replayed_in_either_framing() {
     let stack = GrpcStack::start(json!({})).await;
     let mut client = stack.client().await;

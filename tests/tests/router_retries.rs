@@ -11,14 +11,12 @@
     clippy::indexing_slicing
 )]
 
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use e2e::envoy_config::{bootstrap, Ports};
-use e2e::{free_port, plugin_config, spawn_store, start_envoy, wait_ready};
+use e2e::gateway::{default_route, envoy_in_front_of, gateway, resetting_upstream};
+use e2e::{free_port, wait_ready};
 use serde_json::{json, Value};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 fn order() -> Value {
     json!({"customerId": "C-1", "items": [{"sku": "S-1", "quantity": 1}]})
@@ -30,15 +28,20 @@ fn order() -> Value {
 async fn executions_with_caller_retry_headers(block_router_retries: bool) -> u64 {
     let dir = tempfile::tempdir().unwrap();
     let demo_port = free_port();
-    let (url, _store, _envoy) = envoy_in_front_of(dir.path(), demo_port, block_router_retries, |config| {
-        let hcm = config
-            .pointer_mut("/static_resources/listeners/0/filter_chains/0/filters/0/typed_config")
-            .unwrap();
-        hcm["use_remote_address"] = json!(true);
-        // Envoy 1.40 trusts no address as internal unless told which.
-        hcm["internal_address_config"] =
-            json!({"cidr_ranges": [{"address_prefix": "127.0.0.1", "prefix_len": 32}]});
-    })
+    let (url, _store, _envoy) = envoy_in_front_of(
+        dir.path(),
+        demo_port,
+        &json!({"block_router_retries": block_router_retries}),
+        |config| {
+            let hcm = config
+                .pointer_mut("/static_resources/listeners/0/filter_chains/0/filters/0/typed_config")
+                .unwrap();
+            hcm["use_remote_address"] = json!(true);
+            // Envoy 1.40 trusts no address as internal unless told which.
+            hcm["internal_address_config"] =
+                json!({"cidr_ranges": [{"address_prefix": "127.0.0.1", "prefix_len": 32}]});
+        },
+    )
     .await;
     let mut demo = e2e::spawn_demo(dir.path(), demo_port, free_port());
     wait_ready(
@@ -71,112 +74,6 @@ async fn a_callers_retry_headers_cannot_make_envoy_run_a_tracked_request_twice()
         4,
         "without the filter's word, Envoy's router runs it again"
     );
-}
-
-/// An upstream that reads a request, does its work (counts it), then resets the connection
-/// without answering.
-async fn resetting_upstream() -> (u16, Arc<AtomicU64>) {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let port = listener.local_addr().unwrap().port();
-    let executions = Arc::new(AtomicU64::new(0));
-    let counted = executions.clone();
-    tokio::spawn(async move {
-        while let Ok((mut socket, _)) = listener.accept().await {
-            let counted = counted.clone();
-            tokio::spawn(async move {
-                let mut request = Vec::new();
-                let mut buffer = [0u8; 4096];
-                loop {
-                    let Ok(n) = socket.read(&mut buffer).await else {
-                        return;
-                    };
-                    if n == 0 {
-                        return;
-                    }
-                    request.extend_from_slice(&buffer[..n]);
-                    let text = String::from_utf8_lossy(&request);
-                    if let Some((head, body)) = text.split_once("\r\n\r\n") {
-                        let length = head
-                            .lines()
-                            .find_map(|l| {
-                                l.to_ascii_lowercase()
-                                    .strip_prefix("content-length:")
-                                    .map(|v| v.trim().parse::<usize>().unwrap_or(0))
-                            })
-                            .unwrap_or(0);
-                        if body.len() >= length {
-                            break;
-                        }
-                    }
-                }
-                counted.fetch_add(1, Ordering::SeqCst);
-                // The work is done; the answer never comes: a reset (RST), as a crashing
-                // server's kernel sends.
-                let _ = socket.flush().await;
-                let _ = socket.set_zero_linger();
-                drop(socket);
-            });
-        }
-    });
-    (port, executions)
-}
-
-/// A store and an Envoy with the test bootstrap (changed by `tweak`) in front of `upstream`;
-/// returns (listener URL, store, envoy).
-async fn envoy_in_front_of(
-    dir: &std::path::Path,
-    upstream: u16,
-    block_router_retries: bool,
-    tweak: impl FnOnce(&mut Value),
-) -> (String, e2e::Proc, e2e::Proc) {
-    let (listener, admin, store_port) = (free_port(), free_port(), free_port());
-    let mut store = spawn_store(dir, store_port, &dir.join("store-data"), &[], "store.log");
-    let ports = Ports {
-        listener,
-        admin,
-        upstream,
-        stores: vec![store_port],
-        replays: Vec::new(),
-    };
-    let mut config: Value = serde_json::from_str(&bootstrap(
-        &ports,
-        &plugin_config(&json!({"block_router_retries": block_router_retries})),
-    ))
-    .unwrap();
-    tweak(&mut config);
-    let mut envoy = start_envoy(dir, &config.to_string(), "envoy.log");
-    wait_ready(
-        &format!("http://127.0.0.1:{store_port}/readyz"),
-        &mut store,
-        Duration::from_secs(30),
-    )
-    .await;
-    wait_ready(
-        &format!("http://127.0.0.1:{admin}/ready"),
-        &mut envoy,
-        Duration::from_secs(60),
-    )
-    .await;
-    (format!("http://127.0.0.1:{listener}"), store, envoy)
-}
-
-/// A gateway-like Envoy whose route retries `5xx,reset,connect-failure` twice, in front of
-/// `upstream`.
-async fn gateway(
-    dir: &std::path::Path,
-    upstream: u16,
-    block_router_retries: bool,
-) -> (String, e2e::Proc, e2e::Proc) {
-    envoy_in_front_of(dir, upstream, block_router_retries, |config| {
-        let routes = config
-            .pointer_mut("/static_resources/listeners/0/filter_chains/0/filters/0/typed_config/route_config/virtual_hosts/0/routes")
-            .unwrap()
-            .as_array_mut()
-            .unwrap();
-        let default_route = routes.last_mut().unwrap();
-        default_route["route"]["retry_policy"] = json!({"retry_on": "5xx,reset,connect-failure", "num_retries": 2});
-    })
-    .await
 }
 
 #[tokio::test]
@@ -262,4 +159,137 @@ async fn a_request_that_never_reached_the_upstream_is_released_and_the_clients_r
     assert_eq!(again.headers()["idempotent-replayed"], "true");
     let executions = e2e::demo_executions(&client, &format!("http://127.0.0.1:{upstream}")).await;
     assert_eq!(executions["byKey"]["refused-1"], 1);
+}
+
+#[tokio::test]
+async fn with_router_retries_allowed_a_release_after_several_tries_keeps_the_lock() {
+    // An operator turned `block_router_retries` off and the route retries 503s: Envoy's router
+    // ran the request twice (both answered 503). The 503 describes the last try only; the
+    // filter reads the router's attempt count and keeps the lock instead of releasing it.
+    let dir = tempfile::tempdir().unwrap();
+    let demo_port = free_port();
+    let mut demo = e2e::spawn_demo(dir.path(), demo_port, free_port());
+    let (url, _store, envoy) = envoy_in_front_of(
+        dir.path(),
+        demo_port,
+        &json!({"block_router_retries": false}),
+        |config| {
+            default_route(config)["route"]["retry_policy"] = json!({
+                "retry_on": "retriable-status-codes",
+                "retriable_status_codes": [503],
+                "num_retries": 1
+            });
+        },
+    )
+    .await;
+    wait_ready(
+        &format!("http://127.0.0.1:{demo_port}/healthz"),
+        &mut demo,
+        Duration::from_secs(30),
+    )
+    .await;
+    let client = reqwest::Client::new();
+    let post = || {
+        client
+            .post(format!("{url}/api/v1/orders"))
+            .header("Idempotency-Key", "tried-twice")
+            .json(&order())
+    };
+    let first = post().header("x-demo-fail", "503").send().await.unwrap();
+    assert_eq!(first.status(), 503);
+    let demo_url = format!("http://127.0.0.1:{demo_port}");
+    assert_eq!(
+        e2e::demo_executions(&client, &demo_url).await["byKey"]["tried-twice"],
+        2,
+        "the router retried behind the filter (allowed here)"
+    );
+    let retry = post().send().await.unwrap();
+    assert_eq!(
+        retry.status(),
+        409,
+        "not released: an earlier try may have done the work"
+    );
+    assert_eq!(
+        e2e::demo_executions(&client, &demo_url).await["byKey"]["tried-twice"],
+        2,
+        "the client's retry did not run a third time"
+    );
+    assert!(
+        envoy.output().contains("router made 2 attempts"),
+        "the filter read the attempt count"
+    );
+}
+
+/// An upstream whose `POST /api/v1/orders` answers `307` to `/api/v1/orders/moved` (counting
+/// nothing: a redirect does no work) and whose `/api/v1/orders/moved` does the work (counted).
+async fn redirecting_upstream() -> (u16, std::sync::Arc<std::sync::atomic::AtomicU64>) {
+    use axum::http::StatusCode;
+    use axum::response::IntoResponse;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let executions = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let counted = executions.clone();
+    let app = axum::Router::new()
+        .route(
+            "/api/v1/orders",
+            axum::routing::post(|| async {
+                (
+                    StatusCode::TEMPORARY_REDIRECT,
+                    [("location", "/api/v1/orders/moved")],
+                )
+                    .into_response()
+            }),
+        )
+        .route(
+            "/api/v1/orders/moved",
+            axum::routing::post(move || {
+                let counted = counted.clone();
+                async move {
+                    counted.fetch_add(1, Ordering::SeqCst);
+                    (StatusCode::CREATED, "{\"orderId\":\"moved\"}").into_response()
+                }
+            }),
+        );
+    tokio::spawn(async move {
+        let _ = axum::serve(listener, app).await;
+    });
+    (port, executions)
+}
+
+#[tokio::test]
+async fn an_internal_redirect_never_runs_a_tracked_request_twice() {
+    let dir = tempfile::tempdir().unwrap();
+    let (upstream, executions) = redirecting_upstream().await;
+    let client = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .unwrap();
+    let (url, _store, envoy) = envoy_in_front_of(dir.path(), upstream, &json!({}), |config| {
+        default_route(config)["route"]["internal_redirect_policy"] =
+            json!({"redirect_response_codes": [307], "max_internal_redirects": 1});
+    })
+    .await;
+    let post = || {
+        client
+            .post(format!("{url}/api/v1/orders"))
+            .header("Idempotency-Key", "redirected-1")
+            .json(&order())
+    };
+    let first = post().send().await.unwrap();
+    let first_status = first.status();
+    let first_body = first.text().await.unwrap();
+    let mut statuses = vec![first_status.as_u16()];
+    for _ in 0..3 {
+        let retry = post().send().await.unwrap();
+        statuses.push(retry.status().as_u16());
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // Whether Envoy follows the redirect (the redirected stream meets the filter again, with
+    // another path: 422, and the first stream's lock is kept as outcome unknown) or hands the
+    // 307 on (recorded and replayed), the order runs at most once across the retries.
+    assert!(
+        executions.load(Ordering::SeqCst) <= 1,
+        "{statuses:?} {first_body}"
+    );
+    assert!(!envoy.output().contains("panicked"));
 }

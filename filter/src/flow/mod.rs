@@ -38,7 +38,7 @@ use crate::attempt::new_attempt_id;
 use crate::background::WriteReply;
 use crate::background::{Background, BackgroundCall};
 use crate::cache::{CacheCandidate, ExactRequest, ReplayCache, RequestMatch};
-use crate::outcome::{classify, ResponseOutcome, UnknownReason};
+use crate::outcome::{classify, ResponseOutcome, StatusVerdict, UnknownReason};
 use admission::{admit, Decision, Pending};
 use calls::{AcquireParams, HolderWrite};
 
@@ -342,8 +342,12 @@ impl RequestFlow {
                 return self.outcome_unknown(host, &held, UnknownReason::ResponseIncomplete);
             };
             host.count(Counter::GrpcStatus(grpc_status));
-            if !self.config.stores_grpc_status(grpc_status) {
-                return self.release(host, &held);
+            match self.config.judge_grpc_status(grpc_status) {
+                StatusVerdict::Store => {}
+                StatusVerdict::Release => return self.release(host, &held),
+                StatusVerdict::Unknown => {
+                    return self.outcome_unknown(host, &held, UnknownReason::UpstreamGrpcStatus)
+                }
             }
             if streamed {
                 // Its messages were not kept, and a gRPC client cannot use a body-less replay.
@@ -404,7 +408,7 @@ impl RequestFlow {
         let details = host
             .property(&["response", "code_details"])
             .map(|bytes| String::from_utf8_lossy(&bytes).into_owned());
-        match classify(status, details.as_deref(), |s| !self.config.stores_status(s)) {
+        match classify(status, details.as_deref(), |s| self.config.judge_status(s)) {
             ResponseOutcome::Unknown(reason) => {
                 host.log(
                     Level::Warn,
@@ -432,8 +436,12 @@ impl RequestFlow {
                 if let Some(grpc_status) = grpc_status {
                     // Trailers-only gRPC: the headers carry the final status.
                     host.count(Counter::GrpcStatus(grpc_status));
-                    if !self.config.stores_grpc_status(grpc_status) {
-                        return self.release(host, &held);
+                    match self.config.judge_grpc_status(grpc_status) {
+                        StatusVerdict::Store => {}
+                        StatusVerdict::Release => return self.release(host, &held),
+                        StatusVerdict::Unknown => {
+                            return self.outcome_unknown(host, &held, UnknownReason::UpstreamGrpcStatus)
+                        }
                     }
                     return self.complete(host, &held, status, stored_headers, Vec::new(), false);
                 }
@@ -1159,6 +1167,20 @@ impl RequestFlow {
     /// Give the lock back (the upstream's own retryable answer, or a request that provably never
     /// left Envoy), holding the response until the store acknowledged.
     fn release(&mut self, host: &dyn Host, held: &Held) -> Verdict {
+        // The response describes the router's last try only. When it made several (a retry the
+        // filter could not stop, or an internal redirect), an earlier try may have run the
+        // request: only one try proves anything, so several keep the lock.
+        let attempts = router_attempts(host);
+        if attempts > 1 {
+            host.log(
+                Level::Warn,
+                &format!(
+                    "idempotency: key {}: Envoy's router made {attempts} attempts; an earlier one may have reached the upstream, so the lock is kept instead of released",
+                    key_hash(&held.id.key)
+                ),
+            );
+            return self.outcome_unknown(host, held, UnknownReason::SeveralAttempts);
+        }
         host.count(Counter::LockReleased);
         match calls::release(held) {
             Ok(write) => self.record(host, held.record_mode, write, None),
@@ -1298,6 +1320,14 @@ fn set_internal_headers(
 }
 
 pub(crate) use calls::millis;
+
+/// How many upstream attempts Envoy's router made for this stream (`upstream.request_attempt_count`,
+/// which the router sets as each try starts); 1 when Envoy does not say.
+fn router_attempts(host: &dyn Host) -> u64 {
+    host.property(&["upstream", "request_attempt_count"])
+        .and_then(|bytes| <[u8; 8]>::try_from(bytes.as_slice()).ok())
+        .map_or(1, u64::from_le_bytes)
+}
 
 /// The store's `x-idempotency-store` value on answers from its replay listener.
 const REPLAY_LISTENER: &str = "replay";

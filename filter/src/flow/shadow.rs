@@ -13,6 +13,7 @@ use crate::cache::RequestMatch;
 use crate::config::{Config, RecordMode};
 use crate::host::{debug, CalloutReply, Host, Level};
 use crate::metrics::Counter;
+use crate::outcome::StatusVerdict;
 use crate::replay::storable_headers;
 
 /// The upstream response as seen streaming past.
@@ -122,7 +123,7 @@ impl ShadowJob {
             .iter()
             .find(|(n, _)| n == ":status")
             .and_then(|(_, v)| v.parse::<u16>().ok())
-            .filter(|s| config.stores_status(*s));
+            .filter(|s| config.judge_status(*s) == StatusVerdict::Store);
         self.response = Some(Captured {
             status,
             headers: storable_headers(headers, &config.replay_header_denylist),

@@ -143,6 +143,38 @@ fn a_request_that_never_left_envoy_releases_its_lock() {
 }
 
 #[test]
+fn a_release_after_several_router_attempts_keeps_the_lock() {
+    // A router retry the filter could not stop (or an internal redirect): the 503 describes the
+    // last try only; an earlier one may have run the request.
+    let (mut flow, background, config) = flow_with_background("");
+    let host = post("k1", b"{}");
+    let token = start_keyed_post(&mut flow, &host);
+    flow.on_callout_reply(&host, token, reply(200, &acquired(3, None)));
+    host.set_response(503, &[], b"down");
+    host.set_property(&["response", "code_details"], b"via_upstream");
+    host.set_property(&["upstream", "request_attempt_count"], &2u64.to_le_bytes());
+    assert_eq!(flow.on_response_headers(&host, false), Verdict::Continue);
+    background.drain(&host, &config);
+    let (path, report, _) = last_dispatch(&host);
+    assert_eq!(path, "/v1/outcome-unknown");
+    assert_eq!(report["reason"], "several_attempts");
+    assert_eq!(host.counted(Counter::LockReleased), 0);
+}
+
+#[test]
+fn a_gateways_504_or_502_from_upstream_keeps_the_lock() {
+    for status in [502, 504] {
+        let (_flow, background, config, host, verdict) = answered(status, Some("via_upstream"));
+        assert_eq!(verdict, Verdict::Continue, "the client gets the gateway's answer");
+        background.drain(&host, &config);
+        let (path, report, _) = last_dispatch(&host);
+        assert_eq!(path, "/v1/outcome-unknown", "{status}");
+        assert_eq!(report["reason"], "upstream_status");
+        assert_eq!(host.counted(Counter::LockReleased), 0);
+    }
+}
+
+#[test]
 fn a_failed_complete_delivers_the_response_and_is_retried_in_the_background() {
     let (mut flow, background, config) = flow_with_background("");
     let host = post("k1", b"{}");
