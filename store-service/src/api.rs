@@ -423,11 +423,15 @@ async fn acquire_or_wait(
     let wait_end = Instant::now() + budget;
     let mut answer = first;
     while let Ok(AcquireResponse::InProgress {
-        lock_remaining_ms, ..
+        lock_remaining_ms,
+        outcome_unknown,
     }) = &answer
     {
         let wait_left = wait_end.saturating_duration_since(Instant::now());
-        if wait_left.is_zero() {
+        // A lock kept because its outcome is unknown changes only when it expires: waiting for
+        // anything sooner only delays the answer.
+        let unchanging = *outcome_unknown && Duration::from_millis(*lock_remaining_ms) > wait_left;
+        if wait_left.is_zero() || unchanging {
             break;
         }
         let notified = slot.notify().notified();
@@ -442,6 +446,10 @@ async fn acquire_or_wait(
     let outcome = match &answer {
         Ok(AcquireResponse::Completed { .. }) => "completed",
         Ok(AcquireResponse::Acquired(_)) => "acquired",
+        Ok(AcquireResponse::InProgress {
+            outcome_unknown: true,
+            ..
+        }) => "outcome_unknown",
         Ok(AcquireResponse::InProgress { .. }) => "timed_out",
         Ok(AcquireResponse::Mismatch) => "mismatch",
         Err(_) => "error",

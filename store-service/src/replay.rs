@@ -269,7 +269,14 @@ pub fn stored_response(stored: StoredResponse) -> Response {
     if !trailers.is_empty() {
         frames.push(Ok(Frame::trailers(trailers)));
     }
-    let body = Body::new(StreamBody::new(futures::stream::iter(frames)));
+    // Nothing after the headers (a gRPC trailers-only answer, whose status is in them): an empty
+    // body that says so, so the headers go with END_STREAM. A stream of no frames would send the
+    // headers open and an empty DATA frame to end it, which strict gRPC clients (C-core) reject.
+    let body = if frames.is_empty() {
+        Body::empty()
+    } else {
+        Body::new(StreamBody::new(futures::stream::iter(frames)))
+    };
     let status = StatusCode::from_u16(stored.status).unwrap_or(StatusCode::OK);
     let mut response = (status, headers).into_response();
     *response.body_mut() = body;
@@ -355,5 +362,35 @@ mod tests {
                 .len(),
             2
         );
+    }
+
+    #[test]
+    fn a_trailers_only_answer_ends_with_its_headers() {
+        use axum::body::HttpBody as _;
+        let stored = StoredResponse {
+            status: 200,
+            headers: vec![
+                ("content-type".into(), "application/grpc".into()),
+                ("grpc-status".into(), "3".into()),
+                ("grpc-message".into(), "bad sku".into()),
+            ],
+            body: Vec::new(),
+            body_omitted: false,
+            trailers: Vec::new(),
+        };
+        let response = stored_response(stored);
+        assert!(
+            response.body().is_end_stream(),
+            "HEADERS with END_STREAM, no DATA frame"
+        );
+        assert_eq!(response.headers()["grpc-status"], "3");
+        let with_messages = StoredResponse {
+            status: 200,
+            headers: Vec::new(),
+            body: vec![0, 0, 0, 0, 0],
+            body_omitted: false,
+            trailers: vec![("grpc-status".into(), "0".into())],
+        };
+        assert!(!stored_response(with_messages).body().is_end_stream());
     }
 }

@@ -282,6 +282,29 @@ async fn a_waiting_acquire_gets_the_replay_as_soon_as_the_holder_completes() {
 }
 
 #[tokio::test]
+async fn a_lock_of_unknown_outcome_is_not_waited_for() {
+    // Nothing changes such a lock before it expires: the wait would only delay the 409.
+    let dir = tempfile::tempdir().unwrap();
+    let router = app(state(&dir));
+    let (_, lock) = call(&router, "POST", "/v1/acquire", Some(TOKEN), acquire_body("u1")).await;
+    let unknown = json!({"service": "orders", "scope": "", "key": "u1", "fencing_token": lock["fencing_token"],
+        "record_id": lock["record_id"], "attempt_id": lock["attempt_id"], "reason": "upstream_status"});
+    let (status, _) = call(&router, "POST", "/v1/outcome-unknown", Some(TOKEN), unknown).await;
+    assert_eq!(status, StatusCode::OK);
+    let mut waiting = acquire_body("u1");
+    waiting["wait_ms"] = json!(5_000);
+    let started = std::time::Instant::now();
+    let (_, body) = call(&router, "POST", "/v1/acquire", Some(TOKEN), waiting).await;
+    assert_eq!(body["outcome"], "in_progress");
+    assert_eq!(body["outcome_unknown"], true);
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(2),
+        "{:?}",
+        started.elapsed()
+    );
+}
+
+#[tokio::test]
 async fn a_batch_answers_each_call_as_if_it_came_alone() {
     let dir = tempfile::tempdir().unwrap();
     let router = app(state(&dir));

@@ -15,7 +15,7 @@ use std::time::Duration;
 use e2e::grpc::pb::{CreateRequest, EventsRequest};
 use e2e::grpc::{keyed, GrpcStack};
 use e2e::metric_sum;
-use serde_json::json;
+use serde_json::{json, Value};
 use tonic::Code;
 
 /// Every message of a server stream, and how it ended.
@@ -232,7 +232,7 @@ async fn deterministic_errors_are_replayed_in_either_framing() {
 
 #[tokio::test]
 async fn a_concurrent_call_with_the_same_key_is_aborted_with_pushback_and_runs_once() {
-    let stack = GrpcStack::start(json!({})).await;
+    let stack = GrpcStack::start(json!({"in_progress_wait": "0s"})).await;
     let request = CreateRequest {
         sku: "A".into(),
         delay_ms: 1_000,
@@ -439,4 +439,81 @@ async fn a_keyed_bidi_stream_listed_in_streaming_methods_flows_untracked() {
         2.0
     );
     assert_eq!(metric_sum(&stats, "idempotency_misses_total"), 0.0);
+}
+
+/// One call with grpcio (C-core), the strict client most languages use, through Envoy. Run off
+/// the test's runtime thread, which also serves the test's gRPC server.
+async fn grpcio_call(
+    stack: &GrpcStack,
+    method: &str,
+    kind: &str,
+    request: &impl prost::Message,
+    key: &str,
+) -> Value {
+    let hex: String = request
+        .encode_to_vec()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    let python = e2e::repo_root().join(".venv/bin/python");
+    let script = e2e::repo_root().join("tests/grpc-clients/grpcio_call.py");
+    let args = [
+        script.to_str().unwrap().to_owned(),
+        stack.url.trim_start_matches("http://").to_owned(),
+        method.to_owned(),
+        kind.to_owned(),
+        hex,
+        key.to_owned(),
+    ];
+    let output = tokio::task::spawn_blocking(move || std::process::Command::new(python).args(args).output())
+        .await
+        .unwrap()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "grpcio failed: {stdout}{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    serde_json::from_str(stdout.trim()).unwrap_or_else(|e| panic!("{e}: {stdout}"))
+}
+
+#[tokio::test]
+async fn a_strict_c_core_client_reads_every_replay_framing() {
+    let stack = GrpcStack::start(json!({})).await;
+    // A trailers-only error (the usual framing for errors), then its replay.
+    let invalid = CreateRequest {
+        sku: "A".into(),
+        fail_code: Code::InvalidArgument as i32,
+        ..CreateRequest::default()
+    };
+    let first = grpcio_call(&stack, "/demo.Orders/Create", "unary", &invalid, "gio-invalid").await;
+    let replay = grpcio_call(&stack, "/demo.Orders/Create", "unary", &invalid, "gio-invalid").await;
+    assert_eq!(first["code"], "INVALID_ARGUMENT", "{first}");
+    assert_eq!(
+        replay, first,
+        "the same status and message, not UNKNOWN: Stream removed"
+    );
+    assert_eq!(stack.executions_of("gio-invalid"), 1);
+
+    // A success: the same message.
+    let ok = create("B");
+    let first = grpcio_call(&stack, "/demo.Orders/Create", "unary", &ok, "gio-ok").await;
+    let replay = grpcio_call(&stack, "/demo.Orders/Create", "unary", &ok, "gio-ok").await;
+    assert_eq!(first["code"], "OK", "{first}");
+    assert_eq!(replay, first);
+    assert_eq!(stack.executions_of("gio-ok"), 1);
+
+    // A server stream ending with an error after its messages.
+    let events = EventsRequest {
+        count: 3,
+        padding_bytes: 10,
+        fail_code: Code::NotFound as i32,
+    };
+    let first = grpcio_call(&stack, "/demo.Orders/Events", "stream", &events, "gio-stream").await;
+    let replay = grpcio_call(&stack, "/demo.Orders/Events", "stream", &events, "gio-stream").await;
+    assert_eq!(first["code"], "NOT_FOUND", "{first}");
+    assert_eq!(first["messages"].as_array().map(Vec::len), Some(3));
+    assert_eq!(replay, first);
+    assert_eq!(stack.executions_of("gio-stream"), 1);
 }

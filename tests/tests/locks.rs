@@ -69,7 +69,10 @@ async fn client_errors_are_stored_and_replayed() {
 
 #[tokio::test]
 async fn expired_lock_is_taken_over_and_the_old_holders_late_result_is_refused() {
-    let stack = Stack::start_with(StackOptions::plugin(json!({"lock_timeout": "1s"}))).await;
+    let stack = Stack::start_with(StackOptions::plugin(
+        json!({"lock_timeout": "1s", "in_progress_wait": "0s"}),
+    ))
+    .await;
     let order = json!({"sku": "SLOW"});
     // The first attempt holds the lock for 3 s, longer than the 1 s lock timeout.
     let slow = {

@@ -86,6 +86,8 @@ enum State {
         attempt_id: String,
         /// Host time after which the acquire's answer is no longer awaited.
         deadline: Duration,
+        /// This acquire asked the store to wait while the key is in progress.
+        waited: bool,
     },
     /// Forwarded upstream while holding the lock.
     Executing(Held),
@@ -571,10 +573,16 @@ impl RequestFlow {
                 request,
                 attempt_id,
                 deadline,
+                waited,
             } if expected == token => {
                 let now = host.now();
                 host.record_acquire_duration(now.saturating_sub(started));
-                self.on_acquire_reply(host, now, pending, request, &attempt_id, deadline, reply);
+                let attempt = AcquireAttempt {
+                    attempt_id,
+                    deadline,
+                    waited,
+                };
+                self.on_acquire_reply(host, now, pending, request, attempt, reply);
             }
             State::Recording {
                 token: expected,
@@ -691,8 +699,7 @@ impl RequestFlow {
         now: Duration,
         pending: Pending,
         request: RequestMatch,
-        attempt_id: &str,
-        deadline: Duration,
+        attempt: AcquireAttempt,
         reply: CalloutReply,
     ) {
         let parsed = match reply.status {
@@ -708,7 +715,7 @@ impl RequestFlow {
                 // sure no lock is left behind for an attempt we are refusing now. 400/401/403
                 // and 408 (arrived after its deadline) are definite: nothing was taken.
                 if !matches!(reply.status, Some(400 | 401 | 403 | 408)) {
-                    self.abandon(host, &pending.id, attempt_id, deadline.min(now));
+                    self.abandon(host, &pending.id, &attempt.attempt_id, attempt.deadline.min(now));
                 }
                 self.storage_failure(host, &format!("acquire failed: {reason}"))
             }
@@ -773,6 +780,15 @@ impl RequestFlow {
                 self.remember(host, &pending.id, request, Rc::new(response), record_expires_at);
                 self.state = State::Finished;
                 Verdict::Pause
+            }
+            // A double submit: ask again, waiting in the store for the first attempt's answer.
+            // Not for a lock kept because its outcome is unknown: it holds to its end.
+            Ok(AcquireResponse::InProgress {
+                outcome_unknown: false,
+                ..
+            }) if !attempt.waited && !pending.in_progress_wait.is_zero() => {
+                let wait = pending.in_progress_wait;
+                self.send_acquire(host, now, pending, request, attempt.attempt_id, wait)
             }
             Ok(AcquireResponse::InProgress {
                 lock_remaining_ms,
@@ -1000,34 +1016,10 @@ impl RequestFlow {
             // this lock: refuse to track the request instead (as a store failure would).
             Err(e) => return self.storage_failure(host, &e.to_string()),
         };
-        let wait = if pending.shadow {
-            Duration::ZERO
-        } else {
-            pending.in_progress_wait
-        };
-        // The callout waits for the store's wait too; the store ends its wait before the
-        // deadline and refuses the acquire if it only gets there afterwards.
-        let timeout = self.config.store_timeout.saturating_add(wait);
-        let deadline = now.saturating_add(timeout);
-        let payload = calls::acquire(
-            &pending.id,
-            &AcquireParams {
-                fingerprint: &request.fingerprint,
-                method: &pending.method,
-                path: &pending.path,
-                lock_timeout: self.config.lock_timeout,
-                retention: self.config.retention_period,
-                attempt_id: &attempt_id,
-                deadline,
-                wait,
-                replay_ticket: pending.grpc,
-            },
-        )
-        .map_err(|e| format!("cannot encode acquire: {e}"));
         if pending.shadow {
             // Shadow never waits for the store: the root context asks it on the side.
-            match payload {
-                Ok(body) => {
+            match self.acquire_body(&pending, &request, &attempt_id, now, Duration::ZERO) {
+                Ok((body, _, _)) => {
                     let job = Rc::new(RefCell::new(ShadowJob::new(pending.id, &self.config)));
                     self.in_background(
                         host,
@@ -1042,17 +1034,68 @@ impl RequestFlow {
             }
             return Verdict::Continue;
         }
-        let dispatched = payload.and_then(|payload| {
-            host.dispatch(&Callout {
-                path: paths::ACQUIRE,
-                body: &payload,
-                timeout,
-                may_batch: wait.is_zero(),
-            })
-            .map_err(|e| e.to_string())
-        });
+        // The first acquire never waits, so it may share a batch with other streams' calls and
+        // a store that hangs costs the client `store_timeout` only; a key found in progress is
+        // asked again, this time waiting (`send_waiting_acquire`).
+        self.send_acquire(host, now, pending, request, attempt_id, Duration::ZERO)
+    }
+
+    /// The acquire body for `wait`, with the callout's timeout and the deadline after which the
+    /// store refuses it: the callout waits for the store's wait too, and the store ends its wait
+    /// before the deadline.
+    fn acquire_body(
+        &self,
+        pending: &Pending,
+        request: &RequestMatch,
+        attempt_id: &str,
+        now: Duration,
+        wait: Duration,
+    ) -> Result<(Vec<u8>, Duration, Duration), String> {
+        let timeout = self.config.store_timeout.saturating_add(wait);
+        let deadline = now.saturating_add(timeout);
+        let body = calls::acquire(
+            &pending.id,
+            &AcquireParams {
+                fingerprint: &request.fingerprint,
+                method: &pending.method,
+                path: &pending.path,
+                lock_timeout: self.config.lock_timeout,
+                retention: self.config.retention_period,
+                attempt_id,
+                deadline,
+                wait,
+                replay_ticket: pending.grpc,
+            },
+        )
+        .map_err(|e| format!("cannot encode acquire: {e}"))?;
+        Ok((body, timeout, deadline))
+    }
+
+    /// Send an acquire (waiting up to `wait` in the store while the key is in progress) and
+    /// pause the request until it answers.
+    fn send_acquire(
+        &mut self,
+        host: &dyn Host,
+        now: Duration,
+        pending: Pending,
+        request: RequestMatch,
+        attempt_id: String,
+        wait: Duration,
+    ) -> Verdict {
+        let dispatched = self
+            .acquire_body(&pending, &request, &attempt_id, now, wait)
+            .and_then(|(body, timeout, deadline)| {
+                host.dispatch(&Callout {
+                    path: paths::ACQUIRE,
+                    body: &body,
+                    timeout,
+                    may_batch: wait.is_zero(),
+                })
+                .map(|token| (token, deadline))
+                .map_err(|e| e.to_string())
+            });
         match dispatched {
-            Ok(token) => {
+            Ok((token, deadline)) => {
                 self.state = State::Acquiring {
                     token,
                     started: now,
@@ -1060,6 +1103,7 @@ impl RequestFlow {
                     request,
                     attempt_id,
                     deadline,
+                    waited: !wait.is_zero(),
                 };
                 Verdict::Pause
             }
@@ -1320,6 +1364,14 @@ fn set_internal_headers(
 }
 
 pub(crate) use calls::millis;
+
+/// The acquire a reply answers: its attempt id and deadline (to abandon it if the answer is
+/// lost), and whether it already waited in the store.
+struct AcquireAttempt {
+    attempt_id: String,
+    deadline: Duration,
+    waited: bool,
+}
 
 /// How many upstream attempts Envoy's router made for this stream (`upstream.request_attempt_count`,
 /// which the router sets as each try starts); 1 when Envoy does not say.

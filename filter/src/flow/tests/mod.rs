@@ -253,6 +253,7 @@ fn an_acquire_given_up_on_is_abandoned_with_its_attempt_id() {
     assert_eq!(attempt_id.len(), 32);
     let now_ms = 1_700_000_000_000u64;
     assert_eq!(acquire["deadline_ms"], now_ms + 1_000, "store_timeout after now");
+    assert!(acquire["wait_ms"].is_null(), "the first acquire never waits");
     flow.on_callout_reply(
         &host,
         token,
@@ -304,16 +305,48 @@ fn a_stream_that_ends_during_its_acquire_abandons_it() {
 }
 
 #[test]
-fn in_progress_wait_asks_the_store_to_wait_and_extends_the_callout_timeout() {
+fn a_key_in_progress_is_asked_again_waiting_in_the_store_with_a_longer_callout_timeout() {
     let mut flow = flow(r#","in_progress_wait":"2s""#);
     let host = post("k1", b"{}");
-    start_keyed_post(&mut flow, &host);
-    let (_, acquire, _) = host.dispatches().remove(0);
-    assert_eq!(acquire["wait_ms"], 2_000);
+    let token = start_keyed_post(&mut flow, &host);
+    let (_, first, _) = host.dispatches().remove(0);
+    assert!(first["wait_ms"].is_null(), "the first acquire may share a batch");
+    assert_eq!(
+        *host.last_timeout.borrow(),
+        Some(std::time::Duration::from_secs(1))
+    );
+    let busy = AcquireResponse::InProgress {
+        lock_remaining_ms: 299_000,
+        outcome_unknown: false,
+    };
+    flow.on_callout_reply(&host, token, reply(200, &busy));
+    assert!(host.sent_response().is_none(), "no 409 yet");
+    let (path, second, second_token) = last_dispatch(&host);
+    assert_eq!(path, "/v1/acquire");
+    assert_eq!(second["wait_ms"], 2_000);
+    assert_eq!(second["attempt_id"], first["attempt_id"]);
     assert_eq!(
         *host.last_timeout.borrow(),
         Some(std::time::Duration::from_secs(3))
     );
+    // Still in progress after the wait: now the 409.
+    flow.on_callout_reply(&host, second_token, reply(200, &busy));
+    assert_eq!(present(host.sent_response()).0, 409);
+    assert_eq!(host.counted(Counter::ConcurrentCollision), 1);
+}
+
+#[test]
+fn a_lock_of_unknown_outcome_is_not_waited_for() {
+    let mut flow = flow(r#","in_progress_wait":"2s""#);
+    let host = post("k1", b"{}");
+    let token = start_keyed_post(&mut flow, &host);
+    let kept = AcquireResponse::InProgress {
+        lock_remaining_ms: 299_000,
+        outcome_unknown: true,
+    };
+    flow.on_callout_reply(&host, token, reply(200, &kept));
+    assert_eq!(present(host.sent_response()).0, 409);
+    assert_eq!(host.dispatches().len(), 1, "no second acquire");
 }
 
 #[test]
@@ -422,7 +455,7 @@ fn completed_record_is_replayed_with_marker_and_no_upstream() {
 
 #[test]
 fn in_progress_gives_409_with_retry_after() {
-    let mut flow = flow("");
+    let mut flow = flow(r#","in_progress_wait":"0s""#);
     let host = post("k1", b"{}");
     let token = start_keyed_post(&mut flow, &host);
     flow.on_callout_reply(
@@ -1130,7 +1163,7 @@ fn a_grpc_body_ending_without_a_status_keeps_the_lock() {
 
 #[test]
 fn grpc_refusals_are_grpc_statuses() {
-    let mut flow = flow("");
+    let mut flow = flow(r#","in_progress_wait":"0s""#);
     let host = grpc_call("g1");
     let token = start_keyed_post(&mut flow, &host);
     let busy = AcquireResponse::InProgress {
