@@ -122,7 +122,8 @@ pub struct GrpcRefusal {
 /// (ABORTED, not UNAVAILABLE: gRPC client libraries retry UNAVAILABLE on their own, immediately;
 /// this is a conflict the caller should retry after the pushback), mismatch →
 /// FAILED_PRECONDITION, missing/invalid key → INVALID_ARGUMENT, too large → RESOURCE_EXHAUSTED,
-/// store unavailable → UNAVAILABLE.
+/// store unavailable → UNAVAILABLE, completed but too large to replay → ALREADY_EXISTS (definite:
+/// clients do not retry it, and the call must not run again).
 pub fn refusal(problem: &Problem) -> GrpcRefusal {
     let status = match problem.code {
         ErrorCode::KeyRequired | ErrorCode::KeyInvalid => code::INVALID_ARGUMENT,
@@ -130,6 +131,7 @@ pub fn refusal(problem: &Problem) -> GrpcRefusal {
         ErrorCode::ParameterMismatch => code::FAILED_PRECONDITION,
         ErrorCode::RequestTooLarge => code::RESOURCE_EXHAUSTED,
         ErrorCode::StorageUnavailable => code::UNAVAILABLE,
+        ErrorCode::ResponseNotReplayable => code::ALREADY_EXISTS,
     };
     let mut metadata = vec![(
         "idempotency-error-code".to_owned(),

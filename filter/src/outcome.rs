@@ -51,9 +51,6 @@ pub enum UnknownReason {
     ResponseIncomplete,
     /// The proxy could not read the response (a host call failed).
     ProxyFailure,
-    /// A gRPC response outgrew `max_response_size`: it streamed through and cannot be replayed,
-    /// so its record is kept locked rather than stored without its messages.
-    ResponseTooLargeToReplay,
     /// The upstream answered, but the store refused to record the response (413: larger than it
     /// accepts): the work is done and cannot be replayed, so the lock is kept.
     RecordRefusedByStore,
@@ -78,7 +75,6 @@ impl UnknownReason {
             UnknownReason::LocalReply => "local_reply",
             UnknownReason::ResponseIncomplete => "response_incomplete",
             UnknownReason::ProxyFailure => "proxy_failure",
-            UnknownReason::ResponseTooLargeToReplay => "response_too_large_to_replay",
             UnknownReason::RecordRefusedByStore => "record_refused_by_store",
             UnknownReason::UpstreamStatus => "upstream_status",
             UnknownReason::UpstreamGrpcStatus => "upstream_grpc_status",

@@ -18,6 +18,10 @@ pub enum ErrorCode {
     StorageUnavailable,
     /// 413: the body is larger than the filter will fingerprint.
     RequestTooLarge,
+    /// 410 (gRPC `ALREADY_EXISTS`): the call completed, but its response outgrew
+    /// `max_response_size` and a gRPC client cannot use a replay without its messages. HTTP
+    /// replays such a record as a body-omitted replay instead.
+    ResponseNotReplayable,
 }
 
 impl ErrorCode {
@@ -30,6 +34,7 @@ impl ErrorCode {
             ErrorCode::ParameterMismatch => "IDEMPOTENCY_PARAMETER_MISMATCH",
             ErrorCode::StorageUnavailable => "IDEMPOTENCY_STORAGE_UNAVAILABLE",
             ErrorCode::RequestTooLarge => "IDEMPOTENCY_REQUEST_TOO_LARGE",
+            ErrorCode::ResponseNotReplayable => "IDEMPOTENCY_RESPONSE_NOT_REPLAYABLE",
         }
     }
 
@@ -41,6 +46,7 @@ impl ErrorCode {
             ErrorCode::ParameterMismatch => 422,
             ErrorCode::StorageUnavailable => 503,
             ErrorCode::RequestTooLarge => 413,
+            ErrorCode::ResponseNotReplayable => 410,
         }
     }
 
@@ -53,6 +59,7 @@ impl ErrorCode {
             ErrorCode::ParameterMismatch => "Idempotency key reused with different parameters",
             ErrorCode::StorageUnavailable => "Idempotency storage unavailable",
             ErrorCode::RequestTooLarge => "Request body too large for idempotency",
+            ErrorCode::ResponseNotReplayable => "Completed; its response is too large to replay",
         }
     }
 

@@ -316,8 +316,10 @@ async fn a_server_stream_is_recorded_whole_and_replayed() {
 }
 
 #[tokio::test]
-async fn a_stream_over_the_limit_reaches_the_client_whole_and_keeps_its_lock() {
-    let stack = GrpcStack::start(json!({"max_response_size": 65536})).await;
+async fn a_finished_stream_over_the_limit_is_never_run_again_and_retries_are_told_why() {
+    // 20 × 10 kB over a 64 KiB limit: it streams through whole; the record is completed without
+    // its messages, and every retry — at once, and after lock_timeout — gets ALREADY_EXISTS.
+    let stack = GrpcStack::start(json!({"max_response_size": 65536, "lock_timeout": "1s"})).await;
     let mut client = stack.client().await;
     let request = EventsRequest {
         count: 20,
@@ -331,10 +333,19 @@ async fn a_stream_over_the_limit_reaches_the_client_whole_and_keeps_its_lock() {
         count += 1;
     }
     assert_eq!(count, 20, "whole, with its OK status");
-    // Not replayable without its messages, never a body-less OK: the lock is kept.
-    tokio::time::sleep(Duration::from_millis(200)).await;
-    let retry = client.events(keyed("g-big", request)).await.unwrap_err();
-    assert_eq!(retry.code(), Code::Aborted);
+    for pause in [Duration::from_millis(200), Duration::from_millis(1500)] {
+        tokio::time::sleep(pause).await;
+        let retry = match client.events(keyed("g-big", request)).await {
+            Err(status) => status,
+            Ok(stream) => stream.into_inner().message().await.unwrap_err(),
+        };
+        assert_eq!(retry.code(), Code::AlreadyExists, "{}", retry.message());
+        assert!(
+            retry.message().contains("IDEMPOTENCY_RESPONSE_NOT_REPLAYABLE") && retry.message().contains("OK"),
+            "{}",
+            retry.message()
+        );
+    }
     assert_eq!(stack.executions_of("g-big"), 1);
 }
 
@@ -516,4 +527,25 @@ async fn a_strict_c_core_client_reads_every_replay_framing() {
     assert_eq!(first["messages"].as_array().map(Vec::len), Some(3));
     assert_eq!(replay, first);
     assert_eq!(stack.executions_of("gio-stream"), 1);
+}
+
+#[tokio::test]
+async fn a_strict_client_retrying_a_finished_stream_over_the_limit_never_runs_it_again() {
+    // 6 × 300 kB, OK, over the default 1 MiB max_response_size; retried at once and after
+    // lock_timeout, with grpcio.
+    let stack = GrpcStack::start(json!({"lock_timeout": "1s"})).await;
+    let events = EventsRequest {
+        count: 6,
+        padding_bytes: 300_000,
+        fail_code: 0,
+    };
+    let first = grpcio_call(&stack, "/demo.Orders/Events", "stream", &events, "gio-big").await;
+    assert_eq!(first["code"], "OK", "{}", first["details"]);
+    assert_eq!(first["messages"].as_array().map(Vec::len), Some(6));
+    for pause in [Duration::ZERO, Duration::from_millis(1500)] {
+        tokio::time::sleep(pause).await;
+        let retry = grpcio_call(&stack, "/demo.Orders/Events", "stream", &events, "gio-big").await;
+        assert_eq!(retry["code"], "ALREADY_EXISTS", "{retry}");
+    }
+    assert_eq!(stack.executions_of("gio-big"), 1);
 }

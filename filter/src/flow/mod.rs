@@ -351,10 +351,6 @@ impl RequestFlow {
                     return self.outcome_unknown(host, &held, UnknownReason::UpstreamGrpcStatus)
                 }
             }
-            if streamed {
-                // Its messages were not kept, and a gRPC client cannot use a body-less replay.
-                return self.outcome_unknown(host, &held, UnknownReason::ResponseTooLargeToReplay);
-            }
         }
         if streamed {
             host.count(Counter::ResponseStreamed);
@@ -754,6 +750,23 @@ impl RequestFlow {
                 });
                 self.state = State::Executing(held);
                 Verdict::Continue
+            }
+            // Completed, but streamed through without its messages (over `max_response_size`):
+            // a gRPC client cannot use a replay without them, and it must not run again.
+            Ok(AcquireResponse::Completed { response, .. }) if self.grpc && response.body_omitted => {
+                host.count(Counter::Hit);
+                let status = crate::grpc::status_of(&response.trailers)
+                    .or_else(|| crate::grpc::status_of(&response.headers))
+                    .and_then(|code| crate::grpc::CODE_NAMES.get(usize::try_from(code).ok()?).copied())
+                    .unwrap_or("unknown");
+                self.answer(
+                    host,
+                    &Problem::new(
+                        ErrorCode::ResponseNotReplayable,
+                        format!("This call already completed with status {status}; its response was larger than max_response_size and cannot be replayed. It will not run again with this Idempotency-Key"),
+                    )
+                    .detail("completedStatus", status),
+                )
             }
             Ok(AcquireResponse::Completed {
                 replay_ticket: Some(ticket),

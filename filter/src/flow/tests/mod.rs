@@ -1162,6 +1162,41 @@ fn a_grpc_body_ending_without_a_status_keeps_the_lock() {
 }
 
 #[test]
+fn a_grpc_call_completed_without_its_messages_is_refused_for_good_not_run_again() {
+    let mut flow = flow("");
+    let host = grpc_call("g1");
+    let token = start_keyed_post(&mut flow, &host);
+    let completed = AcquireResponse::Completed {
+        response: StoredResponse {
+            status: 200,
+            headers: vec![("content-type".into(), "application/grpc".into())],
+            body: Vec::new(),
+            body_omitted: true,
+            trailers: vec![("grpc-status".into(), "0".into())],
+        },
+        expires_at_ms: None,
+        replay_ticket: Some("ticket".into()),
+        record_id: Some("rec-1".into()),
+    };
+    flow.on_callout_reply(&host, token, reply(200, &completed));
+    let sent = host.calls().into_iter().find_map(|c| match c {
+        Call::SendGrpc { status, message, .. } => Some((status, message)),
+        _ => None,
+    });
+    let (status, message) = sent.unwrap_or_default();
+    assert_eq!(
+        status,
+        crate::grpc::code::ALREADY_EXISTS,
+        "definite: not retried, not run"
+    );
+    assert!(
+        message.contains("IDEMPOTENCY_RESPONSE_NOT_REPLAYABLE") && message.contains("OK"),
+        "{message}"
+    );
+    assert_eq!(host.dispatches().len(), 1, "no replay routed, no second acquire");
+}
+
+#[test]
 fn grpc_refusals_are_grpc_statuses() {
     let mut flow = flow(r#","in_progress_wait":"0s""#);
     let host = grpc_call("g1");
