@@ -7,10 +7,10 @@
 //! leaves a claim that expires after `lock_timeout`.
 
 use std::future::Future;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use cloudevents::{AttributesReader, Event};
-use idempotency_wire::{ClaimRequest, ClaimResponse, MessageDoneRequest, MessageId};
+use idempotency_wire::{ClaimRequest, ClaimResponse, DeadLetterNote, MessageDoneRequest, MessageId};
 
 use crate::{ClientError, StoreClient};
 
@@ -48,16 +48,14 @@ pub struct DeduplicatingHandler<H> {
     handler: H,
 }
 
-/// Pauses between attempts to complete a claim after the handler succeeded. The handler's effect
-/// exists; if the completion is lost, the claim expires and a redelivery runs the handler again,
-/// so a store blip is worth riding out (about 3 s in all) before giving up.
-pub const COMPLETE_RETRY_BACKOFF: [Duration; 5] = [
-    Duration::from_millis(100),
-    Duration::from_millis(200),
-    Duration::from_millis(400),
-    Duration::from_millis(800),
-    Duration::from_millis(1600),
-];
+/// First pause before a failed `complete` is tried again; it doubles up to
+/// [`COMPLETE_RETRY_MAX_PAUSE`]. The handler's effect exists: if the completion is lost, the claim
+/// expires and a redelivery runs the handler again, so a `complete` is retried for as long as
+/// the claim holds (its `lock_timeout`, counted from before the claim was sent), not a fixed
+/// few seconds.
+pub const COMPLETE_RETRY_FIRST_PAUSE: Duration = Duration::from_millis(100);
+/// Longest pause between two tries of a `complete`.
+pub const COMPLETE_RETRY_MAX_PAUSE: Duration = Duration::from_secs(2);
 
 fn millis(d: Duration) -> u64 {
     u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
@@ -122,8 +120,121 @@ impl ClaimLimits {
     }
 }
 
+/// What a claim found.
+pub(crate) enum Claim {
+    /// Handled before: skip it.
+    Duplicate,
+    /// Another consumer holds it: retry later.
+    InProgress,
+    /// Ours: run the handler, then finish the claim.
+    Held(Box<HeldClaim>),
+}
+
+/// A claim this consumer holds: the proof of holding, and until when the claim is ours.
+pub(crate) struct HeldClaim {
+    done: MessageDoneRequest,
+    /// The claim's lock expires no earlier than this (its `lock_timeout` counted from before the
+    /// claim was sent): past it, another consumer may hold the message.
+    expires_no_earlier_than: Instant,
+}
+
+/// Claim `id` in the store.
+pub(crate) async fn claim(
+    store: &StoreClient,
+    id: MessageId,
+    limits: ClaimLimits,
+) -> Result<Claim, ClientError> {
+    let sent_at = Instant::now();
+    let claim = store
+        .claim(&ClaimRequest {
+            id: id.clone(),
+            lock_timeout_ms: limits.lock_timeout_ms,
+            retention_ms: limits.retention_ms,
+        })
+        .await?;
+    Ok(match claim {
+        ClaimResponse::Duplicate => {
+            tracing::debug!(topic = %id.topic, "duplicate message skipped");
+            Claim::Duplicate
+        }
+        ClaimResponse::InProgress { .. } => Claim::InProgress,
+        ClaimResponse::Claimed {
+            record_id,
+            fencing_token,
+            attempt_id,
+        } => Claim::Held(Box::new(HeldClaim {
+            done: MessageDoneRequest {
+                id,
+                record_id,
+                fencing_token,
+                attempt_id,
+                retention_ms: Some(limits.retention_ms),
+                dead_letter: None,
+            },
+            expires_no_earlier_than: sent_at + Duration::from_millis(limits.lock_timeout_ms),
+        })),
+    })
+}
+
+impl HeldClaim {
+    /// The handler succeeded: complete the claim (retried while it holds).
+    pub(crate) async fn complete(&self, store: &StoreClient) -> Result<(), ClientError> {
+        self.complete_until_expiry(store, &self.done).await
+    }
+
+    /// The handler failed for good and the message went to a dead-letter topic: complete the
+    /// claim saying so (retried while it holds), so redeliveries are skipped as duplicates.
+    pub(crate) async fn complete_dead_lettered(
+        &self,
+        store: &StoreClient,
+        note: DeadLetterNote,
+    ) -> Result<(), ClientError> {
+        let done = MessageDoneRequest {
+            dead_letter: Some(note),
+            ..self.done.clone()
+        };
+        self.complete_until_expiry(store, &done).await
+    }
+
+    /// The handler failed: release the claim so a redelivery runs it again (a failed release
+    /// only delays that until the claim expires).
+    pub(crate) async fn release(&self, store: &StoreClient) {
+        if let Err(error) = store.release_message(&self.done).await {
+            tracing::warn!(%error, "cannot release claim; it expires after the lock timeout");
+        }
+    }
+
+    /// Send `done` to `/v1/messages/complete`, retrying transient store failures with backoff
+    /// while the claim holds. A lost claim (another consumer took it over after it expired) is
+    /// final: retrying cannot help.
+    async fn complete_until_expiry(
+        &self,
+        store: &StoreClient,
+        done: &MessageDoneRequest,
+    ) -> Result<(), ClientError> {
+        let mut pause = COMPLETE_RETRY_FIRST_PAUSE;
+        loop {
+            let error = match store.complete_message(done).await {
+                Ok(()) => return Ok(()),
+                Err(ClientError::LostLock) => return Err(ClientError::LostLock),
+                Err(error) => error,
+            };
+            if Instant::now() + pause >= self.expires_no_earlier_than {
+                tracing::error!(%error, "cannot complete claim before it expires; a redelivery may run the handler again");
+                metrics::counter!("idempotency_consumer_complete_gave_up_total").increment(1);
+                return Err(error);
+            }
+            tracing::warn!(%error, retry_in_ms = pause.as_millis(), "cannot complete claim; retrying while it holds");
+            metrics::counter!("idempotency_consumer_complete_retries_total").increment(1);
+            tokio::time::sleep(pause).await;
+            pause = (pause * 2).min(COMPLETE_RETRY_MAX_PAUSE);
+        }
+    }
+}
+
 /// The deduplication step every consumer integration shares: claim `id`, run the handler only
-/// for a successful claim, complete the claim on success (with retries), release it on failure.
+/// for a successful claim, complete the claim on success (retried while it holds), release it
+/// on failure.
 pub(crate) async fn handle_once<R, F, E>(
     store: &StoreClient,
     id: MessageId,
@@ -134,63 +245,19 @@ where
     R: FnOnce() -> F,
     F: Future<Output = Result<(), E>>,
 {
-    let claim = store
-        .claim(&ClaimRequest {
-            id: id.clone(),
-            lock_timeout_ms: limits.lock_timeout_ms,
-            retention_ms: limits.retention_ms,
-        })
-        .await
-        .map_err(HandleError::Store)?;
-    let done = match claim {
-        ClaimResponse::Duplicate => {
-            tracing::debug!(topic = %id.topic, "duplicate message skipped");
-            return Ok(Outcome::Duplicate);
-        }
-        ClaimResponse::InProgress { .. } => return Ok(Outcome::InProgress),
-        ClaimResponse::Claimed {
-            record_id,
-            fencing_token,
-            attempt_id,
-        } => MessageDoneRequest {
-            id,
-            record_id,
-            fencing_token,
-            attempt_id,
-            retention_ms: Some(limits.retention_ms),
-        },
+    let held = match claim(store, id, limits).await.map_err(HandleError::Store)? {
+        Claim::Duplicate => return Ok(Outcome::Duplicate),
+        Claim::InProgress => return Ok(Outcome::InProgress),
+        Claim::Held(held) => held,
     };
     match run().await {
         Ok(()) => {
-            complete_with_retries(store, &done)
-                .await
-                .map_err(HandleError::Store)?;
+            held.complete(store).await.map_err(HandleError::Store)?;
             Ok(Outcome::Processed)
         }
         Err(error) => {
-            if let Err(release) = store.release_message(&done).await {
-                tracing::warn!(error = %release, "cannot release claim; it expires after the lock timeout");
-            }
+            held.release(store).await;
             Err(HandleError::HandlerFailed(error))
-        }
-    }
-}
-
-/// Complete the claim, retrying transient store failures with backoff. A lost claim (another
-/// consumer took it over after it expired) is final: retrying cannot help.
-async fn complete_with_retries(store: &StoreClient, done: &MessageDoneRequest) -> Result<(), ClientError> {
-    let mut pauses = COMPLETE_RETRY_BACKOFF.iter();
-    loop {
-        match store.complete_message(done).await {
-            Ok(()) => return Ok(()),
-            Err(ClientError::LostLock) => return Err(ClientError::LostLock),
-            Err(error) => match pauses.next() {
-                Some(pause) => {
-                    tracing::warn!(%error, "cannot complete claim; retrying");
-                    tokio::time::sleep(*pause).await;
-                }
-                None => return Err(error),
-            },
         }
     }
 }
@@ -252,12 +319,15 @@ mod tests {
         (url, completes)
     }
 
-    fn handler(url: String) -> DeduplicatingHandler<impl Fn(Event) -> std::future::Ready<Result<(), ()>>> {
+    fn handler(
+        url: String,
+        lock_timeout: Duration,
+    ) -> DeduplicatingHandler<impl Fn(Event) -> std::future::Ready<Result<(), ()>>> {
         let config = ConsumerConfig {
             service_name: "orders".into(),
             topic: "t".into(),
             consumer_group: "g".into(),
-            lock_timeout: Duration::from_secs(60),
+            lock_timeout,
             retention_period: Duration::from_secs(600),
         };
         DeduplicatingHandler::new(StoreClient::new(url, None).unwrap(), config, |_| {
@@ -275,17 +345,35 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_store_blip_during_completion_is_ridden_out() {
-        let (url, completes) = flaky_store(2).await;
-        assert_eq!(handler(url).handle(event()).await.unwrap(), Outcome::Processed);
-        assert_eq!(completes.load(Ordering::SeqCst), 3, "two failures, then success");
+    async fn a_store_outage_during_completion_is_ridden_out_while_the_claim_holds() {
+        // Six failures: 100+200+400+800+1600+2000 ms of pauses, longer than the ~3 s a fixed
+        // backoff gave, well inside the 60 s claim.
+        let (url, completes) = flaky_store(6).await;
+        let started = Instant::now();
+        let outcome = handler(url, Duration::from_secs(60))
+            .handle(event())
+            .await
+            .unwrap();
+        assert_eq!(outcome, Outcome::Processed);
+        assert_eq!(completes.load(Ordering::SeqCst), 7, "six failures, then success");
+        assert!(
+            started.elapsed() >= Duration::from_secs(5),
+            "{:?}",
+            started.elapsed()
+        );
     }
 
     #[tokio::test]
-    async fn a_lasting_outage_gives_up_after_the_backoff_and_says_so() {
+    async fn an_outage_longer_than_the_claim_gives_up_before_it_expires_and_says_so() {
         let (url, completes) = flaky_store(usize::MAX).await;
-        let result = handler(url).handle(event()).await;
+        let started = Instant::now();
+        let result = handler(url, Duration::from_secs(2)).handle(event()).await;
         assert!(matches!(result, Err(HandleError::Store(_))), "{result:?}");
-        assert_eq!(completes.load(Ordering::SeqCst), COMPLETE_RETRY_BACKOFF.len() + 1);
+        assert!(
+            started.elapsed() < Duration::from_secs(2),
+            "gave up before the claim expired"
+        );
+        // 0, 100, 300, 700, 1500 ms: the next pause (800 ms) would end past the claim.
+        assert_eq!(completes.load(Ordering::SeqCst), 5);
     }
 }

@@ -9,9 +9,20 @@
 //!    offset: the record is redelivered (to this or another member) and skipped as a duplicate;
 //! 4. a **failed** handler releases its claim and the partition is rewound to the record, so the
 //!    record is redelivered after [`KafkaConsumerConfig::retry_pause`] and nothing after it is
-//!    committed first (a Kafka offset commit covers every earlier record of the partition);
+//!    committed first (a Kafka offset commit covers every earlier record of the partition). With
+//!    a [`DeadLetterPolicy`], the `max_attempts`-th failure instead produces the record to the
+//!    dead-letter topic (the failure in its headers), completes the claim as dead-lettered and
+//!    commits: one poison record cannot block its partition for ever;
 //! 5. a record **in progress** elsewhere (a member that died inside its handler still holds the
 //!    claim until `lock_timeout`) is rewound the same way and retried.
+//!
+//! After the handler succeeded, `complete` is retried for as long as the claim holds (the
+//! partition waits anyway): a store outage shorter than `lock_timeout` costs time, never a second
+//! run. A rewind that fails (the seek is refused) ends the loop with
+//! [`KafkaLoopError::Rewind`] rather than read on: a later record's commit would cover the
+//! unhandled one. Counters (through the `metrics` facade):
+//! `idempotency_consumer_complete_retries_total`, `idempotency_consumer_complete_gave_up_total`,
+//! `idempotency_consumer_dead_letters_total{topic}`, `idempotency_consumer_rewind_failures_total{topic}`.
 //!
 //! What is committed when: with [`CommitPolicy::EachRecord`] every handled or skipped record is
 //! committed synchronously before the next one is read; with [`CommitPolicy::Periodic`] (the
@@ -48,19 +59,22 @@
 //! # }
 //! ```
 
+use std::collections::HashMap;
 use std::future::Future;
+use std::sync::Mutex;
 use std::time::Duration;
 
-use idempotency_wire::MessageId;
+use idempotency_wire::{DeadLetterNote, MessageId};
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
 use rdkafka::error::KafkaError;
-use rdkafka::message::{BorrowedMessage, Headers, Message, OwnedMessage};
+use rdkafka::message::{BorrowedMessage, Header, Headers, Message, OwnedHeaders, OwnedMessage};
+use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::Offset;
 use serde::Deserialize;
 
-use crate::dedup::{cloudevent_identity, handle_once, ClaimLimits};
-use crate::{HandleError, Outcome, StoreClient};
+use crate::dedup::{claim, cloudevent_identity, Claim, ClaimLimits};
+use crate::StoreClient;
 
 /// Where a record's identity comes from.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
@@ -93,6 +107,17 @@ impl Default for CommitPolicy {
     }
 }
 
+/// What to do with a record whose handler keeps failing.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeadLetterPolicy {
+    /// Topic the record is produced to (same key, value and headers, plus `dead-letter-*`
+    /// headers: original topic, partition, offset, message id, attempts, last error).
+    pub topic: String,
+    /// Handler runs before the record is dead-lettered (at least 1). Counted per record by this
+    /// member: a restart or a rebalance starts the count again.
+    pub max_attempts: u32,
+}
+
 /// A Kafka consumer group member that handles each record once.
 #[derive(Debug, Clone)]
 pub struct KafkaConsumerConfig {
@@ -115,6 +140,8 @@ pub struct KafkaConsumerConfig {
     pub commit: CommitPolicy,
     /// Pause before a failed or in-progress record is read again.
     pub retry_pause: Duration,
+    /// Dead-letter a record after this many failed handler runs (none: retry for ever).
+    pub dead_letter: Option<DeadLetterPolicy>,
     /// Further librdkafka settings (`session.timeout.ms`, security, …). The settings this loop
     /// depends on (`enable.auto.commit`, `enable.auto.offset.store`) are set by [`CommitPolicy`]
     /// and cannot be overridden here.
@@ -140,6 +167,7 @@ impl KafkaConsumerConfig {
             retention_period: Duration::from_secs(24 * 3600),
             commit: CommitPolicy::default(),
             retry_pause: Duration::from_millis(500),
+            dead_letter: None,
             settings: vec![("auto.offset.reset".into(), "earliest".into())],
         }
     }
@@ -159,6 +187,23 @@ impl KafkaConsumerConfig {
                 .set("enable.auto.commit", "true")
                 .set("auto.commit.interval.ms", interval.as_millis().max(1).to_string()),
         };
+        config
+    }
+
+    /// The dead-letter producer's configuration: the brokers and the connection settings
+    /// (security, SASL, SSL, client id) of the consumer, no consumer-only ones.
+    fn producer_config(&self) -> ClientConfig {
+        let mut config = ClientConfig::new();
+        let connection = ["security.", "sasl.", "ssl.", "client.id", "socket."];
+        for (key, value) in &self.settings {
+            if connection.iter().any(|prefix| key.starts_with(prefix)) {
+                config.set(key, value);
+            }
+        }
+        config
+            .set("bootstrap.servers", &self.brokers)
+            .set("enable.idempotence", "true")
+            .set("message.timeout.ms", "10000");
         config
     }
 }
@@ -189,6 +234,9 @@ pub enum DeliveryResult {
     InProgress,
     /// The handler failed; its claim was released and the partition rewound to retry it.
     HandlerFailed,
+    /// The handler failed `max_attempts` times: the record is on the dead-letter topic, its
+    /// claim completed as dead-lettered, its offset committed.
+    DeadLettered,
     /// The store failed; nothing is known to be handled, the partition was rewound.
     StoreFailed(String),
 }
@@ -202,6 +250,21 @@ pub enum KafkaLoopError {
     /// Reading from the broker failed.
     #[error("kafka receive failed: {0}")]
     Receive(#[source] KafkaError),
+    /// A record that was not handled could not be read again (the seek was refused): the loop
+    /// stops rather than read on, since committing a later record would skip this one. Restart
+    /// the consumer; it resumes from the last commit, before this record.
+    #[error("cannot rewind {topic}/{partition} to offset {offset}, which is not handled: {source}")]
+    Rewind {
+        /// Topic of the record.
+        topic: String,
+        /// Partition of the record.
+        partition: i32,
+        /// Offset of the record.
+        offset: i64,
+        /// What the seek said.
+        #[source]
+        source: KafkaError,
+    },
 }
 
 /// An `rdkafka` consumer whose handler runs once per record identity.
@@ -210,6 +273,10 @@ pub struct KafkaDeduplicatingConsumer<H> {
     store: StoreClient,
     config: KafkaConsumerConfig,
     handler: H,
+    /// Produces dead letters (with a [`DeadLetterPolicy`]).
+    dead_letters: Option<FutureProducer>,
+    /// Failed handler runs per record (topic, partition, offset) not yet handled.
+    failures: Mutex<HashMap<(String, i32, i64), u32>>,
 }
 
 impl<H> std::fmt::Debug for KafkaDeduplicatingConsumer<H> {
@@ -235,11 +302,17 @@ where
         let consumer: StreamConsumer = config.client_config().create().map_err(KafkaLoopError::Setup)?;
         let topics: Vec<&str> = config.topics.iter().map(String::as_str).collect();
         consumer.subscribe(&topics).map_err(KafkaLoopError::Setup)?;
+        let dead_letters = match &config.dead_letter {
+            Some(_) => Some(config.producer_config().create().map_err(KafkaLoopError::Setup)?),
+            None => None,
+        };
         Ok(KafkaDeduplicatingConsumer {
             consumer,
             store,
             config,
             handler,
+            dead_letters,
+            failures: Mutex::new(HashMap::new()),
         })
     }
 
@@ -250,7 +323,7 @@ where
 
     /// Read and handle records until `shutdown` resolves. Shutdown is checked between records,
     /// never inside one. Errors of single records are logged and retried; only a broker receive
-    /// error ends the loop.
+    /// error or a failed rewind ends the loop.
     pub async fn run(&self, shutdown: impl Future<Output = ()>) -> Result<(), KafkaLoopError> {
         tokio::pin!(shutdown);
         loop {
@@ -258,7 +331,7 @@ where
                 () = &mut shutdown => return Ok(()),
                 message = self.recv() => message?,
             };
-            let delivery = self.deliver(message).await;
+            let delivery = self.deliver(message).await?;
             tracing::debug!(?delivery, "kafka record");
         }
     }
@@ -266,7 +339,7 @@ where
     /// Read one record and deduplicate it ([`Self::recv`] then [`Self::deliver`]).
     pub async fn next_delivery(&self) -> Result<Delivery, KafkaLoopError> {
         let message = self.recv().await?;
-        Ok(self.deliver(message).await)
+        self.deliver(message).await
     }
 
     /// The next record from the broker. Cancel-safe: dropping the future loses no record.
@@ -276,8 +349,9 @@ where
 
     /// Deduplicate one record: claim, handle, complete, then commit (see the module docs for
     /// every outcome). Not cancel-safe: let it finish. Dropped half-way, the claim stays held
-    /// until `lock_timeout` and the record is neither committed nor rewound.
-    pub async fn deliver(&self, message: BorrowedMessage<'_>) -> Delivery {
+    /// until `lock_timeout` and the record is neither committed nor rewound. An error means the
+    /// record could not be rewound: stop reading (see [`KafkaLoopError::Rewind`]).
+    pub async fn deliver(&self, message: BorrowedMessage<'_>) -> Result<Delivery, KafkaLoopError> {
         let message_id = record_identity(&message, &self.config.message_id);
         let id = MessageId {
             service: self.config.service_name.clone(),
@@ -286,33 +360,116 @@ where
             message_id: message_id.clone(),
         };
         let limits = ClaimLimits::new(self.config.lock_timeout, self.config.retention_period);
-        let owned = message.detach();
-        let result = match handle_once(&self.store, id, limits, || (self.handler)(owned)).await {
-            Ok(Outcome::Processed) => DeliveryResult::Processed,
-            Ok(Outcome::Duplicate) => DeliveryResult::Duplicate,
-            Ok(Outcome::InProgress) => DeliveryResult::InProgress,
-            Err(HandleError::HandlerFailed(error)) => {
-                tracing::warn!(%error, topic = message.topic(), partition = message.partition(),
-                    offset = message.offset(), "handler failed; claim released, record will be retried");
-                DeliveryResult::HandlerFailed
-            }
-            Err(HandleError::Store(error)) => {
-                tracing::warn!(%error, topic = message.topic(), partition = message.partition(),
-                    offset = message.offset(), "store failed; record will be retried");
-                DeliveryResult::StoreFailed(error.to_string())
-            }
+        let result = match claim(&self.store, id, limits).await {
+            Err(error) => store_failed(&message, &error),
+            Ok(Claim::Duplicate) => DeliveryResult::Duplicate,
+            Ok(Claim::InProgress) => DeliveryResult::InProgress,
+            Ok(Claim::Held(held)) => match (self.handler)(message.detach()).await {
+                Ok(()) => match held.complete(&self.store).await {
+                    Ok(()) => DeliveryResult::Processed,
+                    Err(error) => store_failed(&message, &error),
+                },
+                Err(error) => {
+                    self.on_handler_failure(&message, &message_id, &held, &error.to_string())
+                        .await
+                }
+            },
         };
         match result {
-            DeliveryResult::Processed | DeliveryResult::Duplicate => self.commit(&message),
-            _ => self.rewind(&message).await,
+            DeliveryResult::Processed | DeliveryResult::Duplicate | DeliveryResult::DeadLettered => {
+                self.forget_failures(&message);
+                self.commit(&message);
+            }
+            _ => self.rewind(&message).await?,
         }
-        Delivery {
+        Ok(Delivery {
             topic: message.topic().to_owned(),
             partition: message.partition(),
             offset: message.offset(),
             message_id,
             result,
+        })
+    }
+
+    /// The handler failed on a record we hold: release it for a retry, or — its `max_attempts`-th
+    /// failure under a [`DeadLetterPolicy`] — produce it to the dead-letter topic and complete the
+    /// claim as dead-lettered. A dead letter that cannot be produced or recorded is retried like
+    /// any failure (the dead-letter topic may then hold it twice; its headers identify it).
+    async fn on_handler_failure(
+        &self,
+        message: &BorrowedMessage<'_>,
+        message_id: &str,
+        held: &crate::dedup::HeldClaim,
+        error: &str,
+    ) -> DeliveryResult {
+        let attempts = self.count_failure(message);
+        let (Some(policy), Some(producer)) = (&self.config.dead_letter, &self.dead_letters) else {
+            return self.release_after_failure(message, held, error, attempts).await;
+        };
+        if attempts < policy.max_attempts.max(1) {
+            return self.release_after_failure(message, held, error, attempts).await;
         }
+        let headers = dead_letter_headers(message, message_id, attempts, error);
+        let mut record = FutureRecord::to(&policy.topic).headers(headers);
+        if let Some(key) = message.key() {
+            record = record.key(key);
+        }
+        if let Some(payload) = message.payload() {
+            record = record.payload(payload);
+        }
+        if let Err((produce_error, _)) = producer.send(record, Duration::from_secs(10)).await {
+            tracing::error!(error = %produce_error, dead_letter_topic = %policy.topic,
+                "cannot produce dead letter; the record will be retried");
+            return self.release_after_failure(message, held, error, attempts).await;
+        }
+        let note = DeadLetterNote {
+            topic: policy.topic.clone(),
+            reason: error.chars().take(1024).collect(),
+            attempts,
+        };
+        match held.complete_dead_lettered(&self.store, note).await {
+            Ok(()) => {
+                tracing::warn!(%error, attempts, topic = message.topic(), partition = message.partition(),
+                    offset = message.offset(), dead_letter_topic = %policy.topic, "record dead-lettered");
+                metrics::counter!("idempotency_consumer_dead_letters_total", "topic" => message.topic().to_owned())
+                    .increment(1);
+                DeliveryResult::DeadLettered
+            }
+            Err(store_error) => store_failed(message, &store_error),
+        }
+    }
+
+    async fn release_after_failure(
+        &self,
+        message: &BorrowedMessage<'_>,
+        held: &crate::dedup::HeldClaim,
+        error: &str,
+        attempts: u32,
+    ) -> DeliveryResult {
+        held.release(&self.store).await;
+        tracing::warn!(%error, attempts, topic = message.topic(), partition = message.partition(),
+            offset = message.offset(), "handler failed; claim released, record will be retried");
+        DeliveryResult::HandlerFailed
+    }
+
+    fn count_failure(&self, message: &BorrowedMessage<'_>) -> u32 {
+        let mut failures = self
+            .failures
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let count = failures
+            .entry((message.topic().to_owned(), message.partition(), message.offset()))
+            .or_insert(0);
+        *count = count.saturating_add(1);
+        *count
+    }
+
+    fn forget_failures(&self, message: &BorrowedMessage<'_>) {
+        let mut failures = self
+            .failures
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        failures.remove(&(message.topic().to_owned(), message.partition(), message.offset()));
     }
 
     /// The record is handled (now or before): commit it, or store its offset for the next
@@ -330,21 +487,67 @@ where
 
     /// Read this record again after the retry pause, and nothing after it first: seeking purges
     /// what librdkafka prefetched from the partition.
-    async fn rewind(&self, message: &BorrowedMessage<'_>) {
+    async fn rewind(&self, message: &BorrowedMessage<'_>) -> Result<(), KafkaLoopError> {
         let seek = self.consumer.seek(
             message.topic(),
             message.partition(),
             Offset::Offset(message.offset()),
             Duration::from_secs(5),
         );
-        if let Err(error) = seek {
-            // The partition was revoked meanwhile: its new owner starts from the last commit,
-            // which is before this record.
-            tracing::warn!(%error, topic = message.topic(), partition = message.partition(),
-                "cannot rewind partition");
+        if let Err(source) = seek {
+            // Reading on would hand us later records of this partition, whose commits would cover
+            // this unhandled one. Stop: a restarted consumer resumes from the last commit.
+            metrics::counter!("idempotency_consumer_rewind_failures_total", "topic" => message.topic().to_owned())
+                .increment(1);
+            tracing::error!(error = %source, topic = message.topic(), partition = message.partition(),
+                offset = message.offset(), "cannot rewind partition to an unhandled record; stopping");
+            return Err(KafkaLoopError::Rewind {
+                topic: message.topic().to_owned(),
+                partition: message.partition(),
+                offset: message.offset(),
+                source,
+            });
         }
         tokio::time::sleep(self.config.retry_pause).await;
+        Ok(())
     }
+}
+
+/// A store failure: nothing is known to be handled; the record is rewound and retried.
+fn store_failed(message: &BorrowedMessage<'_>, error: &crate::ClientError) -> DeliveryResult {
+    tracing::warn!(%error, topic = message.topic(), partition = message.partition(),
+        offset = message.offset(), "store failed; record will be retried");
+    DeliveryResult::StoreFailed(error.to_string())
+}
+
+/// The record's own headers, then where it came from and why it failed.
+fn dead_letter_headers(
+    message: &BorrowedMessage<'_>,
+    message_id: &str,
+    attempts: u32,
+    error: &str,
+) -> OwnedHeaders {
+    let mut headers = OwnedHeaders::new();
+    if let Some(original) = message.headers() {
+        for header in original.iter() {
+            headers = headers.insert(header);
+        }
+    }
+    let facts = [
+        ("dead-letter-topic", message.topic().to_owned()),
+        ("dead-letter-partition", message.partition().to_string()),
+        ("dead-letter-offset", message.offset().to_string()),
+        ("dead-letter-message-id", message_id.to_owned()),
+        ("dead-letter-attempts", attempts.to_string()),
+        ("dead-letter-error", error.chars().take(1024).collect()),
+    ];
+    for (key, value) in &facts {
+        headers = headers.insert(Header {
+            key,
+            value: Some(value.as_bytes()),
+        });
+    }
+    headers
 }
 
 /// The identity a record is claimed under. A record without the configured identity falls back

@@ -16,8 +16,8 @@ pub use dedup::{event_message_id, ConsumerConfig, DeduplicatingHandler, HandleEr
 pub use error::ClientError;
 #[cfg(feature = "kafka")]
 pub use kafka::{
-    record_identity, CommitPolicy, Delivery, DeliveryResult, KafkaConsumerConfig, KafkaDeduplicatingConsumer,
-    KafkaLoopError, MessageIdSource,
+    record_identity, CommitPolicy, DeadLetterPolicy, Delivery, DeliveryResult, KafkaConsumerConfig,
+    KafkaDeduplicatingConsumer, KafkaLoopError, MessageIdSource,
 };
 pub use phases::PhaseManager;
 /// The `rdkafka` this crate is built with, so a consumer names the same message types.

@@ -773,6 +773,16 @@ async fn complete_message(
     let result = state.storage.complete(&request, now_ms()).await;
     observe(&state, "message_complete", &done.id.service, started, &result);
     result?;
+    if let Some(note) = &done.dead_letter {
+        state
+            .metrics
+            .message_dead_letters
+            .with_label_values(&[done.id.topic.as_str(), done.id.consumer_group.as_str()])
+            .inc();
+        tracing::warn!(topic = %done.id.topic, consumer_group = %done.id.consumer_group,
+            dead_letter_topic = %note.topic, attempts = note.attempts, reason = %note.reason,
+            "message dead-lettered");
+    }
     Ok(Json(json!({"ok": true})))
 }
 

@@ -17,6 +17,10 @@ use crate::storage::StorageError;
 /// never make one: theirs start with `header:`, `auth:`, `peer:` or `jwt:`, or are empty).
 pub const SCOPE_PREFIX: &str = "message:";
 
+/// Header on a message record's stored response that says how the message ended, when it did not
+/// end by its handler succeeding (`dead_lettered`).
+pub const OUTCOME_HEADER: &str = "idempotency-message-outcome";
+
 /// Fingerprint of every message record (a message id has no parameters to compare).
 pub const MESSAGE_FINGERPRINT: &str = "message";
 
@@ -73,6 +77,17 @@ pub fn claim_response(response: AcquireResponse) -> Result<ClaimResponse, Storag
 /// `retention_ms` the record keeps the retention its claim asked for: a completion that named
 /// none must never make the dedup record expire at once.
 pub fn complete_request(done: &MessageDoneRequest) -> CompleteRequest {
+    // A dead-lettered message's record says where it went and why (admin API, `idempotencyctl`).
+    let (headers, body) = match &done.dead_letter {
+        None => (Vec::new(), Vec::new()),
+        Some(note) => (
+            vec![
+                (OUTCOME_HEADER.to_owned(), "dead_lettered".to_owned()),
+                ("content-type".to_owned(), "application/json".to_owned()),
+            ],
+            serde_json::to_vec(note).unwrap_or_default(),
+        ),
+    };
     CompleteRequest {
         id: record_id(&done.id),
         record_id: done.record_id.clone(),
@@ -80,8 +95,8 @@ pub fn complete_request(done: &MessageDoneRequest) -> CompleteRequest {
         attempt_id: done.attempt_id.clone(),
         response: StoredResponse {
             status: 200,
-            headers: Vec::new(),
-            body: Vec::new(),
+            headers,
+            body,
             body_omitted: false,
             trailers: Vec::new(),
         },
@@ -127,6 +142,7 @@ mod tests {
                 fencing_token: 1,
                 attempt_id: "a".into(),
                 retention_ms: Some(1),
+                dead_letter: None,
             })
             .response,
             expires_at_ms: None,

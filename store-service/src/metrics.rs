@@ -45,6 +45,8 @@ pub struct Metrics {
     pub message_dedup_hits: IntCounterVec,
     /// Message claims by outcome.
     pub message_claims: IntCounterVec,
+    /// Messages completed as dead-lettered (their handler failed `max_attempts` times).
+    pub message_dead_letters: IntCounterVec,
     /// Attempts whose outcome the proxy could not know (lock kept until it expires), by reason.
     pub outcome_unknown: IntCounterVec,
     /// Acquires the proxy gave up on, by whether the abandon released a lock.
@@ -233,6 +235,12 @@ impl Metrics {
                 "idempotency_message_claims_total",
                 "Message claims by outcome",
                 &["topic", "consumer_group", "outcome"],
+            )?,
+            message_dead_letters: counter(
+                &registry,
+                "idempotency_message_dead_letters_total",
+                "Messages a consumer gave up on after max_attempts and produced to its dead-letter topic",
+                &["topic", "consumer_group"],
             )?,
             batch_calls: registered(
                 &registry,

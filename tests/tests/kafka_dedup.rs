@@ -427,3 +427,169 @@ async fn each_event_is_handled_once_across_duplicates_failures_and_a_rebalance_a
     assert!(metrics.lines().any(|l| l == format!("{series} 5")), "{metrics}");
     assert_eq!(metric_sum(&metrics, "message_deduplication_hits_total"), 5.0);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_store_outage_after_the_handler_ran_costs_time_not_a_second_run() {
+    // The handler of e1 writes the ledger, then takes 1 s; the store goes down for 5 s right
+    // after it ran. The consumer retries `complete` while its claim (30 s) holds: e1 runs once,
+    // then e2, in order.
+    let dir = tempfile::tempdir().unwrap();
+    let broker = Broker::start(dir.path()).await;
+    let store_port = free_port();
+    let data = dir.path().join("store-data");
+    let store_url = format!("http://127.0.0.1:{store_port}");
+    let mut store = e2e::spawn_store(dir.path(), store_port, &data, &[], "store.log");
+    e2e::wait_ready(
+        &format!("{store_url}/readyz"),
+        &mut store,
+        Duration::from_secs(30),
+    )
+    .await;
+    broker.create_topic(TOPIC, 1).await;
+    let member = Member::start(
+        dir.path(),
+        "member",
+        &broker,
+        &store_url,
+        &["--commit-each", "--pause-after-handling", "e1:1000"],
+    );
+    broker.publish("e1", 0).await;
+    broker.publish("e2", 0).await;
+    let context = || format!("{}\nledger: {:?}", member.proc.output(), ledger(dir.path()));
+    wait_until(
+        "e1's handler to run",
+        Duration::from_secs(60),
+        || ledger(dir.path()).contains_key("e1"),
+        context,
+    )
+    .await;
+    store.kill();
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let mut store = e2e::spawn_store(dir.path(), store_port, &data, &[], "store-2.log");
+    e2e::wait_ready(
+        &format!("{store_url}/readyz"),
+        &mut store,
+        Duration::from_secs(30),
+    )
+    .await;
+    wait_until(
+        "e1 and e2 processed",
+        Duration::from_secs(30),
+        || member.count("Processed") == 2,
+        context,
+    )
+    .await;
+    let runs = ledger(dir.path());
+    assert_eq!(runs.get("e1"), Some(&1), "e1 ran once: {runs:?}");
+    assert_eq!(runs.get("e2"), Some(&1), "{runs:?}");
+    assert_eq!(
+        member.count("StoreFailed"),
+        0,
+        "the complete was retried, not given up"
+    );
+}
+
+/// The records of `topic` (partition 0) with their headers.
+fn read_topic(broker: &Broker, topic: &str, expected: usize) -> Vec<BTreeMap<String, String>> {
+    use rdkafka::message::{Headers, Message};
+    let consumer: BaseConsumer = broker
+        .config()
+        .set("group.id", "dead-letter-reader")
+        .set("enable.auto.commit", "false")
+        .create()
+        .unwrap();
+    let mut list = TopicPartitionList::new();
+    list.add_partition_offset(topic, 0, Offset::Beginning).unwrap();
+    consumer.assign(&list).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let mut records = Vec::new();
+    while records.len() < expected && Instant::now() < deadline {
+        if let Some(Ok(message)) = consumer.poll(Duration::from_millis(500)) {
+            let mut headers = BTreeMap::new();
+            if let Some(h) = message.headers() {
+                for header in h.iter() {
+                    headers.insert(
+                        header.key.to_owned(),
+                        String::from_utf8_lossy(header.value.unwrap_or_default()).into_owned(),
+                    );
+                }
+            }
+            records.push(headers);
+        }
+    }
+    records
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_poison_record_is_dead_lettered_after_max_attempts_and_the_partition_moves_on() {
+    const DEAD_LETTERS: &str = "orders.received.dlq";
+    let dir = tempfile::tempdir().unwrap();
+    let broker = Broker::start(dir.path()).await;
+    let (_store, store_url) = ready_store(dir.path()).await;
+    broker.create_topic(TOPIC, 1).await;
+    broker.create_topic(DEAD_LETTERS, 1).await;
+    let member = Member::start(
+        dir.path(),
+        "member",
+        &broker,
+        &store_url,
+        &[
+            "--commit-each",
+            "--fail-always",
+            "poison",
+            "--dead-letter-topic",
+            DEAD_LETTERS,
+            "--max-attempts",
+            "3",
+        ],
+    );
+    broker.publish("poison", 0).await;
+    broker.publish("after", 0).await;
+    let context = || format!("{}\nledger: {:?}", member.proc.output(), ledger(dir.path()));
+    wait_until(
+        "the record after the poison one to be handled",
+        Duration::from_secs(60),
+        || ledger(dir.path()).contains_key("after"),
+        context,
+    )
+    .await;
+    assert_eq!(member.count("HandlerFailed"), 2, "{}", context());
+    assert_eq!(member.count("DeadLettered"), 1, "{}", context());
+    assert_eq!(member.deliveries()[&(0, 0)], "DeadLettered");
+
+    // The dead-letter topic holds it, with where it came from and why.
+    let dead = read_topic(&broker, DEAD_LETTERS, 1);
+    assert_eq!(dead.len(), 1, "{dead:?}");
+    assert_eq!(dead[0]["ce_id"], "poison");
+    assert_eq!(dead[0]["dead-letter-topic"], TOPIC);
+    assert_eq!(dead[0]["dead-letter-offset"], "0");
+    assert_eq!(dead[0]["dead-letter-attempts"], "3");
+    assert!(
+        dead[0]["dead-letter-error"].contains("inventory service unavailable"),
+        "{dead:?}"
+    );
+
+    // Committed past both; the store counts it and skips a producer's duplicate of it.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(broker.committed(1).get(&0), Some(&2));
+    let metrics = reqwest::get(format!("{store_url}/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert_eq!(
+        metric_sum(&metrics, "idempotency_message_dead_letters_total"),
+        1.0,
+        "{metrics}"
+    );
+    broker.publish("poison", 0).await;
+    wait_until(
+        "the duplicate of the dead-lettered record to be skipped",
+        Duration::from_secs(30),
+        || member.count("Duplicate") == 1,
+        context,
+    )
+    .await;
+    assert!(!ledger(dir.path()).contains_key("poison"));
+}

@@ -397,6 +397,21 @@ pub struct MessageDoneRequest {
     /// How long the dedup record is kept (complete only); absent: the claim's `retention_ms`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub retention_ms: Option<u64>,
+    /// Complete only: the handler failed for good and the message went to a dead-letter topic
+    /// (the record says so; later deliveries are still duplicates).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dead_letter: Option<DeadLetterNote>,
+}
+
+/// Where a message that failed `attempts` times went, and why.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeadLetterNote {
+    /// The dead-letter topic it was produced to.
+    pub topic: String,
+    /// The handler's last error.
+    pub reason: String,
+    /// How many times the handler ran and failed.
+    pub attempts: u32,
 }
 
 /// Error body of every non-2xx store answer.

@@ -10,7 +10,8 @@ use std::time::Duration;
 
 use clap::Parser;
 use idempotency_client::{
-    CommitPolicy, DeliveryResult, KafkaConsumerConfig, KafkaDeduplicatingConsumer, StoreClient,
+    CommitPolicy, DeadLetterPolicy, DeliveryResult, KafkaConsumerConfig, KafkaDeduplicatingConsumer,
+    StoreClient,
 };
 use rdkafka::consumer::Consumer;
 use rdkafka::message::{Headers, Message, OwnedMessage};
@@ -44,6 +45,19 @@ struct Args {
     /// The first handler run for this event id fails (the claim is released, the record retried).
     #[arg(long)]
     fail_first: Option<String>,
+    /// Every handler run for this event id fails (a poison record).
+    #[arg(long)]
+    fail_always: Option<String>,
+    /// After handling this event id (ledger written), wait this long before returning:
+    /// `ID:MILLISECONDS` (lets a test stop the store between the handler and its `complete`).
+    #[arg(long)]
+    pause_after_handling: Option<String>,
+    /// Dead-letter topic (with `--max-attempts`).
+    #[arg(long)]
+    dead_letter_topic: Option<String>,
+    /// Handler runs before a record is dead-lettered.
+    #[arg(long, default_value_t = 3)]
+    max_attempts: u32,
     /// librdkafka `session.timeout.ms`.
     #[arg(long, default_value_t = 6000)]
     session_timeout_ms: u64,
@@ -79,6 +93,10 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         CommitPolicy::Periodic(Duration::from_millis(args.commit_interval_ms))
     };
     config.retry_pause = Duration::from_millis(200);
+    config.dead_letter = args.dead_letter_topic.clone().map(|topic| DeadLetterPolicy {
+        topic,
+        max_attempts: args.max_attempts,
+    });
     config
         .settings
         .push(("session.timeout.ms".into(), args.session_timeout_ms.to_string()));
@@ -89,15 +107,30 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let failed_once = Arc::new(AtomicBool::new(false));
     let ledger = args.ledger.clone();
     let fail_first = args.fail_first.clone();
+    let fail_always = args.fail_always.clone();
+    let pause_after = args
+        .pause_after_handling
+        .as_deref()
+        .and_then(|spec| spec.split_once(':'))
+        .map(|(id, ms)| (id.to_owned(), Duration::from_millis(ms.parse().unwrap_or(0))));
     let handler = move |message: OwnedMessage| {
         let id = event_id(&message);
-        let fail = fail_first.as_deref() == Some(id.as_str()) && !failed_once.swap(true, Ordering::SeqCst);
+        let fail = (fail_first.as_deref() == Some(id.as_str()) && !failed_once.swap(true, Ordering::SeqCst))
+            || fail_always.as_deref() == Some(id.as_str());
+        let pause = pause_after
+            .as_ref()
+            .filter(|(paused, _)| *paused == id)
+            .map(|(_, pause)| *pause);
         let ledger = ledger.clone();
         async move {
             if fail {
                 return Err(format!("{id}: inventory service unavailable"));
             }
-            append_line(&ledger, &id).map_err(|e| e.to_string())
+            append_line(&ledger, &id).map_err(|e| e.to_string())?;
+            if let Some(pause) = pause {
+                tokio::time::sleep(pause).await;
+            }
+            Ok(())
         }
     };
     let store = StoreClient::new(args.store, Some(args.token))?;
@@ -108,7 +141,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         // Only the receive races the assignment check: a delivery, once started, runs to its end.
         tokio::select! {
             message = consumer.recv() => {
-                let delivery = consumer.deliver(message?).await;
+                let delivery = consumer.deliver(message?).await?;
                 let result = match &delivery.result {
                     DeliveryResult::StoreFailed(error) => format!("store_failed: {error}"),
                     other => format!("{other:?}"),
