@@ -113,15 +113,24 @@ pub async fn gateway(
     upstream: u16,
     block_router_retries: bool,
 ) -> (String, crate::Proc, crate::Proc) {
-    envoy_in_front_of(
+    gateway_with_plugin(
         dir,
         upstream,
         &json!({"block_router_retries": block_router_retries}),
-        |config| {
-            default_route(config)["route"]["retry_policy"] =
-                json!({"retry_on": "5xx,reset,connect-failure", "num_retries": 2});
-        },
     )
+    .await
+}
+
+/// [`gateway`] with the filter configured by `plugin` (over the test defaults).
+pub async fn gateway_with_plugin(
+    dir: &std::path::Path,
+    upstream: u16,
+    plugin: &Value,
+) -> (String, crate::Proc, crate::Proc) {
+    envoy_in_front_of(dir, upstream, plugin, |config| {
+        default_route(config)["route"]["retry_policy"] =
+            json!({"retry_on": "5xx,reset,connect-failure", "num_retries": 2});
+    })
     .await
 }
 
@@ -169,4 +178,94 @@ pub async fn impatient_hop(upstream: u16, patience: Duration) -> u16 {
         let _ = axum::serve(listener, app).await;
     });
     port
+}
+
+/// What an upstream of the gateway storm ran: executions per idempotency key, and how many times
+/// two runs of one key overlapped.
+#[derive(Debug, Default)]
+pub struct WorkLedger {
+    /// Runs per key.
+    pub executions: std::collections::HashMap<String, u64>,
+    /// Runs per key in progress right now.
+    running: std::collections::HashMap<String, u64>,
+    /// Times a run started while another of the same key was running.
+    pub overlaps: u64,
+}
+
+/// An upstream that does each request's work (counted per `idempotency-key` in the ledger, taking
+/// 100–400 ms), then answers 201 — or, for `reset_percent` of the runs, resets the connection
+/// instead of answering, as a crashing app behind a gateway does. One request per connection.
+pub async fn work_then_reset_upstream(reset_percent: u64) -> (u16, Arc<std::sync::Mutex<WorkLedger>>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let ledger = Arc::new(std::sync::Mutex::new(WorkLedger::default()));
+    let shared = ledger.clone();
+    let draws = Arc::new(AtomicU64::new(0x9E37_79B9_7F4A_7C15));
+    tokio::spawn(async move {
+        while let Ok((mut socket, _)) = listener.accept().await {
+            let (ledger, draws) = (shared.clone(), draws.clone());
+            tokio::spawn(async move {
+                let Some(key) = read_request_key(&mut socket).await else {
+                    return;
+                };
+                {
+                    let mut l = ledger.lock().unwrap();
+                    *l.executions.entry(key.clone()).or_insert(0) += 1;
+                    let running = l.running.entry(key.clone()).or_insert(0);
+                    *running += 1;
+                    if *running > 1 {
+                        l.overlaps += 1;
+                    }
+                }
+                // A splitmix step: a fair, reproducible spread of work times and resets.
+                let draw = draws.fetch_add(0x9E37_79B9_7F4A_7C15, Ordering::SeqCst);
+                let mixed = (draw ^ (draw >> 31)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+                tokio::time::sleep(Duration::from_millis(100 + mixed % 300)).await;
+                if let Some(running) = ledger.lock().unwrap().running.get_mut(&key) {
+                    *running -= 1;
+                }
+                if (mixed >> 20) % 100 < reset_percent {
+                    let _ = socket.set_zero_linger();
+                    return; // the work is done; the answer never comes
+                }
+                let body = format!("{{\"orderId\":\"ORD-{key}\"}}");
+                let response = format!(
+                    "HTTP/1.1 201 Created\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                    body.len()
+                );
+                let _ = socket.write_all(response.as_bytes()).await;
+                let _ = socket.shutdown().await;
+            });
+        }
+    });
+    (port, ledger)
+}
+
+/// Read one HTTP/1.1 request (head and `content-length` body); its `idempotency-key`.
+async fn read_request_key(socket: &mut tokio::net::TcpStream) -> Option<String> {
+    let mut request = Vec::new();
+    let mut buffer = [0u8; 4096];
+    loop {
+        let n = socket.read(&mut buffer).await.ok()?;
+        if n == 0 {
+            return None;
+        }
+        request.extend_from_slice(&buffer[..n]);
+        let text = String::from_utf8_lossy(&request);
+        let Some((head, body)) = text.split_once("\r\n\r\n") else {
+            continue;
+        };
+        let header = |name: &str| {
+            head.lines().find_map(|l| {
+                let (n, v) = l.split_once(':')?;
+                n.trim().eq_ignore_ascii_case(name).then(|| v.trim().to_owned())
+            })
+        };
+        let length = header("content-length")
+            .and_then(|v| v.parse::<usize>().ok())
+            .unwrap_or(0);
+        if body.len() >= length {
+            return Some(header("idempotency-key").unwrap_or_default());
+        }
+    }
 }

@@ -1,6 +1,7 @@
 //! Fault injection with real processes: concurrent retries over many keys, the store killed and
 //! restarted under load, a slow store, the upstream killed mid-request, Envoy restarted under
-//! load. Zero duplicate executions, zero completed records lost, every failure a clean status.
+//! load, a gateway route that retries in front of an upstream that resets after the work. Zero
+//! duplicate executions, zero completed records lost, every failure a clean status.
 //!
 //! Scale: `CHAOS_KEYS` keys × `CHAOS_PER_KEY` concurrent requests per key (short defaults for
 //! `make test`; `make chaos` runs 1000 × 64). Each scenario writes its figures to
@@ -510,5 +511,98 @@ async fn clients_that_time_out_and_retry_at_once_never_cause_a_second_execution(
                "keys_executed": executed.iter().filter(|n| **n == 1).count(),
                "faults": "upstream SIGKILL + restart mid-storm",
                "duplicates": dups, "overlaps": 0}),
+    );
+}
+
+/// Storm a gateway route (retrying `5xx,reset,connect-failure` twice) in front of an upstream
+/// that resets after doing the work on a third of its runs, with impatient clients (give up
+/// after 250 ms, retry every 300 ms with the same key). Returns (keys, ledger, client outcomes,
+/// seconds).
+async fn gateway_storm(
+    plugin: &Value,
+) -> (
+    Vec<String>,
+    std::sync::Arc<std::sync::Mutex<e2e::gateway::WorkLedger>>,
+    Vec<u16>,
+    f64,
+) {
+    let (n_keys, per_key) = scale();
+    let clients_per_key = per_key.min(8);
+    let dir = tempfile::tempdir().unwrap();
+    let (upstream, ledger) = e2e::gateway::work_then_reset_upstream(33).await;
+    let (url, _store, _envoy) = e2e::gateway::gateway_with_plugin(dir.path(), upstream, plugin).await;
+    let keys = keys("gateway", n_keys);
+    let client = reqwest::Client::builder()
+        .pool_max_idle_per_host(512)
+        .build()
+        .unwrap();
+    let attempts = keys
+        .iter()
+        .flat_map(|k| std::iter::repeat_n(k.clone(), clients_per_key))
+        .collect::<Vec<_>>();
+    let started = Instant::now();
+    let outcomes: Vec<u16> = futures::stream::iter(attempts.into_iter().map(|key| {
+        let (client, url) = (client.clone(), url.clone());
+        async move {
+            let mut seen = Vec::new();
+            for attempt in 0..GATEWAY_STORM_ATTEMPTS {
+                if attempt > 0 {
+                    tokio::time::sleep(Duration::from_millis(300)).await;
+                }
+                let outcome = client
+                    .post(format!("{url}/api/v1/orders"))
+                    .header("Idempotency-Key", &key)
+                    .json(&json!({"sku": "GATEWAY"}))
+                    .timeout(Duration::from_millis(250))
+                    .send()
+                    .await;
+                seen.push(outcome.map(|r| r.status().as_u16()).unwrap_or(0));
+            }
+            seen
+        }
+    }))
+    .buffer_unordered(128)
+    .collect::<Vec<Vec<u16>>>()
+    .await
+    .into_iter()
+    .flatten()
+    .collect();
+    let elapsed = started.elapsed().as_secs_f64();
+    tokio::time::sleep(Duration::from_millis(600)).await; // let the last runs finish
+    (keys, ledger, outcomes, elapsed)
+}
+
+const GATEWAY_STORM_ATTEMPTS: usize = 3;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gateway_storm_with_router_retries_and_resetting_upstreams_never_runs_a_key_twice() {
+    let _one_at_a_time = ONE_STORM_AT_A_TIME.lock().await;
+    let (keys, ledger, outcomes, seconds) = gateway_storm(&json!({"store_timeout": "10s"})).await;
+    let ledger = ledger.lock().unwrap();
+    let dups = keys
+        .iter()
+        .filter(|k| ledger.executions.get(k.as_str()).copied().unwrap_or(0) > 1)
+        .count();
+    assert_eq!(dups, 0, "a key ran twice: {:?}", ledger.executions);
+    assert_eq!(ledger.overlaps, 0, "two runs of one key overlapped");
+    let executed = keys
+        .iter()
+        .filter(|k| ledger.executions.contains_key(k.as_str()))
+        .count();
+    assert!(executed > 0, "nothing ran");
+    let unexpected: Vec<u16> = outcomes
+        .iter()
+        .copied()
+        .filter(|s| !matches!(s, 0 | 201 | 409 | 503))
+        .collect();
+    assert!(unexpected.is_empty(), "{unexpected:?}");
+    let tally = |wanted: u16| outcomes.iter().filter(|s| **s == wanted).count();
+    report(
+        "gateway_storm",
+        json!({"keys": keys.len(), "clients_per_key": scale().1.min(8), "attempts_per_client": GATEWAY_STORM_ATTEMPTS,
+               "requests": outcomes.len(), "client_timeouts": tally(0), "answered_201": tally(201),
+               "answered_409": tally(409), "answered_503": tally(503), "keys_executed": executed,
+               "faults": "route retry_policy 5xx,reset,connect-failure x2; upstream resets after the work on ~33% of runs",
+               "duplicates": dups, "overlaps": ledger.overlaps, "seconds": seconds}),
     );
 }

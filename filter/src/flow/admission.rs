@@ -39,6 +39,9 @@ pub struct Pending {
     pub record_mode: RecordMode,
     /// A gRPC request (`application/grpc*`).
     pub grpc: bool,
+    /// The caller asked Envoy for retries or hedging (one of `CALLER_RETRY_HEADERS`), which
+    /// `block_router_retries` removes.
+    pub caller_retry_headers: bool,
 }
 
 impl Pending {
@@ -214,6 +217,9 @@ pub fn admit(
             in_progress_wait: policy.in_progress_wait,
             record_mode: policy.record_mode,
             grpc,
+            caller_retry_headers: headers
+                .iter()
+                .any(|(name, _)| super::CALLER_RETRY_HEADERS.contains(&name.as_str())),
         }),
     }
 }

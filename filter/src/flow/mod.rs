@@ -725,7 +725,11 @@ impl RequestFlow {
                     grpc: self.grpc,
                     record_mode: pending.record_mode,
                 };
-                if let Err(e) = set_internal_headers(host, &held, self.config.block_router_retries) {
+                let block = RouterRetries {
+                    block: self.config.block_router_retries,
+                    remove_caller_headers: pending.caller_retry_headers,
+                };
+                if let Err(e) = set_internal_headers(host, &held, block) {
                     // We hold the lock but cannot tell the upstream; the request never left.
                     if let Ok(write) = calls::release(&held) {
                         host.count(Counter::LockReleased);
@@ -1351,15 +1355,32 @@ fn humantime_secs(duration: Duration) -> String {
 /// the client's own retry runs it.)
 pub const MAX_RETRIES_HEADER: &str = "x-envoy-max-retries";
 
+/// A caller's requests for retries and hedging, removed from a tracked request with
+/// `block_router_retries` (Envoy honours them from callers it treats as internal): with
+/// `x-envoy-max-retries: 0` the router would not act on them, and the upstream should not see
+/// a retry policy that does not apply.
+pub const CALLER_RETRY_HEADERS: [&str; 5] = [
+    "x-envoy-retry-on",
+    "x-envoy-retry-grpc-on",
+    "x-envoy-retriable-status-codes",
+    "x-envoy-retriable-header-names",
+    "x-envoy-hedge-on-per-try-timeout",
+];
+
 /// Tell the upstream which record it runs under (and where to resume), and, with
 /// `block_router_retries`, tell Envoy's router to send it once.
 fn set_internal_headers(
     host: &dyn Host,
     held: &Held,
-    block_router_retries: bool,
+    retries: RouterRetries,
 ) -> Result<(), crate::host::HostError> {
-    if block_router_retries {
+    if retries.block {
         host.set_request_header(MAX_RETRIES_HEADER, Some("0"))?;
+        if retries.remove_caller_headers {
+            for name in CALLER_RETRY_HEADERS {
+                host.set_request_header(name, None)?;
+            }
+        }
     }
     host.set_request_header(headers::RECORD_ID, Some(&held.lock.record_id))?;
     host.set_request_header(headers::FENCING_TOKEN, Some(&held.lock.fencing_token.to_string()))?;
@@ -1377,6 +1398,16 @@ fn set_internal_headers(
 }
 
 pub(crate) use calls::millis;
+
+/// What a tracked request tells Envoy's router about retries.
+#[derive(Clone, Copy)]
+struct RouterRetries {
+    /// `block_router_retries`: send it once.
+    block: bool,
+    /// The caller sent retry or hedging headers, to remove (only read when blocking; removing
+    /// absent ones would cost five host calls per execution).
+    remove_caller_headers: bool,
+}
 
 /// The acquire a reply answers: its attempt id and deadline (to abandon it if the answer is
 /// lost), and whether it already waited in the store.

@@ -176,7 +176,16 @@ fn a_tracked_request_tells_envoys_router_to_send_it_once_unless_configured_other
         (r#","block_router_retries":false"#, None),
     ] {
         let mut flow = flow(extra);
-        let host = post("k1", b"{}");
+        let host = MockHost::with_request(
+            "POST",
+            "/api/v1/orders",
+            &[
+                ("idempotency-key", "k1"),
+                ("x-envoy-retry-on", "5xx"),
+                ("x-envoy-retriable-status-codes", "201"),
+            ],
+            b"{}",
+        );
         let token = start_keyed_post(&mut flow, &host);
         flow.on_callout_reply(&host, token, reply(200, &acquired(1, None)));
         let set = host.calls().into_iter().find_map(|call| match call {
@@ -184,5 +193,24 @@ fn a_tracked_request_tells_envoys_router_to_send_it_once_unless_configured_other
             _ => None,
         });
         assert_eq!(set.flatten(), expected, "{extra:?}");
+        // The caller's own retry and hedging requests go too (only with the block).
+        let removed: Vec<String> = host
+            .calls()
+            .into_iter()
+            .filter_map(|call| match call {
+                Call::SetRequestHeader(name, None) if name.starts_with("x-envoy-") => Some(name),
+                _ => None,
+            })
+            .collect();
+        if expected.is_some() {
+            for name in crate::flow::CALLER_RETRY_HEADERS {
+                assert!(
+                    removed.iter().any(|r| r == name),
+                    "{name} not removed: {removed:?}"
+                );
+            }
+        } else {
+            assert!(removed.is_empty(), "{removed:?}");
+        }
     }
 }
