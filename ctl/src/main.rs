@@ -1,7 +1,9 @@
-//! `idempotencyctl`: look at a record, purge one, list stuck locks, summarise the store's metrics.
+//! `idempotencyctl`: look at a record, purge one, list stuck locks, summarise the store's metrics,
+//! and check a deployment (`doctor`).
 //!
 //! Exit codes: 0 done; 1 not found; 2 usage (clap); 3 refused (401/403); 4 store unreachable or
-//! failing; 5 anything else (an answer it could not read). `--json` prints machine-readable
+//! failing; 5 anything else (an answer it could not read). `doctor`: 0 all good, 1 warnings,
+//! 2 errors, 4 the configuration could not be read. `--json` prints machine-readable
 //! output; errors go to stderr as one line.
 
 // `serde_json::Value` indexed by a name yields `Null` when absent: it never panics.
@@ -16,6 +18,8 @@ use clap::{Parser, Subcommand};
 use idempotency_wire::paths;
 use serde_json::Value;
 use thiserror::Error;
+
+mod doctor;
 
 /// Operator CLI for the idempotency store.
 #[derive(Debug, Parser)]
@@ -90,6 +94,9 @@ enum Command {
     },
     /// Summarise the store's metrics.
     Stats,
+    /// Check an Envoy setup (a file or a running Envoy's admin) and optionally the store: does
+    /// every keyed request keep the guarantee? Exit 0 all good, 1 warnings, 2 errors.
+    Doctor(doctor::DoctorArgs),
 }
 
 /// Why a command failed; each maps to an exit code.
@@ -102,6 +109,8 @@ enum CtlError {
     #[error("store unavailable: {0}")]
     Unavailable(String),
     #[error("{0}")]
+    Unreadable(String),
+    #[error("{0}")]
     Other(String),
 }
 
@@ -110,7 +119,7 @@ impl CtlError {
         match self {
             CtlError::NotFound(_) => 1,
             CtlError::Refused { .. } => 3,
-            CtlError::Unavailable(_) => 4,
+            CtlError::Unavailable(_) | CtlError::Unreadable(_) => 4,
             CtlError::Other(_) => 5,
         }
     }
@@ -299,8 +308,9 @@ fn metric_sum(text: &str, name: &str) -> f64 {
         .sum()
 }
 
-async fn run(cli: Cli) -> Result<(), CtlError> {
-    let token = match (&cli.token, &cli.token_file) {
+/// The admin token from `--token`, `IDEMPOTENCY_TOKEN` or `--token-file`.
+fn read_token(cli: &Cli) -> Result<Option<String>, CtlError> {
+    Ok(match (&cli.token, &cli.token_file) {
         (Some(token), _) => Some(token.clone()),
         (None, Some(path)) => Some(
             std::fs::read_to_string(path)
@@ -309,7 +319,12 @@ async fn run(cli: Cli) -> Result<(), CtlError> {
                 .to_owned(),
         ),
         (None, None) => None,
-    };
+    })
+}
+
+/// Run a command; its exit code (0, or doctor's verdict).
+async fn run(cli: Cli) -> Result<u8, CtlError> {
+    let token = read_token(&cli)?;
     let store = Store {
         base: cli.store.trim_end_matches('/').to_owned(),
         token,
@@ -409,6 +424,11 @@ async fn run(cli: Cli) -> Result<(), CtlError> {
                 );
             }
         }
+        Command::Doctor(args) => {
+            return doctor::run(&args, store.token.as_deref(), cli.json)
+                .await
+                .map_err(|e| CtlError::Unreadable(e.to_string()));
+        }
         Command::Stats => {
             let text = store
                 .send(store.http.get(store.url("/metrics")))
@@ -429,14 +449,14 @@ async fn run(cli: Cli) -> Result<(), CtlError> {
             }
         }
     }
-    Ok(())
+    Ok(0)
 }
 
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> ExitCode {
     let cli = Cli::parse();
     match run(cli).await {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(code) => ExitCode::from(code),
         Err(e) => {
             eprintln!("idempotencyctl: {e}");
             ExitCode::from(e.exit_code())

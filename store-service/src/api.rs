@@ -62,6 +62,8 @@ pub struct AppState {
     /// With `--trust-forwarded-client-cert`: the peers whose `x-forwarded-client-cert` names
     /// the caller; `None`: the header is never read.
     pub forwarded_identity: Option<Arc<TrustedProxies>>,
+    /// The replay listener's address (`--replay-listen`), reported by `/v1/info`.
+    pub replay_listen: Option<String>,
 }
 
 impl AppState {
@@ -84,6 +86,7 @@ impl AppState {
             waiters: Arc::new(Waiters::new(DEFAULT_MAX_WAITERS, DEFAULT_WAIT_POLL)),
             max_request_bytes: MAX_BODY_BYTES,
             forwarded_identity: None,
+            replay_listen: None,
         }
     }
 }
@@ -113,6 +116,7 @@ pub fn app(state: AppState) -> Router {
         .route(paths::MESSAGE_COMPLETE, post(complete_message))
         .route(paths::MESSAGE_RELEASE, post(release_message))
         .route(paths::BATCH, post(batch::batch))
+        .route(paths::INFO, get(info))
         .route_layer(middleware::from_fn_with_state(state.clone(), require_token));
     Router::new()
         .merge(v1)
@@ -160,7 +164,7 @@ fn permission_for(method: &axum::http::Method, path: &str) -> Permission {
         p if p == paths::CHECKPOINT => Permission::Checkpoint,
         p if p.starts_with("/v1/messages/") => Permission::Messages,
         p if p.starts_with(paths::RECORDS) && method == axum::http::Method::DELETE => Permission::AdminPurge,
-        p if p.starts_with(paths::RECORDS) => Permission::AdminRead,
+        p if p.starts_with(paths::RECORDS) || p == paths::INFO => Permission::AdminRead,
         _ => Permission::ProxyCalls,
     }
 }
@@ -799,6 +803,23 @@ async fn release_message(
     observe(&state, "message_release", &done.id.service, started, &result);
     result?;
     Ok(Json(json!({"ok": true})))
+}
+
+/// What an operator (`idempotencyctl doctor`) checks: version, backend, whether durable commits
+/// are healthy, the replay listener, the credentials in force (names only), the store's clock.
+async fn info(State(state): State<AppState>) -> Json<serde_json::Value> {
+    let live = state.storage.live();
+    Json(json!({
+        "version": env!("CARGO_PKG_VERSION"),
+        "backend": state.storage.name(),
+        "durable_commits_healthy": live.is_ok(),
+        "durable_commits_error": live.err().map(|e| e.to_string()),
+        "replay_listen": state.replay_listen,
+        "authentication": state.auth.is_some(),
+        "credentials": state.auth.as_ref().map(|a| a.names()).unwrap_or_default(),
+        "trusts_forwarded_client_cert": state.forwarded_identity.is_some(),
+        "now_ms": now_ms(),
+    }))
 }
 
 /// Liveness: fails only when the process cannot recover without a restart (a failed journal

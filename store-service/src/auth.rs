@@ -381,6 +381,25 @@ impl Authenticator {
         self.current.read().ok()?.authenticate_identity(identities)
     }
 
+    /// The names of the credentials in force (never a token), sorted.
+    pub fn names(&self) -> Vec<String> {
+        let Ok(current) = self.current.read() else {
+            return Vec::new();
+        };
+        let names: BTreeSet<String> = current
+            .entries
+            .iter()
+            .map(|(_, principal)| principal.name.clone())
+            .chain(
+                current
+                    .identities
+                    .values()
+                    .flat_map(|p| p.name.split('+').map(str::to_owned).collect::<Vec<_>>()),
+            )
+            .collect();
+        names.into_iter().collect()
+    }
+
     /// (tokens, identities) in force, for logs.
     pub fn counts(&self) -> (usize, usize) {
         self.current

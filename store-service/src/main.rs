@@ -231,6 +231,7 @@ async fn main() -> ExitCode {
         max_request_bytes: config.max_request_bytes,
         forwarded_identity,
         auth,
+        replay_listen: config.replay_listen.map(|a| a.to_string()),
         ..AppState::new(storage.clone(), metrics, None)
     };
     let (api, replays) = match config.replay_listen {

@@ -35,6 +35,9 @@ pub mod paths {
     pub const REPLAY: &str = "/v1/replay";
     /// Record that a phase of a multi-phase operation is done.
     pub const CHECKPOINT: &str = "/v1/checkpoint";
+    /// Admin: the store's version, backend, durable-commit health, replay listener, credential
+    /// names and clock (`idempotencyctl doctor`).
+    pub const INFO: &str = "/v1/info";
     /// Admin: read or purge one record (`/v1/records?service=&scope=&key=`).
     pub const RECORDS: &str = "/v1/records";
     /// Admin: in-progress records of a service, in pages
