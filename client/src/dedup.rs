@@ -46,6 +46,7 @@ pub struct DeduplicatingHandler<H> {
     store: StoreClient,
     config: ConsumerConfig,
     handler: H,
+    owed: std::sync::Arc<CompletionsOwed>,
 }
 
 /// First pause before a failed `complete` is tried again; it doubles up to
@@ -83,6 +84,7 @@ where
             store,
             config,
             handler,
+            owed: std::sync::Arc::default(),
         }
     }
 
@@ -100,7 +102,7 @@ where
     pub async fn handle(&self, event: Event) -> Result<Outcome, HandleError<E>> {
         let id = self.message(&event);
         let limits = ClaimLimits::new(self.config.lock_timeout, self.config.retention_period);
-        handle_once(&self.store, id, limits, || (self.handler)(event)).await
+        handle_once(&self.store, id, limits, &self.owed, || (self.handler)(event)).await
     }
 }
 
@@ -171,7 +173,9 @@ pub(crate) async fn claim(
                 retention_ms: Some(limits.retention_ms),
                 dead_letter: None,
             },
-            expires_no_earlier_than: sent_at + Duration::from_millis(limits.lock_timeout_ms),
+            expires_no_earlier_than: sent_at
+                .checked_add(Duration::from_millis(limits.lock_timeout_ms))
+                .unwrap_or(sent_at + Duration::from_secs(365 * 24 * 3600)),
         })),
     })
 }
@@ -232,6 +236,40 @@ impl HeldClaim {
     }
 }
 
+/// Messages whose handler succeeded but whose `complete` could not reach the store before the
+/// claim expired: a redelivery to this consumer completes its new claim without running the
+/// handler again (another consumer, which cannot know, would run it: the remaining window).
+#[derive(Debug, Default)]
+pub(crate) struct CompletionsOwed(std::sync::Mutex<std::collections::HashSet<String>>);
+
+impl CompletionsOwed {
+    fn key(id: &MessageId) -> String {
+        format!(
+            "{}\u{0}{}\u{0}{}\u{0}{}",
+            id.service, id.topic, id.consumer_group, id.message_id
+        )
+    }
+
+    fn set(&self) -> std::sync::MutexGuard<'_, std::collections::HashSet<String>> {
+        self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// The handler of `id` succeeded; its completion is owed.
+    pub(crate) fn owe(&self, id: &MessageId) {
+        self.set().insert(Self::key(id));
+    }
+
+    /// True when `id`'s handler already succeeded here.
+    pub(crate) fn is_owed(&self, id: &MessageId) -> bool {
+        self.set().contains(&Self::key(id))
+    }
+
+    /// `id` is completed.
+    pub(crate) fn paid(&self, id: &MessageId) {
+        self.set().remove(&Self::key(id));
+    }
+}
+
 /// The deduplication step every consumer integration shares: claim `id`, run the handler only
 /// for a successful claim, complete the claim on success (retried while it holds), release it
 /// on failure.
@@ -239,20 +277,37 @@ pub(crate) async fn handle_once<R, F, E>(
     store: &StoreClient,
     id: MessageId,
     limits: ClaimLimits,
+    owed: &CompletionsOwed,
     run: R,
 ) -> Result<Outcome, HandleError<E>>
 where
     R: FnOnce() -> F,
     F: Future<Output = Result<(), E>>,
 {
-    let held = match claim(store, id, limits).await.map_err(HandleError::Store)? {
-        Claim::Duplicate => return Ok(Outcome::Duplicate),
+    let held = match claim(store, id.clone(), limits)
+        .await
+        .map_err(HandleError::Store)?
+    {
+        Claim::Duplicate => {
+            owed.paid(&id);
+            return Ok(Outcome::Duplicate);
+        }
         Claim::InProgress => return Ok(Outcome::InProgress),
         Claim::Held(held) => held,
     };
-    match run().await {
+    let result = if owed.is_owed(&id) {
+        tracing::info!(topic = %id.topic, "handler already succeeded here; completing the new claim without running it again");
+        Ok(())
+    } else {
+        run().await
+    };
+    match result {
         Ok(()) => {
-            held.complete(store).await.map_err(HandleError::Store)?;
+            if let Err(error) = held.complete(store).await {
+                owed.owe(&id);
+                return Err(HandleError::Store(error));
+            }
+            owed.paid(&id);
             Ok(Outcome::Processed)
         }
         Err(error) => {
@@ -375,5 +430,32 @@ mod tests {
         );
         // 0, 100, 300, 700, 1500 ms: the next pause (800 ms) would end past the claim.
         assert_eq!(completes.load(Ordering::SeqCst), 5);
+    }
+
+    #[tokio::test]
+    async fn a_redelivery_after_a_lost_complete_completes_without_running_the_handler_again() {
+        // Five failed completes: the first delivery gives up before its 1 s claim expires; the
+        // redelivery claims again and only completes.
+        let (url, completes) = flaky_store(5).await;
+        let runs = Arc::new(AtomicUsize::new(0));
+        let counted = runs.clone();
+        let config = ConsumerConfig {
+            service_name: "orders".into(),
+            topic: "t".into(),
+            consumer_group: "g".into(),
+            lock_timeout: Duration::from_secs(1),
+            retention_period: Duration::from_secs(600),
+        };
+        let handler = DeduplicatingHandler::new(StoreClient::new(url, None).unwrap(), config, move |_| {
+            counted.fetch_add(1, Ordering::SeqCst);
+            std::future::ready(Ok::<(), ()>(()))
+        });
+        assert!(matches!(
+            handler.handle(event()).await,
+            Err(HandleError::Store(_))
+        ));
+        assert_eq!(handler.handle(event()).await.unwrap(), Outcome::Processed);
+        assert_eq!(runs.load(Ordering::SeqCst), 1, "the handler ran once");
+        assert_eq!(completes.load(Ordering::SeqCst), 6);
     }
 }

@@ -73,7 +73,7 @@ use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::Offset;
 use serde::Deserialize;
 
-use crate::dedup::{claim, cloudevent_identity, Claim, ClaimLimits};
+use crate::dedup::{claim, cloudevent_identity, Claim, ClaimLimits, CompletionsOwed};
 use crate::StoreClient;
 
 /// Where a record's identity comes from.
@@ -265,6 +265,9 @@ pub enum KafkaLoopError {
         #[source]
         source: KafkaError,
     },
+    /// An earlier rewind failed ([`KafkaLoopError::Rewind`]): this consumer reads no more.
+    #[error("this consumer stopped after a failed rewind; create a new one")]
+    Halted,
 }
 
 /// An `rdkafka` consumer whose handler runs once per record identity.
@@ -277,6 +280,11 @@ pub struct KafkaDeduplicatingConsumer<H> {
     dead_letters: Option<FutureProducer>,
     /// Failed handler runs per record (topic, partition, offset) not yet handled.
     failures: Mutex<HashMap<(String, i32, i64), u32>>,
+    /// Records whose handler succeeded but whose claim could not be completed in time.
+    owed: CompletionsOwed,
+    /// Set when a rewind failed on a partition this member still owns: every later read
+    /// refuses, so nothing after the unhandled record is read (and committed) by this consumer.
+    halted: std::sync::atomic::AtomicBool,
 }
 
 impl<H> std::fmt::Debug for KafkaDeduplicatingConsumer<H> {
@@ -313,6 +321,8 @@ where
             handler,
             dead_letters,
             failures: Mutex::new(HashMap::new()),
+            owed: CompletionsOwed::default(),
+            halted: std::sync::atomic::AtomicBool::new(false),
         })
     }
 
@@ -344,6 +354,9 @@ where
 
     /// The next record from the broker. Cancel-safe: dropping the future loses no record.
     pub async fn recv(&self) -> Result<BorrowedMessage<'_>, KafkaLoopError> {
+        if self.halted.load(std::sync::atomic::Ordering::SeqCst) {
+            return Err(KafkaLoopError::Halted);
+        }
         self.consumer.recv().await.map_err(KafkaLoopError::Receive)
     }
 
@@ -360,20 +373,37 @@ where
             message_id: message_id.clone(),
         };
         let limits = ClaimLimits::new(self.config.lock_timeout, self.config.retention_period);
-        let result = match claim(&self.store, id, limits).await {
+        let result = match claim(&self.store, id.clone(), limits).await {
             Err(error) => store_failed(&message, &error),
-            Ok(Claim::Duplicate) => DeliveryResult::Duplicate,
+            Ok(Claim::Duplicate) => {
+                self.owed.paid(&id);
+                DeliveryResult::Duplicate
+            }
             Ok(Claim::InProgress) => DeliveryResult::InProgress,
-            Ok(Claim::Held(held)) => match (self.handler)(message.detach()).await {
-                Ok(()) => match held.complete(&self.store).await {
-                    Ok(()) => DeliveryResult::Processed,
-                    Err(error) => store_failed(&message, &error),
-                },
-                Err(error) => {
-                    self.on_handler_failure(&message, &message_id, &held, &error.to_string())
-                        .await
+            Ok(Claim::Held(held)) => {
+                // Succeeded here before, its complete lost with the store: complete, don't rerun.
+                let ran = if self.owed.is_owed(&id) {
+                    Ok(())
+                } else {
+                    (self.handler)(message.detach()).await.map_err(|e| e.to_string())
+                };
+                match ran {
+                    Ok(()) => match held.complete(&self.store).await {
+                        Ok(()) => {
+                            self.owed.paid(&id);
+                            DeliveryResult::Processed
+                        }
+                        Err(error) => {
+                            self.owed.owe(&id);
+                            store_failed(&message, &error)
+                        }
+                    },
+                    Err(error) => {
+                        self.on_handler_failure(&message, &message_id, &held, &error)
+                            .await
+                    }
                 }
-            },
+            }
         };
         match result {
             DeliveryResult::Processed | DeliveryResult::Duplicate | DeliveryResult::DeadLettered => {
@@ -472,6 +502,16 @@ where
         failures.remove(&(message.topic().to_owned(), message.partition(), message.offset()));
     }
 
+    /// True when this member is assigned `topic`/`partition` now.
+    fn owns(&self, topic: &str, partition: i32) -> bool {
+        self.consumer.assignment().is_ok_and(|assigned| {
+            assigned
+                .elements()
+                .iter()
+                .any(|e| e.topic() == topic && e.partition() == partition)
+        })
+    }
+
     /// The record is handled (now or before): commit it, or store its offset for the next
     /// periodic commit. A failed commit only means a redelivery, which the store skips.
     fn commit(&self, message: &BorrowedMessage<'_>) {
@@ -495,8 +535,18 @@ where
             Duration::from_secs(5),
         );
         if let Err(source) = seek {
-            // Reading on would hand us later records of this partition, whose commits would cover
-            // this unhandled one. Stop: a restarted consumer resumes from the last commit.
+            // Revoked meanwhile (a rebalance): its new owner resumes from the last commit, which
+            // is before this record, and this member reads nothing more of it.
+            if !self.owns(message.topic(), message.partition()) {
+                tracing::info!(error = %source, topic = message.topic(), partition = message.partition(),
+                    "partition revoked before its rewind; its new owner re-reads the record");
+                tokio::time::sleep(self.config.retry_pause).await;
+                return Ok(());
+            }
+            // Still ours: reading on would hand us later records of this partition, whose commits
+            // would cover this unhandled one. Stop for good: a restarted consumer resumes from
+            // the last commit.
+            self.halted.store(true, std::sync::atomic::Ordering::SeqCst);
             metrics::counter!("idempotency_consumer_rewind_failures_total", "topic" => message.topic().to_owned())
                 .increment(1);
             tracing::error!(error = %source, topic = message.topic(), partition = message.partition(),

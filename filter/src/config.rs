@@ -66,6 +66,11 @@ pub enum StatusMatcher {
 }
 
 impl StatusMatcher {
+    /// True when some status matches both.
+    pub fn overlaps(self, other: StatusMatcher) -> bool {
+        (100..=599).any(|s| self.matches(s) && other.matches(s))
+    }
+
     fn matches(&self, status: u16) -> bool {
         match self {
             StatusMatcher::Exact(code) => *code == status,
@@ -783,16 +788,22 @@ impl Config {
         fingerprint_headers.sort();
         fingerprint_headers.dedup();
 
+        // An explicit release list from before `unknown_statuses` existed (e.g. `["5xx"]`) keeps
+        // its meaning: it wins over the *default* unknown list (never over an explicit one).
+        let unknown_given = raw.unknown_statuses.is_some();
         let release_statuses = status_list(
             "release_statuses",
             raw.release_statuses,
             &DEFAULT_RELEASE_STATUSES,
         )?;
-        let unknown_statuses = status_list(
+        let mut unknown_statuses = status_list(
             "unknown_statuses",
             raw.unknown_statuses,
             &DEFAULT_UNKNOWN_STATUSES,
         )?;
+        if !unknown_given {
+            unknown_statuses.retain(|unknown| !release_statuses.iter().any(|r| r.overlaps(*unknown)));
+        }
         if let Some(status) = (100..=599).find(|&s| {
             release_statuses.iter().any(|m| m.matches(s)) && unknown_statuses.iter().any(|m| m.matches(s))
         }) {
@@ -806,11 +817,15 @@ impl Config {
             raw.release_grpc_statuses,
             &crate::grpc::DEFAULT_RELEASE_STATUSES,
         )?;
-        let unknown_grpc_statuses = grpc_status_list(
+        let unknown_grpc_given = raw.unknown_grpc_statuses.is_some();
+        let mut unknown_grpc_statuses = grpc_status_list(
             "unknown_grpc_statuses",
             raw.unknown_grpc_statuses,
             &crate::grpc::DEFAULT_UNKNOWN_STATUSES,
         )?;
+        if !unknown_grpc_given {
+            unknown_grpc_statuses.retain(|code| !release_grpc_statuses.contains(code));
+        }
         if let Some(status) = release_grpc_statuses
             .iter()
             .find(|s| unknown_grpc_statuses.contains(s))
@@ -1200,7 +1215,9 @@ pub(crate) mod tests {
         assert_eq!(custom.release_grpc_statuses, vec![14, 10]);
         let err = refused(r#"{"service_name":"o","release_grpc_statuses":["SOMETIMES"]}"#);
         assert!(err.to_string().contains("`release_grpc_statuses`"), "{err}");
-        let err = refused(r#"{"service_name":"o","release_grpc_statuses":["DEADLINE_EXCEEDED"]}"#);
+        let err = refused(
+            r#"{"service_name":"o","release_grpc_statuses":["DEADLINE_EXCEEDED"],"unknown_grpc_statuses":["DEADLINE_EXCEEDED"]}"#,
+        );
         assert!(err.to_string().contains("`unknown_grpc_statuses`"), "{err}");
         let err = refused(r#"{"service_name":"o","unknown_grpc_statuses":["NOPE"]}"#);
         assert!(err.to_string().contains("`unknown_grpc_statuses`"), "{err}");
@@ -1216,12 +1233,23 @@ pub(crate) mod tests {
     }
 
     #[test]
-    fn a_status_in_both_lists_is_refused_naming_it() {
-        // The old default ("5xx" released) now overlaps the unknown 502/504.
-        let err = refused(r#"{"service_name":"o","release_statuses":["5xx"]}"#);
+    fn an_explicit_release_list_wins_over_the_default_unknown_one_but_not_over_an_explicit_one() {
+        // A configuration written before `unknown_statuses` ("5xx" released) keeps working.
+        let config = parsed(r#"{"service_name":"o","release_statuses":["5xx"]}"#);
+        assert_eq!(config.judge_status(504), StatusVerdict::Release);
+        let config =
+            parsed(r#"{"service_name":"o","release_grpc_statuses":["DEADLINE_EXCEEDED","UNAVAILABLE"]}"#);
+        assert_eq!(config.judge_grpc_status(4), StatusVerdict::Release);
+        assert_eq!(
+            config.judge_grpc_status(1),
+            StatusVerdict::Unknown,
+            "CANCELLED stays unknown"
+        );
+        // Both written: a status in both is refused, named.
+        let err = refused(r#"{"service_name":"o","release_statuses":["5xx"],"unknown_statuses":["504"]}"#);
         let text = err.to_string();
         assert!(
-            text.contains("`unknown_statuses`") && text.contains("502"),
+            text.contains("`unknown_statuses`") && text.contains("504"),
             "{text}"
         );
         let config = parsed(r#"{"service_name":"o","release_statuses":["5xx"],"unknown_statuses":[]}"#);

@@ -60,8 +60,8 @@ pub enum UnknownReason {
     /// The upstream's gRPC status is in `unknown_grpc_statuses` (by default `DEADLINE_EXCEEDED`
     /// and `CANCELLED`: the server stopped waiting, its handler may have finished the work).
     UpstreamGrpcStatus,
-    /// Envoy's router made more than one attempt and not every earlier one provably never
-    /// reached the upstream (retries or an internal redirect).
+    /// Envoy's router made more than one attempt (a retry the filter could not stop): the
+    /// response describes the last one only, so an earlier one may have run the request.
     SeveralAttempts,
 }
 
@@ -100,7 +100,10 @@ pub fn never_left_envoy(details: &str) -> bool {
     if NEVER_SENT.iter().any(|d| details.starts_with(d)) {
         return true;
     }
-    details.starts_with("upstream_reset_before_response_started{") && details.contains("connection_failure")
+    // A connection that never opened, or an HTTP/2 REFUSED_STREAM (RFC 9113 §8.7: the server
+    // did not process the stream).
+    details.starts_with("upstream_reset_before_response_started{")
+        && (details.contains("connection_failure") || details.contains("refused_stream"))
 }
 
 /// Decide for a response with `status` and Envoy's `details` (`None` when Envoy did not say);
@@ -210,6 +213,7 @@ mod tests {
             "upstream_reset_before_response_started{remote_connection_failure,delayed_connect_error:_Connection_refused}",
             "upstream_reset_before_response_started{connection_failure}",
             "upstream_reset_before_response_started{overflow}",
+            "upstream_reset_before_response_started{remote_refused_stream_reset}",
             "no_healthy_upstream",
             "cluster_not_found",
         ] {

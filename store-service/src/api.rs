@@ -773,6 +773,13 @@ async fn complete_message(
     let request = messages::complete_request(&done);
     check_identity(&request.id)?;
     check_service(&principal, &done.id.service, Permission::Messages)?;
+    if let Some(note) = &done.dead_letter {
+        if note.topic.is_empty() || note.topic.len() > 249 || note.reason.len() > 4096 {
+            return Err(ApiError::BadRequest(
+                "dead_letter: topic must be 1 to 249 bytes (a Kafka topic name) and reason at most 4096 bytes".into(),
+            ));
+        }
+    }
     let started = Instant::now();
     let result = state.storage.complete(&request, now_ms()).await;
     observe(&state, "message_complete", &done.id.service, started, &result);

@@ -675,7 +675,9 @@ impl RequestFlow {
                         key_hash(&pending.id.key)
                     )
                 });
-                self.abandon(host, &pending.id, &attempt_id, deadline.min(host.now()));
+                // The acquire may still land until its deadline (a waiting one, long after the
+                // stream ended): "nothing to release" is believed only after it.
+                self.abandon(host, &pending.id, &attempt_id, deadline.max(host.now()));
             }
             State::Executing(held) => {
                 self.outcome_unknown(host, &held, UnknownReason::DownstreamDisconnect);
@@ -711,7 +713,7 @@ impl RequestFlow {
                 // sure no lock is left behind for an attempt we are refusing now. 400/401/403
                 // and 408 (arrived after its deadline) are definite: nothing was taken.
                 if !matches!(reply.status, Some(400 | 401 | 403 | 408)) {
-                    self.abandon(host, &pending.id, &attempt.attempt_id, attempt.deadline.min(now));
+                    self.abandon(host, &pending.id, &attempt.attempt_id, attempt.deadline.max(now));
                 }
                 self.storage_failure(host, &format!("acquire failed: {reason}"))
             }
@@ -1037,7 +1039,11 @@ impl RequestFlow {
             // Shadow never waits for the store: the root context asks it on the side.
             match self.acquire_body(&pending, &request, &attempt_id, now, Duration::ZERO) {
                 Ok((body, _, _)) => {
-                    let job = Rc::new(RefCell::new(ShadowJob::new(pending.id, &self.config)));
+                    let job = Rc::new(RefCell::new(ShadowJob::new(
+                        pending.id,
+                        &self.config,
+                        pending.grpc,
+                    )));
                     self.in_background(
                         host,
                         Some(BackgroundCall::shadow_acquire(paths::ACQUIRE, body, job.clone())),
@@ -1192,6 +1198,10 @@ impl RequestFlow {
                 self.config.max_response_size
             )
         });
+        if end_of_stream && held.grpc {
+            // A gRPC body that ends without trailers sent no final status: nothing is known.
+            return self.outcome_unknown(host, &held, UnknownReason::ResponseIncomplete);
+        }
         if end_of_stream {
             self.record_streamed(host, &held, status, headers);
         } else {

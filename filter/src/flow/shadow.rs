@@ -41,11 +41,14 @@ pub struct ShadowJob {
     /// The stream ended.
     stream_done: bool,
     retention_ms: u64,
+    /// A gRPC call: shadow does not read trailers, so it never records one (a record without
+    /// its final status would be replayed wrongly once the route is enforced); it releases.
+    grpc: bool,
 }
 
 impl ShadowJob {
     /// A job whose acquire is about to be queued.
-    pub(super) fn new(id: RecordId, config: &Config) -> ShadowJob {
+    pub(super) fn new(id: RecordId, config: &Config, grpc: bool) -> ShadowJob {
         ShadowJob {
             id,
             acquire_pending: true,
@@ -54,6 +57,7 @@ impl ShadowJob {
             recorded: false,
             stream_done: false,
             retention_ms: millis(config.retention_period),
+            grpc,
         }
     }
 
@@ -168,6 +172,7 @@ impl ShadowJob {
         }
         let complete = self.response.as_ref().filter(|c| c.complete);
         let call = match (complete, self.stream_done) {
+            (Some(_), _) if self.grpc => release_call(held),
             (Some(captured), _) => match captured.status {
                 Some(status) => {
                     let request = CompleteRequest {

@@ -305,6 +305,34 @@ fn a_stream_that_ends_during_its_acquire_abandons_it() {
 }
 
 #[test]
+fn a_waiting_acquire_abandoned_by_its_stream_is_watched_until_it_can_no_longer_land() {
+    // The second acquire waits up to 10 s in the store; the client leaves at once. The store may
+    // still grant it until its deadline (now + 1 s + 10 s): "nothing held" is not believed
+    // before that deadline has passed by the settle time.
+    let (mut flow, background, config) = flow_with_background(r#","in_progress_wait":"10s""#);
+    let host = post("k1", b"{}");
+    let token = start_keyed_post(&mut flow, &host);
+    let busy = AcquireResponse::InProgress {
+        lock_remaining_ms: 299_000,
+        outcome_unknown: false,
+    };
+    flow.on_callout_reply(&host, token, reply(200, &busy));
+    flow.on_stream_done(&host);
+    let nothing_held = CalloutReply {
+        status: Some(200),
+        body: br#"{"released":false}"#.to_vec(),
+    };
+    for (at_secs, still_watched) in [(7, true), (12, true), (17, false)] {
+        *host.clock_advance.borrow_mut() = std::time::Duration::from_secs(at_secs);
+        background.drain(&host, &config);
+        let (path, _, abandon) = last_dispatch(&host);
+        assert_eq!(path, "/v1/abandon");
+        background.on_reply(&host, &config, abandon, nothing_held.clone());
+        assert_eq!(background.queued() == 1, still_watched, "at +{at_secs} s");
+    }
+}
+
+#[test]
 fn a_key_in_progress_is_asked_again_waiting_in_the_store_with_a_longer_callout_timeout() {
     let mut flow = flow(r#","in_progress_wait":"2s""#);
     let host = post("k1", b"{}");
@@ -1159,6 +1187,15 @@ fn a_grpc_body_ending_without_a_status_keeps_the_lock() {
     assert_eq!(flow.on_response_body(&host, 0, true), Verdict::Continue);
     background.drain(&host, &config);
     assert_eq!(last_dispatch(&host).0, "/v1/outcome-unknown");
+    // The same over max_response_size, in one last chunk: not recorded as completed either.
+    let (mut flow, background, config, host) = forwarded_grpc_call();
+    host.set_response(200, &[("content-type", "application/grpc")], b"");
+    flow.on_response_headers(&host, false);
+    assert_eq!(flow.on_response_body(&host, 2 << 20, true), Verdict::Continue);
+    background.drain(&host, &config);
+    let (path, report, _) = last_dispatch(&host);
+    assert_eq!(path, "/v1/outcome-unknown");
+    assert_eq!(report["reason"], "response_incomplete");
 }
 
 #[test]
