@@ -216,10 +216,14 @@ fn a_buffer_limit_below_max_response_size_is_an_error() {
 fn router_retries_behind_the_filter_are_an_error_only_when_the_filter_allows_them() {
     let mut config = shipped("envoy.yaml").remove(0);
     routes(&mut config)[1]["route"]["retry_policy"] = json!({"retry_on": "5xx,reset", "num_retries": 2});
-    // The default block_router_retries sends tracked requests once: nothing to report.
+    // The default block_router_retries sends tracked requests once: a warning, not an error.
     let (report, _) = report_of(&config);
     assert!(
         !rules_of(&report, "error").contains(&"router-retries".to_owned()),
+        "{report:#}"
+    );
+    assert!(
+        rules_of(&report, "warning").contains(&"router-retries".to_owned()),
         "{report:#}"
     );
     set_plugin(&mut config, "block_router_retries", json!(false));
@@ -229,13 +233,27 @@ fn router_retries_behind_the_filter_are_an_error_only_when_the_filter_allows_the
         json!({"retry_on": "connect-failure,refused-stream", "num_retries": 2});
     let (report, _) = report_of(&config);
     assert!(
-        !rules_of(&report, "error").contains(&"router-retries".to_owned()),
+        !rules_of(&report, "error").contains(&"router-retries".to_owned())
+            && !rules_of(&report, "warning").contains(&"router-retries".to_owned()),
         "{report:#}"
     );
 
     let mut config = shipped("envoy.yaml").remove(0);
     routes(&mut config)[1]["route"]["internal_redirect_policy"] = json!({"redirect_response_codes": [307]});
     assert_caught(&config, "internal-redirect", "warning");
+}
+
+#[test]
+fn a_composite_matcher_that_skips_methods_or_keyless_requests_on_required_routes_is_an_error() {
+    let mut config = shipped("envoy.yaml").remove(0);
+    let method = manager(&mut config)
+        .pointer_mut("/http_filters/0/typed_config/xds_matcher/matcher_list/matchers/0/predicate/and_matcher/predicate/0/single_predicate/value_match/safe_regex/regex")
+        .unwrap();
+    *method = json!("^(POST|PUT)$");
+    assert_caught(&config, "composite-methods", "error");
+    let mut config = shipped("envoy.yaml").remove(0);
+    set_plugin(&mut config, "require_key", json!(true));
+    assert_caught(&config, "composite-required-key", "error");
 }
 
 #[test]

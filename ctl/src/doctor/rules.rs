@@ -75,6 +75,7 @@ pub fn check(setup: &Setup) -> Vec<Finding> {
             for filter in &uses {
                 let at = format!("{at} / filter {}", filter.name);
                 filter_settings(filter, &at, &mut findings);
+                composite_matcher(manager, filter, &at, &mut findings);
                 buffer_limit(listener, filter, &mut findings);
                 store_cluster(setup, filter, &at, &mut findings);
                 if let Some(routes) = &routes {
@@ -270,7 +271,18 @@ fn router_retries(policy: &RetryPolicy, blocks_retries: bool, at: &str, findings
         return;
     }
     if blocks_retries {
-        return; // the filter sets x-envoy-max-retries: 0 on tracked requests
+        // The filter sets x-envoy-max-retries: 0 on tracked requests: safe, as long as it stays on.
+        findings.push(Finding {
+            severity: Severity::Warning,
+            rule: "router-retries",
+            location: at.to_owned(),
+            problem: format!(
+                "the route retries {} after a request may have reached the upstream: tracked requests are sent once only because block_router_retries is on (turning it off would let Envoy run them twice)",
+                unsafe_conditions.join(",")
+            ),
+            fix: "retry_policy: { retry_on: \"connect-failure,refused-stream,reset-before-request\", num_retries: 2 }   # or keep it for untracked traffic and never set block_router_retries: false".into(),
+        });
+        return;
     }
     findings.push(Finding {
         severity: Severity::Error,
@@ -347,6 +359,97 @@ fn filter_settings(filter: &FilterUse, at: &str, findings: &mut Vec<Finding>) {
             location: at.to_owned(),
             problem: "failure_policy is not FAIL_CLOSED: should the Wasm VM fail, keyed requests pass untracked and may run twice".into(),
             fix: "config:   # the Wasm filter's\n  failure_policy: FAIL_CLOSED".into(),
+        });
+    }
+}
+
+/// The composite filter's matcher decides which requests reach the filter at all: it must let
+/// through every method the filter acts on, and — on `required` routes — keyless requests too
+/// (the filter answers them 400; skipped, they pass untracked).
+fn composite_matcher(manager: &ConnectionManager, filter: &FilterUse, at: &str, findings: &mut Vec<Finding>) {
+    let Some(extension) = manager.http_filters.iter().find(|f| f.name == filter.name) else {
+        return;
+    };
+    let Some(matcher) = extension.typed_config.get("xds_matcher") else {
+        return; // not gated by a matcher: every request reaches the filter
+    };
+    let predicates: Vec<&Value> = matcher["matcher_list"]["matchers"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .flat_map(|m| {
+            let predicate = &m["predicate"];
+            let all = predicate["and_matcher"]["predicate"]
+                .as_array()
+                .cloned()
+                .unwrap_or_default();
+            if all.is_empty() {
+                vec![predicate]
+            } else {
+                predicate["and_matcher"]["predicate"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .collect()
+            }
+        })
+        .collect();
+    let header_of = |p: &Value| {
+        p["single_predicate"]["input"]["typed_config"]["header_name"]
+            .as_str()
+            .map(str::to_ascii_lowercase)
+    };
+    let method_pattern = predicates
+        .iter()
+        .find(|p| header_of(p).as_deref() == Some(":method"))
+        .and_then(|p| {
+            let matcher = &p["single_predicate"]["value_match"];
+            matcher["safe_regex"]["regex"]
+                .as_str()
+                .or(matcher["exact"].as_str())
+                .map(str::to_owned)
+        });
+    let methods: Vec<String> = filter
+        .setting("mutating_methods")
+        .and_then(Value::as_array)
+        .map(|m| {
+            m.iter()
+                .filter_map(Value::as_str)
+                .map(str::to_ascii_uppercase)
+                .collect()
+        })
+        .unwrap_or_else(|| ["POST", "PUT", "PATCH", "DELETE"].map(str::to_owned).to_vec());
+    if let Some(pattern) = method_pattern {
+        let skipped: Vec<&String> = methods.iter().filter(|m| !pattern.contains(m.as_str())).collect();
+        if !skipped.is_empty() {
+            findings.push(Finding {
+                severity: Severity::Error,
+                rule: "composite-methods",
+                location: at.to_owned(),
+                problem: format!(
+                    "the composite matcher ({pattern:?}) never hands {} requests to the filter, which acts on them: keyed ones pass untracked and may run twice",
+                    skipped.iter().map(|m| m.as_str()).collect::<Vec<_>>().join(", ")
+                ),
+                fix: "value_match:   # the :method predicate\n  safe_regex: { google_re2: {}, regex: \"^(POST|PUT|PATCH|DELETE)$\" }   # every one of mutating_methods".into(),
+            });
+        }
+    }
+    let key_gated = predicates
+        .iter()
+        .any(|p| header_of(p).as_deref() == Some("idempotency-key"));
+    let required = filter.setting("require_key").and_then(Value::as_bool) == Some(true)
+        || filter.setting("mode").and_then(Value::as_str) == Some("required")
+        || filter
+            .setting("routes")
+            .and_then(Value::as_array)
+            .is_some_and(|routes| routes.iter().any(|r| r["mode"] == "required"));
+    if key_gated && required {
+        findings.push(Finding {
+            severity: Severity::Error,
+            rule: "composite-required-key",
+            location: at.to_owned(),
+            problem: "the composite matcher hands only requests with an Idempotency-Key to the filter, but a route requires keys: a keyless request passes untracked instead of getting 400".into(),
+            fix: "drop the idempotency-key predicate from the composite matcher (keep the :method one)".into(),
         });
     }
 }
