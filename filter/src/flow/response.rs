@@ -1,0 +1,294 @@
+//! The upstream's answer: judge what its status proves, then hold it for the record, stream it
+//! through, or keep the lock when the outcome is unknown.
+
+#[allow(clippy::wildcard_imports)] // the flow module's own types and imports
+use super::*;
+
+impl RequestFlow {
+    /// Response headers arrived from upstream (or from Envoy itself: a local reply).
+    pub fn on_response_headers(&mut self, host: &dyn Host, end_of_stream: bool) -> Verdict {
+        if let State::Shadow(job) = &self.state {
+            let call = job
+                .borrow_mut()
+                .on_response_headers(host, &self.config, end_of_stream);
+            self.in_background(host, call);
+            return Verdict::Continue;
+        }
+        if let State::Replaying = &self.state {
+            return self.on_replay_headers(host);
+        }
+        let State::Executing(held) = &self.state else {
+            return Verdict::Continue;
+        };
+        let held = held.clone();
+        let response_headers = match host.response_headers() {
+            Ok(h) => h,
+            Err(e) => {
+                host.log(
+                    Level::Warn,
+                    &format!("idempotency: cannot read response headers: {e}"),
+                );
+                return self.outcome_unknown(host, &held, UnknownReason::ProxyFailure);
+            }
+        };
+        let header = |wanted: &str| {
+            response_headers
+                .iter()
+                .find(|(n, _)| n == wanted)
+                .map(|(_, v)| v.as_str())
+        };
+        let Some(status) = header(":status").and_then(|v| v.parse::<u16>().ok()) else {
+            return self.outcome_unknown(host, &held, UnknownReason::ProxyFailure);
+        };
+        let details = host
+            .property(&["response", "code_details"])
+            .map(|bytes| String::from_utf8_lossy(&bytes).into_owned());
+        match classify(status, details.as_deref(), |s| self.config.judge_status(s)) {
+            ResponseOutcome::Unknown(reason) => {
+                host.log(
+                    Level::Warn,
+                    &format!(
+                        "idempotency: key {}: Envoy answered {status} ({}) after forwarding; outcome unknown, keeping the lock",
+                        key_hash(&held.id.key),
+                        details.as_deref().unwrap_or("no details")
+                    ),
+                );
+                self.outcome_unknown(host, &held, reason)
+            }
+            ResponseOutcome::Release => self.release(host, &held),
+            ResponseOutcome::Store => {
+                // Read what decides before the headers move into the record (no copy).
+                let grpc_status = if held.grpc {
+                    crate::grpc::status_of(&response_headers)
+                } else {
+                    None
+                };
+                let too_big = !held.grpc
+                    && header("content-length")
+                        .and_then(|v| v.trim().parse::<usize>().ok())
+                        .is_some_and(|length| length > self.config.max_response_size);
+                let stored_headers = storable_headers(response_headers, &self.config.replay_header_denylist);
+                if let Some(grpc_status) = grpc_status {
+                    // Trailers-only gRPC: the headers carry the final status.
+                    host.count(Counter::GrpcStatus(grpc_status));
+                    match self.config.judge_grpc_status(grpc_status) {
+                        StatusVerdict::Store => {}
+                        StatusVerdict::Release => return self.release(host, &held),
+                        StatusVerdict::Unknown => {
+                            return self.outcome_unknown(host, &held, UnknownReason::UpstreamGrpcStatus)
+                        }
+                    }
+                    return self.complete(host, &held, status, stored_headers, Vec::new(), false);
+                }
+                if too_big {
+                    return self.stream_through(host, held, status, stored_headers, end_of_stream);
+                }
+                if end_of_stream && !held.grpc {
+                    return self.complete(host, &held, status, stored_headers, Vec::new(), false);
+                }
+                // The body follows (for gRPC: messages, then trailers with the status).
+                self.state = State::AwaitingResponseBody {
+                    held,
+                    status,
+                    headers: stored_headers,
+                    body_size: 0,
+                };
+                Verdict::Pause
+            }
+        }
+    }
+
+    /// The store's answer to a routed gRPC replay: pass it on (it carries `Idempotent-Replayed`),
+    /// without the store's `x-idempotency-store` mark, which says which listener answered: a
+    /// replay must come from the replay listener; anything else is a routing mistake, logged
+    /// with its fix.
+    pub(super) fn on_replay_headers(&mut self, host: &dyn Host) -> Verdict {
+        let answered_by = host
+            .response_headers()
+            .ok()
+            .and_then(|h| h.into_iter().find(|(n, _)| n == headers::ANSWERED_BY))
+            .map(|(_, v)| v);
+        match answered_by.as_deref() {
+            Some(REPLAY_LISTENER) => {}
+            Some(_) => host.log(
+                Level::Error,
+                "idempotency: a gRPC replay was answered by the store's API listener: point the replay route (path /v1/replay with x-idempotency-replay-ticket) at a cluster for the store's --replay-listen port, never at the API (see README, gRPC)",
+            ),
+            None => host.log(
+                Level::Error,
+                "idempotency: a gRPC replay was not answered by the store: add the replay route (path /v1/replay with x-idempotency-replay-ticket, first in the route table) to a cluster for the store's --replay-listen port (see README, gRPC)",
+            ),
+        }
+        if answered_by.is_some() {
+            if let Err(e) = host.set_response_header(headers::ANSWERED_BY, None) {
+                host.log(
+                    Level::Warn,
+                    &format!("idempotency: cannot remove {}: {e}", headers::ANSWERED_BY),
+                );
+            }
+        }
+        self.state = State::Finished;
+        Verdict::Continue
+    }
+
+    /// Response body data arrived (`body_size`: everything buffered so far while paused, or this
+    /// chunk while streaming).
+    pub fn on_response_body(&mut self, host: &dyn Host, body_size: usize, end_of_stream: bool) -> Verdict {
+        match &self.state {
+            State::AwaitingResponseBody {
+                held,
+                status,
+                headers,
+                ..
+            } => {
+                let (held, status, headers) = (held.clone(), *status, headers.clone());
+                if body_size > self.config.max_response_size {
+                    return self.stream_through(host, held, status, headers, end_of_stream);
+                }
+                if !end_of_stream {
+                    self.state = State::AwaitingResponseBody {
+                        held,
+                        status,
+                        headers,
+                        body_size,
+                    };
+                    return Verdict::Pause;
+                }
+                if held.grpc {
+                    // The body ended without trailers: no final gRPC status was sent.
+                    return self.outcome_unknown(host, &held, UnknownReason::ResponseIncomplete);
+                }
+                match host.response_body(body_size) {
+                    Ok(body) => self.complete(host, &held, status, headers, body, false),
+                    Err(e) => {
+                        host.log(
+                            Level::Warn,
+                            &format!("idempotency: cannot read response body: {e}"),
+                        );
+                        self.outcome_unknown(host, &held, UnknownReason::ProxyFailure)
+                    }
+                }
+            }
+            State::Streaming {
+                held,
+                status,
+                headers,
+            } if end_of_stream => {
+                // Write-ahead still holds for the end of the response: its last chunk waits
+                // until the store has recorded the (body-less) result.
+                let (held, status, headers) = (held.clone(), *status, headers.clone());
+                if held.grpc {
+                    return self.outcome_unknown(host, &held, UnknownReason::ResponseIncomplete);
+                }
+                host.count(Counter::ResponseStreamed);
+                self.complete(host, &held, status, headers, Vec::new(), true)
+            }
+            // Keep holding everything until the store acknowledged the record.
+            State::Recording { .. } => Verdict::Pause,
+            State::Shadow(job) => {
+                let call = job
+                    .borrow_mut()
+                    .on_response_body(host, &self.config, body_size, end_of_stream);
+                self.in_background(host, call);
+                Verdict::Continue
+            }
+            _ => Verdict::Continue,
+        }
+    }
+
+    /// Response trailers arrived: the response is complete. For gRPC they carry the final
+    /// status, which decides store vs release; they are recorded with the response and held
+    /// until the store acknowledged.
+    pub fn on_response_trailers(&mut self, host: &dyn Host) -> Verdict {
+        let (held, status, headers, streamed, body_size) = match &self.state {
+            State::AwaitingResponseBody {
+                held,
+                status,
+                headers,
+                body_size,
+            } => (held.clone(), *status, headers.clone(), false, *body_size),
+            State::Streaming {
+                held,
+                status,
+                headers,
+            } => (held.clone(), *status, headers.clone(), true, 0),
+            State::Recording { .. } => return Verdict::Pause,
+            _ => return Verdict::Continue,
+        };
+        let trailers = match host.response_trailers() {
+            Ok(trailers) => storable_headers(trailers, &self.config.replay_header_denylist),
+            Err(e) => {
+                host.log(
+                    Level::Warn,
+                    &format!("idempotency: cannot read response trailers: {e}"),
+                );
+                return self.outcome_unknown(host, &held, UnknownReason::ProxyFailure);
+            }
+        };
+        if held.grpc {
+            let Some(grpc_status) = crate::grpc::status_of(&trailers) else {
+                // A gRPC response must end with a status; without one nothing is known.
+                return self.outcome_unknown(host, &held, UnknownReason::ResponseIncomplete);
+            };
+            host.count(Counter::GrpcStatus(grpc_status));
+            match self.config.judge_grpc_status(grpc_status) {
+                StatusVerdict::Store => {}
+                StatusVerdict::Release => return self.release(host, &held),
+                StatusVerdict::Unknown => {
+                    return self.outcome_unknown(host, &held, UnknownReason::UpstreamGrpcStatus)
+                }
+            }
+        }
+        if streamed {
+            host.count(Counter::ResponseStreamed);
+            return self.complete_with_trailers(host, &held, status, headers, Vec::new(), true, trailers);
+        }
+        match host.response_body(body_size) {
+            Ok(body) => self.complete_with_trailers(host, &held, status, headers, body, false, trailers),
+            Err(e) => {
+                host.log(
+                    Level::Warn,
+                    &format!("idempotency: cannot read response body: {e}"),
+                );
+                self.outcome_unknown(host, &held, UnknownReason::ProxyFailure)
+            }
+        }
+    }
+
+    /// The response outgrew `max_response_size`: let it flow to the client as it arrives (never
+    /// into Envoy's buffer limit) and record it without its body once it has ended (holding only
+    /// its last chunk until the store acknowledged).
+    pub(super) fn stream_through(
+        &mut self,
+        host: &dyn Host,
+        held: Held,
+        status: u16,
+        headers: Vec<(String, String)>,
+        end_of_stream: bool,
+    ) -> Verdict {
+        debug(host, || {
+            format!(
+                "idempotency: response of {} over max_response_size ({} bytes); streaming it through, recording it without body",
+                key_hash(&held.id.key),
+                self.config.max_response_size
+            )
+        });
+        if end_of_stream && held.grpc {
+            // A gRPC body that ends without trailers sent no final status: nothing is known.
+            return self.outcome_unknown(host, &held, UnknownReason::ResponseIncomplete);
+        }
+        if end_of_stream {
+            self.record_streamed(host, &held, status, headers);
+        } else {
+            self.state = State::Streaming {
+                held,
+                status,
+                headers,
+            };
+        }
+        Verdict::Continue
+    }
+}
+
+/// The store's `x-idempotency-store` value on answers from its replay listener.
+const REPLAY_LISTENER: &str = "replay";
