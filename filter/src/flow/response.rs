@@ -5,6 +5,24 @@
 use super::*;
 
 impl RequestFlow {
+    /// Count a gRPC call's final status and act on it unless it is one to store: release the
+    /// lock, or keep it as outcome unknown (`None`: store it).
+    fn unless_grpc_status_stored(
+        &mut self,
+        host: &dyn Host,
+        held: &Held,
+        grpc_status: u32,
+    ) -> Option<Verdict> {
+        host.count(Counter::GrpcStatus(grpc_status));
+        match self.config.judge_grpc_status(grpc_status) {
+            StatusVerdict::Store => None,
+            StatusVerdict::Release => Some(self.release(host, held)),
+            StatusVerdict::Unknown => {
+                Some(self.outcome_unknown(host, held, UnknownReason::UpstreamGrpcStatus))
+            }
+        }
+    }
+
     /// Response headers arrived from upstream (or from Envoy itself: a local reply).
     pub fn on_response_headers(&mut self, host: &dyn Host, end_of_stream: bool) -> Verdict {
         if let State::Shadow(job) = &self.state {
@@ -70,13 +88,8 @@ impl RequestFlow {
                 let stored_headers = storable_headers(response_headers, &self.config.replay_header_denylist);
                 if let Some(grpc_status) = grpc_status {
                     // Trailers-only gRPC: the headers carry the final status.
-                    host.count(Counter::GrpcStatus(grpc_status));
-                    match self.config.judge_grpc_status(grpc_status) {
-                        StatusVerdict::Store => {}
-                        StatusVerdict::Release => return self.release(host, &held),
-                        StatusVerdict::Unknown => {
-                            return self.outcome_unknown(host, &held, UnknownReason::UpstreamGrpcStatus)
-                        }
+                    if let Some(verdict) = self.unless_grpc_status_stored(host, &held, grpc_status) {
+                        return verdict;
                     }
                     return self.complete(host, &held, status, stored_headers, Vec::new(), false);
                 }
@@ -230,13 +243,8 @@ impl RequestFlow {
                 // A gRPC response must end with a status; without one nothing is known.
                 return self.outcome_unknown(host, &held, UnknownReason::ResponseIncomplete);
             };
-            host.count(Counter::GrpcStatus(grpc_status));
-            match self.config.judge_grpc_status(grpc_status) {
-                StatusVerdict::Store => {}
-                StatusVerdict::Release => return self.release(host, &held),
-                StatusVerdict::Unknown => {
-                    return self.outcome_unknown(host, &held, UnknownReason::UpstreamGrpcStatus)
-                }
+            if let Some(verdict) = self.unless_grpc_status_stored(host, &held, grpc_status) {
+                return verdict;
             }
         }
         if streamed {
