@@ -1,5 +1,10 @@
 //! HTTP API: `/v1/*` operations (bearer tokens with roles, `auth.rs`), `/healthz`, `/readyz`,
 //! `/metrics`; and the replay listener's router, which serves `/v1/replay` alone.
+//!
+//! This file holds the state, both routers, the authentication middleware and the checks every
+//! handler shares (`timed` runs and observes a storage call); the handlers live by caller:
+//! `proxy.rs` (the filter and phase checkpoints), `consumers.rs` (event consumers), `admin.rs`,
+//! `replays.rs` (the replay listener), `operations.rs` (health, metrics), `batch.rs`.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -27,7 +32,19 @@ use crate::replay::ReplayTickets;
 use crate::storage::{Storage, StorageError};
 use crate::wait::Waiters;
 
+mod admin;
 mod batch;
+mod consumers;
+mod operations;
+mod proxy;
+mod replays;
+
+pub use admin::MAX_PAGE;
+use admin::{get_record, info, list_in_progress, purge_record};
+use consumers::{claim_message, complete_message, release_message};
+use operations::{healthz, metrics, readyz};
+use proxy::{abandon, acquire, checkpoint, complete, outcome_unknown, release};
+use replays::replay;
 
 /// Largest request body accepted by default (a 1 MiB response is ~1.4 MiB as base64 JSON);
 /// the filter refuses a `max_response_size` whose record would not fit.
@@ -268,26 +285,6 @@ fn check_proxy_call(principal: &Principal, id: &RecordId) -> Result<(), ApiError
     Ok(())
 }
 
-/// One structured line per admin action: who (credential name, never the token), what, which.
-fn audit(principal: &Principal, action: &str, id: &RecordId, found: bool) {
-    use sha2::Digest as _;
-    let key_hash = hex::encode(
-        sha2::Sha256::digest(id.key.as_bytes())
-            .get(..6)
-            .unwrap_or_default(),
-    );
-    tracing::info!(
-        audit = true,
-        credential = %principal.name,
-        action,
-        service = %id.service,
-        scope = %id.scope,
-        key_hash,
-        found,
-        "admin action"
-    );
-}
-
 fn check_identity(id: &RecordId) -> Result<(), ApiError> {
     if id.service.is_empty() || id.key.is_empty() {
         return Err(ApiError::BadRequest("service and key must not be empty".into()));
@@ -304,6 +301,20 @@ fn check_identity(id: &RecordId) -> Result<(), ApiError> {
 }
 
 /// Count the outcome of one operation and time it.
+/// Run one storage operation and observe it under `operation` (duration, outcome, failures in
+/// metrics and logs): the skeleton of every handler's storage call.
+async fn timed<T>(
+    state: &AppState,
+    operation: &str,
+    service: &str,
+    call: impl std::future::Future<Output = Result<T, StorageError>>,
+) -> Result<T, StorageError> {
+    let started = Instant::now();
+    let result = call.await;
+    observe(state, operation, service, started, &result);
+    result
+}
+
 fn observe<T>(
     state: &AppState,
     operation: &str,
@@ -340,553 +351,4 @@ fn observe<T>(
         }
         _ => {}
     }
-}
-
-pub(crate) async fn acquire(
-    State(state): State<AppState>,
-    Extension(principal): Extension<Arc<Principal>>,
-    Json(mut request): Json<AcquireRequest>,
-) -> Result<Json<AcquireResponse>, ApiError> {
-    check_identity(&request.id)?;
-    check_proxy_call(&principal, &request.id)?;
-    if request.attempt_id.is_empty() {
-        // Every lock gets a secret holder proof, even for callers that send no attempt id.
-        request.attempt_id = uuid::Uuid::new_v4().simple().to_string();
-    }
-    if request.lock_timeout_ms == 0 || request.fingerprint.is_empty() {
-        return Err(ApiError::BadRequest(
-            "lock_timeout_ms must be positive and fingerprint non-empty".into(),
-        ));
-    }
-    let started = Instant::now();
-    let result = acquire_or_wait(&state, &request).await;
-    observe(&state, "acquire", &request.id.service, started, &result);
-    let service = request.id.service.as_str();
-    let m = &state.metrics;
-    m.lock_acquisition_seconds
-        .with_label_values(&[service])
-        .observe(started.elapsed().as_secs_f64());
-    let mut response = result?;
-    if request.replay_ticket {
-        if let AcquireResponse::Completed {
-            replay_ticket,
-            record_id,
-            ..
-        } = &mut response
-        {
-            *replay_ticket = Some(state.tickets.issue(
-                &request.id,
-                record_id.as_deref().unwrap_or_default(),
-                &request.fingerprint,
-                now_ms(),
-            ));
-        }
-    }
-    match &response {
-        AcquireResponse::Acquired(_) => m.misses.with_label_values(&[service]).inc(),
-        AcquireResponse::Completed { .. } => m.hits.with_label_values(&[service]).inc(),
-        AcquireResponse::InProgress { .. } => m.collisions.with_label_values(&[service]).inc(),
-        AcquireResponse::Mismatch => m.mismatches.with_label_values(&[service]).inc(),
-    }
-    Ok(Json(response))
-}
-
-/// How long this acquire may wait: what it asked, capped, and ending before its deadline.
-fn wait_budget(request: &AcquireRequest, now: u64) -> Duration {
-    let asked = Duration::from_millis(request.wait_ms).min(MAX_WAIT);
-    match request.deadline_ms {
-        Some(deadline) => asked.min(Duration::from_millis(
-            deadline
-                .saturating_sub(now)
-                .saturating_sub(WAIT_DEADLINE_MARGIN_MS),
-        )),
-        None => asked,
-    }
-}
-
-/// Acquire; while the record is in progress and the request asked to wait, look again whenever
-/// it may have changed (see `wait.rs`) until it completes, is released, or the wait runs out.
-async fn acquire_or_wait(
-    state: &AppState,
-    request: &AcquireRequest,
-) -> Result<AcquireResponse, StorageError> {
-    let first = state.storage.acquire(request, now_ms()).await;
-    let budget = wait_budget(request, now_ms());
-    let service = request.id.service.as_str();
-    if budget.is_zero() || !matches!(first, Ok(AcquireResponse::InProgress { .. })) {
-        return first;
-    }
-    let Some(slot) = state.waiters.enter(&request.id) else {
-        state
-            .metrics
-            .acquire_waits
-            .with_label_values(&[service, "full"])
-            .inc();
-        return first;
-    };
-    let wait_end = Instant::now() + budget;
-    let mut answer = first;
-    while let Ok(AcquireResponse::InProgress {
-        lock_remaining_ms,
-        outcome_unknown,
-    }) = &answer
-    {
-        let wait_left = wait_end.saturating_duration_since(Instant::now());
-        // A lock kept because its outcome is unknown changes only when it expires: waiting for
-        // anything sooner only delays the answer.
-        let unchanging = *outcome_unknown && Duration::from_millis(*lock_remaining_ms) > wait_left;
-        if wait_left.is_zero() || unchanging {
-            break;
-        }
-        let notified = slot.notify().notified();
-        tokio::pin!(notified);
-        notified.as_mut().enable();
-        // A change between the last look and `enable` would be missed by the notification, but
-        // not by this look, which happens after it.
-        let nap = slot.next_look(Duration::from_millis(*lock_remaining_ms), wait_left);
-        let _ = tokio::time::timeout(nap, notified).await;
-        answer = state.storage.acquire(request, now_ms()).await;
-    }
-    let outcome = match &answer {
-        Ok(AcquireResponse::Completed { .. }) => "completed",
-        Ok(AcquireResponse::Acquired(_)) => "acquired",
-        Ok(AcquireResponse::InProgress {
-            outcome_unknown: true,
-            ..
-        }) => "outcome_unknown",
-        Ok(AcquireResponse::InProgress { .. }) => "timed_out",
-        Ok(AcquireResponse::Mismatch) => "mismatch",
-        Err(_) => "error",
-    };
-    state
-        .metrics
-        .acquire_waits
-        .with_label_values(&[service, outcome])
-        .inc();
-    drop(slot);
-    answer
-}
-
-/// Serve a completed record's stored response to the holder of a replay ticket (gRPC replays).
-async fn replay(State(state): State<AppState>, headers: axum::http::HeaderMap) -> Response {
-    let ticket = headers
-        .get(idempotency_wire::headers::REPLAY_TICKET)
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or_default();
-    let count = |outcome: &str| {
-        state.metrics.replays_served.with_label_values(&[outcome]).inc();
-    };
-    let claims = match state.tickets.verify(ticket, now_ms()) {
-        Ok(claims) => claims,
-        Err(e) => {
-            count("refused");
-            tracing::warn!(error = %e, "replay refused");
-            return crate::replay::grpc_unavailable(&format!("{e}; retry with the same key"));
-        }
-    };
-    match state.storage.get(&claims.id(), now_ms()).await {
-        // Purged and created again since the ticket was issued: not the response it was for.
-        Ok(Some(record))
-            if record.record_id != claims.record_id || record.fingerprint != claims.fingerprint =>
-        {
-            count("changed");
-            crate::replay::grpc_unavailable(
-                "the record changed since the replay was granted; retry with the same key",
-            )
-        }
-        Ok(Some(record)) => match record.response {
-            Some(stored) if record.state == crate::record::RecordState::Completed => {
-                count("served");
-                crate::replay::stored_response(stored)
-            }
-            _ => {
-                count("not_completed");
-                crate::replay::grpc_unavailable("the record is not completed; retry with the same key")
-            }
-        },
-        Ok(None) => {
-            count("gone");
-            crate::replay::grpc_unavailable("the record expired; retry with the same key")
-        }
-        Err(e) => {
-            count("error");
-            tracing::warn!(error = %e, "replay failed");
-            crate::replay::grpc_unavailable("idempotency storage unavailable; retry with the same key")
-        }
-    }
-}
-
-pub(crate) async fn outcome_unknown(
-    State(state): State<AppState>,
-    Extension(principal): Extension<Arc<Principal>>,
-    Json(request): Json<OutcomeUnknownRequest>,
-) -> Result<Json<serde_json::Value>, ApiError> {
-    check_identity(&request.id)?;
-    check_proxy_call(&principal, &request.id)?;
-    if request.reason.is_empty() || request.reason.len() > 128 {
-        return Err(ApiError::BadRequest("reason must be 1 to 128 bytes".into()));
-    }
-    let started = Instant::now();
-    let result = state.storage.outcome_unknown(&request, now_ms()).await;
-    observe(&state, "outcome_unknown", &request.id.service, started, &result);
-    result?;
-    state
-        .metrics
-        .outcome_unknown
-        .with_label_values(&[request.id.service.as_str(), reason_label(&request.reason)])
-        .inc();
-    tracing::warn!(
-        service = %request.id.service,
-        record_id = %request.record_id,
-        fencing_token = request.fencing_token,
-        reason = %request.reason,
-        "outcome unknown: the lock is kept until it expires"
-    );
-    Ok(Json(json!({"ok": true})))
-}
-
-/// The reasons a filter reports (its `UnknownReason`): any other becomes `other` in the metric's
-/// label, so a caller cannot grow the store's series without bound (the record keeps the text).
-const KNOWN_UNKNOWN_REASONS: [&str; 11] = [
-    "downstream_disconnect",
-    "upstream_timeout",
-    "upstream_reset",
-    "local_reply",
-    "response_incomplete",
-    "proxy_failure",
-    "response_too_large_to_replay",
-    "record_refused_by_store",
-    "upstream_status",
-    "upstream_grpc_status",
-    "several_attempts",
-];
-
-fn reason_label(reason: &str) -> &str {
-    if KNOWN_UNKNOWN_REASONS.contains(&reason) {
-        reason
-    } else {
-        "other"
-    }
-}
-
-pub(crate) async fn abandon(
-    State(state): State<AppState>,
-    Extension(principal): Extension<Arc<Principal>>,
-    Json(request): Json<AbandonRequest>,
-) -> Result<Json<AbandonResponse>, ApiError> {
-    check_identity(&request.id)?;
-    check_proxy_call(&principal, &request.id)?;
-    let started = Instant::now();
-    let result = state.storage.abandon(&request, now_ms()).await;
-    observe(&state, "abandon", &request.id.service, started, &result);
-    let released = result?;
-    state
-        .metrics
-        .abandoned
-        .with_label_values(&[
-            request.id.service.as_str(),
-            if released { "true" } else { "false" },
-        ])
-        .inc();
-    if released {
-        state.waiters.wake(&request.id);
-    }
-    Ok(Json(AbandonResponse { released }))
-}
-
-pub(crate) async fn complete(
-    State(state): State<AppState>,
-    Extension(principal): Extension<Arc<Principal>>,
-    Json(request): Json<CompleteRequest>,
-) -> Result<Json<serde_json::Value>, ApiError> {
-    check_identity(&request.id)?;
-    check_proxy_call(&principal, &request.id)?;
-    let started = Instant::now();
-    let result = state.storage.complete(&request, now_ms()).await;
-    observe(&state, "complete", &request.id.service, started, &result);
-    result?;
-    state.waiters.wake(&request.id);
-    Ok(Json(json!({"ok": true})))
-}
-
-pub(crate) async fn release(
-    State(state): State<AppState>,
-    Extension(principal): Extension<Arc<Principal>>,
-    Json(request): Json<ReleaseRequest>,
-) -> Result<Json<serde_json::Value>, ApiError> {
-    check_identity(&request.id)?;
-    check_proxy_call(&principal, &request.id)?;
-    let started = Instant::now();
-    let result = state.storage.release(&request, now_ms()).await;
-    observe(&state, "release", &request.id.service, started, &result);
-    result?;
-    state.waiters.wake(&request.id);
-    Ok(Json(json!({"ok": true})))
-}
-
-async fn checkpoint(
-    State(state): State<AppState>,
-    Extension(principal): Extension<Arc<Principal>>,
-    Json(request): Json<CheckpointRequest>,
-) -> Result<Json<serde_json::Value>, ApiError> {
-    check_identity(&request.id)?;
-    check_service(&principal, &request.id.service, Permission::Checkpoint)?;
-    if request.phase.is_empty() || request.phase.len() > 256 {
-        return Err(ApiError::BadRequest("phase must be 1 to 256 bytes".into()));
-    }
-    let started = Instant::now();
-    let result = state.storage.checkpoint(&request, now_ms()).await;
-    observe(&state, "checkpoint", &request.id.service, started, &result);
-    result?;
-    Ok(Json(json!({"ok": true})))
-}
-
-async fn get_record(
-    State(state): State<AppState>,
-    Extension(principal): Extension<Arc<Principal>>,
-    Query(id): Query<RecordId>,
-) -> Result<Json<Record>, ApiError> {
-    check_identity(&id)?;
-    let started = Instant::now();
-    let result = state.storage.get(&id, now_ms()).await;
-    observe(&state, "get", &id.service, started, &result);
-    audit(&principal, "get", &id, matches!(result, Ok(Some(_))));
-    result?
-        .map(Json)
-        .ok_or(ApiError::Storage(StorageError::NotFound(id)))
-}
-
-/// Query of `GET /v1/records/in-progress`.
-#[derive(Debug, serde::Deserialize)]
-struct ListQuery {
-    service: String,
-    /// Only records created at least this long ago (stuck locks).
-    #[serde(default)]
-    older_than_ms: u64,
-    #[serde(default = "default_page")]
-    limit: usize,
-    cursor: Option<String>,
-}
-
-fn default_page() -> usize {
-    100
-}
-
-/// Largest page of the listing.
-pub const MAX_PAGE: usize = 1_000;
-
-async fn list_in_progress(
-    State(state): State<AppState>,
-    Extension(principal): Extension<Arc<Principal>>,
-    Query(query): Query<ListQuery>,
-) -> Result<Json<serde_json::Value>, ApiError> {
-    if query.service.is_empty() || query.limit == 0 || query.limit > MAX_PAGE {
-        return Err(ApiError::BadRequest(format!(
-            "service must be set and limit between 1 and {MAX_PAGE}"
-        )));
-    }
-    let now = now_ms();
-    let started = Instant::now();
-    let result = state
-        .storage
-        .list_in_progress(
-            &query.service,
-            now.saturating_sub(query.older_than_ms),
-            query.limit,
-            query.cursor.as_deref(),
-            now,
-        )
-        .await;
-    observe(&state, "list", &query.service, started, &result);
-    let (records, next) = result?;
-    tracing::info!(
-        audit = true,
-        credential = %principal.name,
-        action = "list_in_progress",
-        service = %query.service,
-        found = records.len(),
-        "admin action"
-    );
-    Ok(Json(json!({"records": records, "next": next, "now_ms": now})))
-}
-
-async fn purge_record(
-    State(state): State<AppState>,
-    Extension(principal): Extension<Arc<Principal>>,
-    Query(id): Query<RecordId>,
-) -> Result<StatusCode, ApiError> {
-    check_identity(&id)?;
-    let started = Instant::now();
-    let result = state.storage.purge(&id).await;
-    observe(&state, "purge", &id.service, started, &result);
-    audit(&principal, "purge", &id, matches!(result, Ok(true)));
-    if result? {
-        Ok(StatusCode::NO_CONTENT)
-    } else {
-        Err(ApiError::Storage(StorageError::NotFound(id)))
-    }
-}
-
-async fn claim_message(
-    State(state): State<AppState>,
-    Extension(principal): Extension<Arc<Principal>>,
-    Json(claim): Json<ClaimRequest>,
-) -> Result<Json<ClaimResponse>, ApiError> {
-    let acquire = messages::acquire_request(&claim);
-    check_identity(&acquire.id)?;
-    check_service(&principal, &claim.id.service, Permission::Messages)?;
-    if claim.id.topic.is_empty() || claim.id.consumer_group.is_empty() || claim.lock_timeout_ms == 0 {
-        return Err(ApiError::BadRequest(
-            "topic, consumer_group and lock_timeout_ms must be set".into(),
-        ));
-    }
-    let started = Instant::now();
-    let result = state.storage.acquire(&acquire, now_ms()).await;
-    observe(&state, "claim", &claim.id.service, started, &result);
-    let response = messages::claim_response(result?)?;
-    let (topic, group) = (claim.id.topic.as_str(), claim.id.consumer_group.as_str());
-    let outcome = match &response {
-        ClaimResponse::Claimed { .. } => "claimed",
-        ClaimResponse::Duplicate => {
-            state
-                .metrics
-                .message_dedup_hits
-                .with_label_values(&[topic, group])
-                .inc();
-            "duplicate"
-        }
-        ClaimResponse::InProgress { .. } => "in_progress",
-    };
-    state
-        .metrics
-        .message_claims
-        .with_label_values(&[topic, group, outcome])
-        .inc();
-    Ok(Json(response))
-}
-
-async fn complete_message(
-    State(state): State<AppState>,
-    Extension(principal): Extension<Arc<Principal>>,
-    Json(done): Json<MessageDoneRequest>,
-) -> Result<Json<serde_json::Value>, ApiError> {
-    let request = messages::complete_request(&done);
-    check_identity(&request.id)?;
-    check_service(&principal, &done.id.service, Permission::Messages)?;
-    if let Some(note) = &done.dead_letter {
-        if note.topic.is_empty() || note.topic.len() > 249 || note.reason.len() > 4096 {
-            return Err(ApiError::BadRequest(
-                "dead_letter: topic must be 1 to 249 bytes (a Kafka topic name) and reason at most 4096 bytes".into(),
-            ));
-        }
-    }
-    let started = Instant::now();
-    let result = state.storage.complete(&request, now_ms()).await;
-    observe(&state, "message_complete", &done.id.service, started, &result);
-    result?;
-    if let Some(note) = &done.dead_letter {
-        state
-            .metrics
-            .message_dead_letters
-            .with_label_values(&[done.id.topic.as_str(), done.id.consumer_group.as_str()])
-            .inc();
-        tracing::warn!(topic = %done.id.topic, consumer_group = %done.id.consumer_group,
-            dead_letter_topic = %note.topic, attempts = note.attempts, reason = %note.reason,
-            "message dead-lettered");
-    }
-    Ok(Json(json!({"ok": true})))
-}
-
-async fn release_message(
-    State(state): State<AppState>,
-    Extension(principal): Extension<Arc<Principal>>,
-    Json(done): Json<MessageDoneRequest>,
-) -> Result<Json<serde_json::Value>, ApiError> {
-    let request = messages::release_request(&done);
-    check_identity(&request.id)?;
-    check_service(&principal, &done.id.service, Permission::Messages)?;
-    let started = Instant::now();
-    let result = state.storage.release(&request, now_ms()).await;
-    observe(&state, "message_release", &done.id.service, started, &result);
-    result?;
-    Ok(Json(json!({"ok": true})))
-}
-
-/// What an operator (`idempotencyctl doctor`) checks: version, backend, whether durable commits
-/// are healthy, the replay listener, the credentials in force (names only), the store's clock.
-async fn info(State(state): State<AppState>) -> Json<serde_json::Value> {
-    let live = state.storage.live();
-    Json(json!({
-        "version": env!("CARGO_PKG_VERSION"),
-        "backend": state.storage.name(),
-        "durable_commits_healthy": live.is_ok(),
-        "durable_commits_error": live.err().map(|e| e.to_string()),
-        "replay_listen": state.replay_listen,
-        "authentication": state.auth.is_some(),
-        "credentials": state.auth.as_ref().map(|a| a.names()).unwrap_or_default(),
-        "trusts_forwarded_client_cert": state.forwarded_identity.is_some(),
-        "now_ms": now_ms(),
-    }))
-}
-
-/// Liveness: fails only when the process cannot recover without a restart (a failed journal
-/// sync), so an orchestrator restarts it.
-async fn healthz(State(state): State<AppState>) -> Response {
-    match state.storage.live() {
-        Ok(()) => (StatusCode::OK, "ok").into_response(),
-        Err(e) => (StatusCode::SERVICE_UNAVAILABLE, format!("not live: {e}")).into_response(),
-    }
-}
-
-async fn readyz(State(state): State<AppState>) -> Response {
-    match state.storage.ready().await {
-        Ok(()) => (StatusCode::OK, "ready").into_response(),
-        Err(e) => (StatusCode::SERVICE_UNAVAILABLE, format!("not ready: {e}")).into_response(),
-    }
-}
-
-async fn metrics(State(state): State<AppState>) -> Response {
-    // Read from the slots themselves, which free on drop: a wait whose proxy went away (its
-    // future dropped mid-wait) is gone from the gauge too.
-    state
-        .metrics
-        .acquire_waiters
-        .set(i64::try_from(state.waiters.active()).unwrap_or(i64::MAX));
-    if let Ok(count) = state.storage.record_count().await {
-        state
-            .metrics
-            .live_records
-            .set(i64::try_from(count).unwrap_or(i64::MAX));
-    }
-    if let Some(bytes) = state.storage.write_buffer_bytes() {
-        state
-            .metrics
-            .write_buffer_bytes
-            .set(i64::try_from(bytes).unwrap_or(i64::MAX));
-    }
-    if let Some(totals) = state.storage.group_commits() {
-        // Counters only move forward; the storage keeps the totals, a scrape catches up.
-        let m = &state.metrics;
-        let _one_at_a_time = m
-            .catch_up
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        m.durable_commits
-            .inc_by(totals.commits.saturating_sub(m.durable_commits.get()));
-        m.durable_commit_operations.inc_by(
-            totals
-                .operations
-                .saturating_sub(m.durable_commit_operations.get()),
-        );
-        let sync_seconds = std::time::Duration::from_nanos(totals.sync_nanos).as_secs_f64();
-        let behind = sync_seconds - m.durable_commit_sync_seconds.get();
-        if behind > 0.0 {
-            m.durable_commit_sync_seconds.inc_by(behind);
-        }
-    }
-    (
-        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
-        state.metrics.render(),
-    )
-        .into_response()
 }
