@@ -24,9 +24,16 @@ use idempotency_wire::AbandonResponse;
 
 use crate::cache::CacheCandidate;
 use crate::config::Config;
-use crate::flow::shadow::ShadowJob;
 use crate::host::{debug, Callout, CalloutReply, Host, Level};
 use crate::metrics::Counter;
+
+/// A call's owner that acts on its reply (a shadow job on its acquire's answer), perhaps with a
+/// call of its own. Background calls know their owners only by this, so the store calls do not
+/// depend on the request flow.
+pub trait AwaitsReply: std::fmt::Debug {
+    /// The reply arrived; the follow-up call, if any.
+    fn on_reply(&mut self, host: &dyn Host, config: &Config, reply: CalloutReply) -> Option<BackgroundCall>;
+}
 
 /// First pause before a retry; doubled per try up to [`MAX_BACKOFF`].
 pub const FIRST_BACKOFF: Duration = Duration::from_millis(50);
@@ -51,8 +58,8 @@ pub struct BackgroundCall {
     pub path: &'static str,
     /// JSON body.
     pub body: Vec<u8>,
-    /// The shadow job waiting for this call's reply (shadow acquires only).
-    pub job: Option<Rc<RefCell<ShadowJob>>>,
+    /// Who waits for this call's reply (shadow acquires only).
+    pub job: Option<Rc<RefCell<dyn AwaitsReply>>>,
     /// Retry transient failures until this host time; `None`: one try only.
     pub retry_until: Option<Duration>,
     /// How a 200 reply is read.
@@ -86,7 +93,11 @@ impl BackgroundCall {
     }
 
     /// A shadow acquire whose reply goes to `job`.
-    pub fn shadow_acquire(path: &'static str, body: Vec<u8>, job: Rc<RefCell<ShadowJob>>) -> BackgroundCall {
+    pub fn shadow_acquire(
+        path: &'static str,
+        body: Vec<u8>,
+        job: Rc<RefCell<dyn AwaitsReply>>,
+    ) -> BackgroundCall {
         BackgroundCall {
             job: Some(job),
             ..BackgroundCall::once(path, body)
@@ -297,7 +308,7 @@ impl Background {
 
     fn settle(&self, host: &dyn Host, config: &Config, mut call: BackgroundCall, reply: CalloutReply) {
         if let Some(job) = &call.job {
-            let record = job.borrow_mut().on_acquire_reply(host, config, reply);
+            let record = job.borrow_mut().on_reply(host, config, reply);
             if let Some(next) = record {
                 self.enqueue(host, next);
                 self.drain(host, config);

@@ -8,7 +8,7 @@
 use idempotency_wire::{paths, AcquireResponse, CompleteRequest, RecordId, ReleaseRequest, StoredResponse};
 
 use super::{key_hash, millis, Held};
-use crate::background::BackgroundCall;
+use crate::background::{AwaitsReply, BackgroundCall};
 use crate::cache::RequestMatch;
 use crate::config::{Config, RecordMode};
 use crate::host::{debug, CalloutReply, Host, Level};
@@ -213,4 +213,10 @@ fn release_call(held: &Held) -> (&'static str, Result<Vec<u8>, serde_json::Error
         attempt_id: held.lock.attempt_id.clone(),
     };
     (paths::RELEASE, serde_json::to_vec(&request))
+}
+
+impl AwaitsReply for ShadowJob {
+    fn on_reply(&mut self, host: &dyn Host, config: &Config, reply: CalloutReply) -> Option<BackgroundCall> {
+        self.on_acquire_reply(host, config, reply)
+    }
 }

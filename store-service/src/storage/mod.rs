@@ -6,7 +6,6 @@ use idempotency_wire::{
     AbandonRequest, AcquireRequest, AcquireResponse, CheckpointRequest, CompleteRequest,
     OutcomeUnknownRequest, RecordId, ReleaseRequest,
 };
-use thiserror::Error;
 
 use crate::record::Record;
 
@@ -19,33 +18,7 @@ pub mod test_mongo;
 #[cfg(test)]
 pub mod contract;
 
-/// Why a storage operation failed.
-#[derive(Debug, Error)]
-pub enum StorageError {
-    /// No live record with that identity.
-    #[error("no live record for service {:?}, scope {:?}", .0.service, .0.scope)]
-    NotFound(RecordId),
-    /// The presented fencing token is not the current holder's (or the record is completed).
-    #[error("stale fencing token {presented}; the record is at token {current} or no longer in progress")]
-    StaleToken {
-        /// Token the caller presented.
-        presented: u64,
-        /// Token of the record now.
-        current: u64,
-    },
-    /// The acquire arrived after the proxy's deadline for it; the proxy no longer waits.
-    #[error("acquire arrived {late_by_ms} ms after the proxy's deadline; refused")]
-    DeadlinePassed {
-        /// How late it was.
-        late_by_ms: u64,
-    },
-    /// The backend could not be reached or failed; the caller may retry.
-    #[error("storage unavailable: {0}")]
-    Unavailable(String),
-    /// Stored data could not be decoded.
-    #[error("stored record is corrupt: {0}")]
-    Corrupt(String),
-}
+pub use crate::record::StorageError;
 
 /// Which backend, for metrics labels.
 pub type BackendName = &'static str;
