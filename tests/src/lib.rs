@@ -343,7 +343,7 @@ impl Stack {
         let data_path = dir.path().join("store-data");
 
         let mongo = if options.mongodb {
-            Some(MongoServer::start(dir.path()).await)
+            Some(MongoServer::start_logging(Some(&dir.path().join("mongo.log"))).await)
         } else {
             None
         };
@@ -557,53 +557,8 @@ impl Stack {
     }
 }
 
-/// A MongoDB wire-protocol server (PyPI `secantusdb`, installed by `make setup`) on a free port.
-#[derive(Debug)]
-pub struct MongoServer {
-    /// The server process.
-    pub proc: Proc,
-    /// Its port.
-    pub port: u16,
-}
-
-impl MongoServer {
-    /// Start it and wait until it accepts connections.
-    pub async fn start(dir: &Path) -> MongoServer {
-        let path = std::env::var_os("SECANTUSD_BIN")
-            .map_or_else(|| repo_root().join(".venv/bin/secantusd-py"), PathBuf::from);
-        assert!(path.exists(), "{} is missing: run `make setup`", path.display());
-        let port = free_port();
-        let mut command = Command::new(path);
-        command
-            .args(["--host", "127.0.0.1", "--port", &port.to_string()])
-            .args([
-                "--storage-path",
-                ":memory:",
-                "--standalone",
-                "--log-level",
-                "WARNING",
-            ]);
-        let mut proc = Proc::spawn("secantusd", command, dir.join("mongo.log"));
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while tokio::net::TcpStream::connect(("127.0.0.1", port)).await.is_err() {
-            if let Some(status) = proc.wait_exit(Duration::from_millis(0)) {
-                panic!("secantusd exited with {status}:\n{}", proc.output());
-            }
-            assert!(
-                Instant::now() < deadline,
-                "secantusd did not start:\n{}",
-                proc.output()
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        MongoServer { proc, port }
-    }
-
-    /// Connection string.
-    pub fn uri(&self) -> String {
-        format!("mongodb://127.0.0.1:{}/?directConnection=true", self.port)
-    }
-}
+/// The MongoDB wire-protocol test server (one copy, the store crate's).
+pub use idempotency_store::storage::test_mongo::MongoServer;
 
 /// Start Envoy with `config` (JSON or YAML text) and wait for nothing.
 pub fn start_envoy(dir: &Path, config: &str, log_name: &str) -> Proc {

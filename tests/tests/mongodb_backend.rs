@@ -99,7 +99,7 @@ async fn unreachable_mongodb_at_run_time_gives_503_and_never_a_duplicate() {
         .unwrap();
     assert_eq!(first.status(), 201);
 
-    stack.mongo.as_mut().unwrap().proc.kill();
+    stack.mongo.as_mut().unwrap().stop();
     for key in ["mongo-down-1", "mongo-down-2"] {
         let response = stack.post_order(Some(key), &order).send().await.unwrap();
         assert_eq!(response.status(), 503, "{key}");

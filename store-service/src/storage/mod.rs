@@ -12,7 +12,7 @@ use crate::record::Record;
 pub mod embedded;
 pub mod mongo;
 
-#[cfg(test)]
+#[cfg(any(test, feature = "testing"))]
 pub mod test_mongo;
 
 #[cfg(test)]

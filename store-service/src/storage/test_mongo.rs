@@ -1,6 +1,10 @@
-//! Test support: a real MongoDB wire-protocol server (PyPI `secantusdb`) on a free port.
+//! Test support (unit tests, and other crates with the `testing` feature): a real MongoDB
+//! wire-protocol server (PyPI `secantusdb`) on a free port.
 //!
 //! `make setup` installs it into `.venv`; `SECANTUSD_BIN` overrides the path.
+
+// Test support: a server that cannot start fails the test that needs it, loudly.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use std::net::TcpListener;
 use std::path::PathBuf;
@@ -28,14 +32,24 @@ fn server_bin() -> PathBuf {
 }
 
 impl MongoServer {
-    /// Start a server and wait until it accepts connections.
+    /// Start a server and wait until it accepts connections (its output discarded).
     pub async fn start() -> MongoServer {
+        MongoServer::start_logging(None).await
+    }
+
+    /// Start a server writing its output to `log` (kept for a failed test), and wait until it
+    /// accepts connections.
+    pub async fn start_logging(log: Option<&std::path::Path>) -> MongoServer {
         let port = TcpListener::bind("127.0.0.1:0")
             .unwrap()
             .local_addr()
             .unwrap()
             .port();
-        let child = Command::new(server_bin())
+        let output = || match log.and_then(|path| std::fs::File::create(path).ok()) {
+            Some(file) => Stdio::from(file),
+            None => Stdio::null(),
+        };
+        let mut child = Command::new(server_bin())
             .args(["--host", "127.0.0.1", "--port", &port.to_string()])
             .args([
                 "--storage-path",
@@ -45,12 +59,15 @@ impl MongoServer {
                 "WARNING",
             ])
             .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
+            .stdout(output())
+            .stderr(output())
             .spawn()
             .unwrap();
         let deadline = Instant::now() + Duration::from_secs(30);
         while tokio::net::TcpStream::connect(("127.0.0.1", port)).await.is_err() {
+            if let Ok(Some(status)) = child.try_wait() {
+                panic!("secantusd exited with {status} (its log: {log:?})");
+            }
             assert!(
                 Instant::now() < deadline,
                 "secantusd did not start on port {port}"
@@ -61,6 +78,11 @@ impl MongoServer {
             child: Some(child),
             port,
         }
+    }
+
+    /// Its port.
+    pub fn port(&self) -> u16 {
+        self.port
     }
 
     /// Connection string.
