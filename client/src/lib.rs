@@ -23,4 +23,4 @@ pub use phases::PhaseManager;
 /// The `rdkafka` this crate is built with, so a consumer names the same message types.
 #[cfg(feature = "kafka")]
 pub use rdkafka;
-pub use store::StoreClient;
+pub use store::{metric_sum, StoreClient};

@@ -15,7 +15,8 @@ use std::time::Duration;
 
 use base64::Engine as _;
 use clap::{Parser, Subcommand};
-use idempotency_wire::paths;
+use idempotency_client::{metric_sum, ClientError, StoreClient};
+use idempotency_wire::RecordId;
 use serde_json::Value;
 use thiserror::Error;
 
@@ -56,12 +57,12 @@ struct RecordArgs {
 }
 
 impl RecordArgs {
-    fn query(&self) -> [(&'static str, &str); 3] {
-        [
-            ("service", &self.service),
-            ("scope", &self.scope),
-            ("key", &self.key),
-        ]
+    fn id(&self) -> RecordId {
+        RecordId {
+            service: self.service.clone(),
+            scope: self.scope.clone(),
+            key: self.key.clone(),
+        }
     }
 }
 
@@ -125,55 +126,28 @@ impl CtlError {
     }
 }
 
-struct Store {
-    base: String,
-    token: Option<String>,
-    http: reqwest::Client,
-}
-
-impl Store {
-    async fn send(&self, request: reqwest::RequestBuilder) -> Result<reqwest::Response, CtlError> {
-        let request = match &self.token {
-            Some(token) => request.bearer_auth(token),
-            None => request,
-        };
-        let response = request
-            .send()
-            .await
-            .map_err(|e| CtlError::Unavailable(format!("{}: {e}", self.base)))?;
-        let status = response.status().as_u16();
-        match status {
-            200..=299 => Ok(response),
-            401 | 403 => {
-                let body: Value = response.json().await.unwrap_or_default();
-                Err(CtlError::Refused {
-                    status,
-                    message: body["message"].as_str().unwrap_or("no message").to_owned(),
-                })
+impl From<ClientError> for CtlError {
+    fn from(error: ClientError) -> CtlError {
+        match error {
+            ClientError::Transport(e) => CtlError::Unavailable(e.to_string()),
+            ClientError::Status {
+                status: status @ (401 | 403),
+                body,
+            } => {
+                let message = serde_json::from_str::<Value>(&body)
+                    .ok()
+                    .and_then(|b| b["message"].as_str().map(str::to_owned))
+                    .unwrap_or(body);
+                CtlError::Refused { status, message }
             }
-            404 => Err(CtlError::NotFound("no such record".to_owned())),
-            500..=599 => Err(CtlError::Unavailable(format!(
-                "{} answered {status}: {}",
-                self.base,
-                response.text().await.unwrap_or_default()
-            ))),
-            _ => Err(CtlError::Other(format!(
-                "unexpected {status}: {}",
-                response.text().await.unwrap_or_default()
-            ))),
+            ClientError::Status { status: 404, .. } => CtlError::NotFound("no such record".to_owned()),
+            ClientError::Status {
+                status: status @ 500..=599,
+                body,
+            } => CtlError::Unavailable(format!("the store answered {status}: {body}")),
+            ClientError::Status { status, body } => CtlError::Other(format!("unexpected {status}: {body}")),
+            other => CtlError::Other(other.to_string()),
         }
-    }
-
-    async fn json(&self, request: reqwest::RequestBuilder) -> Result<Value, CtlError> {
-        self.send(request)
-            .await?
-            .json()
-            .await
-            .map_err(|e| CtlError::Other(format!("unreadable answer: {e}")))
-    }
-
-    fn url(&self, path: &str) -> String {
-        format!("{}{path}", self.base)
     }
 }
 
@@ -296,18 +270,6 @@ const STATS: [(&str, &str); 9] = [
     ("idempotency_store_live_records", "records stored"),
 ];
 
-fn metric_sum(text: &str, name: &str) -> f64 {
-    text.lines()
-        .filter(|l| !l.starts_with('#'))
-        .filter_map(|l| {
-            let (series, value) = l.rsplit_once(' ')?;
-            (series.split('{').next()? == name)
-                .then(|| value.parse::<f64>().ok())
-                .flatten()
-        })
-        .sum()
-}
-
 /// The admin token from `--token`, `IDEMPOTENCY_TOKEN` or `--token-file`.
 fn read_token(cli: &Cli) -> Result<Option<String>, CtlError> {
     Ok(match (&cli.token, &cli.token_file) {
@@ -325,19 +287,13 @@ fn read_token(cli: &Cli) -> Result<Option<String>, CtlError> {
 /// Run a command; its exit code (0, or doctor's verdict).
 async fn run(cli: Cli) -> Result<u8, CtlError> {
     let token = read_token(&cli)?;
-    let store = Store {
-        base: cli.store.trim_end_matches('/').to_owned(),
-        token,
-        http: reqwest::Client::builder()
-            .timeout(Duration::from_secs(10))
-            .build()
-            .map_err(|e| CtlError::Other(e.to_string()))?,
-    };
+    let store = StoreClient::new(cli.store.clone(), token.clone())?;
     match cli.command {
         Command::Get { record } => {
             let record = store
-                .json(store.http.get(store.url(paths::RECORDS)).query(&record.query()))
-                .await?;
+                .record(&record.id())
+                .await?
+                .ok_or_else(|| CtlError::NotFound("no such record".to_owned()))?;
             if cli.json {
                 println!("{record}");
             } else {
@@ -353,14 +309,9 @@ async fn run(cli: Cli) -> Result<u8, CtlError> {
             {
                 return Err(CtlError::Other("not purged".to_owned()));
             }
-            store
-                .send(
-                    store
-                        .http
-                        .delete(store.url(paths::RECORDS))
-                        .query(&record.query()),
-                )
-                .await?;
+            if !store.purge(&record.id()).await? {
+                return Err(CtlError::NotFound("no such record".to_owned()));
+            }
             if cli.json {
                 println!(
                     "{}",
@@ -378,20 +329,12 @@ async fn run(cli: Cli) -> Result<u8, CtlError> {
             let mut records = Vec::new();
             let mut cursor: Option<String> = None;
             while records.len() < limit {
-                let mut query = vec![
-                    ("service", service.clone()),
-                    ("older_than_ms", older_than.as_millis().to_string()),
-                    ("limit", (limit - records.len()).min(1_000).to_string()),
-                ];
-                if let Some(cursor) = &cursor {
-                    query.push(("cursor", cursor.clone()));
-                }
                 let page = store
-                    .json(
-                        store
-                            .http
-                            .get(store.url(paths::RECORDS_IN_PROGRESS))
-                            .query(&query),
+                    .records_in_progress(
+                        &service,
+                        u64::try_from(older_than.as_millis()).unwrap_or(u64::MAX),
+                        (limit - records.len()).min(1_000),
+                        cursor.as_deref(),
                     )
                     .await?;
                 records.extend(page["records"].as_array().cloned().unwrap_or_default());
@@ -425,17 +368,12 @@ async fn run(cli: Cli) -> Result<u8, CtlError> {
             }
         }
         Command::Doctor(args) => {
-            return doctor::run(&args, store.token.as_deref(), cli.json)
+            return doctor::run(&args, token.as_deref(), cli.json)
                 .await
                 .map_err(|e| CtlError::Unreadable(e.to_string()));
         }
         Command::Stats => {
-            let text = store
-                .send(store.http.get(store.url("/metrics")))
-                .await?
-                .text()
-                .await
-                .map_err(|e| CtlError::Other(e.to_string()))?;
+            let text = store.metrics_text().await?;
             if cli.json {
                 let summary: serde_json::Map<String, Value> = STATS
                     .iter()

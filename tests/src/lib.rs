@@ -629,17 +629,8 @@ pub async fn demo_executions(client: &reqwest::Client, demo_url: &str) -> Value 
         .unwrap()
 }
 
-/// Value of a counter or gauge line `name{labels} value` in Prometheus text (sum over labels).
-pub fn metric_sum(text: &str, name: &str) -> f64 {
-    text.lines()
-        .filter(|l| !l.starts_with('#'))
-        .filter_map(|l| {
-            let (series, value) = l.rsplit_once(' ')?;
-            let metric = series.split('{').next()?;
-            (metric == name).then(|| value.parse::<f64>().ok()).flatten()
-        })
-        .sum()
-}
+/// The sum of a metric's series in Prometheus text (one copy: the client crate's).
+pub use idempotency_client::metric_sum;
 
 /// A shipped Envoy bootstrap from `envoy/`, run as shipped except for its ports (moved to free
 /// ones) and the store token, with its own store and demo service.
