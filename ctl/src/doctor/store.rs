@@ -3,6 +3,7 @@
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use idempotency_client::ClientError;
 use serde_json::Value;
 
 use super::rules::{Finding, Severity};
@@ -80,13 +81,12 @@ pub async fn check(base: &str, token: Option<&str>, findings: &mut Vec<Finding>)
             "check the store's log",
         ),
     }
-    let mut request = client.get(format!("{base}{}", idempotency_wire::paths::INFO));
-    if let Some(token) = token {
-        request = request.bearer_auth(token);
-    }
-    match request.send().await {
-        Ok(r) if r.status().is_success() => {
-            let info: Value = r.json().await.unwrap_or(Value::Null);
+    let info = match idempotency_client::StoreClient::new(base, token.map(str::to_owned)) {
+        Ok(store) => store.info().await,
+        Err(e) => Err(e),
+    };
+    match info {
+        Ok(info) => {
             if info["durable_commits_healthy"] == Value::Bool(false) {
                 problem(
                     Severity::Error,
@@ -117,16 +117,16 @@ pub async fn check(base: &str, token: Option<&str>, findings: &mut Vec<Finding>)
             }
             facts.info = Some(info);
         }
-        Ok(r) if matches!(r.status().as_u16(), 401 | 403) => problem(
+        Err(ClientError::Status { status: status @ (401 | 403), .. }) => problem(
             Severity::Warning,
             "store-info",
-            format!("/v1/info answers {}: pass an admin token (--token or IDEMPOTENCY_TOKEN) to check backend, durability and credentials", r.status()),
+            format!("/v1/info answers {status}: pass an admin token (--token or IDEMPOTENCY_TOKEN) to check backend, durability and credentials"),
             "idempotencyctl --token-file admin.token doctor ...",
         ),
-        Ok(r) => problem(
+        Err(ClientError::Status { status, .. }) => problem(
             Severity::Warning,
             "store-info",
-            format!("/v1/info answers {} (a store older than this tool?)", r.status()),
+            format!("/v1/info answers {status} (a store older than this tool?)"),
             "upgrade the store",
         ),
         Err(e) => problem(Severity::Warning, "store-info", format!("/v1/info failed: {e}"), "check the store's log"),
