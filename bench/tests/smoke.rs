@@ -1,6 +1,6 @@
 //! `make bench` in short, inside `make test`: every scenario runs against the real stack and is
 //! answered as it should be (the benchmark fails on any wrong answer), and the results file holds
-//! every figure the README's Performance section is read from.
+//! every figure the docs/performance.md is read from.
 
 #![allow(
     clippy::unwrap_used,

@@ -1,5 +1,5 @@
 //! Every shipped Envoy config — the bootstraps, the compose file, both Istio `EnvoyFilter`s and
-//! the README's "Wiring it into your own Envoy" block — as a hostile client meets it: each
+//! the operator guide's "Wiring it into your own Envoy" block — as a hostile client meets it: each
 //! internal header with each store path, with and without a token, on GET and POST, keyed and
 //! keyless, and not one request is answered by the store (every store answer carries
 //! `x-idempotency-store`). gRPC replays still reach a stock client through them.
@@ -110,14 +110,14 @@ async fn no_client_header_reaches_the_store_through_the_shipped_bootstraps() {
     }
 }
 
-/// The README's "Wiring it into your own Envoy" block, assembled into a bootstrap as its comments
-/// say (listener 10000, admin 9901).
+/// The operator guide's "Wiring it into your own Envoy" block, assembled into a bootstrap as its
+/// comments say (listener 10000, admin 9901).
 fn readme_bootstrap() -> String {
-    let readme = shipped("README.md");
+    let readme = shipped("docs/operator-guide.md");
     let section = readme
-        .split("### Wiring it into your own Envoy")
+        .split("## Wiring it into your own Envoy")
         .nth(1)
-        .expect("the README has the section");
+        .expect("the operator guide has the section");
     let block = section
         .split("```yaml\n")
         .nth(1)
@@ -179,7 +179,10 @@ async fn no_client_header_reaches_the_store_through_the_istio_envoyfilters_or_th
             "envoy/istio/envoyfilter-grpc.yaml",
             istio_bootstrap("envoy/istio/envoyfilter-grpc.yaml", "inbound|http|50051"),
         ),
-        ("README: Wiring it into your own Envoy", readme_bootstrap()),
+        (
+            "docs/operator-guide.md: Wiring it into your own Envoy",
+            readme_bootstrap(),
+        ),
     ] {
         let stack = ShippedStack::start_config(&config).await;
         assert_the_store_answers_no_client(&stack, name).await;
@@ -261,5 +264,5 @@ async fn grpc_replays_through(name: &str, config: &str) {
 #[tokio::test]
 async fn grpc_replays_reach_a_stock_client_through_the_shipped_grpc_config_and_the_readme_snippet() {
     grpc_replays_through("envoy/envoy-grpc.yaml", &shipped("envoy/envoy-grpc.yaml")).await;
-    grpc_replays_through("README snippet", &readme_bootstrap()).await;
+    grpc_replays_through("operator guide snippet", &readme_bootstrap()).await;
 }

@@ -108,7 +108,7 @@ pub async fn check(base: &str, token: Option<&str>, findings: &mut Vec<Finding>)
                     Severity::Warning,
                     "store-authentication",
                     "the store serves without credentials: anyone who reaches it can complete or purge records".into(),
-                    "idempotency-store --credentials-file credentials.yaml   # see README, Security",
+                    "idempotency-store --credentials-file credentials.yaml   # see docs/security.md",
                 );
             }
             if let Some(now) = info["now_ms"].as_i64() {

@@ -125,11 +125,11 @@ impl RequestFlow {
             Some(REPLAY_LISTENER) => {}
             Some(_) => host.log(
                 Level::Error,
-                "idempotency: a gRPC replay was answered by the store's API listener: point the replay route (path /v1/replay with x-idempotency-replay-ticket) at a cluster for the store's --replay-listen port, never at the API (see README, gRPC)",
+                "idempotency: a gRPC replay was answered by the store's API listener: point the replay route (path /v1/replay with x-idempotency-replay-ticket) at a cluster for the store's --replay-listen port, never at the API (see docs/grpc.md)",
             ),
             None => host.log(
                 Level::Error,
-                "idempotency: a gRPC replay was not answered by the store: add the replay route (path /v1/replay with x-idempotency-replay-ticket, first in the route table) to a cluster for the store's --replay-listen port (see README, gRPC)",
+                "idempotency: a gRPC replay was not answered by the store: add the replay route (path /v1/replay with x-idempotency-replay-ticket, first in the route table) to a cluster for the store's --replay-listen port (see docs/grpc.md)",
             ),
         }
         if answered_by.is_some() {

@@ -5,7 +5,7 @@
 //! also makes every rule in `record.rs` atomic without locks. Two engines sit under the writer
 //! (`--embedded-engine`): `fjall` (default; an LSM tree whose journal is appended and fdatasync'd
 //! once per batch) and `redb` (a copy-on-write B-tree, one durable transaction per batch). The
-//! README's Performance section has the measurements that chose the default.
+//! docs/performance.md has the measurements that chose the default.
 //!
 //! A batch that wrote nothing (replays, duplicates, "in progress" answers) is not synced: it
 //! changed nothing that a crash could lose.
