@@ -1,4 +1,3 @@
-
 use super::*;
 
 /// The configuration other modules' tests start from: service `orders` plus `extra` fields
