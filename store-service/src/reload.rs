@@ -1,9 +1,22 @@
 //! Files the store re-reads without a restart (credentials, replay secrets): on SIGHUP and
-//! whenever their modification time changes. A file that fails to load is logged and what was
-//! in force stays.
+//! whenever they change — modification time, size or inode (a file replaced by rename, as
+//! Kubernetes updates a mounted Secret, is a new inode even within the filesystem's timestamp
+//! granularity). A file that fails to load is logged and what was in force stays.
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
+
+/// What identifies one version of a file: modification time, size and (on unix) inode.
+type Version = Option<(SystemTime, u64, u64)>;
+
+fn version(path: &Path) -> Version {
+    let metadata = std::fs::metadata(path).ok()?;
+    #[cfg(unix)]
+    let inode = std::os::unix::fs::MetadataExt::ino(&metadata);
+    #[cfg(not(unix))]
+    let inode = 0;
+    Some((metadata.modified().ok()?, metadata.len(), inode))
+}
 
 /// Call `reload` on SIGHUP and whenever `path` changes (checked every `poll`), until the process
 /// ends. `reload` answers what it loaded (for the log) or why it refused the file.
@@ -11,8 +24,7 @@ pub async fn watch_file<F>(path: PathBuf, poll: Duration, what: &'static str, re
 where
     F: Fn() -> Result<String, String> + Send + 'static,
 {
-    let modified = |path: &Path| std::fs::metadata(path).and_then(|m| m.modified()).ok();
-    let mut last: Option<SystemTime> = modified(&path);
+    let mut last = version(&path);
     #[cfg(unix)]
     let mut hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
     loop {
@@ -32,7 +44,7 @@ where
             tokio::time::sleep(poll).await;
             false
         };
-        let now = modified(&path);
+        let now = version(&path);
         if !signalled && now == last {
             continue;
         }
