@@ -43,7 +43,7 @@ fn tansu_bin() -> PathBuf {
     let installed = home.join(".cargo/bin/tansu");
     assert!(
         installed.exists(),
-        "tansu (a Kafka-protocol broker) is missing: run `make kafka-broker` (cargo install, ~10 min once) or set TANSU_BIN"
+        "tansu (a Kafka-protocol broker) is missing: run `make kafka-broker` (cargo install, ~4 min once) or set TANSU_BIN"
     );
     installed
 }
