@@ -121,6 +121,24 @@ impl Load {
     }
 }
 
+/// A client that gives up after `patience` and sends the same keyed `order` again every 300 ms,
+/// `attempts` times in all; the status of each try (0: it gave up or could not connect).
+async fn impatient_client(
+    order: impl Fn() -> reqwest::RequestBuilder,
+    attempts: usize,
+    patience: Duration,
+) -> Vec<u16> {
+    let mut seen = Vec::new();
+    for attempt in 0..attempts {
+        if attempt > 0 {
+            tokio::time::sleep(Duration::from_millis(300)).await;
+        }
+        let outcome = order().timeout(patience).send().await;
+        seen.push(outcome.map(|r| r.status().as_u16()).unwrap_or(0));
+    }
+    seen
+}
+
 fn keys(prefix: &str, n: usize) -> Vec<String> {
     (0..n)
         .map(|i| format!("{prefix}-{i}-{}", uuid::Uuid::new_v4().simple()))
@@ -457,22 +475,14 @@ async fn clients_that_time_out_and_retry_at_once_never_cause_a_second_execution(
                 let (client, url) = (client.clone(), url.clone());
                 let work_ms = 200 + (i % 5) * 300;
                 async move {
-                    let mut seen = Vec::new();
-                    for attempt in 0..ATTEMPTS {
-                        if attempt > 0 {
-                            tokio::time::sleep(Duration::from_millis(300)).await;
-                        }
-                        let outcome = client
+                    let order = || {
+                        client
                             .post(format!("{url}/api/v1/orders"))
                             .header("Idempotency-Key", &key)
                             .header("x-demo-delay-ms", work_ms.to_string())
                             .json(&json!({"sku": "IMPATIENT"}))
-                            .timeout(Duration::from_millis(150))
-                            .send()
-                            .await;
-                        seen.push(outcome.map(|r| r.status().as_u16()).unwrap_or(0));
-                    }
-                    seen
+                    };
+                    impatient_client(order, ATTEMPTS, Duration::from_millis(150)).await
                 }
             }))
             .buffer_unordered(128)
@@ -544,21 +554,13 @@ async fn gateway_storm(
     let outcomes: Vec<u16> = futures::stream::iter(attempts.into_iter().map(|key| {
         let (client, url) = (client.clone(), url.clone());
         async move {
-            let mut seen = Vec::new();
-            for attempt in 0..GATEWAY_STORM_ATTEMPTS {
-                if attempt > 0 {
-                    tokio::time::sleep(Duration::from_millis(300)).await;
-                }
-                let outcome = client
+            let order = || {
+                client
                     .post(format!("{url}/api/v1/orders"))
                     .header("Idempotency-Key", &key)
                     .json(&json!({"sku": "GATEWAY"}))
-                    .timeout(Duration::from_millis(250))
-                    .send()
-                    .await;
-                seen.push(outcome.map(|r| r.status().as_u16()).unwrap_or(0));
-            }
-            seen
+            };
+            impatient_client(order, GATEWAY_STORM_ATTEMPTS, Duration::from_millis(250)).await
         }
     }))
     .buffer_unordered(128)
