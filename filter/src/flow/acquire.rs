@@ -153,6 +153,7 @@ impl RequestFlow {
         }
     }
 
+    /// The store answered an acquire: decide what it means ([`decide`], pure), then act on it.
     #[allow(clippy::too_many_arguments)] // one acquire's parts
     pub(super) fn on_acquire_reply(
         &mut self,
@@ -163,89 +164,27 @@ impl RequestFlow {
         attempt: AcquireAttempt,
         reply: CalloutReply,
     ) {
-        let parsed = match reply.status {
-            Some(200) => serde_json::from_slice::<AcquireResponse>(&reply.body).map_err(|e| e.to_string()),
-            other => Err(format!(
-                "status {other:?}: {}",
-                String::from_utf8_lossy(reply.body.get(..200).unwrap_or(&reply.body))
-            )),
-        };
-        let verdict = match parsed {
-            Err(reason) => {
+        let may_wait = !attempt.waited && !pending.in_progress_wait.is_zero();
+        let verdict = match decide(reply, self.grpc, may_wait) {
+            AcquireStep::StoreFailed {
+                reason,
+                may_have_landed,
+            } => {
                 // The acquire may still have landed (a timeout, a reply lost on the way): make
-                // sure no lock is left behind for an attempt we are refusing now. 400/401/403
-                // and 408 (arrived after its deadline) are definite: nothing was taken.
-                if !matches!(reply.status, Some(400 | 401 | 403 | 408)) {
+                // sure no lock is left behind for an attempt we are refusing now.
+                if may_have_landed {
                     self.abandon(host, &pending.id, &attempt.attempt_id, attempt.deadline.max(now));
                 }
                 self.storage_failure(host, &format!("acquire failed: {reason}"))
             }
-            Ok(AcquireResponse::Acquired(lock)) => {
+            AcquireStep::Forward(lock) => {
                 host.count(Counter::Miss);
-                let held = Held {
-                    id: pending.id,
-                    lock,
-                    request,
-                    lock_expires_at: now.saturating_add(self.config.lock_timeout),
-                    grpc: self.grpc,
-                    record_mode: pending.record_mode,
-                };
-                let block = RouterRetries {
-                    block: self.config.block_router_retries,
-                    remove_caller_headers: pending.caller_retry_headers,
-                };
-                if let Err(e) = set_internal_headers(host, &held, block) {
-                    // We hold the lock but cannot tell the upstream; the request never left.
-                    if let Ok(write) = calls::release(&held) {
-                        host.count(Counter::LockReleased);
-                        self.in_background(host, Some(write.in_background()));
-                    }
-                    let verdict = self.storage_failure(host, &e.to_string());
-                    if verdict == Verdict::Continue {
-                        if let Err(e) = host.resume_request() {
-                            host.log(Level::Warn, &format!("idempotency: cannot resume request: {e}"));
-                        }
-                    }
-                    return;
-                }
-                debug(host, || {
-                    format!(
-                        "idempotency: key {} acquired (token {}, resumed {}, previous attempt {:?})",
-                        key_hash(&held.id.key),
-                        held.lock.fencing_token,
-                        held.lock.resumed,
-                        held.lock.previous_attempt
-                    )
-                });
-                self.state = State::Executing(held);
-                Verdict::Continue
+                self.forward_holding(host, now, pending, request, lock)
             }
-            // Completed, but streamed through without its messages (over `max_response_size`):
-            // a gRPC client cannot use a replay without them, and it must not run again.
-            Ok(AcquireResponse::Completed { response, .. }) if self.grpc && response.body_omitted => {
-                host.count(Counter::Hit);
-                let status = crate::grpc::status_of(&response.trailers)
-                    .or_else(|| crate::grpc::status_of(&response.headers))
-                    .and_then(|code| crate::grpc::CODE_NAMES.get(usize::try_from(code).ok()?).copied())
-                    .unwrap_or("unknown");
-                self.answer(
-                    host,
-                    &Problem::new(
-                        ErrorCode::ResponseNotReplayable,
-                        format!("This call already completed with status {status}; its response was larger than max_response_size and cannot be replayed. It will not run again with this Idempotency-Key"),
-                    )
-                    .detail("completedStatus", status),
-                )
-            }
-            Ok(AcquireResponse::Completed {
-                replay_ticket: Some(ticket),
-                ..
-            }) if self.grpc => self.route_replay_to_store(host, &pending, &ticket),
-            Ok(AcquireResponse::Completed {
+            AcquireStep::Replay {
                 response,
-                expires_at_ms,
-                ..
-            }) => {
+                record_expires_at,
+            } => {
                 host.count(Counter::Hit);
                 debug(host, || {
                     format!(
@@ -254,71 +193,27 @@ impl RequestFlow {
                         response.status
                     )
                 });
-                let headers = replay_headers(&response, &self.config.replay_header_denylist);
-                if let Err(e) = host.send_response(response.status, &headers, &response.body) {
-                    host.log(Level::Warn, &format!("idempotency: cannot send replay: {e}"));
-                }
-                let record_expires_at = expires_at_ms.map_or(Duration::MAX, Duration::from_millis);
-                self.remember(host, &pending.id, request, Rc::new(response), record_expires_at);
-                self.state = State::Finished;
+                let response = Rc::new(response);
+                self.send_replay(host, &response);
+                self.remember(host, &pending.id, request, response, record_expires_at);
                 Verdict::Pause
             }
-            // A double submit: ask again, waiting in the store for the first attempt's answer.
-            // Not for a lock kept because its outcome is unknown: it holds to its end.
-            Ok(AcquireResponse::InProgress {
-                outcome_unknown: false,
-                ..
-            }) if !attempt.waited && !pending.in_progress_wait.is_zero() => {
+            AcquireStep::RouteReplayToStore { ticket } => self.route_replay_to_store(host, &pending, &ticket),
+            AcquireStep::WaitForFirstAttempt => {
                 let wait = pending.in_progress_wait;
                 self.send_acquire(host, now, pending, request, attempt.attempt_id, wait)
             }
-            Ok(AcquireResponse::InProgress {
-                lock_remaining_ms,
-                outcome_unknown,
-            }) => {
-                host.count(Counter::ConcurrentCollision);
-                let remaining_secs = lock_remaining_ms.div_ceil(1000).max(1);
-                // An attempt of unknown outcome holds its lock to the end: nothing can change
-                // before then. A running one usually finishes soon: ask for a quick retry.
-                let retry_after = if outcome_unknown {
-                    remaining_secs
-                } else {
-                    CONFLICT_RETRY_AFTER_SECS.min(remaining_secs)
-                };
+            AcquireStep::Refuse { counter, problem } => {
+                host.count(counter);
                 debug(host, || {
                     format!(
-                        "idempotency: key {} in progress (outcome unknown: {outcome_unknown}): 409",
-                        key_hash(&pending.id.key)
+                        "idempotency: key {} refused: {} {}",
+                        key_hash(&pending.id.key),
+                        problem.status(),
+                        problem.code.code()
                     )
                 });
-                let message = if outcome_unknown {
-                    "An earlier request with this Idempotency-Key may still be running or may have run; its result is unknown until its lock expires. Retry with the same key after Retry-After"
-                } else {
-                    "A request with this Idempotency-Key is being processed; retry with the same key later"
-                };
-                self.answer(
-                    host,
-                    &Problem::new(ErrorCode::ConcurrentRequest, message)
-                        .retry_after(retry_after)
-                        .detail("lockRemainingMs", lock_remaining_ms)
-                        .detail("outcomeUnknown", outcome_unknown),
-                )
-            }
-            Ok(AcquireResponse::Mismatch) => {
-                host.count(Counter::ParameterMismatch);
-                debug(host, || {
-                    format!(
-                        "idempotency: key {} reused with other parameters: 422",
-                        key_hash(&pending.id.key)
-                    )
-                });
-                self.answer(
-                    host,
-                    &Problem::new(
-                        ErrorCode::ParameterMismatch,
-                        "This Idempotency-Key was used with different request parameters; use a new key for a different request",
-                    ),
-                )
+                self.answer(host, &problem)
             }
         };
         if verdict == Verdict::Continue {
@@ -326,6 +221,57 @@ impl RequestFlow {
                 host.log(Level::Warn, &format!("idempotency: cannot resume request: {e}"));
             }
         }
+    }
+
+    /// The lock is ours: tell the upstream which record it runs under and let the request go.
+    fn forward_holding(
+        &mut self,
+        host: &dyn Host,
+        now: Duration,
+        pending: Pending,
+        request: RequestMatch,
+        lock: Lock,
+    ) -> Verdict {
+        let held = Held {
+            id: pending.id,
+            lock,
+            request,
+            lock_expires_at: now.saturating_add(self.config.lock_timeout),
+            grpc: self.grpc,
+            record_mode: pending.record_mode,
+        };
+        let block = RouterRetries {
+            block: self.config.block_router_retries,
+            remove_caller_headers: pending.caller_retry_headers,
+        };
+        if let Err(e) = set_internal_headers(host, &held, block) {
+            // We hold the lock but cannot tell the upstream; the request never left.
+            if let Ok(write) = calls::release(&held) {
+                host.count(Counter::LockReleased);
+                self.in_background(host, Some(write.in_background()));
+            }
+            return self.storage_failure(host, &e.to_string());
+        }
+        debug(host, || {
+            format!(
+                "idempotency: key {} acquired (token {}, resumed {}, previous attempt {:?})",
+                key_hash(&held.id.key),
+                held.lock.fencing_token,
+                held.lock.resumed,
+                held.lock.previous_attempt
+            )
+        });
+        self.state = State::Executing(held);
+        Verdict::Continue
+    }
+
+    /// Answer with a stored response (its headers filtered by the denylist); the stream ends.
+    fn send_replay(&mut self, host: &dyn Host, response: &StoredResponse) {
+        let headers = replay_headers(response, &self.config.replay_header_denylist);
+        if let Err(e) = host.send_response(response.status, &headers, &response.body) {
+            host.log(Level::Warn, &format!("idempotency: cannot send replay: {e}"));
+        }
+        self.state = State::Finished;
     }
 
     /// A completed gRPC call: Envoy's local replies cannot carry its message, so the request is
@@ -371,13 +317,7 @@ impl RequestFlow {
     ) -> Verdict {
         if !same_request {
             host.count(Counter::ParameterMismatch);
-            return self.answer(
-                host,
-                &Problem::new(
-                    ErrorCode::ParameterMismatch,
-                    "This Idempotency-Key was used with different request parameters; use a new key for a different request",
-                ),
-            );
+            return self.answer(host, &parameter_mismatch());
         }
         host.count(Counter::Hit);
         host.count(Counter::ReplayCacheHit);
@@ -387,11 +327,7 @@ impl RequestFlow {
                 key_hash(&pending.id.key)
             )
         });
-        let headers = replay_headers(response, &self.config.replay_header_denylist);
-        if let Err(e) = host.send_response(response.status, &headers, &response.body) {
-            host.log(Level::Warn, &format!("idempotency: cannot send replay: {e}"));
-        }
-        self.state = State::Finished;
+        self.send_replay(host, response);
         Verdict::Pause
     }
 }
@@ -462,4 +398,121 @@ pub(super) struct AcquireAttempt {
     pub(super) attempt_id: String,
     pub(super) deadline: Duration,
     pub(super) waited: bool,
+}
+
+/// What the store's answer to an acquire means for this request (decided without the host).
+#[derive(Debug)]
+pub(super) enum AcquireStep {
+    /// The answer is unusable: a store failure (`failure_mode` decides). `may_have_landed`:
+    /// the lock may have been taken anyway (a timeout, a lost reply), so it is abandoned.
+    StoreFailed { reason: String, may_have_landed: bool },
+    /// The lock is ours: forward the request.
+    Forward(Lock),
+    /// Completed: answer with the stored response, and cache it until `record_expires_at`.
+    Replay {
+        response: StoredResponse,
+        record_expires_at: Duration,
+    },
+    /// A completed gRPC call: route the request to the store's replay listener.
+    RouteReplayToStore { ticket: String },
+    /// In progress, and this request may wait: ask again, waiting in the store.
+    WaitForFirstAttempt,
+    /// Refuse with this problem (409 in progress, 422 other parameters, gRPC not replayable),
+    /// counted under `counter`.
+    Refuse { counter: Counter, problem: Problem },
+}
+
+/// Decide what an acquire's reply means: `grpc` for a gRPC call (replays are routed, bodies
+/// without messages cannot be replayed), `may_wait` when a key in progress may be asked again
+/// with a wait.
+pub(super) fn decide(reply: CalloutReply, grpc: bool, may_wait: bool) -> AcquireStep {
+    let answer = match reply.status {
+        Some(200) => serde_json::from_slice::<AcquireResponse>(&reply.body).map_err(|e| e.to_string()),
+        other => Err(format!(
+            "status {other:?}: {}",
+            String::from_utf8_lossy(reply.body.get(..200).unwrap_or(&reply.body))
+        )),
+    };
+    match answer {
+        Err(reason) => AcquireStep::StoreFailed {
+            reason,
+            // 400/401/403, and 408 (arrived after its deadline) are definite: nothing was taken.
+            may_have_landed: !matches!(reply.status, Some(400 | 401 | 403 | 408)),
+        },
+        Ok(AcquireResponse::Acquired(lock)) => AcquireStep::Forward(lock),
+        // Completed, but streamed through without its messages (over `max_response_size`):
+        // a gRPC client cannot use a replay without them, and it must not run again.
+        Ok(AcquireResponse::Completed { response, .. }) if grpc && response.body_omitted => {
+            let status = crate::grpc::status_of(&response.trailers)
+                .or_else(|| crate::grpc::status_of(&response.headers))
+                .and_then(|code| crate::grpc::CODE_NAMES.get(usize::try_from(code).ok()?).copied())
+                .unwrap_or("unknown");
+            AcquireStep::Refuse {
+                counter: Counter::Hit,
+                problem: Problem::new(
+                    ErrorCode::ResponseNotReplayable,
+                    format!("This call already completed with status {status}; its response was larger than max_response_size and cannot be replayed. It will not run again with this Idempotency-Key"),
+                )
+                .detail("completedStatus", status),
+            }
+        }
+        Ok(AcquireResponse::Completed {
+            replay_ticket: Some(ticket),
+            ..
+        }) if grpc => AcquireStep::RouteReplayToStore { ticket },
+        Ok(AcquireResponse::Completed {
+            response,
+            expires_at_ms,
+            ..
+        }) => AcquireStep::Replay {
+            response,
+            record_expires_at: expires_at_ms.map_or(Duration::MAX, Duration::from_millis),
+        },
+        // A double submit: ask again, waiting in the store for the first attempt's answer.
+        // Not for a lock kept because its outcome is unknown: it holds to its end.
+        Ok(AcquireResponse::InProgress {
+            outcome_unknown: false,
+            ..
+        }) if may_wait => AcquireStep::WaitForFirstAttempt,
+        Ok(AcquireResponse::InProgress {
+            lock_remaining_ms,
+            outcome_unknown,
+        }) => AcquireStep::Refuse {
+            counter: Counter::ConcurrentCollision,
+            problem: in_progress(lock_remaining_ms, outcome_unknown),
+        },
+        Ok(AcquireResponse::Mismatch) => AcquireStep::Refuse {
+            counter: Counter::ParameterMismatch,
+            problem: parameter_mismatch(),
+        },
+    }
+}
+
+/// 409: the key is held by another attempt.
+fn in_progress(lock_remaining_ms: u64, outcome_unknown: bool) -> Problem {
+    let remaining_secs = lock_remaining_ms.div_ceil(1000).max(1);
+    // An attempt of unknown outcome holds its lock to the end: nothing can change before then.
+    // A running one usually finishes soon: ask for a quick retry.
+    let retry_after = if outcome_unknown {
+        remaining_secs
+    } else {
+        CONFLICT_RETRY_AFTER_SECS.min(remaining_secs)
+    };
+    let message = if outcome_unknown {
+        "An earlier request with this Idempotency-Key may still be running or may have run; its result is unknown until its lock expires. Retry with the same key after Retry-After"
+    } else {
+        "A request with this Idempotency-Key is being processed; retry with the same key later"
+    };
+    Problem::new(ErrorCode::ConcurrentRequest, message)
+        .retry_after(retry_after)
+        .detail("lockRemainingMs", lock_remaining_ms)
+        .detail("outcomeUnknown", outcome_unknown)
+}
+
+/// 422: the key was used with other parameters.
+fn parameter_mismatch() -> Problem {
+    Problem::new(
+        ErrorCode::ParameterMismatch,
+        "This Idempotency-Key was used with different request parameters; use a new key for a different request",
+    )
 }

@@ -61,49 +61,52 @@ impl RequestFlow {
         let details = host
             .property(&["response", "code_details"])
             .map(|bytes| String::from_utf8_lossy(&bytes).into_owned());
-        match classify(status, details.as_deref(), |s| self.config.judge_status(s)) {
-            ResponseOutcome::Unknown(reason) => {
-                host.log(
-                    Level::Warn,
-                    &format!(
-                        "idempotency: key {}: Envoy answered {status} ({}) after forwarding; outcome unknown, keeping the lock",
-                        key_hash(&held.id.key),
-                        details.as_deref().unwrap_or("no details")
-                    ),
-                );
+        let facts = ResponseFacts {
+            status,
+            details: details.as_deref(),
+            grpc_status: if held.grpc {
+                crate::grpc::status_of(&response_headers)
+            } else {
+                None
+            },
+            content_length: header("content-length").and_then(|v| v.trim().parse::<usize>().ok()),
+            end_of_stream,
+            grpc: held.grpc,
+        };
+        let (step, judged_grpc_status) = response_step(&facts, &self.config);
+        if let Some(grpc_status) = judged_grpc_status {
+            host.count(Counter::GrpcStatus(grpc_status));
+        }
+        match step {
+            ResponseStep::KeepUnknown(reason) => {
+                if judged_grpc_status.is_none() {
+                    host.log(
+                        Level::Warn,
+                        &format!(
+                            "idempotency: key {}: Envoy answered {status} ({}) after forwarding; outcome unknown, keeping the lock",
+                            key_hash(&held.id.key),
+                            details.as_deref().unwrap_or("no details")
+                        ),
+                    );
+                }
                 self.outcome_unknown(host, &held, reason)
             }
-            ResponseOutcome::Release => self.release(host, &held),
-            ResponseOutcome::Store => {
-                // Read what decides before the headers move into the record (no copy).
-                let grpc_status = if held.grpc {
-                    crate::grpc::status_of(&response_headers)
-                } else {
-                    None
-                };
-                let too_big = !held.grpc
-                    && header("content-length")
-                        .and_then(|v| v.trim().parse::<usize>().ok())
-                        .is_some_and(|length| length > self.config.max_response_size);
+            ResponseStep::Release => self.release(host, &held),
+            ResponseStep::Record => {
                 let stored_headers = storable_headers(response_headers, &self.config.replay_header_denylist);
-                if let Some(grpc_status) = grpc_status {
-                    // Trailers-only gRPC: the headers carry the final status.
-                    if let Some(verdict) = self.unless_grpc_status_stored(host, &held, grpc_status) {
-                        return verdict;
-                    }
-                    return self.complete(host, &held, status, stored_headers, Vec::new(), false);
-                }
-                if too_big {
-                    return self.stream_through(host, held, status, stored_headers, end_of_stream);
-                }
-                if end_of_stream && !held.grpc {
-                    return self.complete(host, &held, status, stored_headers, Vec::new(), false);
-                }
+                self.complete(host, &held, status, stored_headers, Vec::new(), false)
+            }
+            ResponseStep::StreamThrough => {
+                let stored_headers = storable_headers(response_headers, &self.config.replay_header_denylist);
+                self.stream_through(host, held, status, stored_headers, end_of_stream)
+            }
+            ResponseStep::AwaitBody => {
                 // The body follows (for gRPC: messages, then trailers with the status).
+                let headers = storable_headers(response_headers, &self.config.replay_header_denylist);
                 self.state = State::AwaitingResponseBody {
                     held,
                     status,
-                    headers: stored_headers,
+                    headers,
                     body_size: 0,
                 };
                 Verdict::Pause
@@ -300,3 +303,61 @@ impl RequestFlow {
 
 /// The store's `x-idempotency-store` value on answers from its replay listener.
 const REPLAY_LISTENER: &str = "replay";
+
+/// What the response headers of a forwarded request tell, read from the host.
+pub(super) struct ResponseFacts<'a> {
+    pub(super) status: u16,
+    /// `response.code_details`: why Envoy answered, when it did.
+    pub(super) details: Option<&'a str>,
+    /// A gRPC call's `grpc-status` in its headers (a trailers-only answer).
+    pub(super) grpc_status: Option<u32>,
+    pub(super) content_length: Option<usize>,
+    pub(super) end_of_stream: bool,
+    pub(super) grpc: bool,
+}
+
+/// What to do with a forwarded request's response, once its headers arrived.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum ResponseStep {
+    /// Whether the upstream ran cannot be known: keep the lock until it expires.
+    KeepUnknown(UnknownReason),
+    /// The answer proves the request may run again: release the lock.
+    Release,
+    /// A complete answer without a body (headers only, or trailers-only gRPC): record it now.
+    Record,
+    /// Larger than `max_response_size`: let it flow, record it without its body at the end.
+    StreamThrough,
+    /// Collect the body (and trailers) to record with it.
+    AwaitBody,
+}
+
+/// Decide what a response's headers mean for the held lock (pure: [`classify`] for what the
+/// status proves, then the body's fate), and which final gRPC status decided it, if one did
+/// (a trailers-only answer: counted by status).
+pub(super) fn response_step(facts: &ResponseFacts<'_>, config: &Config) -> (ResponseStep, Option<u32>) {
+    let step = match classify(facts.status, facts.details, |s| config.judge_status(s)) {
+        ResponseOutcome::Unknown(reason) => ResponseStep::KeepUnknown(reason),
+        ResponseOutcome::Release => ResponseStep::Release,
+        ResponseOutcome::Store => match facts.grpc_status {
+            // Trailers-only gRPC: the headers carry the final status.
+            Some(grpc_status) => {
+                let step = match config.judge_grpc_status(grpc_status) {
+                    StatusVerdict::Store => ResponseStep::Record,
+                    StatusVerdict::Release => ResponseStep::Release,
+                    StatusVerdict::Unknown => ResponseStep::KeepUnknown(UnknownReason::UpstreamGrpcStatus),
+                };
+                return (step, Some(grpc_status));
+            }
+            None if !facts.grpc
+                && facts
+                    .content_length
+                    .is_some_and(|length| length > config.max_response_size) =>
+            {
+                ResponseStep::StreamThrough
+            }
+            None if facts.end_of_stream && !facts.grpc => ResponseStep::Record,
+            None => ResponseStep::AwaitBody,
+        },
+    };
+    (step, None)
+}

@@ -19,6 +19,12 @@ mod support;
 /// `record_mode: async`: the response does not wait for its record.
 mod record_mode;
 
+/// `decide`: the acquire reply's meaning, pure.
+mod acquire_decide;
+
+/// `response_step`: the response headers' meaning, pure.
+mod response_step;
+
 /// The store refuses a holder write (too large, credentials), and where a gRPC replay came from.
 mod store_refusals;
 
