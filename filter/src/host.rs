@@ -1,4 +1,4 @@
-//! The small host interface the idempotency logic needs; proxy-wasm is behind it (`wasm.rs`),
+//! The small host interface the idempotency logic needs; proxy-wasm is behind it (`wasm/`),
 //! and unit tests put a mock behind it (`mock.rs`).
 
 use std::time::Duration;
@@ -37,7 +37,7 @@ pub struct Callout<'a> {
     pub body: &'a [u8],
     /// How long Envoy waits for the reply before reporting a timeout.
     pub timeout: Duration,
-    /// May share one `/v1/batch` request with other calls (see `batch.rs`); false for calls
+    /// May share one `/v1/batch` request with other calls (see `store/batch.rs`); false for calls
     /// the store may hold (an acquire that waits for an in-progress record).
     pub may_batch: bool,
 }

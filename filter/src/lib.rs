@@ -2,33 +2,21 @@
 //! `Idempotency-Key`, fingerprints the request, takes a lock in the store service, then replays,
 //! refuses or forwards, and records the upstream's response before releasing it to the client.
 //!
-//! Layout: [`config`] (plugin configuration), [`credentials`] (the store token a call presents), [`policy`] and [`metadata`] (per-route mode),
-//! [`key`], [`scope`] (caller isolation), [`fingerprint`], [`problem`] (error bodies), [`replay`]
-//! (stored headers), [`outcome`] (whether a forwarded request's lock may be released),
-//! [`attempt`] (attempt ids), [`batch`] (store calls of all streams, batched while the store is
-//! busy), [`store_check`] (the start-up check of the store route), [`flow`] (admission, the per-request state machine and its store
-//! calls, plain Rust behind [`host::Host`]), [`background`] (root-context calls, retried), [`tick`] (the root's timer), and
-//! `wasm` (the only module that talks to proxy-wasm).
+//! Layout, in the order a request meets it: [`config`] (the plugin configuration, parsed and
+//! checked at load), [`request`] (pure: does the filter act on this request, its key, scope,
+//! policy and fingerprint), [`flow`] (one HTTP stream: each host callback matches its state,
+//! takes a pure step and applies it), [`store`] (every store call: bodies, batching, background
+//! retries, reply routing), [`reply`] (what the filter answers and what an answer proves), behind
+//! [`host::Host`], and `wasm` (the only module that talks to proxy-wasm). [`metrics`] names the
+//! counters, [`tick`] the root context's timer.
 
-pub mod attempt;
-pub mod background;
-pub mod batch;
-pub mod cache;
 pub mod config;
-pub mod credentials;
-pub mod fingerprint;
 pub mod flow;
-pub mod grpc;
 pub mod host;
-pub mod key;
-pub mod metadata;
 pub mod metrics;
-pub mod outcome;
-pub mod policy;
-pub mod problem;
-pub mod replay;
-pub mod scope;
-pub mod store_check;
+pub mod reply;
+pub mod request;
+pub mod store;
 pub mod tick;
 
 #[cfg(test)]

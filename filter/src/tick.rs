@@ -9,7 +9,7 @@
 
 use std::time::Duration;
 
-use crate::background::FIRST_BACKOFF;
+use crate::store::background::FIRST_BACKOFF;
 
 /// Nothing waits for a clock: the log level and a lost ring are picked up within this.
 pub const IDLE: Duration = Duration::from_secs(1);

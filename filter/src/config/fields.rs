@@ -110,7 +110,7 @@ pub(super) fn grpc_status_list(
         Some(list) => list
             .iter()
             .map(|s| {
-                crate::grpc::parse_code(s).ok_or_else(|| {
+                crate::reply::grpc::parse_code(s).ok_or_else(|| {
                     field_error(
                         field,
                         format!("{s:?} is not a gRPC status (a name like \"UNAVAILABLE\" or a number 0-16)"),

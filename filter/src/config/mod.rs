@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
-use crate::outcome::StatusVerdict;
+use crate::reply::outcome::StatusVerdict;
 
 /// What the filter does for a request on a route.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]

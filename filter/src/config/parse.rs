@@ -157,13 +157,13 @@ impl Config {
         let release_grpc_statuses = grpc_status_list(
             "release_grpc_statuses",
             raw.release_grpc_statuses,
-            &crate::grpc::DEFAULT_RELEASE_STATUSES,
+            &crate::reply::grpc::DEFAULT_RELEASE_STATUSES,
         )?;
         let unknown_grpc_given = raw.unknown_grpc_statuses.is_some();
         let mut unknown_grpc_statuses = grpc_status_list(
             "unknown_grpc_statuses",
             raw.unknown_grpc_statuses,
-            &crate::grpc::DEFAULT_UNKNOWN_STATUSES,
+            &crate::reply::grpc::DEFAULT_UNKNOWN_STATUSES,
         )?;
         if !unknown_grpc_given {
             unknown_grpc_statuses.retain(|code| !release_grpc_statuses.contains(code));

@@ -332,26 +332,6 @@ impl RequestFlow {
     }
 }
 
-/// Envoy's router reads this request header (from a filter as from an internal caller) over
-/// the route's `num_retries`, and a caller's `x-envoy-retry-on`/`-retriable-status-codes`/
-/// `-hedge-on-per-try-timeout` all spend those retries: `0` leaves none, so one tracked request
-/// reaches the upstream at most once. (Envoy cannot narrow a route's `retry_on` per request, so
-/// even `connect-failure` retries go: such a request never left Envoy, its lock is released and
-/// the client's own retry runs it.)
-pub const MAX_RETRIES_HEADER: &str = "x-envoy-max-retries";
-
-/// A caller's requests for retries and hedging, removed from a tracked request with
-/// `block_router_retries` (Envoy honours them from callers it treats as internal): with
-/// `x-envoy-max-retries: 0` the router would not act on them, and the upstream should not see
-/// a retry policy that does not apply.
-pub const CALLER_RETRY_HEADERS: [&str; 5] = [
-    "x-envoy-retry-on",
-    "x-envoy-retry-grpc-on",
-    "x-envoy-retriable-status-codes",
-    "x-envoy-retriable-header-names",
-    "x-envoy-hedge-on-per-try-timeout",
-];
-
 /// Tell the upstream which record it runs under (and where to resume), and, with
 /// `block_router_retries`, tell Envoy's router to send it once.
 fn set_internal_headers(
@@ -443,9 +423,13 @@ pub(super) fn decide(reply: CalloutReply, grpc: bool, may_wait: bool) -> Acquire
         // Completed, but streamed through without its messages (over `max_response_size`):
         // a gRPC client cannot use a replay without them, and it must not run again.
         Ok(AcquireResponse::Completed { response, .. }) if grpc && response.body_omitted => {
-            let status = crate::grpc::status_of(&response.trailers)
-                .or_else(|| crate::grpc::status_of(&response.headers))
-                .and_then(|code| crate::grpc::CODE_NAMES.get(usize::try_from(code).ok()?).copied())
+            let status = crate::reply::grpc::status_of(&response.trailers)
+                .or_else(|| crate::reply::grpc::status_of(&response.headers))
+                .and_then(|code| {
+                    crate::reply::grpc::CODE_NAMES
+                        .get(usize::try_from(code).ok()?)
+                        .copied()
+                })
                 .unwrap_or("unknown");
             AcquireStep::Refuse {
                 counter: Counter::Hit,

@@ -9,7 +9,7 @@ impl RequestFlow {
     pub(super) fn answer(&mut self, host: &dyn Host, problem: &Problem) -> Verdict {
         self.state = State::Finished;
         if self.grpc {
-            let refusal = crate::grpc::refusal(problem);
+            let refusal = crate::reply::grpc::refusal(problem);
             host.count(Counter::GrpcStatus(refusal.status));
             if let Err(e) = host.send_grpc_response(refusal.status, &refusal.message, &refusal.metadata) {
                 host.log(

@@ -11,12 +11,14 @@
 //! (`outcome.rs`). Every other ending — the client gone, a route timeout, a reset, a proxy
 //! failure — keeps the lock until `lock_timeout` and tells the store why (`outcome-unknown`).
 //! Holder writes that fail or whose stream ends are retried from the root context
-//! (`background.rs`); an acquire the proxy gives up on is abandoned there too.
+//! (`store/background.rs`); an acquire the proxy gives up on is abandoned there too.
 //!
-//! This file holds the state and the host callbacks in call order; each step lives with its
-//! concern: `admission.rs` (pure: act on this request?), `acquire.rs` (take the lock, act on the
-//! store's answer), `response.rs` (what the upstream's answer proves), `record.rs` (write the
-//! outcome), `answer.rs` (refusals), `calls.rs` (store call bodies), `shadow.rs`.
+//! This file holds the state and the host callbacks in call order; each callback matches its
+//! state, takes a pure step and applies it. The steps live with their concern: `acquire.rs`
+//! (`decide`: what the store's answer means, then forward, replay or refuse), `response.rs`
+//! (`response_step`: what the upstream's answer proves), `record.rs` (write the outcome, retry
+//! it), `answer.rs` (the only code that sends local replies), `shadow.rs`. What a request *is*
+//! (admission, key, scope, fingerprint) is in `request/`; the store call bodies in `store/calls.rs`.
 
 use std::rc::Rc;
 use std::time::Duration;
@@ -24,17 +26,15 @@ use std::time::Duration;
 use idempotency_wire::{headers, paths, AcquireResponse, Lock, RecordId, StoredResponse};
 
 use crate::config::{Config, FailureMode, RecordMode};
-use crate::fingerprint::{fingerprint, fingerprint_body};
 use crate::host::{debug, Callout, CalloutReply, Host, Level};
-use crate::metadata::parse_route_overrides;
 use crate::metrics::Counter;
-use crate::problem::{ErrorCode, Problem};
-use crate::replay::{replay_headers, storable_headers};
+use crate::reply::problem::{ErrorCode, Problem};
+use crate::reply::replay::{replay_headers, storable_headers};
+use crate::request::fingerprint::{fingerprint, fingerprint_body};
+use crate::request::metadata::parse_route_overrides;
 
 mod acquire;
-pub mod admission;
 mod answer;
-pub mod calls;
 mod record;
 mod response;
 pub mod shadow;
@@ -43,13 +43,15 @@ use std::cell::RefCell;
 
 use shadow::ShadowJob;
 
-use crate::attempt::new_attempt_id;
-use crate::background::WriteReply;
-use crate::background::{Background, BackgroundCall};
-use crate::cache::{CacheCandidate, ExactRequest, ReplayCache, RequestMatch};
-use crate::outcome::{classify, ResponseOutcome, StatusVerdict, UnknownReason};
-use admission::{admit, Decision, Pending};
-use calls::{AcquireParams, HolderWrite};
+use crate::reply::cache::{CacheCandidate, ExactRequest, ReplayCache, RequestMatch};
+use crate::reply::outcome::{classify, ResponseOutcome, StatusVerdict, UnknownReason};
+use crate::request::admission::{self, admit, Decision, Pending};
+use crate::request::attempt::new_attempt_id;
+use crate::request::retry_headers::{CALLER_RETRY_HEADERS, MAX_RETRIES_HEADER};
+use crate::store::background::WriteReply;
+use crate::store::background::{Background, BackgroundCall};
+pub use crate::store::calls::Held;
+use crate::store::calls::{self, AcquireParams, HolderWrite};
 
 /// `Retry-After` for 409: most requests finish well within this, whatever the lock timeout.
 pub const CONFLICT_RETRY_AFTER_SECS: u64 = 2;
@@ -63,21 +65,6 @@ pub enum Verdict {
     Continue,
     /// Hold the stream (and buffer its body) until the flow resumes or answers it.
     Pause,
-}
-
-/// A request that holds the lock.
-#[derive(Debug, Clone)]
-pub struct Held {
-    id: RecordId,
-    lock: Lock,
-    /// The request, to cache the completed record under.
-    request: RequestMatch,
-    /// Host time when the lock expires; holder writes are not retried past it.
-    lock_expires_at: Duration,
-    /// A gRPC request: its `grpc-status` decides store vs release.
-    grpc: bool,
-    /// Whether the response waits for its record to be written.
-    record_mode: RecordMode,
 }
 
 #[derive(Debug)]
@@ -241,7 +228,7 @@ impl RequestFlow {
         match admission.decision {
             Decision::PassThrough => Verdict::Continue,
             Decision::Refuse(problem) => {
-                self.grpc = crate::grpc::is_grpc(
+                self.grpc = crate::reply::grpc::is_grpc(
                     request_headers
                         .iter()
                         .find(|(n, _)| n == "content-type")
@@ -455,8 +442,6 @@ fn humantime_secs(duration: Duration) -> String {
 }
 
 use acquire::AcquireAttempt;
-pub use acquire::{CALLER_RETRY_HEADERS, MAX_RETRIES_HEADER};
-pub(crate) use calls::millis;
 
 /// Short, stable, non-reversible name for a key in logs (never log the raw key).
 pub fn key_hash(key: &str) -> String {

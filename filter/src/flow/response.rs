@@ -65,7 +65,7 @@ impl RequestFlow {
             status,
             details: details.as_deref(),
             grpc_status: if held.grpc {
-                crate::grpc::status_of(&response_headers)
+                crate::reply::grpc::status_of(&response_headers)
             } else {
                 None
             },
@@ -242,7 +242,7 @@ impl RequestFlow {
             }
         };
         if held.grpc {
-            let Some(grpc_status) = crate::grpc::status_of(&trailers) else {
+            let Some(grpc_status) = crate::reply::grpc::status_of(&trailers) else {
                 // A gRPC response must end with a status; without one nothing is known.
                 return self.outcome_unknown(host, &held, UnknownReason::ResponseIncomplete);
             };

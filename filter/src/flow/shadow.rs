@@ -3,18 +3,19 @@
 //! The outcome enforcement would have had is counted (`idempotency_shadow_*`) and logged. When
 //! the store granted the lock, the response is copied chunk by chunk as it streams past (never
 //! held) and recorded afterwards, so switching the route to `optional` later replays it. All store
-//! calls go through [`Background`](crate::background::Background): they outlive the stream.
+//! calls go through [`Background`](crate::store::background::Background): they outlive the stream.
 
 use idempotency_wire::{paths, AcquireResponse, CompleteRequest, RecordId, ReleaseRequest, StoredResponse};
 
-use super::{key_hash, millis, Held};
-use crate::background::{AwaitsReply, BackgroundCall};
-use crate::cache::RequestMatch;
+use super::{key_hash, Held};
 use crate::config::{Config, RecordMode};
 use crate::host::{debug, CalloutReply, Host, Level};
 use crate::metrics::Counter;
-use crate::outcome::StatusVerdict;
-use crate::replay::storable_headers;
+use crate::reply::cache::RequestMatch;
+use crate::reply::outcome::StatusVerdict;
+use crate::reply::replay::storable_headers;
+use crate::store::background::{AwaitsReply, BackgroundCall};
+use crate::store::calls::millis;
 
 /// The upstream response as seen streaming past.
 #[derive(Debug, Default)]

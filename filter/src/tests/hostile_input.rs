@@ -9,14 +9,14 @@ use std::rc::Rc;
 use proptest::prelude::*;
 use serde_json::Value;
 
-use crate::background::Background;
 use crate::config::Config;
-use crate::fingerprint::fingerprint_body;
 use crate::flow::{RequestFlow, Verdict};
 use crate::host::CalloutReply;
-use crate::key::parse_key;
-use crate::metadata::{decode_serialized_map, parse_route_overrides};
 use crate::mock::{Call, MockHost};
+use crate::request::fingerprint::fingerprint_body;
+use crate::request::key::parse_key;
+use crate::request::metadata::{decode_serialized_map, parse_route_overrides};
+use crate::store::background::Background;
 
 fn json_value() -> impl Strategy<Value = Value> {
     let leaf = prop_oneof![
@@ -75,7 +75,9 @@ fn keyed_flow() -> (RequestFlow, MockHost, u32) {
     let mut flow = RequestFlow::new(
         config,
         Rc::new(Background::default()),
-        Rc::new(std::cell::RefCell::new(crate::cache::ReplayCache::new(0, 0))),
+        Rc::new(std::cell::RefCell::new(crate::reply::cache::ReplayCache::new(
+            0, 0,
+        ))),
     );
     let host = MockHost::with_request("POST", "/api/v1/orders", &[("idempotency-key", "k1")], b"{}");
     assert_eq!(flow.on_request_headers(&host, true), Verdict::Pause);

@@ -167,7 +167,7 @@ impl Host for WasmHost {
             });
         };
         // The newest token configured for this store and service (a rotation loses no write).
-        let token = crate::credentials::current(config);
+        let token = crate::store::credentials::current(config);
         let mut headers = vec![
             (":method", "POST"),
             (":path", callout.path),

@@ -6,20 +6,21 @@
 
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
-use std::rc::{Rc, Weak};
+use std::rc::Rc;
 use std::time::{Duration, UNIX_EPOCH};
 
 use proxy_wasm::hostcalls;
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
 use proxy_wasm::types::{Action, BufferType, ContextType, LogLevel, MapType, MetricType, Status};
 
-use crate::background::Background;
-use crate::batch::{Batcher, Delivery, Lane, Owner};
-use crate::cache::ReplayCache;
 use crate::config::Config;
 use crate::flow::{RequestFlow, Verdict};
 use crate::host::{Callout, CalloutReply, Host, HostError, Level};
 use crate::metrics::{Counter, ACQUIRE_DURATION_HISTOGRAM};
+use crate::reply::cache::ReplayCache;
+use crate::store::background::Background;
+use crate::store::batch::{Batcher, Delivery};
+use crate::store::routing::{self, CallOwner, Contexts, StreamOwner};
 use crate::tick;
 
 mod host;
@@ -52,42 +53,10 @@ impl MetricIds {
     }
 }
 
-/// A stream waiting for a store call: its context id (to act on it from the root context) and
-/// its flow (gone once the stream ended).
-#[derive(Clone)]
-struct StreamOwner {
-    context_id: u32,
-    flow: Weak<RefCell<RequestFlow>>,
-}
-
-/// Whoever waits for a batched call: a stream, or the root context's background queue (whose
-/// calls must be made even after their stream ended).
-#[derive(Clone)]
-enum CallOwner {
-    Stream(StreamOwner),
-    Background,
-}
-
-impl Owner for CallOwner {
-    fn alive(&self) -> bool {
-        match self {
-            CallOwner::Stream(stream) => stream.flow.strong_count() > 0,
-            CallOwner::Background => true,
-        }
-    }
-
-    fn lane(&self) -> Lane {
-        match self {
-            CallOwner::Stream(_) => Lane::Waited,
-            CallOwner::Background => Lane::Detached,
-        }
-    }
-}
-
 /// Wakes the root context as soon as the current callback returns: a shared queue registered
 /// under a name of this worker's own (Envoy runs `on_queue_ready` on the registering worker).
 /// Streams ring it when they queue a store call the root may send now, or a background call
-/// (`background.rs`); only the root context can own a callout that must survive the stream that
+/// (`store/background.rs`); only the root context can own a callout that must survive the stream that
 /// asked for it.
 #[derive(Default)]
 struct Doorbell {
@@ -103,7 +72,10 @@ impl Doorbell {
             .ok()
             .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
             .unwrap_or_default();
-        let name = format!("idempotency-calls-{}", crate::attempt::unique_name(now, "calls"));
+        let name = format!(
+            "idempotency-calls-{}",
+            crate::request::attempt::unique_name(now, "calls")
+        );
         self.queue.set(Some(hostcalls::register_shared_queue(&name)?));
         Ok(())
     }
@@ -132,7 +104,7 @@ impl Doorbell {
 }
 
 /// Root context: owns the parsed configuration, hands it to every stream, sends every store
-/// call (`batch.rs`) and the background calls that must outlive their stream.
+/// call (`store/batch.rs`) and the background calls that must outlive their stream.
 pub struct Root {
     context_id: u32,
     config: Option<Rc<Config>>,
@@ -244,56 +216,10 @@ impl Root {
         self.deliver(failed);
     }
 
-    /// Hand each reply to its stream, acting as that stream (`set_effective_context`), or to
-    /// the background queue.
+    /// Hand each reply to whoever waits for it (`store::routing`).
     fn deliver(&self, deliveries: Vec<Delivery<CallOwner>>) {
-        if deliveries.is_empty() {
-            return;
-        }
-        let mut switched = false;
-        for delivery in deliveries {
-            let owner = match delivery.owner {
-                CallOwner::Stream(owner) => owner,
-                CallOwner::Background => {
-                    if let Some(config) = self.config.clone() {
-                        if switched {
-                            let _ = hostcalls::set_effective_context(self.context_id);
-                            switched = false;
-                        }
-                        self.background.on_batched_reply(
-                            &self.host(),
-                            &config,
-                            delivery.token,
-                            delivery.reply,
-                        );
-                    }
-                    continue;
-                }
-            };
-            let Some(flow) = owner.flow.upgrade() else {
-                continue; // the stream ended; what it owed the store was handed to `Background`
-            };
-            if hostcalls::set_effective_context(owner.context_id).is_err() {
-                continue;
-            }
-            switched = true;
-            let host = self.stream_host(owner);
-            let delivered = match flow.try_borrow_mut() {
-                Ok(mut flow) => {
-                    flow.on_callout_reply(&host, delivery.token, delivery.reply);
-                    true
-                }
-                Err(_) => false,
-            };
-            if !delivered {
-                log(
-                    LogLevel::Error,
-                    "idempotency: a store reply arrived while its stream was busy; dropped",
-                );
-            }
-        }
-        if switched {
-            let _ = hostcalls::set_effective_context(self.context_id);
+        if !deliveries.is_empty() {
+            routing::deliver(self, &self.background, self.config.as_deref(), deliveries);
         }
     }
 }
@@ -307,7 +233,7 @@ impl Root {
         };
         let headers = vec![
             (":method", "GET"),
-            (":path", crate::store_check::PROBE_PATH),
+            (":path", crate::store::store_check::PROBE_PATH),
             (":authority", config.store_authority.as_str()),
         ];
         match hostcalls::dispatch_http_call(
@@ -321,7 +247,10 @@ impl Root {
             Err(status) => {
                 log(
                     LogLevel::Error,
-                    &crate::store_check::dispatch_failed(&config.store_cluster, &format!("{status:?}")),
+                    &crate::store::store_check::dispatch_failed(
+                        &config.store_cluster,
+                        &format!("{status:?}"),
+                    ),
                 );
                 self.store_check.set(StoreCheck::Done);
             }
@@ -343,13 +272,31 @@ impl Root {
                 .and_then(|(_, v)| std::str::from_utf8(v).ok())
         };
         let status = value(":status").and_then(|s| s.parse().ok());
-        if let Some(problem) = crate::store_check::reply_problem(
+        if let Some(problem) = crate::store::store_check::reply_problem(
             &config.store_cluster,
             status,
             value(idempotency_wire::headers::ANSWERED_BY),
         ) {
             log(LogLevel::Error, &problem);
         }
+    }
+}
+
+impl Contexts for Root {
+    fn root_context_id(&self) -> u32 {
+        self.context_id
+    }
+
+    fn act_as(&self, context_id: u32) -> bool {
+        hostcalls::set_effective_context(context_id).is_ok()
+    }
+
+    fn as_root(&self, act: &mut dyn FnMut(&dyn Host)) {
+        act(&self.host());
+    }
+
+    fn as_stream(&self, owner: StreamOwner, act: &mut dyn FnMut(&dyn Host)) {
+        act(&self.stream_host(owner));
     }
 }
 
@@ -430,7 +377,7 @@ impl RootContext for Root {
                 }
                 // Only a configuration Envoy keeps may replace the token others present.
                 if let Some(config) = &self.config {
-                    crate::credentials::publish(config);
+                    crate::store::credentials::publish(config);
                 }
                 true
             }

@@ -27,7 +27,7 @@ pub(super) fn to_action(verdict: Verdict) -> Action {
     }
 }
 
-/// Streams make no callouts of their own (the root context sends them, see `batch.rs`).
+/// Streams make no callouts of their own (the root context sends them, see `store/batch.rs`).
 impl Context for Stream {
     fn on_done(&mut self) -> bool {
         if let Some(Ok(mut flow)) = self.flow.as_ref().map(|flow| flow.try_borrow_mut()) {

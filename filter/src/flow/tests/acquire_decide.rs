@@ -8,7 +8,7 @@ use crate::flow::acquire::{decide, AcquireStep};
 use crate::host::CalloutReply;
 use crate::metrics::Counter;
 use crate::mock::succeeded;
-use crate::problem::ErrorCode;
+use crate::reply::problem::ErrorCode;
 
 fn reply(status: u16, answer: &AcquireResponse) -> CalloutReply {
     CalloutReply {
@@ -43,7 +43,7 @@ fn completed(body_omitted: bool, ticket: Option<&str>) -> AcquireResponse {
     }
 }
 
-fn refusal(step: AcquireStep) -> (Counter, crate::problem::Problem) {
+fn refusal(step: AcquireStep) -> (Counter, crate::reply::problem::Problem) {
     match step {
         AcquireStep::Refuse { counter, problem } => (counter, problem),
         other => panic!("expected a refusal, got {other:?}"),

@@ -7,11 +7,11 @@ use idempotency_wire::{AcquireResponse, Lock, StoredResponse};
 use serde_json::Value;
 
 use super::{RequestFlow, Verdict};
-use crate::background::Background;
 use crate::config::Config;
 use crate::host::CalloutReply;
 use crate::metrics::Counter;
 use crate::mock::{present, Call, MockHost};
+use crate::store::background::Background;
 
 /// Shared set-up of the tests below: hosts, flows, store replies.
 mod support;
@@ -1013,7 +1013,7 @@ fn cached_records_match_identical_bytes_directly_and_other_bytes_by_fingerprint(
 #[test]
 fn a_failed_record_is_not_cached() {
     let config = config("");
-    let cache = Rc::new(std::cell::RefCell::new(crate::cache::ReplayCache::new(
+    let cache = Rc::new(std::cell::RefCell::new(crate::reply::cache::ReplayCache::new(
         100,
         1 << 20,
     )));
@@ -1062,7 +1062,7 @@ fn route_metadata_can_turn_on_a_route_when_the_plugin_default_is_off() {
 
 #[test]
 fn a_cached_replay_never_outlives_its_record() {
-    let cache = Rc::new(std::cell::RefCell::new(crate::cache::ReplayCache::new(
+    let cache = Rc::new(std::cell::RefCell::new(crate::reply::cache::ReplayCache::new(
         100,
         1 << 20,
     )));
@@ -1229,7 +1229,7 @@ fn a_grpc_call_completed_without_its_messages_is_refused_for_good_not_run_again(
     let (status, message) = sent.unwrap_or_default();
     assert_eq!(
         status,
-        crate::grpc::code::ALREADY_EXISTS,
+        crate::reply::grpc::code::ALREADY_EXISTS,
         "definite: not retried, not run"
     );
     assert!(
@@ -1259,7 +1259,7 @@ fn grpc_refusals_are_grpc_statuses() {
     });
     assert!(sent.is_some(), "a gRPC status, not an HTTP error body");
     let (status, message, metadata) = sent.unwrap_or_default();
-    assert_eq!(status, crate::grpc::code::ABORTED);
+    assert_eq!(status, crate::reply::grpc::code::ABORTED);
     assert!(message.contains("IDEMPOTENCY_CONCURRENT_REQUEST"), "{message}");
     assert!(
         metadata.contains(&("grpc-retry-pushback-ms".into(), "2000".into())),

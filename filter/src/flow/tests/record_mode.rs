@@ -8,12 +8,12 @@ use std::time::Duration;
 
 use super::support::*;
 use super::{RequestFlow, Verdict};
-use crate::background::Background;
-use crate::cache::ReplayCache;
 use crate::config::Config;
 use crate::host::CalloutReply;
 use crate::metrics::Counter;
 use crate::mock::{Call, MockHost};
+use crate::reply::cache::ReplayCache;
+use crate::store::background::Background;
 
 /// The flow, its background queue, its configuration, its host, and the deciding verdict.
 type Answered = (RequestFlow, Rc<Background>, Rc<Config>, MockHost, Verdict);

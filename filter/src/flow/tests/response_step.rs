@@ -1,7 +1,7 @@
 //! `response_step`: what a forwarded request's response headers mean for its lock, without a host.
 
 use crate::flow::response::{response_step, ResponseFacts, ResponseStep};
-use crate::outcome::UnknownReason;
+use crate::reply::outcome::UnknownReason;
 
 use super::support::config;
 

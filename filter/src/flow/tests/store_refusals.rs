@@ -203,7 +203,7 @@ fn a_tracked_request_tells_envoys_router_to_send_it_once_unless_configured_other
             })
             .collect();
         if expected.is_some() {
-            for name in crate::flow::CALLER_RETRY_HEADERS {
+            for name in crate::request::retry_headers::CALLER_RETRY_HEADERS {
                 assert!(
                     removed.iter().any(|r| r == name),
                     "{name} not removed: {removed:?}"

@@ -6,7 +6,7 @@ use crate::mock::present_because;
 
 /// Route metadata under the `idempotency` namespace, encoded as Envoy 1.40 hands it over.
 pub(super) fn set_route_metadata(host: &MockHost, pairs: &[(&[u8], &[u8])]) {
-    let encoded = crate::metadata::encode_serialized_map(pairs);
+    let encoded = crate::request::metadata::encode_serialized_map(pairs);
     host.set_property(
         &["xds", "route_metadata", "filter_metadata", "idempotency"],
         &encoded,
@@ -14,15 +14,17 @@ pub(super) fn set_route_metadata(host: &MockHost, pairs: &[(&[u8], &[u8])]) {
 }
 
 /// A replay cache of 100 records and 1 MiB.
-pub(super) fn small_cache() -> Rc<std::cell::RefCell<crate::cache::ReplayCache>> {
-    Rc::new(std::cell::RefCell::new(crate::cache::ReplayCache::new(
+pub(super) fn small_cache() -> Rc<std::cell::RefCell<crate::reply::cache::ReplayCache>> {
+    Rc::new(std::cell::RefCell::new(crate::reply::cache::ReplayCache::new(
         100,
         1 << 20,
     )))
 }
 
-pub(super) fn no_cache() -> Rc<std::cell::RefCell<crate::cache::ReplayCache>> {
-    Rc::new(std::cell::RefCell::new(crate::cache::ReplayCache::new(0, 0)))
+pub(super) fn no_cache() -> Rc<std::cell::RefCell<crate::reply::cache::ReplayCache>> {
+    Rc::new(std::cell::RefCell::new(crate::reply::cache::ReplayCache::new(
+        0, 0,
+    )))
 }
 
 pub(super) fn config(extra: &str) -> Rc<Config> {

@@ -4,7 +4,7 @@
 use sha2::{Digest, Sha256};
 
 use crate::config::{Config, Mode, RecordMode};
-use crate::metadata::RouteOverrides;
+use crate::request::metadata::RouteOverrides;
 
 /// The policy for one request, before the key is known.
 #[derive(Debug, Clone, PartialEq)]

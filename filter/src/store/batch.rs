@@ -8,7 +8,7 @@
 //! every call still leaves at once, alone.
 //!
 //! Streams [`Batcher::submit`] a call and get a token back, as from a dispatch; the root
-//! context [`Batcher::flush`]es the queue (woken at once, see `wasm.rs`) and hands each reply
+//! context [`Batcher::flush`]es the queue (woken at once, see `wasm/mod.rs`) and hands each reply
 //! back to its stream with [`Batcher::on_reply`]. A batch that fails as a whole fails each of
 //! its calls the way a lone call fails (no reply: the stream treats it as transient), so every
 //! guarantee of the lone call holds: an acquire without an answer is abandoned, a holder write

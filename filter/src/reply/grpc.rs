@@ -2,7 +2,7 @@
 //! trailers, or from the headers of a trailers-only response), and answering refusals as gRPC
 //! statuses instead of HTTP error bodies.
 
-use crate::problem::{ErrorCode, Problem};
+use crate::reply::problem::{ErrorCode, Problem};
 
 /// gRPC status codes (`grpc-status`), as in `google.rpc.Code`.
 pub mod code {

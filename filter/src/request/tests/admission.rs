@@ -1,4 +1,4 @@
-//! Unit tests of `admission.rs` (test code).
+//! Unit tests of `request/admission.rs` (test code).
 #![cfg(test)] // test code only
 
 use super::*;

@@ -9,9 +9,26 @@ use idempotency_wire::{
     StoredResponse,
 };
 
-use super::Held;
-use crate::background::BackgroundCall;
-use crate::outcome::UnknownReason;
+use crate::config::RecordMode;
+use crate::reply::cache::RequestMatch;
+use crate::reply::outcome::UnknownReason;
+use crate::store::background::BackgroundCall;
+use idempotency_wire::Lock;
+
+/// A request that holds the lock.
+#[derive(Debug, Clone)]
+pub struct Held {
+    pub(crate) id: RecordId,
+    pub(crate) lock: Lock,
+    /// The request, to cache the completed record under.
+    pub(crate) request: RequestMatch,
+    /// Host time when the lock expires; holder writes are not retried past it.
+    pub(crate) lock_expires_at: Duration,
+    /// A gRPC request: its `grpc-status` decides store vs release.
+    pub(crate) grpc: bool,
+    /// Whether the response waits for its record to be written.
+    pub(crate) record_mode: RecordMode,
+}
 
 /// How long after an abandoned acquire's deadline a "nothing to release" answer is believed:
 /// an acquire still queued inside the store is decided (and refused) by then.

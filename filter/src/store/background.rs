@@ -1,6 +1,6 @@
 //! Store calls that must outlive their HTTP stream, made (and retried) from the root context.
 //!
-//! A stream's own store calls (`batch.rs`) answer to the stream's flow, which ends with the
+//! A stream's own store calls (`store/batch.rs`) answer to the stream's flow, which ends with the
 //! stream: a call whose outcome matters after that, or that must be retried, is queued here
 //! instead: shadow acquires and records, `complete`/`release`/`outcome-unknown` writes whose
 //! stream ended or whose first try failed, and `abandon` of an acquire the proxy gave up on. The
@@ -22,10 +22,10 @@ use std::time::Duration;
 
 use idempotency_wire::AbandonResponse;
 
-use crate::cache::CacheCandidate;
 use crate::config::Config;
 use crate::host::{debug, Callout, CalloutReply, Host, Level};
 use crate::metrics::Counter;
+use crate::reply::cache::CacheCandidate;
 
 /// A call's owner that acts on its reply (a shadow job on its acquire's answer), perhaps with a
 /// call of its own. Background calls know their owners only by this, so the store calls do not

@@ -6,15 +6,15 @@ use std::time::Duration;
 
 use idempotency_wire::RecordId;
 
-use crate::cache::RequestParts;
 use crate::config::{Config, Mode, RecordMode};
-use crate::fingerprint::is_json_content_type;
-use crate::key::{parse_key, KeyError};
-use crate::metadata::RouteOverrides;
 use crate::metrics::Counter;
-use crate::policy::{key_is_enforced, route_policy};
-use crate::problem::{ErrorCode, Problem};
-use crate::scope::resolve_scope;
+use crate::reply::cache::RequestParts;
+use crate::reply::problem::{ErrorCode, Problem};
+use crate::request::fingerprint::is_json_content_type;
+use crate::request::key::{parse_key, KeyError};
+use crate::request::metadata::RouteOverrides;
+use crate::request::policy::{key_is_enforced, route_policy};
+use crate::request::scope::resolve_scope;
 
 /// A keyed request the filter tracks: everything needed to fingerprint and acquire it.
 #[derive(Debug, Clone, PartialEq)]
@@ -123,7 +123,7 @@ pub fn admit(
     let Some(policy) = route_policy(config, method, path, overrides.as_ref()) else {
         return Admission::pass(Vec::new());
     };
-    let grpc = crate::grpc::is_grpc(header("content-type"));
+    let grpc = crate::reply::grpc::is_grpc(header("content-type"));
     if grpc && !policy.track_streaming && config.streaming_methods.contains(path) {
         // Buffering a bidi stream's request would deadlock it: untracked unless opted in.
         return Admission::pass(vec![Counter::GrpcStreamingUntracked]);
@@ -217,9 +217,9 @@ pub fn admit(
             in_progress_wait: policy.in_progress_wait,
             record_mode: policy.record_mode,
             grpc,
-            caller_retry_headers: headers
-                .iter()
-                .any(|(name, _)| super::CALLER_RETRY_HEADERS.contains(&name.as_str())),
+            caller_retry_headers: headers.iter().any(|(name, _)| {
+                crate::request::retry_headers::CALLER_RETRY_HEADERS.contains(&name.as_str())
+            }),
         }),
     }
 }
