@@ -72,7 +72,7 @@ fn istio_wasmplugin_has_match_phase_fail_strategy_and_a_valid_plugin_config() {
     let json = serde_json::to_vec(&spec["pluginConfig"]).unwrap();
     let config = Config::parse(&json).unwrap();
     assert_eq!(config.service_name, "orders");
-    assert!(!config.routes.is_empty());
+    assert!(!config.policy.routes.is_empty());
 }
 
 #[test]
@@ -96,7 +96,7 @@ fn istio_envoyfilter_patch_is_accepted_by_envoy_and_its_plugin_config_by_the_fil
     assert_eq!(wasm_config["allow_on_headers_stop_iteration"], true);
     let plugin = wasm_config["configuration"]["value"].as_str().unwrap();
     let config = Config::parse(plugin.as_bytes()).unwrap();
-    let store_cluster = config.store_cluster.clone();
+    let store_cluster = config.store.cluster.clone();
 
     // The patched filters in an HCM, with the clusters they name, pass `envoy --mode validate`
     // (the remote module is swapped for the local build: validation does not fetch).
@@ -255,7 +255,7 @@ fn istio_envoyfilter_for_grpc_adds_the_replay_route_first_and_envoy_accepts_it()
     let ((filters, shipped), routes) =
         e2e::istio_envoyfilter_parts("envoy/istio/envoyfilter-grpc.yaml", "token", None);
     let config = Config::parse(shipped.to_string().as_bytes()).unwrap();
-    assert!(!config.streaming_methods.is_empty());
+    assert!(!config.policy.streaming_methods.is_empty());
     assert_eq!(routes.len(), 1);
     assert_eq!(
         routes[0]["match"]["headers"][0]["name"],
@@ -265,7 +265,7 @@ fn istio_envoyfilter_for_grpc_adds_the_replay_route_first_and_envoy_accepts_it()
     let replay_cluster = routes[0]["route"]["cluster"].as_str().unwrap().to_owned();
     assert_eq!(
         replay_cluster,
-        config.store_cluster.replace("|8081|", "|8082|"),
+        config.store.cluster.replace("|8081|", "|8082|"),
         "the replay goes to the replay port of the store the filter calls"
     );
     let mut all_routes = routes.clone();
@@ -278,7 +278,7 @@ fn istio_envoyfilter_for_grpc_adds_the_replay_route_first_and_envoy_accepts_it()
         filters,
         vec![
             e2e::static_cluster("app", 1),
-            e2e::static_cluster(&config.store_cluster, 1),
+            e2e::static_cluster(&config.store.cluster, 1),
             e2e::static_cluster(&replay_cluster, 1),
         ],
     );

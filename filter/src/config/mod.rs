@@ -138,93 +138,170 @@ pub enum ScopeSource {
     JwtClaim(String),
 }
 
-/// Validated configuration. A real one only comes from [`Config::parse`]; the `Default` that
-/// tests get is what `mock::succeeded` hands back after its assertion has already failed.
+/// Validated configuration, in sections by concern (the operator's JSON stays flat: each field
+/// says which key it comes from). A real one only comes from [`Config::parse`]; the `Default`
+/// that tests get is what `mock::succeeded` hands back after its assertion has already failed.
 #[derive(Debug, Clone)]
 #[cfg_attr(test, derive(Default))]
 pub struct Config {
-    /// Logical service name; part of every record's identity.
+    /// `service_name`: the logical service; part of every record's identity.
     pub service_name: String,
-    /// Default mode for this plugin.
-    pub mode: Mode,
-    /// Only act on `mutating_methods` (the seed's `OnlyMutating`).
-    pub only_mutating: bool,
-    /// Methods considered mutating (upper case).
-    pub mutating_methods: BTreeSet<String>,
-    /// Longest accepted key, after unquoting.
-    pub max_key_length: usize,
-    /// How long a lock is held before another attempt may take it over.
-    pub lock_timeout: Duration,
-    /// How long the store may hold a retry's acquire while the key is in progress, waiting for
-    /// the first attempt to finish (then the retry gets the replay); 0 answers 409 at once.
-    pub in_progress_wait: Duration,
-    /// Whether the response waits for its record to be written (`write_ahead`) or not (`async`).
-    pub record_mode: RecordMode,
-    /// How long records are kept.
-    pub retention_period: Duration,
-    /// Largest response body stored; larger ones are recorded without body.
-    pub max_response_size: usize,
-    /// Largest request body fingerprinted; larger requests get 413.
-    pub max_request_body: usize,
-    /// Store outage behaviour.
-    pub failure_mode: FailureMode,
-    /// Tell Envoy's router not to retry a tracked request (`x-envoy-max-retries: 0`), whatever
-    /// the route's `retry_policy` or the caller's `x-envoy-*` retry headers say: a retry after
-    /// the request may have reached the upstream runs it again behind the filter's back, and
-    /// the filter sees one response. A request that never left Envoy is released instead, and
-    /// the client's keyed retry runs it once. On by default.
-    pub block_router_retries: bool,
-    /// Envoy cluster of the store service.
-    pub store_cluster: String,
-    /// `:authority` sent to the store.
-    pub store_authority: String,
-    /// Bearer token for the store API, if the store requires one.
-    pub store_token: Option<String>,
-    /// Timeout of each store callout.
-    pub store_timeout: Duration,
-    /// Request headers (lower case, sorted) included in the fingerprint.
-    pub fingerprint_headers: Vec<String>,
-    /// Upstream statuses that release the lock instead of being stored.
-    pub release_statuses: Vec<StatusMatcher>,
-    /// Upstream statuses that keep the lock as outcome unknown (a gateway that gave up waiting).
-    pub unknown_statuses: Vec<StatusMatcher>,
-    /// gRPC statuses that release the lock instead of being stored (`release_grpc_statuses`).
-    pub release_grpc_statuses: Vec<u32>,
-    /// gRPC statuses that keep the lock as outcome unknown (`unknown_grpc_statuses`).
-    pub unknown_grpc_statuses: Vec<u32>,
-    /// Paths (`/package.Service/Method`) of client- and bidi-streaming gRPC methods: passed
-    /// through untracked (counted) unless a route rule sets `track_streaming`.
-    pub streaming_methods: BTreeSet<String>,
-    /// Response headers (lower case) never stored or replayed, besides hop-by-hop ones.
-    pub replay_header_denylist: BTreeSet<String>,
-    /// Per-route rules, first match wins; unmatched requests use `mode`.
-    pub routes: Vec<RouteRule>,
-    /// Where the record scope comes from, in order.
-    pub scope_from: Vec<ScopeSource>,
-    /// Key of the HMAC over credentials for `scope_from: authorization` (required with it).
-    pub scope_secret: Option<String>,
-    /// `jwt_authn`'s `payload_in_metadata` name, for `jwt_claim:` scopes.
-    pub jwt_payload_metadata_key: String,
-    /// Fingerprint JSON bodies canonically (key order and whitespace insensitive).
-    pub json_canonical: bool,
-    /// JSON pointers removed from every JSON body before fingerprinting.
-    pub exclude_fields: Vec<String>,
-    /// Namespace of Envoy route `filter_metadata` that overrides `mode`/`percentage` per route.
-    pub route_metadata_namespace: String,
-    /// Append `.service.<service_name>` to every stat name, for the bootstrap's `stats_tags`
-    /// rule to turn into a `service` label.
+    /// `stats_service_tag`: append `.service.<service_name>` to every stat name, for the
+    /// bootstrap's `stats_tags` rule to turn into a `service` label.
     pub stats_service_tag: bool,
-    /// Completed records cached per worker (0 disables the replay cache).
-    pub replay_cache_max_entries: usize,
-    /// Bytes of completed records cached per worker.
-    pub replay_cache_max_bytes: usize,
-    /// How long a cached record is served before the store is asked again (≤ retention).
-    pub replay_cache_ttl: Duration,
-    /// Most store calls sent together in one `/v1/batch` request (1: every call alone).
-    pub store_batch_max_calls: usize,
-    /// Store calls (single or batched) a worker keeps in flight; calls made meanwhile queue
-    /// and leave together as soon as one answers.
-    pub store_max_calls_in_flight: usize,
+    /// Which requests are tracked, and how.
+    pub policy: Policy,
+    /// How long locks and records live, and when the response waits for its record.
+    pub records: Records,
+    /// What an upstream's status proves.
+    pub statuses: Statuses,
+    /// Bounds on keys and bodies.
+    pub limits: Limits,
+    /// What the fingerprint covers.
+    pub fingerprint: Fingerprinting,
+    /// Where the record scope (caller isolation) comes from.
+    pub scope: Scoping,
+    /// How the store service is called.
+    pub store: StoreSettings,
+    /// What is replayed, and the per-worker cache of completed records.
+    pub replay: ReplaySettings,
+}
+
+/// Which requests the filter tracks, and what it does when it cannot.
+#[derive(Debug, Clone)]
+#[cfg_attr(test, derive(Default))]
+pub struct Policy {
+    /// `mode` (or the seed's `require_key`): the default mode for this plugin.
+    pub mode: Mode,
+    /// `only_mutating`: only act on `mutating_methods` (the seed's `OnlyMutating`).
+    pub only_mutating: bool,
+    /// `mutating_methods`: methods considered mutating (upper case).
+    pub mutating_methods: BTreeSet<String>,
+    /// `streaming_methods`: paths (`/package.Service/Method`) of client- and bidi-streaming gRPC
+    /// methods, passed through untracked (counted) unless a route rule sets `track_streaming`.
+    pub streaming_methods: BTreeSet<String>,
+    /// `routes`: per-route rules, first match wins; unmatched requests use `mode`.
+    pub routes: Vec<RouteRule>,
+    /// `route_metadata_namespace`: the namespace of Envoy route `filter_metadata` that overrides
+    /// `mode`/`percentage` per route.
+    pub route_metadata_namespace: String,
+    /// `failure_mode`: store outage behaviour.
+    pub failure_mode: FailureMode,
+    /// `block_router_retries`: tell Envoy's router not to retry a tracked request
+    /// (`x-envoy-max-retries: 0`), whatever the route's `retry_policy` or the caller's
+    /// `x-envoy-*` retry headers say: a retry after the request may have reached the upstream
+    /// runs it again behind the filter's back, and the filter sees one response. A request that
+    /// never left Envoy is released instead, and the client's keyed retry runs it once. On by
+    /// default.
+    pub block_router_retries: bool,
+}
+
+/// How long locks and records live.
+#[derive(Debug, Clone)]
+#[cfg_attr(test, derive(Default))]
+pub struct Records {
+    /// `lock_timeout`: how long a lock is held before another attempt may take it over.
+    pub lock_timeout: Duration,
+    /// `retention_period`: how long records are kept.
+    pub retention_period: Duration,
+    /// `in_progress_wait`: how long the store may hold a retry's acquire while the key is in
+    /// progress, waiting for the first attempt to finish (then the retry gets the replay); 0
+    /// answers 409 at once.
+    pub in_progress_wait: Duration,
+    /// `record_mode`: whether the response waits for its record to be written (`write_ahead`)
+    /// or not (`async`).
+    pub record_mode: RecordMode,
+}
+
+/// What an upstream's status proves (the lists never overlap: load refuses a status in both).
+#[derive(Debug, Clone)]
+#[cfg_attr(test, derive(Default))]
+pub struct Statuses {
+    /// `release_statuses`: upstream statuses that release the lock instead of being stored.
+    pub release: Vec<StatusMatcher>,
+    /// `unknown_statuses`: upstream statuses that keep the lock as outcome unknown (a gateway
+    /// that gave up waiting).
+    pub unknown: Vec<StatusMatcher>,
+    /// `release_grpc_statuses`: gRPC statuses that release the lock instead of being stored.
+    pub release_grpc: Vec<u32>,
+    /// `unknown_grpc_statuses`: gRPC statuses that keep the lock as outcome unknown.
+    pub unknown_grpc: Vec<u32>,
+}
+
+/// Bounds on keys and bodies.
+#[derive(Debug, Clone)]
+#[cfg_attr(test, derive(Default))]
+pub struct Limits {
+    /// `max_key_length`: the longest accepted key, after unquoting.
+    pub max_key_length: usize,
+    /// `max_request_body`: the largest request body fingerprinted; larger requests get 413.
+    pub max_request_body: usize,
+    /// `max_response_size`: the largest response body stored; larger ones are recorded without
+    /// their body.
+    pub max_response_size: usize,
+}
+
+/// What the request fingerprint covers besides method and path.
+#[derive(Debug, Clone)]
+#[cfg_attr(test, derive(Default))]
+pub struct Fingerprinting {
+    /// `fingerprint_headers`: request headers (lower case, sorted) included.
+    pub headers: Vec<String>,
+    /// `json_canonical`: fingerprint JSON bodies canonically (key order and whitespace
+    /// insensitive).
+    pub json_canonical: bool,
+    /// `exclude_fields`: JSON pointers removed from every JSON body first.
+    pub exclude_fields: Vec<String>,
+}
+
+/// Where the record scope (caller isolation) comes from.
+#[derive(Debug, Clone)]
+#[cfg_attr(test, derive(Default))]
+pub struct Scoping {
+    /// `scope_from`: the sources, in order; the first present wins.
+    pub sources: Vec<ScopeSource>,
+    /// `scope_secret`: the key of the HMAC over credentials for `scope_from: authorization`
+    /// (required with it).
+    pub secret: Option<String>,
+    /// `jwt_payload_metadata_key`: `jwt_authn`'s `payload_in_metadata` name, for `jwt_claim:`
+    /// scopes.
+    pub jwt_payload_metadata_key: String,
+}
+
+/// How the store service is called.
+#[derive(Debug, Clone)]
+#[cfg_attr(test, derive(Default))]
+pub struct StoreSettings {
+    /// `store_cluster`: the Envoy cluster of the store service.
+    pub cluster: String,
+    /// `store_authority`: the `:authority` sent to the store.
+    pub authority: String,
+    /// `store_token`: the bearer token for the store API, if the store requires one.
+    pub token: Option<String>,
+    /// `store_timeout`: the timeout of each store callout.
+    pub timeout: Duration,
+    /// `store_batch_max_calls`: most store calls sent together in one `/v1/batch` request (1:
+    /// every call alone).
+    pub batch_max_calls: usize,
+    /// `store_max_calls_in_flight`: store calls (single or batched) a worker keeps in flight;
+    /// calls made meanwhile queue and leave together as soon as one answers.
+    pub max_calls_in_flight: usize,
+}
+
+/// What is replayed, and the per-worker cache of completed records.
+#[derive(Debug, Clone)]
+#[cfg_attr(test, derive(Default))]
+pub struct ReplaySettings {
+    /// `replay_header_denylist`: response headers (lower case) never stored or replayed,
+    /// besides hop-by-hop ones.
+    pub header_denylist: BTreeSet<String>,
+    /// `replay_cache_max_entries`: completed records cached per worker (0 disables the cache).
+    pub cache_max_entries: usize,
+    /// `replay_cache_max_bytes`: bytes of completed records cached per worker.
+    pub cache_max_bytes: usize,
+    /// `replay_cache_ttl`: how long a cached record is served before the store is asked again
+    /// (≤ retention).
+    pub cache_ttl: Duration,
 }
 
 /// Upper bound of `store_batch_max_calls` (the store's own limit per batch).
@@ -254,13 +331,12 @@ impl Config {
     }
 }
 
-impl Config {
-    /// What an upstream's HTTP status proves: stored, released or outcome unknown (the two
-    /// lists never overlap: load refuses a status in both).
-    pub fn judge_status(&self, status: u16) -> StatusVerdict {
-        if self.unknown_statuses.iter().any(|m| m.matches(status)) {
+impl Statuses {
+    /// What an upstream's HTTP status proves: stored, released or outcome unknown.
+    pub fn judge(&self, status: u16) -> StatusVerdict {
+        if self.unknown.iter().any(|m| m.matches(status)) {
             StatusVerdict::Unknown
-        } else if self.release_statuses.iter().any(|m| m.matches(status)) {
+        } else if self.release.iter().any(|m| m.matches(status)) {
             StatusVerdict::Release
         } else {
             StatusVerdict::Store
@@ -268,16 +344,18 @@ impl Config {
     }
 
     /// What an upstream's `grpc-status` proves: stored, released or outcome unknown.
-    pub fn judge_grpc_status(&self, status: u32) -> StatusVerdict {
-        if self.unknown_grpc_statuses.contains(&status) {
+    pub fn judge_grpc(&self, status: u32) -> StatusVerdict {
+        if self.unknown_grpc.contains(&status) {
             StatusVerdict::Unknown
-        } else if self.release_grpc_statuses.contains(&status) {
+        } else if self.release_grpc.contains(&status) {
             StatusVerdict::Release
         } else {
             StatusVerdict::Store
         }
     }
+}
 
+impl Policy {
     /// True when the filter acts on this method.
     pub fn acts_on_method(&self, method: &str) -> bool {
         !self.only_mutating || self.mutating_methods.contains(method)

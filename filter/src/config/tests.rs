@@ -20,11 +20,11 @@ fn refused(json: &str) -> String {
 fn store_batching_is_on_by_default_and_bounded() {
     let config = parsed(r#"{"service_name":"orders"}"#);
     assert_eq!(
-        (config.store_batch_max_calls, config.store_max_calls_in_flight),
+        (config.store.batch_max_calls, config.store.max_calls_in_flight),
         (64, 1)
     );
     let off = parsed(r#"{"service_name":"orders","store_batch_max_calls":1}"#);
-    assert_eq!(off.store_batch_max_calls, 1);
+    assert_eq!(off.store.batch_max_calls, 1);
     for (field, value) in [
         ("store_batch_max_calls", 0),
         ("store_batch_max_calls", 257),
@@ -38,40 +38,44 @@ fn store_batching_is_on_by_default_and_bounded() {
 #[test]
 fn minimal_config_takes_the_seed_defaults() {
     let config = parsed(r#"{"service_name":"orders"}"#);
-    assert_eq!(config.mode, Mode::Optional);
-    assert!(config.only_mutating);
-    assert_eq!(config.max_key_length, 255);
-    assert_eq!(config.lock_timeout, Duration::from_secs(300));
-    assert_eq!(config.retention_period, Duration::from_secs(86_400));
-    assert_eq!(config.max_response_size, 1_048_576);
-    assert_eq!(config.failure_mode, FailureMode::Closed);
-    assert!(config.acts_on_method("POST") && !config.acts_on_method("GET"));
+    assert_eq!(config.policy.mode, Mode::Optional);
+    assert!(config.policy.only_mutating);
+    assert_eq!(config.limits.max_key_length, 255);
+    assert_eq!(config.records.lock_timeout, Duration::from_secs(300));
+    assert_eq!(config.records.retention_period, Duration::from_secs(86_400));
+    assert_eq!(config.limits.max_response_size, 1_048_576);
+    assert_eq!(config.policy.failure_mode, FailureMode::Closed);
+    assert!(config.policy.acts_on_method("POST") && !config.policy.acts_on_method("GET"));
     for released in [408, 425, 429, 500, 503] {
         assert_eq!(
-            config.judge_status(released),
+            config.statuses.judge(released),
             StatusVerdict::Release,
             "{released}"
         );
     }
     for unknown in [502, 504] {
-        assert_eq!(config.judge_status(unknown), StatusVerdict::Unknown, "{unknown}");
+        assert_eq!(
+            config.statuses.judge(unknown),
+            StatusVerdict::Unknown,
+            "{unknown}"
+        );
     }
     for stored in [200, 201, 404, 409, 422, 501] {
-        assert_eq!(config.judge_status(stored), StatusVerdict::Store, "{stored}");
+        assert_eq!(config.statuses.judge(stored), StatusVerdict::Store, "{stored}");
     }
 }
 
 #[test]
 fn record_mode_is_write_ahead_unless_async_is_chosen_and_names_its_field_when_wrong() {
     assert_eq!(
-        parsed(r#"{"service_name":"o"}"#).record_mode,
+        parsed(r#"{"service_name":"o"}"#).records.record_mode,
         RecordMode::WriteAhead
     );
     let config = parsed(
         r#"{"service_name":"o","record_mode":"async","routes":[{"path_prefix":"/pay","mode":"required","record_mode":"write_ahead"}]}"#,
     );
-    assert_eq!(config.record_mode, RecordMode::Async);
-    assert_eq!(config.routes[0].record_mode, Some(RecordMode::WriteAhead));
+    assert_eq!(config.records.record_mode, RecordMode::Async);
+    assert_eq!(config.policy.routes[0].record_mode, Some(RecordMode::WriteAhead));
     let err = refused(r#"{"service_name":"o","record_mode":"later"}"#);
     assert!(err.to_string().contains("`record_mode`"), "{err}");
     assert!(
@@ -85,7 +89,7 @@ fn record_mode_is_write_ahead_unless_async_is_chosen_and_names_its_field_when_wr
 #[test]
 fn require_key_true_means_required_mode() {
     assert_eq!(
-        parsed(r#"{"service_name":"o","require_key":true}"#).mode,
+        parsed(r#"{"service_name":"o","require_key":true}"#).policy.mode,
         Mode::Required
     );
 }
@@ -110,7 +114,10 @@ fn a_max_response_size_the_store_would_refuse_to_record_is_refused_at_load() {
         "{err}"
     );
     let config = parsed(r#"{"service_name":"o","max_response_size":8388608}"#);
-    assert_eq!(config.max_response_size, idempotency_wire::MAX_RECORDED_BODY);
+    assert_eq!(
+        config.limits.max_response_size,
+        idempotency_wire::MAX_RECORDED_BODY
+    );
 }
 
 #[test]
@@ -174,10 +181,10 @@ fn route_rules_parse_and_bad_ones_name_the_field() {
                 {"path_regex":"^/api/v1/orders/[^/]+$","mode":"shadow"},
                 {"path_exact":"/legacy","mode":"off"}]}"#,
     );
-    assert_eq!(config.routes.len(), 3);
-    assert_eq!(config.routes[0].percentage, 25.0);
-    assert!(config.routes[1].path.matches("/api/v1/orders/ORD-1"));
-    assert!(!config.routes[1].path.matches("/api/v1/orders/ORD-1/items"));
+    assert_eq!(config.policy.routes.len(), 3);
+    assert_eq!(config.policy.routes[0].percentage, 25.0);
+    assert!(config.policy.routes[1].path.matches("/api/v1/orders/ORD-1"));
+    assert!(!config.policy.routes[1].path.matches("/api/v1/orders/ORD-1/items"));
     for bad in [
         r#"{"service_name":"o","routes":[{"path_prefix":"/a","path_exact":"/a","mode":"off"}]}"#,
         r#"{"service_name":"o","routes":[{"path_regex":"(","mode":"off"}]}"#,
@@ -197,7 +204,7 @@ fn scope_sources_parse_and_bad_ones_name_the_field() {
                 "scope_secret":"a-secret-of-16-chars"}"#,
     );
     assert_eq!(
-        config.scope_from,
+        config.scope.sources,
         vec![
             ScopeSource::Header("x-tenant-id".into()),
             ScopeSource::JwtClaim("sub".into()),
@@ -232,23 +239,27 @@ fn grpc_statuses_default_to_what_each_proves_and_bad_names_are_refused() {
     let config = parsed(r#"{"service_name":"o"}"#);
     for released in [2, 8, 10, 13, 14] {
         assert_eq!(
-            config.judge_grpc_status(released),
+            config.statuses.judge_grpc(released),
             StatusVerdict::Release,
             "{released}"
         );
     }
     for unknown in [1, 4] {
         assert_eq!(
-            config.judge_grpc_status(unknown),
+            config.statuses.judge_grpc(unknown),
             StatusVerdict::Unknown,
             "{unknown}"
         );
     }
     for stored in [0, 3, 5, 6, 9, 12] {
-        assert_eq!(config.judge_grpc_status(stored), StatusVerdict::Store, "{stored}");
+        assert_eq!(
+            config.statuses.judge_grpc(stored),
+            StatusVerdict::Store,
+            "{stored}"
+        );
     }
     let custom = parsed(r#"{"service_name":"o","release_grpc_statuses":["UNAVAILABLE","10"]}"#);
-    assert_eq!(custom.release_grpc_statuses, vec![14, 10]);
+    assert_eq!(custom.statuses.release_grpc, vec![14, 10]);
     let err = refused(r#"{"service_name":"o","release_grpc_statuses":["SOMETIMES"]}"#);
     assert!(err.to_string().contains("`release_grpc_statuses`"), "{err}");
     let err = refused(
@@ -262,22 +273,22 @@ fn grpc_statuses_default_to_what_each_proves_and_bad_names_are_refused() {
 #[test]
 fn release_statuses_accept_codes_and_classes() {
     let config = parsed(r#"{"service_name":"o","release_statuses":["503","4xx"]}"#);
-    assert_eq!(config.judge_status(503), StatusVerdict::Release);
-    assert_eq!(config.judge_status(404), StatusVerdict::Release);
-    assert_eq!(config.judge_status(500), StatusVerdict::Store);
-    assert_eq!(config.judge_status(201), StatusVerdict::Store);
+    assert_eq!(config.statuses.judge(503), StatusVerdict::Release);
+    assert_eq!(config.statuses.judge(404), StatusVerdict::Release);
+    assert_eq!(config.statuses.judge(500), StatusVerdict::Store);
+    assert_eq!(config.statuses.judge(201), StatusVerdict::Store);
 }
 
 #[test]
 fn an_explicit_release_list_wins_over_the_default_unknown_one_but_not_over_an_explicit_one() {
     // A configuration written before `unknown_statuses` ("5xx" released) keeps working.
     let config = parsed(r#"{"service_name":"o","release_statuses":["5xx"]}"#);
-    assert_eq!(config.judge_status(504), StatusVerdict::Release);
+    assert_eq!(config.statuses.judge(504), StatusVerdict::Release);
     let config =
         parsed(r#"{"service_name":"o","release_grpc_statuses":["DEADLINE_EXCEEDED","UNAVAILABLE"]}"#);
-    assert_eq!(config.judge_grpc_status(4), StatusVerdict::Release);
+    assert_eq!(config.statuses.judge_grpc(4), StatusVerdict::Release);
     assert_eq!(
-        config.judge_grpc_status(1),
+        config.statuses.judge_grpc(1),
         StatusVerdict::Unknown,
         "CANCELLED stays unknown"
     );
@@ -289,7 +300,7 @@ fn an_explicit_release_list_wins_over_the_default_unknown_one_but_not_over_an_ex
         "{text}"
     );
     let config = parsed(r#"{"service_name":"o","release_statuses":["5xx"],"unknown_statuses":[]}"#);
-    assert_eq!(config.judge_status(504), StatusVerdict::Release);
+    assert_eq!(config.statuses.judge(504), StatusVerdict::Release);
     let err = refused(r#"{"service_name":"o","unknown_statuses":["5x"]}"#);
     assert!(err.to_string().contains("`unknown_statuses`"), "{err}");
 }

@@ -93,7 +93,7 @@ impl RequestFlow {
         now: Duration,
         wait: Duration,
     ) -> Result<(Vec<u8>, Duration, Duration), String> {
-        let timeout = self.config.store_timeout.saturating_add(wait);
+        let timeout = self.config.store.timeout.saturating_add(wait);
         let deadline = now.saturating_add(timeout);
         let body = calls::acquire(
             &pending.id,
@@ -101,8 +101,8 @@ impl RequestFlow {
                 fingerprint: &request.fingerprint,
                 method: &pending.method,
                 path: &pending.path,
-                lock_timeout: self.config.lock_timeout,
-                retention: self.config.retention_period,
+                lock_timeout: self.config.records.lock_timeout,
+                retention: self.config.records.retention_period,
                 attempt_id,
                 deadline,
                 wait,
@@ -236,12 +236,12 @@ impl RequestFlow {
             id: pending.id,
             lock,
             request,
-            lock_expires_at: now.saturating_add(self.config.lock_timeout),
+            lock_expires_at: now.saturating_add(self.config.records.lock_timeout),
             grpc: self.grpc,
             record_mode: pending.record_mode,
         };
         let block = RouterRetries {
-            block: self.config.block_router_retries,
+            block: self.config.policy.block_router_retries,
             remove_caller_headers: pending.caller_retry_headers,
         };
         if let Err(e) = set_internal_headers(host, &held, block) {
@@ -267,7 +267,7 @@ impl RequestFlow {
 
     /// Answer with a stored response (its headers filtered by the denylist); the stream ends.
     fn send_replay(&mut self, host: &dyn Host, response: &StoredResponse) {
-        let headers = replay_headers(response, &self.config.replay_header_denylist);
+        let headers = replay_headers(response, &self.config.replay.header_denylist);
         if let Err(e) = host.send_response(response.status, &headers, &response.body) {
             host.log(Level::Warn, &format!("idempotency: cannot send replay: {e}"));
         }
@@ -297,7 +297,7 @@ impl RequestFlow {
             .and_then(|()| host.set_request_header(":path", Some(paths::REPLAY)))
             // The replay route matches POST only: a gRPC-typed PUT/PATCH/DELETE is a replay too.
             .and_then(|()| host.set_request_header(":method", Some("POST")))
-            .and_then(|()| host.set_request_header(":authority", Some(&self.config.store_authority)))
+            .and_then(|()| host.set_request_header(":authority", Some(&self.config.store.authority)))
             .and_then(|()| host.clear_route_cache());
         if let Err(e) = routed {
             return self.storage_failure(host, &format!("cannot route the gRPC replay: {e}"));

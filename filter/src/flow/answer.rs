@@ -30,14 +30,14 @@ impl RequestFlow {
 
     pub(super) fn too_large(&mut self, host: &dyn Host) -> Verdict {
         host.count(Counter::RequestTooLarge);
-        self.answer(host, &admission::too_large(self.config.max_request_body))
+        self.answer(host, &admission::too_large(self.config.limits.max_request_body))
     }
 
     /// The store (or the host) failed before we held a lock: refuse (closed) or forward
     /// untracked (open). Never forwards while pretending to be tracked.
     pub(super) fn storage_failure(&mut self, host: &dyn Host, reason: &str) -> Verdict {
         host.count(Counter::StorageError);
-        match self.config.failure_mode {
+        match self.config.policy.failure_mode {
             FailureMode::Closed => {
                 host.log(
                     Level::Warn,

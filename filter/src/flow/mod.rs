@@ -162,7 +162,7 @@ impl RequestFlow {
             response,
             record_expires_at,
         }
-        .acknowledged(host.now(), self.config.replay_cache_ttl);
+        .acknowledged(host.now(), self.config.replay.cache_ttl);
     }
 
     /// Queue a call for the root context (it outlives this stream).
@@ -194,7 +194,7 @@ impl RequestFlow {
                 "xds",
                 "route_metadata",
                 "filter_metadata",
-                &self.config.route_metadata_namespace,
+                &self.config.policy.route_metadata_namespace,
             ])
             .and_then(|bytes| match parse_route_overrides(&bytes) {
                 Ok(o) => Some(o),
@@ -264,7 +264,7 @@ impl RequestFlow {
             return Verdict::Continue;
         };
         self.request_body_size = body_size;
-        if body_size > self.config.max_request_body {
+        if body_size > self.config.limits.max_request_body {
             if pending.shadow {
                 host.count(Counter::ShadowWouldReject);
                 self.state = State::PassThrough;
@@ -336,7 +336,7 @@ impl RequestFlow {
                 match WriteReply::of(reply.status) {
                     WriteReply::Done => {
                         if let Some(candidate) = cache {
-                            candidate.acknowledged(host.now(), self.config.replay_cache_ttl);
+                            candidate.acknowledged(host.now(), self.config.replay.cache_ttl);
                         }
                     }
                     // Fenced out, record gone: nothing to retry.

@@ -43,9 +43,9 @@ impl RequestFlow {
             id: held.id.clone(),
             request: held.request.clone(),
             response: Rc::new(response.clone()),
-            record_expires_at: host.now().saturating_add(self.config.retention_period),
+            record_expires_at: host.now().saturating_add(self.config.records.retention_period),
         };
-        match calls::complete(held, response, self.config.retention_period) {
+        match calls::complete(held, response, self.config.records.retention_period) {
             Ok(write) => self.record(host, held.record_mode, write, Some(cache)),
             Err(e) => self.cannot_encode(host, "complete", &e),
         }
@@ -69,7 +69,7 @@ impl RequestFlow {
             body_omitted: true,
             trailers: Vec::new(),
         };
-        match calls::complete(held, response, self.config.retention_period) {
+        match calls::complete(held, response, self.config.records.retention_period) {
             Ok(write) => self.in_background(host, Some(write.in_background())),
             Err(e) => {
                 self.cannot_encode(host, "complete", &e);
@@ -112,7 +112,7 @@ impl RequestFlow {
                 "idempotency: key {} outcome unknown ({}); its lock is kept for up to {}",
                 key_hash(&held.id.key),
                 reason.as_str(),
-                humantime_secs(self.config.lock_timeout)
+                humantime_secs(self.config.records.lock_timeout)
             ),
         );
         match calls::outcome_unknown(held, reason) {
@@ -176,7 +176,7 @@ impl RequestFlow {
         let dispatched = host.dispatch(&Callout {
             path: write.path,
             body: &write.body,
-            timeout: self.config.store_timeout,
+            timeout: self.config.store.timeout,
             may_batch: true,
         });
         match dispatched {

@@ -14,7 +14,7 @@ impl RequestFlow {
         grpc_status: u32,
     ) -> Option<Verdict> {
         host.count(Counter::GrpcStatus(grpc_status));
-        match self.config.judge_grpc_status(grpc_status) {
+        match self.config.statuses.judge_grpc(grpc_status) {
             StatusVerdict::Store => None,
             StatusVerdict::Release => Some(self.release(host, held)),
             StatusVerdict::Unknown => {
@@ -93,16 +93,16 @@ impl RequestFlow {
             }
             ResponseStep::Release => self.release(host, &held),
             ResponseStep::Record => {
-                let stored_headers = storable_headers(response_headers, &self.config.replay_header_denylist);
+                let stored_headers = storable_headers(response_headers, &self.config.replay.header_denylist);
                 self.complete(host, &held, status, stored_headers, Vec::new(), false)
             }
             ResponseStep::StreamThrough => {
-                let stored_headers = storable_headers(response_headers, &self.config.replay_header_denylist);
+                let stored_headers = storable_headers(response_headers, &self.config.replay.header_denylist);
                 self.stream_through(host, held, status, stored_headers, end_of_stream)
             }
             ResponseStep::AwaitBody => {
                 // The body follows (for gRPC: messages, then trailers with the status).
-                let headers = storable_headers(response_headers, &self.config.replay_header_denylist);
+                let headers = storable_headers(response_headers, &self.config.replay.header_denylist);
                 self.state = State::AwaitingResponseBody {
                     held,
                     status,
@@ -158,7 +158,7 @@ impl RequestFlow {
                 ..
             } => {
                 let (held, status, headers) = (held.clone(), *status, headers.clone());
-                if body_size > self.config.max_response_size {
+                if body_size > self.config.limits.max_response_size {
                     return self.stream_through(host, held, status, headers, end_of_stream);
                 }
                 if !end_of_stream {
@@ -232,7 +232,7 @@ impl RequestFlow {
             _ => return Verdict::Continue,
         };
         let trailers = match host.response_trailers() {
-            Ok(trailers) => storable_headers(trailers, &self.config.replay_header_denylist),
+            Ok(trailers) => storable_headers(trailers, &self.config.replay.header_denylist),
             Err(e) => {
                 host.log(
                     Level::Warn,
@@ -281,7 +281,7 @@ impl RequestFlow {
             format!(
                 "idempotency: response of {} over max_response_size ({} bytes); streaming it through, recording it without body",
                 key_hash(&held.id.key),
-                self.config.max_response_size
+                self.config.limits.max_response_size
             )
         });
         if end_of_stream && held.grpc {
@@ -335,13 +335,13 @@ pub(super) enum ResponseStep {
 /// status proves, then the body's fate), and which final gRPC status decided it, if one did
 /// (a trailers-only answer: counted by status).
 pub(super) fn response_step(facts: &ResponseFacts<'_>, config: &Config) -> (ResponseStep, Option<u32>) {
-    let step = match classify(facts.status, facts.details, |s| config.judge_status(s)) {
+    let step = match classify(facts.status, facts.details, |s| config.statuses.judge(s)) {
         ResponseOutcome::Unknown(reason) => ResponseStep::KeepUnknown(reason),
         ResponseOutcome::Release => ResponseStep::Release,
         ResponseOutcome::Store => match facts.grpc_status {
             // Trailers-only gRPC: the headers carry the final status.
             Some(grpc_status) => {
-                let step = match config.judge_grpc_status(grpc_status) {
+                let step = match config.statuses.judge_grpc(grpc_status) {
                     StatusVerdict::Store => ResponseStep::Record,
                     StatusVerdict::Release => ResponseStep::Release,
                     StatusVerdict::Unknown => ResponseStep::KeepUnknown(UnknownReason::UpstreamGrpcStatus),
@@ -351,7 +351,7 @@ pub(super) fn response_step(facts: &ResponseFacts<'_>, config: &Config) -> (Resp
             None if !facts.grpc
                 && facts
                     .content_length
-                    .is_some_and(|length| length > config.max_response_size) =>
+                    .is_some_and(|length| length > config.limits.max_response_size) =>
             {
                 ResponseStep::StreamThrough
             }

@@ -57,7 +57,7 @@ impl ShadowJob {
             response: None,
             recorded: false,
             stream_done: false,
-            retention_ms: millis(config.retention_period),
+            retention_ms: millis(config.records.retention_period),
             grpc,
         }
     }
@@ -97,7 +97,7 @@ impl ShadowJob {
                     id: self.id.clone(),
                     lock,
                     request: RequestMatch::default(),
-                    lock_expires_at: host.now().saturating_add(config.lock_timeout),
+                    lock_expires_at: host.now().saturating_add(config.records.lock_timeout),
                     grpc: false,
                     // Shadow writes are background calls anyway; the response never waits.
                     record_mode: RecordMode::Async,
@@ -128,10 +128,10 @@ impl ShadowJob {
             .iter()
             .find(|(n, _)| n == ":status")
             .and_then(|(_, v)| v.parse::<u16>().ok())
-            .filter(|s| config.judge_status(*s) == StatusVerdict::Store);
+            .filter(|s| config.statuses.judge(*s) == StatusVerdict::Store);
         self.response = Some(Captured {
             status,
-            headers: storable_headers(headers, &config.replay_header_denylist),
+            headers: storable_headers(headers, &config.replay.header_denylist),
             complete: end_of_stream,
             ..Captured::default()
         });
@@ -148,7 +148,7 @@ impl ShadowJob {
     ) -> Option<BackgroundCall> {
         let captured = self.response.as_mut().filter(|c| !c.complete)?;
         if captured.status.is_some() && !captured.body_omitted {
-            if captured.body.len() + chunk_size > config.max_response_size {
+            if captured.body.len() + chunk_size > config.limits.max_response_size {
                 captured.body_omitted = true;
                 captured.body = Vec::new();
             } else if let Ok(chunk) = host.response_body(chunk_size) {

@@ -110,8 +110,9 @@ pub fn admit(
     let identity_header = |name: &str| identity_header(headers, name, &header_bytes);
     let method = header(":method").unwrap_or_default();
     let path = header(":path").unwrap_or_default();
-    let candidate = config.acts_on_method(method)
+    let candidate = config.policy.acts_on_method(method)
         || config
+            .policy
             .routes
             .iter()
             .any(|r| r.methods.as_ref().is_some_and(|m| m.contains(method)));
@@ -124,7 +125,7 @@ pub fn admit(
         return Admission::pass(Vec::new());
     };
     let grpc = crate::reply::grpc::is_grpc(header("content-type"));
-    if grpc && !policy.track_streaming && config.streaming_methods.contains(path) {
+    if grpc && !policy.track_streaming && config.policy.streaming_methods.contains(path) {
         // Buffering a bidi stream's request would deadlock it: untracked unless opted in.
         return Admission::pass(vec![Counter::GrpcStreamingUntracked]);
     }
@@ -151,7 +152,7 @@ pub fn admit(
             };
         }
         (Some(raw), Some(_)) => Err((KeyError::Repeated, raw)),
-        (Some(raw), None) => parse_key(raw, config.max_key_length).map_err(|e| (e, raw)),
+        (Some(raw), None) => parse_key(raw, config.limits.max_key_length).map_err(|e| (e, raw)),
     };
     let key = match parsed {
         Ok(key) => key.to_owned(),
@@ -163,25 +164,26 @@ pub fn admit(
                 vec![Counter::KeyInvalid],
                 Problem::new(ErrorCode::KeyInvalid, error.to_string())
                     .detail("reason", error.reason())
-                    .detail("maxLength", config.max_key_length),
+                    .detail("maxLength", config.limits.max_key_length),
             );
         }
     };
     let shadow = policy.mode == Mode::Shadow || !key_is_enforced(&key, policy.percentage);
 
     let declared_length = header("content-length").and_then(|v| v.trim().parse::<usize>().ok());
-    if declared_length.is_some_and(|length| length > config.max_request_body) {
+    if declared_length.is_some_and(|length| length > config.limits.max_request_body) {
         if shadow {
             return Admission::pass(vec![Counter::ShadowWouldReject]);
         }
-        return Admission::refuse(Vec::new(), too_large(config.max_request_body));
+        return Admission::refuse(Vec::new(), too_large(config.limits.max_request_body));
     }
 
     let scope = resolve_scope(
-        &config.scope_from,
-        &config.jwt_payload_metadata_key,
+        &config.scope.sources,
+        &config.scope.jwt_payload_metadata_key,
         config
-            .scope_secret
+            .scope
+            .secret
             .as_deref()
             .map(str::as_bytes)
             .unwrap_or_default(),
@@ -189,12 +191,14 @@ pub fn admit(
         property,
     );
     let fingerprint_headers = config
-        .fingerprint_headers
+        .fingerprint
+        .headers
         .iter()
         .filter_map(|name| identity_header(name).map(|v| (name.clone(), v)))
         .collect();
-    let json = config.json_canonical && header("content-type").is_some_and(is_json_content_type);
+    let json = config.fingerprint.json_canonical && header("content-type").is_some_and(is_json_content_type);
     let exclude_fields = config
+        .fingerprint
         .exclude_fields
         .iter()
         .chain(policy.exclude_fields.iter())

@@ -34,10 +34,10 @@ pub fn route_policy<'a>(
     overrides: Option<&RouteOverrides>,
 ) -> Option<RoutePolicy<'a>> {
     let path = path.split_once('?').map_or(path, |(p, _)| p);
-    let rule = config.routes.iter().find(|rule| {
+    let rule = config.policy.routes.iter().find(|rule| {
         let method_matches = match &rule.methods {
             Some(methods) => methods.contains(method),
-            None => config.acts_on_method(method),
+            None => config.policy.acts_on_method(method),
         };
         method_matches && rule.path.matches(path)
     });
@@ -47,18 +47,18 @@ pub fn route_policy<'a>(
             percentage: rule.percentage,
             rule: &rule.name,
             exclude_fields: &rule.exclude_fields,
-            in_progress_wait: rule.in_progress_wait.unwrap_or(config.in_progress_wait),
+            in_progress_wait: rule.in_progress_wait.unwrap_or(config.records.in_progress_wait),
             track_streaming: rule.track_streaming,
-            record_mode: rule.record_mode.unwrap_or(config.record_mode),
+            record_mode: rule.record_mode.unwrap_or(config.records.record_mode),
         },
-        None if config.acts_on_method(method) => RoutePolicy {
-            mode: config.mode,
+        None if config.policy.acts_on_method(method) => RoutePolicy {
+            mode: config.policy.mode,
             percentage: 100.0,
             rule: "default",
             exclude_fields: &[],
-            in_progress_wait: config.in_progress_wait,
+            in_progress_wait: config.records.in_progress_wait,
             track_streaming: false,
-            record_mode: config.record_mode,
+            record_mode: config.records.record_mode,
         },
         None => return None,
     };

@@ -248,7 +248,7 @@ impl Background {
             let dispatched = host.dispatch(&Callout {
                 path: call.path,
                 body: &call.body,
-                timeout: config.store_timeout,
+                timeout: config.store.timeout,
                 // The root context's own calls are dispatched as they are, unless batched.
                 may_batch: call.batched,
             });
@@ -338,7 +338,7 @@ impl Background {
         match verdict {
             Verdict::Done => {
                 if let Some(candidate) = call.cache.take() {
-                    candidate.acknowledged(host.now(), config.replay_cache_ttl);
+                    candidate.acknowledged(host.now(), config.replay.cache_ttl);
                 }
                 if call.tries > 1 {
                     debug(host, || {

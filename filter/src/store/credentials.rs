@@ -31,12 +31,12 @@ pub struct Token {
 /// `config` was just configured: its token is the newest for its store cluster and service.
 pub fn publish(config: &Config) {
     let token = Rc::new(Token {
-        authorization: config.store_token.as_ref().map(|t| format!("Bearer {t}")),
+        authorization: config.store.token.as_ref().map(|t| format!("Bearer {t}")),
     });
     NEWEST.with(|newest| {
         newest
             .borrow_mut()
-            .entry(config.store_cluster.clone())
+            .entry(config.store.cluster.clone())
             .or_default()
             .insert(config.service_name.clone(), token);
     });
@@ -49,13 +49,13 @@ pub fn current(config: &Config) -> Rc<Token> {
         .with(|newest| {
             newest
                 .borrow()
-                .get(config.store_cluster.as_str())
+                .get(config.store.cluster.as_str())
                 .and_then(|services| services.get(config.service_name.as_str()))
                 .cloned()
         })
         .unwrap_or_else(|| {
             Rc::new(Token {
-                authorization: config.store_token.as_ref().map(|t| format!("Bearer {t}")),
+                authorization: config.store.token.as_ref().map(|t| format!("Bearer {t}")),
             })
         })
 }

@@ -171,14 +171,14 @@ impl Host for WasmHost {
         let mut headers = vec![
             (":method", "POST"),
             (":path", callout.path),
-            (":authority", config.store_authority.as_str()),
+            (":authority", config.store.authority.as_str()),
             ("content-type", "application/json"),
         ];
         if let Some(value) = token.authorization.as_deref() {
             headers.push(("authorization", value));
         }
         hostcalls::dispatch_http_call(
-            &config.store_cluster,
+            &config.store.cluster,
             headers,
             Some(callout.body),
             Vec::new(),

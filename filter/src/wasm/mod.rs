@@ -234,21 +234,21 @@ impl Root {
         let headers = vec![
             (":method", "GET"),
             (":path", crate::store::store_check::PROBE_PATH),
-            (":authority", config.store_authority.as_str()),
+            (":authority", config.store.authority.as_str()),
         ];
         match hostcalls::dispatch_http_call(
-            &config.store_cluster,
+            &config.store.cluster,
             headers,
             None,
             Vec::new(),
-            config.store_timeout,
+            config.store.timeout,
         ) {
             Ok(token) => self.store_check.set(StoreCheck::Sent(token)),
             Err(status) => {
                 log(
                     LogLevel::Error,
                     &crate::store::store_check::dispatch_failed(
-                        &config.store_cluster,
+                        &config.store.cluster,
                         &format!("{status:?}"),
                     ),
                 );
@@ -273,7 +273,7 @@ impl Root {
         };
         let status = value(":status").and_then(|s| s.parse().ok());
         if let Some(problem) = crate::store::store_check::reply_problem(
-            &config.store_cluster,
+            &config.store.cluster,
             status,
             value(idempotency_wire::headers::ANSWERED_BY),
         ) {
@@ -348,17 +348,17 @@ impl RootContext for Root {
                     LogLevel::Info,
                     &format!(
                         "idempotency: configured for service {:?} in {:?} mode, store cluster {:?}",
-                        config.service_name, config.mode, config.store_cluster
+                        config.service_name, config.policy.mode, config.store.cluster
                     ),
                 );
                 self.metrics = Rc::new(MetricIds::define(&config));
                 self.cache = Rc::new(RefCell::new(ReplayCache::new(
-                    config.replay_cache_max_entries,
-                    config.replay_cache_max_bytes,
+                    config.replay.cache_max_entries,
+                    config.replay.cache_max_bytes,
                 )));
                 self.batcher = Rc::new(Batcher::new(
-                    config.store_batch_max_calls,
-                    config.store_max_calls_in_flight,
+                    config.store.batch_max_calls,
+                    config.store.max_calls_in_flight,
                 ));
                 if let Err(status) = self.doorbell.install() {
                     log(
