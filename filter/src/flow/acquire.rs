@@ -317,7 +317,7 @@ impl RequestFlow {
     ) -> Verdict {
         if !same_request {
             host.count(Counter::ParameterMismatch);
-            return self.answer(host, &parameter_mismatch());
+            return self.answer(host, &Problem::parameter_mismatch());
         }
         host.count(Counter::Hit);
         host.count(Counter::ReplayCacheHit);
@@ -463,40 +463,11 @@ pub(super) fn decide(reply: CalloutReply, grpc: bool, may_wait: bool) -> Acquire
             outcome_unknown,
         }) => AcquireStep::Refuse {
             counter: Counter::ConcurrentCollision,
-            problem: in_progress(lock_remaining_ms, outcome_unknown),
+            problem: Problem::in_progress(lock_remaining_ms, outcome_unknown),
         },
         Ok(AcquireResponse::Mismatch) => AcquireStep::Refuse {
             counter: Counter::ParameterMismatch,
-            problem: parameter_mismatch(),
+            problem: Problem::parameter_mismatch(),
         },
     }
-}
-
-/// 409: the key is held by another attempt.
-fn in_progress(lock_remaining_ms: u64, outcome_unknown: bool) -> Problem {
-    let remaining_secs = lock_remaining_ms.div_ceil(1000).max(1);
-    // An attempt of unknown outcome holds its lock to the end: nothing can change before then.
-    // A running one usually finishes soon: ask for a quick retry.
-    let retry_after = if outcome_unknown {
-        remaining_secs
-    } else {
-        CONFLICT_RETRY_AFTER_SECS.min(remaining_secs)
-    };
-    let message = if outcome_unknown {
-        "An earlier request with this Idempotency-Key may still be running or may have run; its result is unknown until its lock expires. Retry with the same key after Retry-After"
-    } else {
-        "A request with this Idempotency-Key is being processed; retry with the same key later"
-    };
-    Problem::new(ErrorCode::ConcurrentRequest, message)
-        .retry_after(retry_after)
-        .detail("lockRemainingMs", lock_remaining_ms)
-        .detail("outcomeUnknown", outcome_unknown)
-}
-
-/// 422: the key was used with other parameters.
-fn parameter_mismatch() -> Problem {
-    Problem::new(
-        ErrorCode::ParameterMismatch,
-        "This Idempotency-Key was used with different request parameters; use a new key for a different request",
-    )
 }

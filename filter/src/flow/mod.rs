@@ -53,8 +53,7 @@ use crate::store::background::{Background, BackgroundCall};
 pub use crate::store::calls::Held;
 use crate::store::calls::{self, AcquireParams, HolderWrite};
 
-/// `Retry-After` for 409: most requests finish well within this, whatever the lock timeout.
-pub const CONFLICT_RETRY_AFTER_SECS: u64 = 2;
+pub use crate::reply::problem::CONFLICT_RETRY_AFTER_SECS;
 /// `Retry-After` for 503, as in the seed's client examples.
 pub const UNAVAILABLE_RETRY_AFTER_SECS: u64 = 5;
 

@@ -5,7 +5,7 @@
 //! held) and recorded afterwards, so switching the route to `optional` later replays it. All store
 //! calls go through [`Background`](crate::store::background::Background): they outlive the stream.
 
-use idempotency_wire::{paths, AcquireResponse, CompleteRequest, RecordId, ReleaseRequest, StoredResponse};
+use idempotency_wire::{AcquireResponse, RecordId, StoredResponse};
 
 use super::{key_hash, Held};
 use crate::config::{Config, RecordMode};
@@ -15,7 +15,7 @@ use crate::reply::cache::RequestMatch;
 use crate::reply::outcome::StatusVerdict;
 use crate::reply::replay::storable_headers;
 use crate::store::background::{AwaitsReply, BackgroundCall};
-use crate::store::calls::millis;
+use crate::store::calls;
 
 /// The upstream response as seen streaming past.
 #[derive(Debug, Default)]
@@ -28,20 +28,26 @@ struct Captured {
     complete: bool,
 }
 
+/// Where a shadow job stands with the store.
+#[derive(Debug)]
+enum Stage {
+    /// The acquire is out; the response is captured meanwhile in case the lock is granted.
+    Acquiring,
+    /// The lock is ours: record (or release) once the response or the stream has ended.
+    Holding(Box<Held>),
+    /// Nothing (more) to write: the lock was not granted, or its write is queued.
+    Done,
+}
+
 /// Shadow state of one request, shared by its stream and the root context.
 #[derive(Debug)]
 pub struct ShadowJob {
     id: RecordId,
-    /// The acquire has not answered yet.
-    acquire_pending: bool,
-    /// The lock, once the store granted it.
-    lock: Option<Held>,
+    stage: Stage,
     response: Option<Captured>,
-    /// The record (or release) call has been queued.
-    recorded: bool,
     /// The stream ended.
     stream_done: bool,
-    retention_ms: u64,
+    retention: std::time::Duration,
     /// A gRPC call: shadow does not read trailers, so it never records one (a record without
     /// its final status would be replayed wrongly once the route is enforced); it releases.
     grpc: bool,
@@ -52,19 +58,17 @@ impl ShadowJob {
     pub(super) fn new(id: RecordId, config: &Config, grpc: bool) -> ShadowJob {
         ShadowJob {
             id,
-            acquire_pending: true,
-            lock: None,
+            stage: Stage::Acquiring,
             response: None,
-            recorded: false,
             stream_done: false,
-            retention_ms: millis(config.records.retention_period),
+            retention: config.records.retention_period,
             grpc,
         }
     }
 
     /// Worth capturing the response: the lock is granted or may still be.
     fn capturing(&self) -> bool {
-        self.acquire_pending || self.lock.is_some()
+        matches!(self.stage, Stage::Acquiring | Stage::Holding(_))
     }
 
     /// Root context: the acquire answered. Returns a record/release call to queue, if ready.
@@ -74,7 +78,7 @@ impl ShadowJob {
         config: &Config,
         reply: CalloutReply,
     ) -> Option<BackgroundCall> {
-        self.acquire_pending = false;
+        self.stage = Stage::Done;
         let key = key_hash(&self.id.key);
         let parsed = match reply.status {
             Some(200) => serde_json::from_slice::<AcquireResponse>(&reply.body).ok(),
@@ -93,7 +97,7 @@ impl ShadowJob {
                 return None;
             }
             Some(AcquireResponse::Acquired(lock)) => {
-                self.lock = Some(Held {
+                self.stage = Stage::Holding(Box::new(Held {
                     id: self.id.clone(),
                     lock,
                     request: RequestMatch::default(),
@@ -101,7 +105,7 @@ impl ShadowJob {
                     grpc: false,
                     // Shadow writes are background calls anyway; the response never waits.
                     record_mode: RecordMode::Async,
-                });
+                }));
                 (Counter::ShadowExecuted, "executes (no earlier attempt)")
             }
             Some(AcquireResponse::Completed { .. }) => (Counter::ShadowWouldReplay, "would replay"),
@@ -165,55 +169,37 @@ impl ShadowJob {
         self.record_if_ready()
     }
 
-    /// Once both the lock and the outcome of the stream are known, record or release.
+    /// Once both the lock and the outcome of the stream are known, record or release (with
+    /// the same call builders as enforcement, sent once: shadow guarantees nothing).
     fn record_if_ready(&mut self) -> Option<BackgroundCall> {
-        let held = self.lock.as_ref()?;
-        if self.recorded {
+        let Stage::Holding(held) = &self.stage else {
             return None;
-        }
+        };
         let complete = self.response.as_ref().filter(|c| c.complete);
-        let call = match (complete, self.stream_done) {
-            (Some(_), _) if self.grpc => release_call(held),
+        let write = match (complete, self.stream_done) {
+            (Some(_), _) if self.grpc => calls::release(held),
             (Some(captured), _) => match captured.status {
                 Some(status) => {
-                    let request = CompleteRequest {
-                        id: held.id.clone(),
-                        record_id: held.lock.record_id.clone(),
-                        fencing_token: held.lock.fencing_token,
-                        attempt_id: held.lock.attempt_id.clone(),
-                        response: StoredResponse {
-                            status,
-                            headers: captured.headers.clone(),
-                            body: captured.body.clone(),
-                            body_omitted: captured.body_omitted,
-                            trailers: Vec::new(),
-                        },
-                        retention_ms: self.retention_ms,
+                    let response = StoredResponse {
+                        status,
+                        headers: captured.headers.clone(),
+                        body: captured.body.clone(),
+                        body_omitted: captured.body_omitted,
+                        trailers: Vec::new(),
                     };
-                    (paths::COMPLETE, serde_json::to_vec(&request))
+                    calls::complete(held, response, self.retention)
                 }
-                None => release_call(held),
+                None => calls::release(held),
             },
             // The stream ended without a whole response: give the lock back. Shadow mode
             // guarantees nothing (requests flow untracked), so it does not keep locks of
             // unknown outcome; enforced modes do.
-            (None, true) => release_call(held),
+            (None, true) => calls::release(held),
             (None, false) => return None,
         };
-        self.recorded = true;
-        let (path, body) = call;
-        Some(BackgroundCall::once(path, body.ok()?))
+        self.stage = Stage::Done;
+        Some(write.ok()?.once())
     }
-}
-
-fn release_call(held: &Held) -> (&'static str, Result<Vec<u8>, serde_json::Error>) {
-    let request = ReleaseRequest {
-        id: held.id.clone(),
-        record_id: held.lock.record_id.clone(),
-        fencing_token: held.lock.fencing_token,
-        attempt_id: held.lock.attempt_id.clone(),
-    };
-    (paths::RELEASE, serde_json::to_vec(&request))
 }
 
 impl AwaitsReply for ShadowJob {

@@ -68,6 +68,9 @@ impl ErrorCode {
     }
 }
 
+/// `Retry-After` for 409: most requests finish well within this, whatever the lock timeout.
+pub const CONFLICT_RETRY_AFTER_SECS: u64 = 2;
+
 /// A ready-to-send error response.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Problem {
@@ -104,6 +107,36 @@ impl Problem {
         self.retry_after = Some(seconds);
         self.details.insert("retryAfter".to_owned(), seconds.into());
         self
+    }
+
+    /// 409: the key is held by another attempt (`outcome_unknown`: one whose result is unknown,
+    /// which holds its lock to the end).
+    pub fn in_progress(lock_remaining_ms: u64, outcome_unknown: bool) -> Problem {
+        let remaining_secs = lock_remaining_ms.div_ceil(1000).max(1);
+        // An attempt of unknown outcome holds its lock to the end: nothing can change before then.
+        // A running one usually finishes soon: ask for a quick retry.
+        let retry_after = if outcome_unknown {
+            remaining_secs
+        } else {
+            CONFLICT_RETRY_AFTER_SECS.min(remaining_secs)
+        };
+        let message = if outcome_unknown {
+            "An earlier request with this Idempotency-Key may still be running or may have run; its result is unknown until its lock expires. Retry with the same key after Retry-After"
+        } else {
+            "A request with this Idempotency-Key is being processed; retry with the same key later"
+        };
+        Problem::new(ErrorCode::ConcurrentRequest, message)
+            .retry_after(retry_after)
+            .detail("lockRemainingMs", lock_remaining_ms)
+            .detail("outcomeUnknown", outcome_unknown)
+    }
+
+    /// 422: the key was used with other parameters.
+    pub fn parameter_mismatch() -> Problem {
+        Problem::new(
+            ErrorCode::ParameterMismatch,
+            "This Idempotency-Key was used with different request parameters; use a new key for a different request",
+        )
     }
 
     /// HTTP status.

@@ -62,6 +62,12 @@ impl HolderWrite {
         BackgroundCall::retried(self.path, self.body, self.retry_until).if_too_large(fallback)
     }
 
+    /// The same write, sent once from the root context (shadow: nothing is guaranteed, so
+    /// nothing is retried and no fallback is sent).
+    pub fn once(self) -> BackgroundCall {
+        BackgroundCall::once(self.path, self.body)
+    }
+
     /// What to send instead when the store refused this write as too large: the
     /// `outcome-unknown` that keeps the lock, retried until the lock expires.
     pub fn too_large_fallback(&self) -> Option<BackgroundCall> {
