@@ -1,8 +1,9 @@
 //! HTTP API: `/v1/*` operations (bearer tokens with roles, `auth.rs`), `/healthz`, `/readyz`,
 //! `/metrics`; and the replay listener's router, which serves `/v1/replay` alone.
 //!
-//! This file holds the state, both routers, the authentication middleware and the checks every
-//! handler shares (`timed` runs and observes a storage call); the handlers live by caller:
+//! This file holds the state, both routers and the authentication middleware; `op.rs` is the
+//! skeleton every record operation runs through (checks, timing, observation, wake-ups); the
+//! handlers live by caller:
 //! `proxy.rs` (the filter and phase checkpoints), `consumers.rs` (event consumers), `admin.rs`,
 //! `replays.rs` (the replay listener), `operations.rs` (health, metrics), `batch.rs`.
 
@@ -35,9 +36,12 @@ use crate::wait::Waiters;
 mod admin;
 mod batch;
 mod consumers;
+mod op;
 mod operations;
 mod proxy;
 mod replays;
+
+use op::{timed, Op};
 
 pub use admin::MAX_PAGE;
 use admin::{get_record, info, list_in_progress, purge_record};
@@ -256,99 +260,4 @@ async fn require_token(State(state): State<AppState>, mut request: Request, next
     }
     request.extensions_mut().insert(principal);
     next.run(request).await
-}
-
-/// A `service` credential may act only for its own services.
-fn check_service(principal: &Principal, service: &str, permission: Permission) -> Result<(), ApiError> {
-    if principal.may_act_for(permission, service) {
-        Ok(())
-    } else {
-        Err(ApiError::Forbidden {
-            credential: principal.name.clone(),
-            permission: permission.name(),
-            service: Some(service.to_owned()),
-        })
-    }
-}
-
-/// A proxy call names a record of a service its credential is bound to, and never a
-/// consumer's `message:` record: only the messages API claims those, for its own service (else a
-/// proxy credential could complete another service's message and make its consumer skip it).
-fn check_proxy_call(principal: &Principal, id: &RecordId) -> Result<(), ApiError> {
-    check_service(principal, &id.service, Permission::ProxyCalls)?;
-    if id.scope.starts_with(messages::SCOPE_PREFIX) {
-        return Err(ApiError::MessageScope {
-            credential: principal.name.clone(),
-            service: id.service.clone(),
-        });
-    }
-    Ok(())
-}
-
-fn check_identity(id: &RecordId) -> Result<(), ApiError> {
-    if id.service.is_empty() || id.key.is_empty() {
-        return Err(ApiError::BadRequest("service and key must not be empty".into()));
-    }
-    if [&id.service, &id.scope, &id.key]
-        .iter()
-        .any(|p| p.len() > MAX_IDENTITY_PART)
-    {
-        return Err(ApiError::BadRequest(format!(
-            "service, scope and key must be at most {MAX_IDENTITY_PART} bytes"
-        )));
-    }
-    Ok(())
-}
-
-/// Count the outcome of one operation and time it.
-/// Run one storage operation and observe it under `operation` (duration, outcome, failures in
-/// metrics and logs): the skeleton of every handler's storage call.
-async fn timed<T>(
-    state: &AppState,
-    operation: &str,
-    service: &str,
-    call: impl std::future::Future<Output = Result<T, StorageError>>,
-) -> Result<T, StorageError> {
-    let started = Instant::now();
-    let result = call.await;
-    observe(state, operation, service, started, &result);
-    result
-}
-
-fn observe<T>(
-    state: &AppState,
-    operation: &str,
-    service: &str,
-    started: Instant,
-    result: &Result<T, StorageError>,
-) {
-    let outcome = match result {
-        Ok(_) => "ok",
-        Err(StorageError::NotFound(_)) => "not_found",
-        Err(StorageError::StaleToken { .. }) => "stale_token",
-        Err(StorageError::DeadlinePassed { .. }) => "deadline_passed",
-        Err(StorageError::Unavailable(_)) | Err(StorageError::Corrupt(_)) => "error",
-    };
-    let m = &state.metrics;
-    m.requests.with_label_values(&[operation, outcome]).inc();
-    m.operation_seconds
-        .with_label_values(&[operation, state.storage.name()])
-        .observe(started.elapsed().as_secs_f64());
-    match result {
-        Err(StorageError::Unavailable(e)) | Err(StorageError::Corrupt(e)) => {
-            m.storage_errors.with_label_values(&[service, operation]).inc();
-            tracing::warn!(operation, service, error = %e, "storage operation failed");
-        }
-        Err(StorageError::StaleToken { presented, current }) => {
-            m.stale_tokens.with_label_values(&[operation]).inc();
-            tracing::info!(
-                operation,
-                service,
-                presented,
-                current,
-                "refused write with stale fencing token"
-            );
-        }
-        _ => {}
-    }
 }

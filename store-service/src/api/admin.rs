@@ -29,8 +29,8 @@ pub(super) async fn get_record(
     Extension(principal): Extension<Arc<Principal>>,
     Query(id): Query<RecordId>,
 ) -> Result<Json<Record>, ApiError> {
-    check_identity(&id)?;
-    let result = timed(&state, "get", &id.service, state.storage.get(&id, now_ms())).await;
+    let op = Op::admin("get", &id).authorize(&principal)?;
+    let result = op.run(&state, state.storage.get(&id, now_ms()), op::never).await;
     audit(&principal, "get", &id, matches!(result, Ok(Some(_))));
     result?
         .map(Json)
@@ -97,8 +97,8 @@ pub(super) async fn purge_record(
     Extension(principal): Extension<Arc<Principal>>,
     Query(id): Query<RecordId>,
 ) -> Result<StatusCode, ApiError> {
-    check_identity(&id)?;
-    let result = timed(&state, "purge", &id.service, state.storage.purge(&id)).await;
+    let op = Op::admin("purge", &id).authorize(&principal)?;
+    let result = op.run(&state, state.storage.purge(&id), op::never).await;
     audit(&principal, "purge", &id, matches!(result, Ok(true)));
     if result? {
         Ok(StatusCode::NO_CONTENT)

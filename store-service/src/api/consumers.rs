@@ -9,21 +9,16 @@ pub(super) async fn claim_message(
     Json(claim): Json<ClaimRequest>,
 ) -> Result<Json<ClaimResponse>, ApiError> {
     let acquire = messages::acquire_request(&claim);
-    check_identity(&acquire.id)?;
-    check_service(&principal, &claim.id.service, Permission::Messages)?;
+    let op = Op::service("claim", &acquire.id, Permission::Messages).authorize(&principal)?;
     if claim.id.topic.is_empty() || claim.id.consumer_group.is_empty() || claim.lock_timeout_ms == 0 {
         return Err(ApiError::BadRequest(
             "topic, consumer_group and lock_timeout_ms must be set".into(),
         ));
     }
-    let result = timed(
-        &state,
-        "claim",
-        &claim.id.service,
-        state.storage.acquire(&acquire, now_ms()),
-    )
-    .await;
-    let response = messages::claim_response(result?)?;
+    let answer = op
+        .run(&state, state.storage.acquire(&acquire, now_ms()), op::never)
+        .await?;
+    let response = messages::claim_response(answer)?;
     let (topic, group) = (claim.id.topic.as_str(), claim.id.consumer_group.as_str());
     let outcome = match &response {
         ClaimResponse::Claimed { .. } => "claimed",
@@ -51,8 +46,7 @@ pub(super) async fn complete_message(
     Json(done): Json<MessageDoneRequest>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
     let request = messages::complete_request(&done);
-    check_identity(&request.id)?;
-    check_service(&principal, &done.id.service, Permission::Messages)?;
+    let op = Op::service("message_complete", &request.id, Permission::Messages).authorize(&principal)?;
     if let Some(note) = &done.dead_letter {
         if note.topic.is_empty() || note.topic.len() > 249 || note.reason.len() > 4096 {
             return Err(ApiError::BadRequest(
@@ -60,14 +54,8 @@ pub(super) async fn complete_message(
             ));
         }
     }
-    let result = timed(
-        &state,
-        "message_complete",
-        &done.id.service,
-        state.storage.complete(&request, now_ms()),
-    )
-    .await;
-    result?;
+    op.run(&state, state.storage.complete(&request, now_ms()), op::never)
+        .await?;
     if let Some(note) = &done.dead_letter {
         state
             .metrics
@@ -87,15 +75,9 @@ pub(super) async fn release_message(
     Json(done): Json<MessageDoneRequest>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
     let request = messages::release_request(&done);
-    check_identity(&request.id)?;
-    check_service(&principal, &done.id.service, Permission::Messages)?;
-    let result = timed(
-        &state,
-        "message_release",
-        &done.id.service,
-        state.storage.release(&request, now_ms()),
-    )
-    .await;
-    result?;
+    Op::service("message_release", &request.id, Permission::Messages)
+        .authorize(&principal)?
+        .run(&state, state.storage.release(&request, now_ms()), op::never)
+        .await?;
     Ok(Json(json!({"ok": true})))
 }

@@ -9,8 +9,7 @@ pub(crate) async fn acquire(
     Extension(principal): Extension<Arc<Principal>>,
     Json(mut request): Json<AcquireRequest>,
 ) -> Result<Json<AcquireResponse>, ApiError> {
-    check_identity(&request.id)?;
-    check_proxy_call(&principal, &request.id)?;
+    let op = Op::proxy("acquire", &request.id).authorize(&principal)?;
     if request.attempt_id.is_empty() {
         // Every lock gets a secret holder proof, even for callers that send no attempt id.
         request.attempt_id = uuid::Uuid::new_v4().simple().to_string();
@@ -21,13 +20,7 @@ pub(crate) async fn acquire(
         ));
     }
     let started = Instant::now();
-    let result = timed(
-        &state,
-        "acquire",
-        &request.id.service,
-        acquire_or_wait(&state, &request),
-    )
-    .await;
+    let result = op.run(&state, acquire_or_wait(&state, &request), op::never).await;
     let service = request.id.service.as_str();
     let m = &state.metrics;
     m.lock_acquisition_seconds
@@ -139,19 +132,17 @@ pub(crate) async fn outcome_unknown(
     Extension(principal): Extension<Arc<Principal>>,
     Json(request): Json<OutcomeUnknownRequest>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
-    check_identity(&request.id)?;
-    check_proxy_call(&principal, &request.id)?;
+    let op = Op::proxy("outcome_unknown", &request.id).authorize(&principal)?;
     if request.reason.is_empty() || request.reason.len() > 128 {
         return Err(ApiError::BadRequest("reason must be 1 to 128 bytes".into()));
     }
-    let result = timed(
+    // The lock stays: nothing changes for a waiting acquire (the store does not wait on it).
+    op.run(
         &state,
-        "outcome_unknown",
-        &request.id.service,
         state.storage.outcome_unknown(&request, now_ms()),
+        op::never,
     )
-    .await;
-    result?;
+    .await?;
     state
         .metrics
         .outcome_unknown
@@ -196,16 +187,12 @@ pub(crate) async fn abandon(
     Extension(principal): Extension<Arc<Principal>>,
     Json(request): Json<AbandonRequest>,
 ) -> Result<Json<AbandonResponse>, ApiError> {
-    check_identity(&request.id)?;
-    check_proxy_call(&principal, &request.id)?;
-    let result = timed(
-        &state,
-        "abandon",
-        &request.id.service,
-        state.storage.abandon(&request, now_ms()),
-    )
-    .await;
-    let released = result?;
+    let released = Op::proxy("abandon", &request.id)
+        .authorize(&principal)?
+        .run(&state, state.storage.abandon(&request, now_ms()), |released| {
+            *released
+        })
+        .await?;
     state
         .metrics
         .abandoned
@@ -214,9 +201,6 @@ pub(crate) async fn abandon(
             if released { "true" } else { "false" },
         ])
         .inc();
-    if released {
-        state.waiters.wake(&request.id);
-    }
     Ok(Json(AbandonResponse { released }))
 }
 
@@ -225,17 +209,10 @@ pub(crate) async fn complete(
     Extension(principal): Extension<Arc<Principal>>,
     Json(request): Json<CompleteRequest>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
-    check_identity(&request.id)?;
-    check_proxy_call(&principal, &request.id)?;
-    let result = timed(
-        &state,
-        "complete",
-        &request.id.service,
-        state.storage.complete(&request, now_ms()),
-    )
-    .await;
-    result?;
-    state.waiters.wake(&request.id);
+    Op::proxy("complete", &request.id)
+        .authorize(&principal)?
+        .run(&state, state.storage.complete(&request, now_ms()), op::always)
+        .await?;
     Ok(Json(json!({"ok": true})))
 }
 
@@ -244,17 +221,10 @@ pub(crate) async fn release(
     Extension(principal): Extension<Arc<Principal>>,
     Json(request): Json<ReleaseRequest>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
-    check_identity(&request.id)?;
-    check_proxy_call(&principal, &request.id)?;
-    let result = timed(
-        &state,
-        "release",
-        &request.id.service,
-        state.storage.release(&request, now_ms()),
-    )
-    .await;
-    result?;
-    state.waiters.wake(&request.id);
+    Op::proxy("release", &request.id)
+        .authorize(&principal)?
+        .run(&state, state.storage.release(&request, now_ms()), op::always)
+        .await?;
     Ok(Json(json!({"ok": true})))
 }
 
@@ -263,18 +233,11 @@ pub(super) async fn checkpoint(
     Extension(principal): Extension<Arc<Principal>>,
     Json(request): Json<CheckpointRequest>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
-    check_identity(&request.id)?;
-    check_service(&principal, &request.id.service, Permission::Checkpoint)?;
+    let op = Op::service("checkpoint", &request.id, Permission::Checkpoint).authorize(&principal)?;
     if request.phase.is_empty() || request.phase.len() > 256 {
         return Err(ApiError::BadRequest("phase must be 1 to 256 bytes".into()));
     }
-    let result = timed(
-        &state,
-        "checkpoint",
-        &request.id.service,
-        state.storage.checkpoint(&request, now_ms()),
-    )
-    .await;
-    result?;
+    op.run(&state, state.storage.checkpoint(&request, now_ms()), op::never)
+        .await?;
     Ok(Json(json!({"ok": true})))
 }
