@@ -53,7 +53,7 @@ kafka-broker: ## Install tansu, a Kafka-protocol broker, for the Kafka tests (on
 build: setup wasm binaries ## Build the filter (.wasm) and the release binaries
 
 wasm: ## The filter's .wasm, and the no-op filter the benchmark measures as its floor
-	$(CARGO) build --locked -p idempotency-filter -p noop-filter --target wasm32-wasip1 --profile wasm-release
+	$(CARGO) build --locked -p idempotency-filter -p noop-filter -p steps-filter --target wasm32-wasip1 --profile wasm-release
 
 binaries:
 	$(CARGO) build --locked --release -p idempotency-store -p demo-orders -p idempotencyctl

@@ -25,6 +25,7 @@ use e2e::envoy_config::{
 use e2e::{free_port, plugin_config, spawn_demo, spawn_store, wait_ready, wasm_path};
 use serde_json::{json, Value};
 
+mod body_cost;
 mod floor;
 mod process;
 mod report;
@@ -109,6 +110,13 @@ struct Settings {
     /// Live records the store is filled to before its memory is read.
     #[arg(long, env = "BENCH_STORE_RECORDS", default_value_t = 100_000)]
     store_records: u64,
+    /// Only where a large execution's Envoy CPU goes (`body_cost.rs`): each step of an
+    /// execution apart, at `--body-sizes`; writes `target/bench/body_cost.json`.
+    #[arg(long)]
+    body_cost: bool,
+    /// Body sizes (bytes) of `--body-cost`.
+    #[arg(long, value_delimiter = ',', default_value = "65536,1048512")]
+    body_sizes: Vec<usize>,
 }
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 1)]
@@ -147,8 +155,21 @@ async fn run(settings: Settings) {
         scenarios: chosen,
         out_dir,
         store_records,
+        body_cost,
+        body_sizes,
     } = settings;
     let out_dir = out_dir.unwrap_or_else(|| e2e::repo_root().join("target/bench"));
+    if body_cost {
+        body_cost::run(
+            &out_dir,
+            &body_sizes,
+            connections,
+            rounds,
+            Duration::from_secs_f64(seconds),
+        )
+        .await;
+        return;
+    }
     let filter_config: Value = serde_json::from_str(&filter_config)
         .unwrap_or_else(|e| panic!("--filter-config is not a JSON object: {e}"));
     let duration = Duration::from_secs_f64(seconds);
