@@ -28,10 +28,12 @@ const STEPS: [(&str, &str); 5] = [
 ];
 
 /// Run the body-cost rows: `sizes` in bytes, `connections` each, `rounds` interleaved rounds of
-/// `duration` per row.
+/// `duration` per row; `with_steps: false` leaves the steps out (an A/B of the filter or the
+/// store).
 pub(crate) async fn run(
     out_dir: &Path,
     sizes: &[usize],
+    with_steps: bool,
     connections: usize,
     rounds: usize,
     duration: Duration,
@@ -63,7 +65,7 @@ pub(crate) async fn run(
         ),
         plain_ports,
     )];
-    for (index, (label, steps)) in STEPS.iter().enumerate() {
+    for (index, (label, steps)) in STEPS.iter().enumerate().filter(|_| with_steps) {
         let ports = fresh_ports(demo_port, store_port, replay_port);
         let config = noop_wasm_bootstrap_with(&ports, &steps_wasm, steps);
         envoys.push((
@@ -168,11 +170,15 @@ pub(crate) async fn run(
 }
 
 /// Per body size and row: the median over rounds of req/s, Envoy and store CPU µs per request,
-/// and the Envoy µs against pass-through.
+/// and the Envoy µs against pass-through; over the undisturbed rounds when there are any.
 fn summarize(results: &[Value], sizes: &[usize], labels: &[&str]) -> Vec<Value> {
     let median = |mut values: Vec<f64>| {
         values.sort_by(f64::total_cmp);
-        values.get(values.len() / 2).copied().unwrap_or(0.0)
+        match values.len() {
+            0 => 0.0,
+            n if n % 2 == 1 => values[n / 2],
+            n => (values[n / 2 - 1] + values[n / 2]) / 2.0,
+        }
     };
     let mut summary = Vec::new();
     for &size in sizes {

@@ -117,6 +117,9 @@ struct Settings {
     /// Body sizes (bytes) of `--body-cost`.
     #[arg(long, value_delimiter = ',', default_value = "65536,1048512")]
     body_sizes: Vec<usize>,
+    /// With `--body-cost`: only pass-through and the filter (an A/B of the filter or the store).
+    #[arg(long)]
+    without_steps: bool,
 }
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 1)]
@@ -157,12 +160,14 @@ async fn run(settings: Settings) {
         store_records,
         body_cost,
         body_sizes,
+        without_steps,
     } = settings;
     let out_dir = out_dir.unwrap_or_else(|| e2e::repo_root().join("target/bench"));
     if body_cost {
         body_cost::run(
             &out_dir,
             &body_sizes,
+            !without_steps,
             connections,
             rounds,
             Duration::from_secs_f64(seconds),

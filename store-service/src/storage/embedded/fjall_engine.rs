@@ -3,7 +3,7 @@
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
-use fjall::{Database, Keyspace, KeyspaceCreateOptions, PersistMode};
+use fjall::{Database, Keyspace, KeyspaceCreateOptions, KvSeparationOptions, PersistMode};
 
 use super::{unavailable, BatchTables, Commit, Engine, Visitor};
 use crate::storage::StorageError;
@@ -23,6 +23,14 @@ pub(super) struct FjallEngine {
 
 /// Write buffer of the records keyspace before it is flushed to a table file.
 const RECORDS_MEMTABLE_BYTES: u64 = 8 * 1024 * 1024;
+/// Records at least this large (a completed record with a big response) are written to blob
+/// files beside the tree instead of into it: compactions move a pointer instead of rewriting
+/// the value at every level. Smaller records stay inline (most of them: a 1 KiB response).
+/// Measured (`idempotency-bench --body-cost --without-steps`, 64 KiB bodies): the store's CPU
+/// per execution 819–1,052 µs inline, 302–411 µs separated; executions per second about doubled.
+/// fjall keeps a keyspace's options from its creation, so a data directory made before this
+/// keeps the inline layout (a new one gets blob files).
+const SEPARATED_VALUE_BYTES: u32 = 16 * 1024;
 /// Write buffer of the expiry index (small entries).
 const EXPIRY_MEMTABLE_BYTES: u64 = 4 * 1024 * 1024;
 
@@ -64,7 +72,11 @@ impl FjallEngine {
         // Memtables bound the memory between flushes (fjall's default is 64 MiB each).
         let records = db
             .keyspace("records", || {
-                KeyspaceCreateOptions::default().max_memtable_size(RECORDS_MEMTABLE_BYTES)
+                KeyspaceCreateOptions::default()
+                    .max_memtable_size(RECORDS_MEMTABLE_BYTES)
+                    .with_kv_separation(Some(
+                        KvSeparationOptions::default().separation_threshold(SEPARATED_VALUE_BYTES),
+                    ))
             })
             .map_err(unavailable)?;
         let expiry = db
