@@ -18,13 +18,23 @@ use crate::report::write_results;
 use crate::traffic::{measure, post_body, sized_body, MakeRequest};
 use crate::Scenario;
 
+/// Every step of an execution in the VM (the floor of a large execution under this design).
+pub(crate) const ALL_STEPS: &str = "buffer+canonical+sha256+record";
+/// The steps of an execution whose response streams through (over `max_response_size`): the
+/// request held, canonicalised and hashed; nothing of the response kept.
+pub(crate) const STREAMING_STEPS: &str = "request+canonical+sha256";
+
 /// The steps-filter rows, each adding one step to the one before (`+`-joined steps).
-const STEPS: [(&str, &str); 5] = [
+const STEPS: [(&str, &str); 6] = [
     ("hold and read both bodies", "buffer"),
     ("… canonicalise the request JSON", "buffer+canonical"),
     ("… and SHA-256 it (the fingerprint)", "buffer+canonical+sha256"),
     ("… and encode the complete body", "buffer+canonical+sha256+record"),
     ("hold, read and SHA-256 the raw bytes", "buffer+sha256"),
+    (
+        "hold, read, canonicalise and BLAKE3 (SIMD)",
+        "buffer+canonical+blake3",
+    ),
 ];
 
 /// Run the body-cost rows: `sizes` in bytes, `connections` each, `rounds` interleaved rounds of

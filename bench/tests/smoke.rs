@@ -29,6 +29,9 @@ const SCENARIOS: [&str; 12] = [
     "filter, keyed POST that replays",
 ];
 
+/// The runs take both CPUs and pick their ports in the same way: one at a time.
+static ONE_RUN_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 fn positive(value: &Value, what: &str) -> f64 {
     let number = value.as_f64().unwrap_or(0.0);
     assert!(number > 0.0, "{what}: expected a positive number, got {value}");
@@ -37,6 +40,9 @@ fn positive(value: &Value, what: &str) -> f64 {
 
 #[test]
 fn a_short_benchmark_measures_every_scenario_and_writes_every_figure() {
+    let _alone = ONE_RUN_AT_A_TIME
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
     let out = tempfile::tempdir().unwrap();
     let output = Command::new(env!("CARGO_BIN_EXE_idempotency-bench"))
         .args(["--seconds", "0.3", "--rounds", "1", "--store-records", "1000"])
@@ -261,5 +267,89 @@ fn a_short_benchmark_measures_every_scenario_and_writes_every_figure() {
     positive(
         &results["store_batching"]["mean_calls_per_batch"],
         "calls per batch",
+    );
+
+    // The big-body growth rows carry their floor: the execution's steps in the VM alone.
+    for row in results["growth"].as_array().unwrap() {
+        if row["body_bytes"].as_u64() >= Some(64 * 1024) {
+            stolen_of(&row["execution_steps_in_vm"], "a big-body floor row");
+            positive(
+                &row["execution_steps_in_vm"]["envoy_cpu_us_per_request"],
+                "a big body's floor",
+            );
+        }
+    }
+    // Every target of the performance issue is read from the run: a figure, and a floor where
+    // one is measured, in one table.
+    let targets = results["targets"].as_array().unwrap();
+    assert_eq!(targets.len(), 12, "{targets:?}");
+    for target in targets {
+        assert!(target["figure"].is_number(), "no figure: {target}");
+        assert!(target["met"].is_boolean(), "no verdict: {target}");
+        assert!(
+            target["target"].as_str().is_some_and(|t| !t.is_empty()),
+            "{target}"
+        );
+        if target["target"].as_str().is_some_and(|t| t.contains("floor")) {
+            assert!(
+                target["floor"].is_number(),
+                "a target set against a floor has it: {target}"
+            );
+        }
+    }
+    assert!(
+        printed.contains("against this machine's floors"),
+        "no targets table:\n{printed}"
+    );
+}
+
+/// `--body-cost` in short: every step row and the filter measured at 64 KiB, with the store's
+/// CPU per execution.
+#[test]
+fn a_short_body_cost_run_measures_every_step() {
+    let _alone = ONE_RUN_AT_A_TIME
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    let out = tempfile::tempdir().unwrap();
+    let output = Command::new(env!("CARGO_BIN_EXE_idempotency-bench"))
+        .args([
+            "--body-cost",
+            "--seconds",
+            "0.3",
+            "--rounds",
+            "1",
+            "--body-sizes",
+            "65536",
+        ])
+        .arg("--out-dir")
+        .arg(out.path())
+        .env_remove("BENCH_SECONDS")
+        .env_remove("BENCH_ROUNDS")
+        .env_remove("BENCH_CONNECTIONS")
+        .output()
+        .unwrap();
+    let printed = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "the body-cost run failed:\n{printed}\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let results: Value =
+        serde_json::from_str(&std::fs::read_to_string(out.path().join("body_cost.json")).unwrap()).unwrap();
+    let summary = results["summary"].as_array().unwrap();
+    // Pass-through, six steps, the filter.
+    assert_eq!(summary.len(), 8, "{summary:?}");
+    for row in summary {
+        let what = row["row"].as_str().unwrap_or("?");
+        positive(&row["rps"], what);
+        positive(&row["envoy_cpu_us_per_request"], what);
+    }
+    let filter = summary
+        .iter()
+        .find(|r| r["row"] == "filter, keyed POST that executes")
+        .unwrap();
+    positive(
+        &filter["store_cpu_us_per_request"],
+        "the store's CPU per execution",
     );
 }

@@ -4,10 +4,11 @@
 //!
 //! The plugin configuration names the steps, joined by `+` (empty: do nothing): `buffer` — hold
 //! the request and the response until each has ended and read their bodies into the VM, as the
-//! idempotency filter does; `callout` — also make one callout (`GET /healthz` on the
+//! idempotency filter does (`request`: the request only, the response streams); `callout` — also make one callout (`GET /healthz` on the
 //! `idempotency_store` cluster) once the request body is in, and continue on its reply;
 //! `canonical` — canonicalise the request body as JSON, `sha256` — fingerprint it (the
-//! filter's own `request/fingerprint.rs`, compiled in here); `record` — encode the response
+//! filter's own `request/fingerprint.rs`, compiled in here), `blake3` — hash it with BLAKE3
+//! instead (SIMD in the VM: the faster hash a future fingerprint could use); `record` — encode the response
 //! into a `complete` body as the filter sends it (`idempotency-wire`). `--body-cost` adds them one
 //! at a time, so each step's Envoy CPU per request can be read apart.
 
@@ -33,21 +34,31 @@ proxy_wasm::main! {{
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 struct Mode {
     buffer: bool,
+    /// Hold and read the request body only (the response streams, as a response over
+    /// `max_response_size` does through the filter).
+    request: bool,
     callout: bool,
     canonical: bool,
     sha256: bool,
+    blake3: bool,
     record: bool,
 }
 
 impl Mode {
+    fn holds_request(&self) -> bool {
+        self.buffer || self.request
+    }
+
     fn parse(config: &[u8]) -> Mode {
         let text = String::from_utf8_lossy(config);
         let has = |step: &str| text.split('+').any(|s| s.trim() == step);
         Mode {
             buffer: has("buffer"),
+            request: has("request"),
             callout: has("callout"),
             canonical: has("canonical"),
             sha256: has("sha256"),
+            blake3: has("blake3"),
             record: has("record"),
         }
     }
@@ -91,7 +102,7 @@ impl Context for NoopRequest {
 
 impl HttpContext for NoopRequest {
     fn on_http_request_headers(&mut self, _num_headers: usize, end_of_stream: bool) -> Action {
-        if !self.mode.buffer || end_of_stream {
+        if !self.mode.holds_request() || end_of_stream {
             Action::Continue
         } else {
             Action::Pause
@@ -99,7 +110,7 @@ impl HttpContext for NoopRequest {
     }
 
     fn on_http_request_body(&mut self, body_size: usize, end_of_stream: bool) -> Action {
-        if !self.mode.buffer {
+        if !self.mode.holds_request() {
             return Action::Continue;
         }
         if !end_of_stream {
@@ -117,6 +128,9 @@ impl HttpContext for NoopRequest {
         if self.mode.sha256 {
             let digest = fingerprint::fingerprint("POST", "/api/v1/orders", &[], &canonical);
             std::hint::black_box(digest);
+        }
+        if self.mode.blake3 {
+            std::hint::black_box(blake3::hash(&canonical));
         }
         if !self.mode.callout {
             return Action::Continue;
