@@ -87,8 +87,8 @@ struct Settings {
     /// Extra arguments for the store service (e.g. `--store-arg=--embedded-engine=redb`).
     #[arg(long = "store-arg", allow_hyphen_values = true)]
     store_args: Vec<String>,
-    /// Only the interleaved rounds (the main table), then stop: for comparing filter settings
-    /// quickly. Writes `target/bench/rounds.json`.
+    /// Only the interleaved rounds (the main table) and the same rows at one connection, then
+    /// stop: for comparing filter settings or builds quickly. Writes `target/bench/rounds.json`.
     #[arg(long)]
     rounds_only: bool,
     /// JSON fields merged into the filter's plugin configuration for the "filter" rows (e.g.
@@ -644,14 +644,6 @@ async fn run(settings: Settings) {
         acquire_times["at_proxy_mean_ms"].as_f64().unwrap_or(f64::NAN),
         acquire_times["in_store_mean_ms"].as_f64().unwrap_or(f64::NAN)
     );
-    if rounds_only {
-        let rounds = json!({"summary": summarize(&results), "rounds": results, "filter_config": filter_config,
-            "store_batching": batching, "acquire_times": acquire_times});
-        print_rounds(&rounds);
-        write_results(&out_dir, "rounds.json", &rounds);
-        return;
-    }
-
     // Added latency at one connection.
     let mut single = Vec::new();
     for scenario in scenarios
@@ -686,6 +678,27 @@ async fn run(settings: Settings) {
                 "host_stolen_percent": stolen, "disturbed": steal::disturbed(*stolen)})
         })
         .collect();
+    if rounds_only {
+        // The chosen rows at one connection too: an A/B of the executed path reads both.
+        let rounds = json!({"summary": summarize(&results), "rounds": results, "filter_config": filter_config,
+            "store_batching": batching, "acquire_times": acquire_times, "one_connection": added});
+        print_rounds(&rounds);
+        for row in &added {
+            println!(
+                "one connection: {:<55} p50 {} µs, added {} µs{}",
+                row["scenario"].as_str().unwrap_or(""),
+                row["p50_us"],
+                row["added_p50_us"],
+                if row["disturbed"] == true {
+                    " (disturbed)"
+                } else {
+                    ""
+                }
+            );
+        }
+        write_results(&out_dir, "rounds.json", &rounds);
+        return;
+    }
     // The disk under those rows, probed where the store ran them (`make bench` pins the bench,
     // and so the store, to CPU 1): an execution's two syncs cost at least this much each.
     let execution_floor = floor::execution_floor_at_one_connection(
