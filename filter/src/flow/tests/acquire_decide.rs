@@ -8,7 +8,7 @@ use crate::flow::acquire::{decide, AcquireStep};
 use crate::host::CalloutReply;
 use crate::metrics::Counter;
 use crate::mock::succeeded;
-use crate::reply::problem::ErrorCode;
+use crate::reply::problem::{ErrorCode, Problem};
 
 fn reply(status: u16, answer: &AcquireResponse) -> CalloutReply {
     CalloutReply {
@@ -43,10 +43,17 @@ fn completed(body_omitted: bool, ticket: Option<&str>) -> AcquireResponse {
     }
 }
 
-fn refusal(step: AcquireStep) -> (Counter, crate::reply::problem::Problem) {
+/// The refusal a step is, and its counter (`None`, after a failed assertion, for another step).
+fn refusal(step: AcquireStep) -> (Option<Counter>, Problem) {
     match step {
-        AcquireStep::Refuse { counter, problem } => (counter, problem),
-        other => panic!("expected a refusal, got {other:?}"),
+        AcquireStep::Refuse { counter, problem } => (Some(counter), problem),
+        other => {
+            assert!(
+                matches!(other, AcquireStep::Refuse { .. }),
+                "expected a refusal, got {other:?}"
+            );
+            (None, Problem::new(ErrorCode::StorageUnavailable, "not a refusal"))
+        }
     }
 }
 
@@ -69,16 +76,11 @@ fn a_store_error_may_have_taken_the_lock_unless_the_status_says_nothing_was_take
             false,
             true,
         );
-        match step {
-            AcquireStep::StoreFailed {
-                reason,
-                may_have_landed,
-            } => {
-                assert_eq!(may_have_landed, landed, "status {status}");
-                assert!(reason.contains(&status.to_string()), "{reason}");
-            }
-            other => panic!("status {status}: {other:?}"),
-        }
+        assert!(
+            matches!(&step, AcquireStep::StoreFailed { reason, may_have_landed }
+                if *may_have_landed == landed && reason.contains(&status.to_string())),
+            "status {status}: {step:?}"
+        );
     }
     // No status at all (the host gave none), and a 200 that is not an acquire answer.
     for bad in [
@@ -103,24 +105,21 @@ fn a_store_error_may_have_taken_the_lock_unless_the_status_says_nothing_was_take
 
 #[test]
 fn acquired_forwards_with_the_lock() {
-    match decide(reply(200, &AcquireResponse::Acquired(lock())), false, true) {
-        AcquireStep::Forward(held) => assert_eq!(held, lock()),
-        other => panic!("{other:?}"),
-    }
+    let step = decide(reply(200, &AcquireResponse::Acquired(lock())), false, true);
+    assert!(
+        matches!(&step, AcquireStep::Forward(held) if *held == lock()),
+        "{step:?}"
+    );
 }
 
 #[test]
 fn completed_replays_http_and_routes_grpc_to_the_store() {
-    match decide(reply(200, &completed(false, Some("t1"))), false, true) {
-        AcquireStep::Replay {
-            response,
-            record_expires_at,
-        } => {
-            assert_eq!(response.body, b"stored");
-            assert_eq!(record_expires_at, Duration::from_millis(90_000));
-        }
-        other => panic!("{other:?}"),
-    }
+    let step = decide(reply(200, &completed(false, Some("t1"))), false, true);
+    assert!(
+        matches!(&step, AcquireStep::Replay { response, record_expires_at }
+            if response.body == b"stored" && *record_expires_at == Duration::from_millis(90_000)),
+        "{step:?}"
+    );
     assert!(matches!(
         decide(reply(200, &completed(false, Some("t1"))), true, true),
         AcquireStep::RouteReplayToStore { ticket } if ticket == "t1"
@@ -130,7 +129,7 @@ fn completed_replays_http_and_routes_grpc_to_the_store() {
 #[test]
 fn a_grpc_call_whose_messages_were_not_stored_is_refused_never_run_again() {
     let (counter, problem) = refusal(decide(reply(200, &completed(true, Some("t1"))), true, true));
-    assert_eq!(counter, Counter::Hit);
+    assert_eq!(counter, Some(Counter::Hit));
     assert_eq!(problem.code, ErrorCode::ResponseNotReplayable);
     assert_eq!(problem.details["completedStatus"], "NOT_FOUND");
 }
@@ -146,7 +145,7 @@ fn in_progress_waits_once_then_refuses_with_a_retry_after() {
         AcquireStep::WaitForFirstAttempt
     ));
     let (counter, problem) = refusal(decide(reply(200, &running), false, false));
-    assert_eq!(counter, Counter::ConcurrentCollision);
+    assert_eq!(counter, Some(Counter::ConcurrentCollision));
     assert_eq!(problem.code, ErrorCode::ConcurrentRequest);
     assert_eq!(problem.retry_after, Some(crate::flow::CONFLICT_RETRY_AFTER_SECS));
 
@@ -163,6 +162,6 @@ fn in_progress_waits_once_then_refuses_with_a_retry_after() {
 #[test]
 fn another_request_under_the_key_is_refused_422() {
     let (counter, problem) = refusal(decide(reply(200, &AcquireResponse::Mismatch), false, true));
-    assert_eq!(counter, Counter::ParameterMismatch);
+    assert_eq!(counter, Some(Counter::ParameterMismatch));
     assert_eq!(problem.status(), 422);
 }
