@@ -25,6 +25,16 @@ use proxy_wasm::types::{Action, BufferType, ContextType, LogLevel};
 #[allow(dead_code)]
 mod fingerprint;
 
+/// What `fingerprint.rs`'s own tests need from the filter's test support, so `clippy
+/// --all-targets` compiles them here too (they run in the filter crate).
+#[cfg(test)]
+mod mock {
+    pub fn succeeded<T: Default, E: std::fmt::Debug>(result: Result<T, E>) -> T {
+        assert!(result.is_ok(), "expected Ok, got {:?}", result.as_ref().err());
+        result.unwrap_or_default()
+    }
+}
+
 proxy_wasm::main! {{
     proxy_wasm::set_log_level(LogLevel::Warn);
     proxy_wasm::set_root_context(|_| -> Box<dyn RootContext> { Box::new(NoopRoot { mode: Mode::default() }) });

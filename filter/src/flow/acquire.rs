@@ -265,15 +265,6 @@ impl RequestFlow {
         Verdict::Continue
     }
 
-    /// Answer with a stored response (its headers filtered by the denylist); the stream ends.
-    fn send_replay(&mut self, host: &dyn Host, response: &StoredResponse) {
-        let headers = replay_headers(response, &self.config.replay.header_denylist);
-        if let Err(e) = host.send_response(response.status, &headers, &response.body) {
-            host.log(Level::Warn, &format!("idempotency: cannot send replay: {e}"));
-        }
-        self.state = State::Finished;
-    }
-
     /// A completed gRPC call: Envoy's local replies cannot carry its message, so the request is
     /// routed to the store's `/v1/replay` (by the `x-idempotency-replay-ticket` route), which
     /// answers with the stored headers, messages and trailers. The ticket is short-lived, bound

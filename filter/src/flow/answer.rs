@@ -1,10 +1,20 @@
-//! Refusing a request: the problem body (a gRPC status for a gRPC call), and what a store
-//! failure means under `failure_mode`. (Replays are answered in `acquire.rs`.)
+//! Every local reply the filter sends: a replay of a stored response, a refusal (the problem
+//! body, or a gRPC status for a gRPC call), and what a store failure means under
+//! `failure_mode`.
 
 #[allow(clippy::wildcard_imports)] // the flow module's own types and imports
 use super::*;
 
 impl RequestFlow {
+    /// Answer with a stored response (its headers filtered by the denylist); the stream ends.
+    pub(super) fn send_replay(&mut self, host: &dyn Host, response: &StoredResponse) {
+        let headers = replay_headers(response, &self.config.replay.header_denylist);
+        if let Err(e) = host.send_response(response.status, &headers, &response.body) {
+            host.log(Level::Warn, &format!("idempotency: cannot send replay: {e}"));
+        }
+        self.state = State::Finished;
+    }
+
     /// Answer the client with an error; the upstream is never called.
     pub(super) fn answer(&mut self, host: &dyn Host, problem: &Problem) -> Verdict {
         self.state = State::Finished;
