@@ -65,12 +65,13 @@ pub const DEFAULT_MAX_WAITERS: usize = 4096;
 /// are seen at least this often; this replica's own changes wake waiters at once.
 pub const DEFAULT_WAIT_POLL: Duration = Duration::from_millis(100);
 
-/// Shared state of every handler.
+/// Shared state of every handler (the routers hold it in one `Arc`: axum clones the state for
+/// every extractor of every request).
 #[derive(Clone)]
 pub struct AppState {
     /// The storage backend.
     pub storage: Arc<dyn Storage>,
-    /// Metrics registry (shared: the state is cloned for every request).
+    /// Metrics registry.
     pub metrics: Arc<Metrics>,
     /// Credentials required on `/v1`; `None` serves without authentication.
     pub auth: Option<Arc<Authenticator>>,
@@ -124,6 +125,8 @@ pub fn now_ms() -> u64 {
 /// carries `x-idempotency-store: api`, so a client answered by it (a misrouted request) and a
 /// filter whose replay came from here both can tell.
 pub fn app(state: AppState) -> Router {
+    // One allocation shared by every request: axum clones the state for each extractor.
+    let state = Arc::new(state);
     let v1 = Router::new()
         .route(paths::ACQUIRE, post(acquire))
         .route(paths::COMPLETE, post(complete))
@@ -152,6 +155,7 @@ pub fn app(state: AppState) -> Router {
 /// The replay listener's router (`--replay-listen`): `/v1/replay`, authenticated by its ticket,
 /// and nothing else; every answer carries `x-idempotency-store: replay`.
 pub fn replay_app(state: AppState) -> Router {
+    let state = Arc::new(state);
     Router::new()
         .route(paths::REPLAY, post(replay))
         .layer(DefaultBodyLimit::max(REPLAY_BODY_LIMIT))
@@ -218,7 +222,7 @@ fn caller_identities(state: &AppState, request: &Request) -> Vec<String> {
 
 /// Authenticate the caller — bearer token, else mesh identity — and check the role the path
 /// needs; the caller travels on as a request extension for service-bound checks and audit lines.
-async fn require_token(State(state): State<AppState>, mut request: Request, next: Next) -> Response {
+async fn require_token(State(state): State<Arc<AppState>>, mut request: Request, next: Next) -> Response {
     let principal = match &state.auth {
         None => Arc::new(Principal::all_roles("unauthenticated")),
         Some(auth) => {

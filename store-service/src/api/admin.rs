@@ -25,7 +25,7 @@ pub(super) fn audit(principal: &Principal, action: &str, id: &RecordId, found: b
 }
 
 pub(super) async fn get_record(
-    State(state): State<AppState>,
+    State(state): State<Arc<AppState>>,
     Extension(principal): Extension<Arc<Principal>>,
     Query(id): Query<RecordId>,
 ) -> Result<Json<Record>, ApiError> {
@@ -57,7 +57,7 @@ pub(super) fn default_page() -> usize {
 pub const MAX_PAGE: usize = 1_000;
 
 pub(super) async fn list_in_progress(
-    State(state): State<AppState>,
+    State(state): State<Arc<AppState>>,
     Extension(principal): Extension<Arc<Principal>>,
     Query(query): Query<ListQuery>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
@@ -93,7 +93,7 @@ pub(super) async fn list_in_progress(
 }
 
 pub(super) async fn purge_record(
-    State(state): State<AppState>,
+    State(state): State<Arc<AppState>>,
     Extension(principal): Extension<Arc<Principal>>,
     Query(id): Query<RecordId>,
 ) -> Result<StatusCode, ApiError> {
@@ -109,7 +109,7 @@ pub(super) async fn purge_record(
 
 /// What an operator (`idempotencyctl doctor`) checks: version, backend, whether durable commits
 /// are healthy, the replay listener, the credentials in force (names only), the store's clock.
-pub(super) async fn info(State(state): State<AppState>) -> Json<serde_json::Value> {
+pub(super) async fn info(State(state): State<Arc<AppState>>) -> Json<serde_json::Value> {
     let live = state.storage.live();
     Json(json!({
         "version": env!("CARGO_PKG_VERSION"),

@@ -24,7 +24,7 @@ pub const MAX_BATCH_CALLS: usize = 256;
 
 /// `POST /v1/batch`.
 pub async fn batch(
-    State(state): State<AppState>,
+    State(state): State<Arc<AppState>>,
     Extension(principal): Extension<Arc<Principal>>,
     body: Bytes,
 ) -> Response {
@@ -87,7 +87,12 @@ pub async fn batch(
 
 /// Run one call through its own handler (as the batch's caller: every item is checked against
 /// its credential's services); its status and (JSON) body.
-async fn run(state: &AppState, principal: &Arc<Principal>, path: &str, body: &str) -> (StatusCode, Bytes) {
+async fn run(
+    state: &Arc<AppState>,
+    principal: &Arc<Principal>,
+    path: &str,
+    body: &str,
+) -> (StatusCode, Bytes) {
     let response = match path {
         p if p == paths::ACQUIRE => call(state, principal, body, super::acquire).await,
         p if p == paths::COMPLETE => call(state, principal, body, super::complete).await,
@@ -105,11 +110,16 @@ async fn run(state: &AppState, principal: &Arc<Principal>, path: &str, body: &st
 }
 
 /// Parse `body` as the handler's request and run the handler.
-async fn call<T, R, F, Fut>(state: &AppState, principal: &Arc<Principal>, body: &str, handler: F) -> Response
+async fn call<T, R, F, Fut>(
+    state: &Arc<AppState>,
+    principal: &Arc<Principal>,
+    body: &str,
+    handler: F,
+) -> Response
 where
     T: DeserializeOwned,
     R: IntoResponse,
-    F: FnOnce(State<AppState>, Extension<Arc<Principal>>, Json<T>) -> Fut,
+    F: FnOnce(State<Arc<AppState>>, Extension<Arc<Principal>>, Json<T>) -> Fut,
     Fut: std::future::Future<Output = R>,
 {
     match serde_json::from_str::<T>(body) {

@@ -4,7 +4,7 @@
 use super::*;
 
 pub(super) async fn claim_message(
-    State(state): State<AppState>,
+    State(state): State<Arc<AppState>>,
     Extension(principal): Extension<Arc<Principal>>,
     Json(claim): Json<ClaimRequest>,
 ) -> Result<Json<ClaimResponse>, ApiError> {
@@ -41,7 +41,7 @@ pub(super) async fn claim_message(
 }
 
 pub(super) async fn complete_message(
-    State(state): State<AppState>,
+    State(state): State<Arc<AppState>>,
     Extension(principal): Extension<Arc<Principal>>,
     Json(done): Json<MessageDoneRequest>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
@@ -70,7 +70,7 @@ pub(super) async fn complete_message(
 }
 
 pub(super) async fn release_message(
-    State(state): State<AppState>,
+    State(state): State<Arc<AppState>>,
     Extension(principal): Extension<Arc<Principal>>,
     Json(done): Json<MessageDoneRequest>,
 ) -> Result<Json<serde_json::Value>, ApiError> {

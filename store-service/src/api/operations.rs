@@ -5,21 +5,21 @@ use super::*;
 
 /// Liveness: fails only when the process cannot recover without a restart (a failed journal
 /// sync), so an orchestrator restarts it.
-pub(super) async fn healthz(State(state): State<AppState>) -> Response {
+pub(super) async fn healthz(State(state): State<Arc<AppState>>) -> Response {
     match state.storage.live() {
         Ok(()) => (StatusCode::OK, "ok").into_response(),
         Err(e) => (StatusCode::SERVICE_UNAVAILABLE, format!("not live: {e}")).into_response(),
     }
 }
 
-pub(super) async fn readyz(State(state): State<AppState>) -> Response {
+pub(super) async fn readyz(State(state): State<Arc<AppState>>) -> Response {
     match state.storage.ready().await {
         Ok(()) => (StatusCode::OK, "ready").into_response(),
         Err(e) => (StatusCode::SERVICE_UNAVAILABLE, format!("not ready: {e}")).into_response(),
     }
 }
 
-pub(super) async fn metrics(State(state): State<AppState>) -> Response {
+pub(super) async fn metrics(State(state): State<Arc<AppState>>) -> Response {
     // Read from the slots themselves, which free on drop: a wait whose proxy went away (its
     // future dropped mid-wait) is gone from the gauge too.
     state

@@ -5,7 +5,7 @@
 use super::*;
 
 pub(crate) async fn acquire(
-    State(state): State<AppState>,
+    State(state): State<Arc<AppState>>,
     Extension(principal): Extension<Arc<Principal>>,
     Json(mut request): Json<AcquireRequest>,
 ) -> Result<Json<AcquireResponse>, ApiError> {
@@ -128,7 +128,7 @@ pub(super) async fn acquire_or_wait(
 }
 
 pub(crate) async fn outcome_unknown(
-    State(state): State<AppState>,
+    State(state): State<Arc<AppState>>,
     Extension(principal): Extension<Arc<Principal>>,
     Json(request): Json<OutcomeUnknownRequest>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
@@ -183,7 +183,7 @@ pub(super) fn reason_label(reason: &str) -> &str {
 }
 
 pub(crate) async fn abandon(
-    State(state): State<AppState>,
+    State(state): State<Arc<AppState>>,
     Extension(principal): Extension<Arc<Principal>>,
     Json(request): Json<AbandonRequest>,
 ) -> Result<Json<AbandonResponse>, ApiError> {
@@ -205,7 +205,7 @@ pub(crate) async fn abandon(
 }
 
 pub(crate) async fn complete(
-    State(state): State<AppState>,
+    State(state): State<Arc<AppState>>,
     Extension(principal): Extension<Arc<Principal>>,
     Json(request): Json<CompleteRequest>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
@@ -217,7 +217,7 @@ pub(crate) async fn complete(
 }
 
 pub(crate) async fn release(
-    State(state): State<AppState>,
+    State(state): State<Arc<AppState>>,
     Extension(principal): Extension<Arc<Principal>>,
     Json(request): Json<ReleaseRequest>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
@@ -229,7 +229,7 @@ pub(crate) async fn release(
 }
 
 pub(super) async fn checkpoint(
-    State(state): State<AppState>,
+    State(state): State<Arc<AppState>>,
     Extension(principal): Extension<Arc<Principal>>,
     Json(request): Json<CheckpointRequest>,
 ) -> Result<Json<serde_json::Value>, ApiError> {

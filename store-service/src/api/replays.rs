@@ -5,7 +5,7 @@
 use super::*;
 
 /// Serve a completed record's stored response to the holder of a replay ticket (gRPC replays).
-pub(super) async fn replay(State(state): State<AppState>, headers: axum::http::HeaderMap) -> Response {
+pub(super) async fn replay(State(state): State<Arc<AppState>>, headers: axum::http::HeaderMap) -> Response {
     let ticket = headers
         .get(idempotency_wire::headers::REPLAY_TICKET)
         .and_then(|v| v.to_str().ok())
