@@ -930,6 +930,7 @@ async fn run(settings: Settings) {
         "store_rss_kib_at_live_records": store_alone["store_rss_kib_at_live_records"],
         "store_rss_along_the_run": store_rss_along,
         "wasm_bytes": wasm_bytes,
+        "store_args": store_args,
         "in_flight_retries": in_flight_retries,
         "grpc": grpc,
         "consumer_dedup": store_alone["consumer_dedup"],

@@ -4,8 +4,28 @@
 
 use serde_json::{json, Value};
 
-/// The store's default `--cache-mb` (the bench passes no other unless `--store-arg` does).
+/// The store's default `--cache-mb`.
 const DEFAULT_STORE_CACHE_MB: f64 = 32.0;
+
+/// The store's cache in MB: a `--cache-mb` among `store_args` (as `--store-arg` passes it),
+/// else the default.
+fn store_cache_mb(store_args: &Value) -> f64 {
+    let args: Vec<&str> = store_args
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(Value::as_str)
+        .collect();
+    args.iter()
+        .enumerate()
+        .rev()
+        .find_map(|(i, arg)| match arg.strip_prefix("--cache-mb") {
+            Some(rest) if rest.starts_with('=') => rest[1..].parse().ok(),
+            Some("") => args.get(i + 1).and_then(|v| v.parse().ok()),
+            _ => None,
+        })
+        .unwrap_or(DEFAULT_STORE_CACHE_MB)
+}
 
 /// One target: what it is about, the figure, the floor (when one is measured), the target and
 /// whether it is met.
@@ -179,6 +199,7 @@ pub(crate) fn targets(results: &Value) -> Value {
     ));
 
     let live = &results["store_rss_kib_at_live_records"];
+    let cache_mb = store_cache_mb(&results["store_args"]);
     let store_rss = live["rss_kib"]
         .as_f64()
         .zip(live["rss_kib_5s_idle"].as_f64())
@@ -190,9 +211,9 @@ pub(crate) fn targets(results: &Value) -> Value {
         ),
         "MB",
         store_rss,
-        Some(DEFAULT_STORE_CACHE_MB),
+        Some(cache_mb),
         "≤ cache + 96 MB",
-        store_rss.map(|f| f <= DEFAULT_STORE_CACHE_MB + 96.0),
+        store_rss.map(|f| f <= cache_mb + 96.0),
     ));
 
     let grpc = results["grpc"]["ratio"].as_f64();
@@ -230,5 +251,24 @@ pub(crate) fn print_targets(targets: &Value) {
                 None => "—",
             }
         );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_store_cache_is_read_from_the_store_arguments() {
+        assert_eq!(
+            store_cache_mb(&json!(["--cache-mb=64", "--replay-listen", "x"])),
+            64.0
+        );
+        assert_eq!(store_cache_mb(&json!(["--cache-mb", "16"])), 16.0);
+        assert_eq!(
+            store_cache_mb(&json!(["--replay-listen", "127.0.0.1:1"])),
+            DEFAULT_STORE_CACHE_MB
+        );
+        assert_eq!(store_cache_mb(&Value::Null), DEFAULT_STORE_CACHE_MB);
     }
 }
