@@ -1,7 +1,8 @@
 //! The `fjall` engine: an LSM tree whose write-ahead journal is appended in memory per operation and written and fdatasync'd once per batch.
 
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
+use std::sync::{Arc, OnceLock};
 
 use fjall::{Database, Keyspace, KeyspaceCreateOptions, KvSeparationOptions, PersistMode};
 
@@ -15,10 +16,38 @@ pub(super) struct FjallEngine {
     records: Keyspace,
     expiry: Keyspace,
     /// Stored records, kept exact by the writer (fjall's own length is a full scan).
-    live: AtomicU64,
+    live: Arc<LiveRecords>,
     /// Set when a journal sync failed: what is in memory may not be on disk, so the store stops
     /// answering until restarted (and recovered from the journal).
     failed: AtomicBool,
+}
+
+/// A store with at most about this many records is counted while it opens (a scan of
+/// ~0.2 s); a larger one is counted in the background, so it serves at once.
+const COUNT_WHILE_OPENING_UP_TO: u64 = 200_000;
+
+/// How many records the store holds, without a scan on any request: the records present at
+/// open (counted from a snapshot taken then) plus every insert and minus every delete since.
+///
+/// fjall's own length reads every record: 11.3 s of a restart at 10M records on the bench
+/// machine (2 cores), ~100 s at the 86M records of 1,000 keyed writes a second kept 24 h — a
+/// store that is not ready for that long after every restart or rollout. Counting in the
+/// background leaves only the `idempotency_store_live_records` gauge waiting for it.
+#[derive(Debug, Default)]
+struct LiveRecords {
+    /// Inserts minus deletes since the store opened (may be below zero while the count at open
+    /// is not known yet).
+    since_open: AtomicI64,
+    /// The records present when the store opened, once counted.
+    at_open: OnceLock<u64>,
+}
+
+impl LiveRecords {
+    /// The records stored now, once the count at open is known.
+    fn get(&self) -> Option<u64> {
+        let at_open = *self.at_open.get()?;
+        Some(at_open.saturating_add_signed(self.since_open.load(Ordering::Acquire)))
+    }
 }
 
 /// Write buffer of the records keyspace before it is flushed to a table file.
@@ -62,6 +91,16 @@ fn expiry_key(at: u64, key: &str) -> Vec<u8> {
 
 impl FjallEngine {
     pub(super) fn open(path: &Path, cache_bytes: usize) -> Result<FjallEngine, StorageError> {
+        FjallEngine::open_counting(path, cache_bytes, COUNT_WHILE_OPENING_UP_TO)
+    }
+
+    /// [`FjallEngine::open`], counting the records while opening when there are about
+    /// `count_while_opening_up_to` of them or fewer, else in the background.
+    fn open_counting(
+        path: &Path,
+        cache_bytes: usize,
+        count_while_opening_up_to: u64,
+    ) -> Result<FjallEngine, StorageError> {
         let db = Database::builder(path)
             .cache_size(u64::try_from(cache_bytes).unwrap_or(u64::MAX))
             // The writer decides when the journal reaches the disk: once per batch.
@@ -84,12 +123,37 @@ impl FjallEngine {
                 KeyspaceCreateOptions::default().max_memtable_size(EXPIRY_MEMTABLE_BYTES)
             })
             .map_err(unavailable)?;
-        let live = records.len().map_err(unavailable)?;
+        let live = Arc::new(LiveRecords::default());
+        // Taken before the engine can write: what it counts plus `since_open` is exact.
+        let snapshot = db.snapshot();
+        let count = {
+            let (records, live) = (records.clone(), Arc::clone(&live));
+            move || match fjall::Readable::len(&snapshot, &records) {
+                Ok(n) => {
+                    let _ = live.at_open.set(u64::try_from(n).unwrap_or(u64::MAX));
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot count the stored records; the live-records gauge stays unset")
+                }
+            }
+        };
+        if u64::try_from(records.approximate_len()).unwrap_or(u64::MAX) <= count_while_opening_up_to {
+            count();
+        } else {
+            std::thread::Builder::new()
+                .name("count-records".into())
+                .spawn(count)
+                .map_err(|e| unavailable(format!("cannot start counting the records: {e}")))?;
+            tracing::info!(
+                about = records.approximate_len(),
+                "counting the stored records in the background"
+            );
+        }
         Ok(FjallEngine {
             db,
             records,
             expiry,
-            live: AtomicU64::new(u64::try_from(live).unwrap_or(u64::MAX)),
+            live,
             failed: AtomicBool::new(false),
         })
     }
@@ -135,7 +199,7 @@ impl BatchTables for Tables<'_> {
         batch.insert(&engine.expiry, expiry_key(expires_ms, key), b"".as_slice());
         batch.commit().map_err(unavailable)?;
         if previous_expiry.is_none() {
-            engine.live.fetch_add(1, Ordering::AcqRel);
+            engine.live.since_open.fetch_add(1, Ordering::AcqRel);
         }
         Ok(())
     }
@@ -147,9 +211,7 @@ impl BatchTables for Tables<'_> {
         batch.remove(&engine.records, key);
         batch.remove(&engine.expiry, expiry_key(expires_ms, key));
         batch.commit().map_err(unavailable)?;
-        let _ = engine
-            .live
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| Some(n.saturating_sub(1)));
+        engine.live.since_open.fetch_sub(1, Ordering::AcqRel);
         Ok(())
     }
 
@@ -222,7 +284,9 @@ impl Engine for FjallEngine {
 
     fn count(&self) -> Result<u64, StorageError> {
         self.check()?;
-        Ok(self.live.load(Ordering::Acquire))
+        self.live
+            .get()
+            .ok_or_else(|| unavailable("still counting the records present when the store started"))
     }
 
     fn ready(&self) -> Result<(), StorageError> {
@@ -255,5 +319,50 @@ mod tests {
             error.contains("restart"),
             "liveness fails, so it is restarted: {error}"
         );
+    }
+
+    fn put(engine: &FjallEngine, key: &str) {
+        let mut tables = Tables { engine, wrote: false };
+        tables.put(key, b"{}", u64::MAX, None).unwrap();
+    }
+
+    #[test]
+    fn a_large_store_is_counted_in_the_background_and_the_count_includes_writes_made_meanwhile() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("store");
+        {
+            let engine = FjallEngine::open(&path, 1024 * 1024).unwrap();
+            for i in 0..500 {
+                put(&engine, &format!("k{i:04}"));
+            }
+            assert_eq!(
+                engine.count().unwrap(),
+                500,
+                "a small store is counted while opening"
+            );
+        }
+        // Every store is "large" here: counted in the background.
+        let engine = FjallEngine::open_counting(&path, 1024 * 1024, 0).unwrap();
+        for i in 500..520 {
+            put(&engine, &format!("k{i:04}"));
+        }
+        let mut tables = Tables {
+            engine: &engine,
+            wrote: false,
+        };
+        tables.delete("k0000", u64::MAX).unwrap();
+        let started = std::time::Instant::now();
+        let count = loop {
+            match engine.count() {
+                Ok(count) => break count,
+                Err(e) => {
+                    assert!(e.to_string().contains("counting"), "{e}");
+                    assert!(started.elapsed().as_secs() < 30, "never counted");
+                    std::thread::sleep(std::time::Duration::from_millis(10));
+                }
+            }
+        };
+        assert_eq!(count, 519, "500 at open, 20 written and 1 deleted meanwhile");
+        assert!(engine.ready().is_ok(), "serving while it counted");
     }
 }
