@@ -30,10 +30,21 @@ use crate::PASSTHROUGH_POST;
 
 /// Bytes of one probe write: about one `complete` of a 1 KiB response as the journal holds it.
 const WRITE_BYTES: usize = 1536;
-/// The probe file is written (and synced) in full first, so the probe's writes land on blocks
-/// the filesystem has already allocated: no metadata to commit, only the data and the device's
-/// cache flush — the least any durable write can cost on this disk.
+/// Size of the probe file.
 const FILE_BYTES: u64 = 4 << 20;
+
+/// Where the probe's writes land.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Blocks {
+    /// Blocks the filesystem has already allocated and written (the file is written and synced
+    /// in full first): no metadata to commit, only the data and the device's cache flush — the
+    /// least any durable write can cost on this disk. The floor.
+    Written,
+    /// Blocks not allocated yet, one after another in a file sized with `set_len` (sparse): what
+    /// an appending journal pays, such as fjall's, which sizes each journal file that way — each
+    /// `fdatasync` also commits the new block's allocation to the filesystem's own journal.
+    Unallocated,
+}
 
 /// Writes and syncs `writes` blocks of [`WRITE_BYTES`] one after another in a file under `dir`
 /// (the store's filesystem), `gap` apart (spent awake, as a store parsing the next request
@@ -42,6 +53,7 @@ pub(crate) fn disk_write_and_sync(
     dir: &Path,
     writes: usize,
     gap: Duration,
+    blocks: Blocks,
 ) -> std::io::Result<Histogram<u64>> {
     let path = dir.join("floor-probe");
     let mut file = OpenOptions::new()
@@ -50,7 +62,13 @@ pub(crate) fn disk_write_and_sync(
         .read(true)
         .write(true)
         .open(&path)?;
-    preallocate(&mut file)?;
+    match blocks {
+        Blocks::Written => preallocate(&mut file)?,
+        Blocks::Unallocated => {
+            file.set_len(FILE_BYTES)?;
+            file.sync_all()?;
+        }
+    }
     let block = vec![0x5a_u8; WRITE_BYTES];
     let mut latency = latency_histogram();
     let slots = FILE_BYTES / WRITE_BYTES as u64;
@@ -58,6 +76,12 @@ pub(crate) fn disk_write_and_sync(
         let idle_until = Instant::now() + gap;
         while Instant::now() < idle_until {
             std::hint::spin_loop();
+        }
+        if blocks == Blocks::Unallocated && i > 0 && i % slots == 0 {
+            // The file is full: a fresh sparse one, as a journal rotates.
+            file.set_len(0)?;
+            file.set_len(FILE_BYTES)?;
+            file.sync_all()?;
         }
         file.seek(SeekFrom::Start((i % slots) * WRITE_BYTES as u64))?;
         let started = Instant::now();
@@ -112,14 +136,14 @@ pub(crate) async fn measure(dir: &Path, store: SocketAddr, cpu: usize) -> Value 
     let host_before = steal::Snapshot::take();
     let http = http_round_trip(store, 2000).await;
     let http_p50 = http.value_at_quantile(0.5);
-    let probe = |gap: Duration| {
+    let probe = |gap: Duration, blocks: Blocks| {
         let dir = dir.to_path_buf();
         async move {
             // A thread of its own: pinning one of tokio's pooled threads would leave it pinned
             // for whatever blocking work reuses it.
             let probe = std::thread::spawn(move || {
                 let pinned = core_affinity::set_for_current(core_affinity::CoreId { id: cpu });
-                disk_write_and_sync(&dir, 500, gap).map(|latency| (latency, pinned))
+                disk_write_and_sync(&dir, 500, gap, blocks).map(|latency| (latency, pinned))
             });
             tokio::task::spawn_blocking(move || probe.join())
                 .await
@@ -128,8 +152,9 @@ pub(crate) async fn measure(dir: &Path, store: SocketAddr, cpu: usize) -> Value 
                 .unwrap_or_else(|e| panic!("the disk probe failed: {e}"))
         }
     };
-    let (paced, pinned) = probe(Duration::from_micros(http_p50)).await;
-    let (back_to_back, _) = probe(Duration::ZERO).await;
+    let (paced, pinned) = probe(Duration::from_micros(http_p50), Blocks::Written).await;
+    let (back_to_back, _) = probe(Duration::ZERO, Blocks::Written).await;
+    let (unallocated, _) = probe(Duration::from_micros(http_p50), Blocks::Unallocated).await;
     let disk_p50 = paced.value_at_quantile(0.5);
     let stolen = stolen_since(host_before);
     json!({
@@ -137,7 +162,9 @@ pub(crate) async fn measure(dir: &Path, store: SocketAddr, cpu: usize) -> Value 
                                 "gap_us": http_p50, "p50_us": disk_p50, "p99_us": paced.value_at_quantile(0.99),
                                 "mean_us": paced.mean().round(),
                                 "back_to_back": {"p50_us": back_to_back.value_at_quantile(0.5),
-                                                 "p99_us": back_to_back.value_at_quantile(0.99)}},
+                                                 "p99_us": back_to_back.value_at_quantile(0.99)},
+                                "into_unallocated_blocks": {"p50_us": unallocated.value_at_quantile(0.5),
+                                                            "p99_us": unallocated.value_at_quantile(0.99)}},
         "http_round_trip": {"requests": http.len(), "p50_us": http_p50, "p99_us": http.value_at_quantile(0.99)},
         "sum_p50_us": disk_p50 + http_p50,
         "host_stolen_percent": stolen,

@@ -10,11 +10,27 @@ use e2e::{envoy_bin, free_port, Proc};
 use serde_json::{json, Value};
 
 pub(crate) fn rss_kib(pid: u32) -> u64 {
+    proc_status_kib(pid, "VmRSS:")
+}
+
+/// The most RSS the process has held since it started (`VmHWM`), in KiB: catches the short
+/// peaks (an LSM compaction, a burst of requests) that a reading now and then misses.
+pub(crate) fn peak_rss_kib(pid: u32) -> u64 {
+    proc_status_kib(pid, "VmHWM:")
+}
+
+/// Starts [`peak_rss_kib`] over from the RSS now (Linux: `5` to `/proc/PID/clear_refs`), so the
+/// peak read later is of what happened in between. False when the kernel refused.
+pub(crate) fn reset_peak_rss(pid: u32) -> bool {
+    std::fs::write(format!("/proc/{pid}/clear_refs"), "5").is_ok()
+}
+
+fn proc_status_kib(pid: u32, field: &str) -> u64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
         .unwrap_or_default()
         .lines()
         .find_map(|l| {
-            l.strip_prefix("VmRSS:")
+            l.strip_prefix(field)
                 .map(|v| v.trim().trim_end_matches(" kB").trim().parse().unwrap_or(0))
         })
         .unwrap_or(0)

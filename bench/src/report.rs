@@ -309,12 +309,13 @@ pub(crate) fn print_store_alone(summary: &Value) {
     let floor = &single["floor"];
     let disk = &floor["write_and_fdatasync"];
     println!(
-        "  this machine's floor under a durable operation: a {} B write + fdatasync on the store's CPU, one round trip apart, p50 {} µs (p99 {}, mean {}; back to back p50 {}), an HTTP round trip to the store p50 {} µs (p99 {}): {} µs{}",
+        "  this machine's floor under a durable operation: a {} B write + fdatasync on the store's CPU, one round trip apart, p50 {} µs (p99 {}, mean {}; back to back p50 {}; into blocks not yet allocated, as an appending journal writes, p50 {}), an HTTP round trip to the store p50 {} µs (p99 {}): {} µs{}",
         disk["bytes"],
         disk["p50_us"],
         disk["p99_us"],
         disk["mean_us"],
         disk["back_to_back"]["p50_us"],
+        disk["into_unallocated_blocks"]["p50_us"],
         floor["http_round_trip"]["p50_us"],
         floor["http_round_trip"]["p99_us"],
         floor["sum_p50_us"],
@@ -329,11 +330,12 @@ pub(crate) fn print_store_alone(summary: &Value) {
     );
     let at_records = &summary["store_rss_kib_at_live_records"];
     println!(
-        "Store RSS with {} live records: {} KiB right after writing them (memtables {:.0} KiB), {} KiB after 5 s idle",
+        "Store RSS with {} live records: {} KiB right after writing them (memtables {:.0} KiB), {} KiB after 5 s idle, {} KiB at the peak while writing them",
         at_records["records"],
         at_records["rss_kib"],
         at_records["write_buffer_kib"].as_f64().unwrap_or(0.0),
-        at_records["rss_kib_5s_idle"]
+        at_records["rss_kib_5s_idle"],
+        at_records["rss_kib_peak_while_writing"]
     );
     if let Some(along) = summary["store_rss_along_the_run"].as_array() {
         let steps: Vec<String> = along

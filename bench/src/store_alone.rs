@@ -13,7 +13,7 @@ use http_body_util::{BodyExt, Full};
 use hyper::Request;
 use serde_json::{json, Value};
 
-use crate::process::rss_kib;
+use crate::process::{peak_rss_kib, reset_peak_rss, rss_kib};
 use crate::steal;
 use crate::traffic::{keep_alive_connection, latency_histogram, stolen_since};
 
@@ -49,6 +49,9 @@ pub(crate) async fn measure_store_alone(
             .args(["-a", "-p", "-c", &STORE_ALONE_CPU.to_string(), &pid.to_string()])
             .output();
     }
+    // The peak from here on is the store-alone phases' own (1 KiB bodies), not the large
+    // bodies of rows measured earlier against the same store.
+    let peak_reset = store.pid().is_some_and(reset_peak_rss);
     let store_addr = SocketAddr::from(([127, 0, 0, 1], store_port));
     // Per durable operation at one connection (acquire and complete, each one group commit),
     // and how much of it the commit spent reaching the disk (the store's sync-time counter).
@@ -91,6 +94,7 @@ pub(crate) async fn measure_store_alone(
             .0;
     }
     let store_rss = store.pid().map(rss_kib);
+    let store_rss_peak = store.pid().filter(|_| peak_reset).map(peak_rss_kib);
     // How much of it is written data waiting in memtables, and what is left once idle.
     let metrics = e2e::get_text(&client, &metrics_url).await;
     let write_buffer_kib = e2e::metric_sum(&metrics, "idempotency_store_write_buffer_bytes") / 1024.0;
@@ -103,7 +107,8 @@ pub(crate) async fn measure_store_alone(
                         "batched": {"pairs_per_second": batched.0 as f64 / batched.1, "connections": 8, "calls_per_batch": 16,
                                     "host_stolen_percent": batched_stolen, "disturbed": steal::disturbed(batched_stolen)}},
         "store_rss_kib_at_live_records": {"records": filled, "rss_kib": store_rss,
-                                          "write_buffer_kib": write_buffer_kib, "rss_kib_5s_idle": store_rss_idle},
+                                          "write_buffer_kib": write_buffer_kib, "rss_kib_5s_idle": store_rss_idle,
+                                          "rss_kib_peak_while_writing": store_rss_peak},
         "consumer_dedup": consumer_dedup,
     })
 }
