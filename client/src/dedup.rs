@@ -10,7 +10,7 @@ use std::future::Future;
 use std::time::{Duration, Instant};
 
 use cloudevents::{AttributesReader, Event};
-use idempotency_wire::{ClaimRequest, ClaimResponse, DeadLetterNote, MessageDoneRequest, MessageId};
+use idempotency_wire::{ClaimRequest, ClaimResponse, MessageDoneRequest, MessageId};
 
 use crate::{ClientError, StoreClient};
 
@@ -188,10 +188,11 @@ impl HeldClaim {
 
     /// The handler failed for good and the message went to a dead-letter topic: complete the
     /// claim saying so (retried while it holds), so redeliveries are skipped as duplicates.
+    #[cfg(feature = "kafka")]
     pub(crate) async fn complete_dead_lettered(
         &self,
         store: &StoreClient,
-        note: DeadLetterNote,
+        note: idempotency_wire::DeadLetterNote,
     ) -> Result<(), ClientError> {
         let done = MessageDoneRequest {
             dead_letter: Some(note),
