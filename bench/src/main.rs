@@ -856,7 +856,8 @@ async fn run(settings: Settings) {
     // gRPC: a replayed unary call (routed through the store's /v1/replay) against the same call
     // executed through pass-through Envoy, with a stock tonic client and server.
     let grpc_port = e2e::grpc::start_server(e2e::grpc::OrdersService::default()).await;
-    let (grpc_plain_ports, grpc_filter_ports) = (
+    let (grpc_plain_ports, grpc_filter_ports, grpc_callout_ports) = (
+        fresh_ports(demo_port, store_port, replay_port),
         fresh_ports(demo_port, store_port, replay_port),
         fresh_ports(demo_port, store_port, replay_port),
     );
@@ -874,9 +875,19 @@ async fn run(settings: Settings) {
         ),
         "envoy-grpc-filter",
     );
+    // The floor of a replay under this design: a replay asks the store (the acquire, which
+    // issues the replay ticket) and is then proxied once (to the store's replay listener).
+    // Pass-through plus one callout per call in the no-op filter costs Envoy the same, less
+    // the idempotency logic.
+    let mut grpc_callout = pinned_envoy(
+        dir.path(),
+        &e2e::grpc::grpc_noop_wasm_bootstrap(&grpc_callout_ports, grpc_port, &noop_wasm, "buffer+callout"),
+        "envoy-grpc-noop-callout",
+    );
     for (ports, envoy) in [
         (&grpc_plain_ports, &mut grpc_plain),
         (&grpc_filter_ports, &mut grpc_filtered),
+        (&grpc_callout_ports, &mut grpc_callout),
     ] {
         wait_ready(
             &format!("http://127.0.0.1:{}/ready", ports.admin),
@@ -887,14 +898,18 @@ async fn run(settings: Settings) {
     }
     let grpc_pass = grpc_load(grpc_plain_ports.listener, connections, duration, false).await;
     let grpc_replay = grpc_load(grpc_filter_ports.listener, connections, duration, true).await;
+    let grpc_floor = grpc_load(grpc_callout_ports.listener, connections, duration, false).await;
     let grpc = json!({
         "passthrough_unary": {"rps": grpc_pass.rps(), "p50_us": grpc_pass.p50_us(), "p99_us": grpc_pass.p99_us(), "errors": grpc_pass.errors},
+        "one_callout_unary": {"rps": grpc_floor.rps(), "p50_us": grpc_floor.p50_us(), "errors": grpc_floor.errors},
+        "floor_ratio": grpc_floor.rps() / grpc_pass.rps().max(1.0),
         "replay_unary": {"rps": grpc_replay.rps(), "p50_us": grpc_replay.p50_us(), "p99_us": grpc_replay.p99_us(),
                          "errors": grpc_replay.errors, "not_replayed": grpc_replay.unexpected},
         "ratio": grpc_replay.rps() / grpc_pass.rps().max(1.0),
     });
     drop(grpc_plain);
     drop(grpc_filtered);
+    drop(grpc_callout);
 
     store_rss_along.push(json!({"after": "gRPC replays", "rss_kib": store.pid().map(rss_kib)}));
     let envoy_memory = json!({

@@ -232,6 +232,12 @@ pub(crate) fn print_table(summary: &Value) {
         grpc["replay_unary"]["rps"].as_f64().unwrap_or(0.0), grpc["replay_unary"]["p50_us"],
         grpc["replay_unary"]["p99_us"], grpc["ratio"].as_f64().unwrap_or(0.0), grpc["replay_unary"]["not_replayed"]
     );
+    println!(
+        "  the floor of a replay (pass-through plus one callout per call in the no-op Wasm filter): {:.0}/s (p50 {} µs), ratio {:.2}",
+        grpc["one_callout_unary"]["rps"].as_f64().unwrap_or(0.0),
+        grpc["one_callout_unary"]["p50_us"],
+        grpc["floor_ratio"].as_f64().unwrap_or(0.0)
+    );
     println!("Machine: {}", summary["machine"]);
 }
 

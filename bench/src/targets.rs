@@ -243,7 +243,7 @@ pub(crate) fn targets(results: &Value) -> Value {
         "gRPC unary replay, ratio to pass-through gRPC",
         "ratio",
         grpc,
-        None,
+        results["grpc"]["floor_ratio"].as_f64(),
         "≥ 0.80",
         grpc.map(|f| f >= 0.80),
     ));

@@ -279,6 +279,12 @@ fn a_short_benchmark_measures_every_scenario_and_writes_every_figure() {
             );
         }
     }
+    // The gRPC replay's floor: pass-through plus one callout per call, every call answered.
+    let grpc = &results["grpc"];
+    positive(&grpc["one_callout_unary"]["rps"], "the gRPC replay's floor");
+    assert_eq!(grpc["one_callout_unary"]["errors"], 0, "{grpc}");
+    let floor_ratio = grpc["floor_ratio"].as_f64().unwrap();
+    assert!(floor_ratio > 0.0 && floor_ratio < 2.0, "{grpc}");
     // Every target of the performance issue is read from the run: a figure, and a floor where
     // one is measured, in one table.
     let targets = results["targets"].as_array().unwrap();

@@ -159,6 +159,16 @@ pub fn grpc_passthrough_bootstrap(ports: &Ports, grpc_port: u16) -> String {
     with_grpc_service(&crate::envoy_config::passthrough_bootstrap(ports), grpc_port)
 }
 
+/// Pass-through Envoy with the no-op Wasm filter in `mode` (`bench/noop-filter`, e.g.
+/// `"buffer+callout"`: one callout to the store per call) and the gRPC route and cluster: what a
+/// gRPC replay cannot cost less than (it asks the store once, then is proxied once).
+pub fn grpc_noop_wasm_bootstrap(ports: &Ports, grpc_port: u16, wasm: &std::path::Path, mode: &str) -> String {
+    with_grpc_service(
+        &crate::envoy_config::noop_wasm_bootstrap_with(ports, wasm, mode),
+        grpc_port,
+    )
+}
+
 /// Add the `/demo.Orders/` route (first) and the HTTP/2 `grpc` cluster to a bootstrap.
 fn with_grpc_service(base: &str, grpc_port: u16) -> String {
     let mut config: Value = serde_json::from_str(base).unwrap();
