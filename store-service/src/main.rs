@@ -37,26 +37,32 @@ const MIMALLOC_DEFAULT_PURGE_DELAY_MS: std::os::raw::c_long = 1000;
 /// writing 388 → 96 MB, 5 s idle 144 → 100 MB, peak while writing 548 → 314 MB, for ~5 µs
 /// (4%) more of the store's CPU per durable operation. A 10 ms delay costs nothing measurable
 /// and gives the same idle figure, but left the peak at 519 MB: the lower peak is worth 4%.
-/// `MIMALLOC_PURGE_DELAY` in the environment still decides when set.
-fn return_freed_memory_promptly() {
-    if std::env::var_os("MIMALLOC_PURGE_DELAY").is_some() {
-        return;
+/// `MIMALLOC_PURGE_DELAY` (or its older name `MIMALLOC_RESET_DELAY`) in the environment still
+/// decides when set. Called before any other thread starts: the option is a plain variable.
+/// Returns what to warn about once logging is set up.
+fn return_freed_memory_promptly() -> Option<String> {
+    if ["MIMALLOC_PURGE_DELAY", "MIMALLOC_RESET_DELAY"]
+        .iter()
+        .any(|name| std::env::var_os(name).is_some())
+    {
+        return None;
     }
     #[allow(unsafe_code)]
-    // SAFETY: reads and sets one of the allocator's options, which it reads at each purge;
-    // no memory is touched.
-    unsafe {
-        let now = libmimalloc_sys::mi_option_get(MI_OPTION_PURGE_DELAY);
-        if now == MIMALLOC_DEFAULT_PURGE_DELAY_MS {
-            libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DELAY, 0);
-        } else {
-            tracing::warn!(
-                option = MI_OPTION_PURGE_DELAY,
-                value = now,
-                "mimalloc's purge delay is not where this build expects it; left as it is"
-            );
-        }
+    // SAFETY: reads and sets one of the allocator's options (a plain integer it reads at each
+    // purge) while this is the process's only thread; no memory is touched.
+    let now = unsafe { libmimalloc_sys::mi_option_get(MI_OPTION_PURGE_DELAY) };
+    if now != MIMALLOC_DEFAULT_PURGE_DELAY_MS {
+        return Some(format!(
+            "mimalloc's option {MI_OPTION_PURGE_DELAY} is {now}, not the purge delay's default \
+             {MIMALLOC_DEFAULT_PURGE_DELAY_MS}: this build's allocator differs; left as it is"
+        ));
     }
+    #[allow(unsafe_code)]
+    // SAFETY: as above.
+    unsafe {
+        libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DELAY, 0);
+    }
+    None
 }
 
 /// How often the credentials and replay secret files are checked for changes (SIGHUP reloads
@@ -185,11 +191,24 @@ async fn open_storage(config: &StoreConfig) -> Result<Arc<dyn Storage>, String> 
     }
 }
 
-#[tokio::main]
-async fn main() -> ExitCode {
+fn main() -> ExitCode {
+    // Before the runtime starts its threads.
+    let allocator_warning = return_freed_memory_promptly();
+    match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(runtime) => runtime.block_on(run_store(allocator_warning)),
+        Err(e) => {
+            eprintln!("cannot start the async runtime: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run_store(allocator_warning: Option<String>) -> ExitCode {
     let config = StoreConfig::parse();
     init_logging(config.log_format);
-    return_freed_memory_promptly();
+    if let Some(warning) = allocator_warning {
+        tracing::warn!("{warning}");
+    }
     if let Err(message) = config.validate() {
         tracing::error!("invalid configuration: {message}");
         return ExitCode::from(2);

@@ -29,7 +29,7 @@ const COUNT_WHILE_OPENING_UP_TO: u64 = 200_000;
 /// How many records the store holds, without a scan on any request: the records present at
 /// open (counted from a snapshot taken then) plus every insert and minus every delete since.
 ///
-/// fjall's own length reads every record: 11.3 s of a restart at 10M records on the bench
+/// fjall's own length reads every record: 11.3–11.5 s of a restart at 10M records on the bench
 /// machine (2 cores), ~100 s at the 86M records of 1,000 keyed writes a second kept 24 h — a
 /// store that is not ready for that long after every restart or rollout. While the background
 /// count runs, the `idempotency_store_live_records` gauge starts from fjall's estimate instead.
@@ -52,6 +52,21 @@ impl LiveRecords {
         at_open.saturating_add_signed(self.since_open.load(Ordering::Acquire))
     }
 }
+
+/// When the records present at open are counted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Counting {
+    /// Before the store serves (a small store).
+    WhileOpening,
+    /// In a thread of its own while the store serves (a large one).
+    InBackground,
+    /// When the caller runs the job it gets back (tests: writes made before the count).
+    #[cfg(test)]
+    ByTheCaller,
+}
+
+/// Counting the records a snapshot taken at open holds.
+type CountJob = Box<dyn FnOnce() + Send>;
 
 /// Write buffer of the records keyspace before it is flushed to a table file.
 const RECORDS_MEMTABLE_BYTES: u64 = 8 * 1024 * 1024;
@@ -94,16 +109,23 @@ fn expiry_key(at: u64, key: &str) -> Vec<u8> {
 
 impl FjallEngine {
     pub(super) fn open(path: &Path, cache_bytes: usize) -> Result<FjallEngine, StorageError> {
-        FjallEngine::open_counting(path, cache_bytes, COUNT_WHILE_OPENING_UP_TO)
+        let (engine, _) = FjallEngine::open_counting(path, cache_bytes, |about| {
+            if about <= COUNT_WHILE_OPENING_UP_TO {
+                Counting::WhileOpening
+            } else {
+                Counting::InBackground
+            }
+        })?;
+        Ok(engine)
     }
 
-    /// [`FjallEngine::open`], counting the records while opening when there are about
-    /// `count_while_opening_up_to` of them or fewer, else in the background.
+    /// [`FjallEngine::open`], counting the records present when `when` (given fjall's estimate
+    /// of them) says; with [`Counting::ByTheCaller`] the count is returned to be run.
     fn open_counting(
         path: &Path,
         cache_bytes: usize,
-        count_while_opening_up_to: u64,
-    ) -> Result<FjallEngine, StorageError> {
+        when: impl FnOnce(u64) -> Counting,
+    ) -> Result<(FjallEngine, Option<CountJob>), StorageError> {
         let db = Database::builder(path)
             .cache_size(u64::try_from(cache_bytes).unwrap_or(u64::MAX))
             // The writer decides when the journal reaches the disk: once per batch.
@@ -133,33 +155,51 @@ impl FjallEngine {
         });
         // Taken before the engine can write: what it counts plus `since_open` is exact.
         let snapshot = db.snapshot();
-        let count = {
+        let count: CountJob = {
             let (records, live) = (records.clone(), Arc::clone(&live));
-            move || match fjall::Readable::len(&snapshot, &records) {
-                Ok(n) => {
-                    let _ = live.at_open.set(u64::try_from(n).unwrap_or(u64::MAX));
+            Box::new(move || {
+                let started = std::time::Instant::now();
+                match fjall::Readable::len(&snapshot, &records) {
+                    Ok(n) => {
+                        let n = u64::try_from(n).unwrap_or(u64::MAX);
+                        let _ = live.at_open.set(n);
+                        tracing::info!(
+                            records = n,
+                            seconds = started.elapsed().as_secs_f64(),
+                            "counted the stored records"
+                        );
+                    }
+                    Err(e) => tracing::error!(
+                        error = %e,
+                        "cannot count the stored records; the live-records gauge stays an estimate"
+                    ),
                 }
-                Err(e) => {
-                    tracing::error!(error = %e, "cannot count the stored records; the live-records gauge stays unset")
-                }
-            }
+            })
         };
-        if about <= count_while_opening_up_to {
-            count();
-        } else {
-            std::thread::Builder::new()
-                .name("count-records".into())
-                .spawn(count)
-                .map_err(|e| unavailable(format!("cannot start counting the records: {e}")))?;
-            tracing::info!(about, "counting the stored records in the background");
-        }
-        Ok(FjallEngine {
+        let count = match when(about) {
+            Counting::WhileOpening => {
+                count();
+                None
+            }
+            Counting::InBackground => {
+                std::thread::Builder::new()
+                    .name("count-records".into())
+                    .spawn(count)
+                    .map_err(|e| unavailable(format!("cannot start counting the records: {e}")))?;
+                tracing::info!(about, "counting the stored records in the background");
+                None
+            }
+            #[cfg(test)]
+            Counting::ByTheCaller => Some(count),
+        };
+        let engine = FjallEngine {
             db,
             records,
             expiry,
             live,
             failed: AtomicBool::new(false),
-        })
+        };
+        Ok((engine, count))
     }
 
     fn check(&self) -> Result<(), StorageError> {
@@ -329,7 +369,29 @@ mod tests {
     }
 
     #[test]
-    fn a_large_store_is_counted_in_the_background_and_the_count_includes_writes_made_meanwhile() {
+    fn a_store_counted_in_the_background_serves_meanwhile_and_ends_exact() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("store");
+        {
+            let engine = FjallEngine::open(&path, 1024 * 1024).unwrap();
+            for i in 0..300 {
+                put(&engine, &format!("k{i:04}"));
+            }
+        }
+        let (engine, job) =
+            FjallEngine::open_counting(&path, 1024 * 1024, |_| Counting::InBackground).unwrap();
+        assert!(job.is_none());
+        assert!(engine.ready().is_ok());
+        let started = std::time::Instant::now();
+        while engine.live.at_open.get().is_none() {
+            assert!(started.elapsed().as_secs() < 30, "never counted");
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        assert_eq!(engine.count().unwrap(), 300);
+    }
+
+    #[test]
+    fn records_counted_after_the_store_opened_are_counted_as_they_were_at_open() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("store");
         {
@@ -343,8 +405,10 @@ mod tests {
                 "a small store is counted while opening"
             );
         }
-        // Every store is "large" here: counted in the background.
-        let engine = FjallEngine::open_counting(&path, 1024 * 1024, 0).unwrap();
+        // The count runs after the writes below: it must count what was there at open only.
+        let (engine, count) =
+            FjallEngine::open_counting(&path, 1024 * 1024, |_| Counting::ByTheCaller).unwrap();
+        let count = count.unwrap();
         for i in 500..520 {
             put(&engine, &format!("k{i:04}"));
         }
@@ -353,17 +417,17 @@ mod tests {
             wrote: false,
         };
         tables.delete("k0000", u64::MAX).unwrap();
-        assert!(engine.count().unwrap() >= 19, "an estimate meanwhile");
-        let started = std::time::Instant::now();
-        while engine.live.at_open.get().is_none() {
-            assert!(started.elapsed().as_secs() < 30, "never counted");
-            std::thread::sleep(std::time::Duration::from_millis(10));
-        }
+        assert!(engine.ready().is_ok(), "serving before it counted");
+        assert_eq!(
+            engine.count().unwrap(),
+            engine.live.about_at_open + 19,
+            "meanwhile: the estimate and what changed since"
+        );
+        count();
         assert_eq!(
             engine.count().unwrap(),
             519,
-            "500 at open, 20 written and 1 deleted meanwhile"
+            "500 at open, 20 written and 1 deleted before the count ran"
         );
-        assert!(engine.ready().is_ok(), "serving while it counted");
     }
 }
