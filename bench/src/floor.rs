@@ -40,9 +40,10 @@ pub(crate) enum Blocks {
     /// in full first): no metadata to commit, only the data and the device's cache flush — the
     /// least any durable write can cost on this disk. The floor.
     Written,
-    /// Blocks not allocated yet, one after another in a file sized with `set_len` (sparse): what
-    /// an appending journal pays, such as fjall's, which sizes each journal file that way — each
-    /// `fdatasync` also commits the new block's allocation to the filesystem's own journal.
+    /// Appending into a sparse file (sized with `set_len`, as fjall sizes each journal file):
+    /// the writes go one after another, so about one in three of these 1,536-byte writes starts
+    /// a 4 KiB block the filesystem must allocate (and commit to its own journal on `fdatasync`);
+    /// the others land in the block the write before began — as an appending journal writes.
     Unallocated,
 }
 
@@ -129,9 +130,9 @@ pub(crate) async fn http_round_trip(addr: SocketAddr, requests: usize) -> Histog
     latency
 }
 
-/// Both probes, as the JSON `store_alone.one_connection_per_operation.floor`: the HTTP round
-/// trip first, then the disk probe on `cpu` (the store's), paced by that round trip and back to
-/// back.
+/// The probes, as the JSON `store_alone.one_connection_per_operation.floor`: the HTTP round
+/// trip first, then the disk probes on `cpu` (the store's): into written blocks paced by that
+/// round trip and back to back, then appended into a sparse file, paced.
 pub(crate) async fn measure(dir: &Path, store: SocketAddr, cpu: usize) -> Value {
     let host_before = steal::Snapshot::take();
     let http = http_round_trip(store, 2000).await;

@@ -315,7 +315,7 @@ pub(crate) fn print_store_alone(summary: &Value) {
     let floor = &single["floor"];
     let disk = &floor["write_and_fdatasync"];
     println!(
-        "  this machine's floor under a durable operation: a {} B write + fdatasync on the store's CPU, one round trip apart, p50 {} µs (p99 {}, mean {}; back to back p50 {}; into blocks not yet allocated, as an appending journal writes, p50 {}), an HTTP round trip to the store p50 {} µs (p99 {}): {} µs{}",
+        "  this machine's floor under a durable operation: a {} B write + fdatasync on the store's CPU, one round trip apart, p50 {} µs (p99 {}, mean {}; back to back p50 {}; appended into a sparse file, as a journal is written, p50 {}), an HTTP round trip to the store p50 {} µs (p99 {}): {} µs{}",
         disk["bytes"],
         disk["p50_us"],
         disk["p99_us"],

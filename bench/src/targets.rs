@@ -89,8 +89,7 @@ pub(crate) fn targets(results: &Value) -> Value {
         op_floor,
     ) {
         per_op_row["note"] = json!(format!(
-            "a write + fdatasync into blocks not yet allocated (what an appending journal such as \
-             fjall's pays) costs {:+.0} µs against the floor's {written:.0}; over that floor the \
+            "a write + fdatasync appended into a sparse file (as fjall's journal is written) costs {:+.0} µs against the floor's {written:.0}; over that floor the \
              store adds {:+.0} µs",
             unallocated - written,
             per_op - (op_floor - written + unallocated)
