@@ -368,16 +368,22 @@ mod tests {
         tables.put(key, b"{}", u64::MAX, None).unwrap();
     }
 
-    #[test]
-    fn a_store_counted_in_the_background_serves_meanwhile_and_ends_exact() {
+    /// A closed store directory holding `records` records, and the engine that wrote them said
+    /// how many there were.
+    fn store_with(records: usize) -> (tempfile::TempDir, std::path::PathBuf, u64) {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("store");
-        {
-            let engine = FjallEngine::open(&path, 1024 * 1024).unwrap();
-            for i in 0..300 {
-                put(&engine, &format!("k{i:04}"));
-            }
+        let engine = FjallEngine::open(&path, 1024 * 1024).unwrap();
+        for i in 0..records {
+            put(&engine, &format!("k{i:04}"));
         }
+        let counted = engine.count().unwrap();
+        (dir, path, counted)
+    }
+
+    #[test]
+    fn a_store_counted_in_the_background_serves_meanwhile_and_ends_exact() {
+        let (_dir, path, _) = store_with(300);
         let (engine, job) =
             FjallEngine::open_counting(&path, 1024 * 1024, |_| Counting::InBackground).unwrap();
         assert!(job.is_none());
@@ -392,19 +398,8 @@ mod tests {
 
     #[test]
     fn records_counted_after_the_store_opened_are_counted_as_they_were_at_open() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("store");
-        {
-            let engine = FjallEngine::open(&path, 1024 * 1024).unwrap();
-            for i in 0..500 {
-                put(&engine, &format!("k{i:04}"));
-            }
-            assert_eq!(
-                engine.count().unwrap(),
-                500,
-                "a small store is counted while opening"
-            );
-        }
+        let (_dir, path, counted) = store_with(500);
+        assert_eq!(counted, 500, "a small store is counted while opening");
         // The count runs after the writes below: it must count what was there at open only.
         let (engine, count) =
             FjallEngine::open_counting(&path, 1024 * 1024, |_| Counting::ByTheCaller).unwrap();
